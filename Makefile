@@ -1,0 +1,31 @@
+# shadowvmm: `make run` runs the main job, `make test` runs every test.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test setup peers bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(VENV)/bin/shadowvmm run configs/default.toml
+
+peers:
+	@if [ "$$(id -u)" = 0 ]; then scripts/install-peers.sh; \
+	else echo "not root: skipping Debian peer install (scripts/install-peers.sh)"; fi
+
+test: setup peers
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) benchmarks/register_access.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,714 @@
+"""The frontend virtio device: guest registers -> status shadow -> backend.
+
+:class:`VirtioDevice` holds the transport-independent guest-visible state
+(features and their select registers, the status shadow, per-queue
+registers, device config and its generation, ISR) and drives the backend
+through the :class:`~shadowvmm.backends.base.Backend` operations in QEMU's
+vhost order (lab trace "Device start": SET_FEATURES, SET_VRING_CALL per
+queue, memory table once per connection, NUM/BASE/ADDR/KICK per set-up
+queue, SET_VRING_ENABLE; stop: disable, then GET_VRING_BASE in vq order).
+
+Guest register accesses are synchronous and never raise: a bad access is
+ignored, counted and logged (:class:`~shadowvmm.shadow.FaultCounter`).
+Anything that needs the backend becomes an operation on one ordered queue
+served by a worker task, so the guest never waits on a socket inside a
+register access. The backend is brought to the state the shadow and the VMM
+ask for by :meth:`VirtioDevice._reconcile`; the VMM's transparent
+:meth:`stop`/:meth:`resume` only change what is asked, so a guest that keeps
+writing registers while the device is stopped is served from the shadow and
+its writes take effect on resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+from .backends.base import Backend, Capability, RingState, VringAddr
+from .errors import BackendError, DeviceStateError, GuestMemoryError, RingError
+from .memory import GuestMemory
+from .shadow import (DialectSpec, FaultCounter, FeaturePolicy, GuestFault, GuestStatusAction,
+                     RunState, StatusShadow, StopDialect)
+from .virtio.constants import (ISR_CONFIG, ISR_QUEUE, MAX_QUEUE_SIZE, NO_VECTOR, DeviceId,
+                               Feature, Status)
+from .virtio.split import SplitLayout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QueueRegs:
+    """Per-queue registers (v1.4 §4.1.4.3 common cfg / §4.2.2 MMIO)."""
+
+    index: int
+    max_size: int
+    notify_off: int
+    size: int = 0
+    msix_vector: int = NO_VECTOR
+    enabled: bool = False
+    desc: int = 0
+    driver: int = 0
+    device: int = 0
+    resetting: bool = False
+
+    def __post_init__(self) -> None:
+        self.size = self.max_size
+
+    def clear(self) -> None:
+        """Back to the after-reset values (v1.4 §2.4 / §4.1.4.3)."""
+        self.size = self.max_size
+        self.msix_vector = NO_VECTOR
+        self.enabled = False
+        self.desc = self.driver = self.device = 0
+        self.resetting = False
+
+    @property
+    def set_up(self) -> bool:
+        return self.enabled and self.desc != 0
+
+
+class Interrupts:
+    """The platform side of interrupts: one eventfd per MSI-X vector, plus INTx.
+
+    A guest model waits on these fds (they play the role of KVM irqfds).
+    """
+
+    def __init__(self, vectors: int) -> None:
+        self.vector_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(vectors)]
+        self.intx_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.msix_enabled = False
+
+    @property
+    def vectors(self) -> int:
+        return len(self.vector_fds)
+
+    def close(self) -> None:
+        for fd in self.vector_fds + [self.intx_fd]:
+            os.close(fd)
+
+
+class OpKind(enum.Enum):
+    RECONCILE = "reconcile"
+    CONFIG_WRITE = "config write"
+    VECTOR = "vector change"
+    QUEUE_RESET = "queue reset"
+    QUEUE_START = "queue start"
+
+
+@dataclass
+class Op:
+    kind: OpKind
+    args: tuple = ()
+    done: asyncio.Future | None = None
+
+
+@dataclass
+class DeviceStats:
+    kicks: int = 0
+    interrupts: int = 0
+    stops: int = 0
+    last_stop_seconds: float = 0.0
+    status_reads: int = 0
+
+
+class VirtioDevice:
+    """One virtio device as the guest sees it, backed by a :class:`Backend`."""
+
+    def __init__(self, backend: Backend, memory: GuestMemory, *, name: str = "dev0",
+                 num_queues: int | None = None, queue_size: int = 256,
+                 policy: FeaturePolicy | None = None, config_override: bytes | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.backend = backend
+        self.memory = memory
+        self.name = name
+        self.policy = policy or FeaturePolicy()
+        self.faults = FaultCounter(name)
+        self.shadow = StatusShadow(self.policy.dialect, self.faults)
+        self.run_state = RunState.RUNNING
+        self.stats = DeviceStats()
+        self.clock = clock
+        self._loop = loop
+        self._requested_queues = num_queues
+        self._queue_size = queue_size
+        self._config_override = config_override
+        self.device_id: DeviceId = backend.device_id
+        # guest-visible transport-independent state
+        self.device_features = 0
+        self.driver_features = 0
+        self.device_feature_select = 0
+        self.driver_feature_select = 0
+        self.config_msix_vector = NO_VECTOR
+        self.config = bytearray()
+        self.config_generation = 0
+        self.isr = 0
+        self.queues: list[QueueRegs] = []
+        self.interrupts: Interrupts | None = None
+        # backend-side state
+        self.backend_caps = Capability.NONE
+        self.backend_features = 0
+        self.started = False
+        self.rings_running = False
+        self.ring_states: dict[int, RingState] = {}
+        self._mem_table_sent = False
+        self._vmm_stop = False
+        self._kick_fds: list[int] = []
+        self._relay_fds: list[int] = []
+        self._config_relay_fd = -1
+        self._ops: deque[Op] = deque()
+        self._wake: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._realized = False
+        self.queue_select = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    async def realize(self) -> None:
+        """Connect the backend and build the guest-visible device from it."""
+        if self._realized:
+            raise DeviceStateError(f"{self.name}: already realized")
+        await self.backend.connect()
+        self.backend_caps = self.backend.capabilities()
+        self.backend_features = await self.backend.get_features()
+        policy = self.policy
+        if not self.backend_caps & Capability.RING_RESTART:
+            policy = FeaturePolicy(policy.dialect, policy.mask, policy.transport_supported, 0)
+            self.policy = policy
+        self.device_features = policy.offer(self.backend_features)
+        count = self._requested_queues
+        if count is None:
+            count = await self.backend.get_queue_num()
+        size = self._queue_size
+        if not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
+            raise DeviceStateError(f"{self.name}: queue size {size} is not a power of 2")
+        self.queues = [QueueRegs(i, size, notify_off=i) for i in range(count)]
+        self.interrupts = Interrupts(count + 1)
+        self._kick_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(count)]
+        self._relay_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(count)]
+        for index, fd in enumerate(self._relay_fds):
+            self.loop.add_reader(fd, self._on_relay, index)
+        if self._config_override is not None:
+            self.config = bytearray(self._config_override)
+        else:
+            size_cfg = self.backend.config_size()
+            self.config = bytearray(await self.backend.get_config(0, size_cfg)) if size_cfg else bytearray()
+        self.backend.set_config_change_handler(self._backend_config_changed)
+        self._wake = asyncio.Event()
+        self._worker = self.loop.create_task(self._work(), name=f"{self.name}-worker")
+        self._realized = True
+
+    async def close(self) -> None:
+        """Stop the backend if it runs, close it and release every fd."""
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+            self._worker = None
+        try:
+            if self.rings_running:
+                await self._stop_rings()
+        except BackendError as exc:
+            log.warning("%s: stop at close failed: %s", self.name, exc)
+        await self.backend.close()
+        for fd in self._relay_fds:
+            self.loop.remove_reader(fd)
+        for fd in self._kick_fds + self._relay_fds:
+            os.close(fd)
+        self._kick_fds = []
+        self._relay_fds = []
+        if self.interrupts is not None:
+            self.interrupts.close()
+            self.interrupts = None
+        self._realized = False
+
+    # ------------------------------------------------------------------ guest: features
+
+    @property
+    def num_queues(self) -> int:
+        return len(self.queues)
+
+    def read_device_features(self) -> int:
+        """The 32-bit word selected by device_feature_select (0 past the end)."""
+        sel = self.device_feature_select
+        return (self.device_features >> (32 * sel)) & 0xFFFFFFFF if sel < 4 else 0
+
+    def read_driver_features(self) -> int:
+        sel = self.driver_feature_select
+        return (self.driver_features >> (32 * sel)) & 0xFFFFFFFF if sel < 4 else 0
+
+    def write_driver_features(self, value: int) -> None:
+        if self.shadow.guest_status & Status.FEATURES_OK:
+            self.faults(GuestFault.FEATURES_LATE, f"{value:#x}")
+            return
+        sel = self.driver_feature_select
+        if sel >= 4:
+            self.faults(GuestFault.FEATURES_REFUSED, f"driver_feature_select {sel}")
+            return
+        shift = 32 * sel
+        self.driver_features = (self.driver_features & ~(0xFFFFFFFF << shift)) | (value << shift)
+
+    def negotiated(self, feature: int) -> bool:
+        return bool(self.shadow.guest_status & Status.FEATURES_OK and self.driver_features & feature)
+
+    # ------------------------------------------------------------------ guest: status
+
+    def read_status(self) -> int:
+        return self.shadow.guest_status
+
+    def write_status(self, value: int) -> None:
+        action = self.shadow.write(value)
+        if action is GuestStatusAction.NONE:
+            return
+        if action is GuestStatusAction.RESET:
+            self._guest_reset()
+        elif action is GuestStatusAction.FEATURES_OK:
+            self._features_ok()
+        elif action in (GuestStatusAction.DRIVER_OK, GuestStatusAction.GUEST_STOP,
+                        GuestStatusAction.GUEST_RESUME):
+            self._submit(Op(OpKind.RECONCILE))
+
+    def _features_ok(self) -> None:
+        offered = self.device_features
+        accepted = self.driver_features
+        if accepted & ~offered or not accepted & Feature.VERSION_1:
+            self.faults(GuestFault.FEATURES_REFUSED,
+                        f"accepted {accepted:#x}, offered {offered:#x}")
+            self.shadow.refuse_features()
+            return
+        dialect_bit = self.policy.dialect.feature
+        self.shadow.dialect_negotiated = bool(dialect_bit and accepted & dialect_bit)
+
+    def _guest_reset(self) -> None:
+        """Guest wrote 0 (v1.4 §2.1): status reads 0 once the backend really stopped."""
+        for q in self.queues:
+            q.clear()
+        self.driver_features = 0
+        self.device_feature_select = self.driver_feature_select = 0
+        self.config_msix_vector = NO_VECTOR
+        self.isr = 0
+        if not self.started:
+            self.shadow.reset_done()
+            return
+        self._submit(Op(OpKind.RECONCILE))
+
+    # ------------------------------------------------------------------ guest: queues
+
+    def selected_queue(self) -> QueueRegs | None:
+        sel = self.queue_select
+        return self.queues[sel] if sel < len(self.queues) else None
+
+    def _writable_queue(self) -> QueueRegs | None:
+        q = self.selected_queue()
+        if q is None:
+            self.faults(GuestFault.QUEUE_SELECT, f"{self.queue_select}")
+            return None
+        if q.enabled:
+            self.faults(GuestFault.QUEUE_LIVE, f"queue {q.index}")
+            return None
+        return q
+
+    def write_queue_size(self, value: int) -> None:
+        q = self._writable_queue()
+        if q is None:
+            return
+        packed = bool(self.driver_features & Feature.RING_PACKED)
+        if not 0 < value <= q.max_size or (not packed and value & (value - 1)):
+            self.faults(GuestFault.QUEUE_SIZE, f"queue {q.index} size {value}")
+            return
+        q.size = value
+
+    def write_queue_addr(self, field_name: str, value: int, high: bool) -> None:
+        q = self._writable_queue()
+        if q is None:
+            return
+        old = getattr(q, field_name)
+        if high:
+            new = (old & 0xFFFFFFFF) | (value & 0xFFFFFFFF) << 32
+        else:
+            new = (old & ~0xFFFFFFFF) | (value & 0xFFFFFFFF)
+        setattr(q, field_name, new)
+
+    def write_queue_vector(self, value: int) -> None:
+        q = self.selected_queue()
+        if q is None:
+            self.faults(GuestFault.QUEUE_SELECT, f"{self.queue_select}")
+            return
+        assert self.interrupts is not None
+        q.msix_vector = value if value < self.interrupts.vectors else NO_VECTOR
+        if self.started:
+            self._submit(Op(OpKind.VECTOR, (q.index,)))
+
+    def write_config_vector(self, value: int) -> None:
+        assert self.interrupts is not None
+        self.config_msix_vector = value if value < self.interrupts.vectors else NO_VECTOR
+
+    def write_queue_enable(self, value: int) -> None:
+        q = self.selected_queue()
+        if q is None:
+            self.faults(GuestFault.QUEUE_SELECT, f"{self.queue_select}")
+            return
+        if value == 0:
+            if q.enabled:
+                self.faults(GuestFault.QUEUE_DISABLE, f"queue {q.index}")
+            return
+        if q.enabled:
+            return
+        try:
+            self._validate_queue(q)
+        except (RingError, GuestMemoryError) as exc:
+            self.faults(GuestFault.QUEUE_SIZE, f"queue {q.index}: {exc}")
+            return
+        q.enabled = True
+        if self.started:
+            self._submit(Op(OpKind.QUEUE_START, (q.index,)))
+
+    def _validate_queue(self, q: QueueRegs) -> None:
+        if self.driver_features & Feature.RING_PACKED:
+            from .virtio.packed import PackedLayout
+            layout = PackedLayout(q.size, q.desc, q.driver, q.device)
+        else:
+            layout = SplitLayout(q.size, q.desc, q.driver, q.device)
+        layout.validate()
+        layout.check_memory(self.memory)
+
+    def write_queue_reset(self, value: int) -> None:
+        """Per-queue reset (v1.2 VIRTIO_F_RING_RESET, v1.4 §2.6.1)."""
+        q = self.selected_queue()
+        if q is None or value != 1 or not self.negotiated(Feature.RING_RESET):
+            self.faults(GuestFault.READ_ONLY, "queue_reset without RING_RESET")
+            return
+        q.resetting = True
+        self._submit(Op(OpKind.QUEUE_RESET, (q.index,)))
+
+    def notify(self, value: int) -> None:
+        """Available-buffer notification (v1.4 §4.1.5.2): kick the backend's eventfd."""
+        index = value & 0xFFFF
+        if index >= len(self.queues) or not self.queues[index].enabled:
+            self.faults(GuestFault.NOTIFY_INVALID, f"queue {index}")
+            return
+        self.stats.kicks += 1
+        os.eventfd_write(self._kick_fds[index], 1)
+
+    # ------------------------------------------------------------------ guest: config and ISR
+
+    def read_config(self, offset: int, width: int) -> int:
+        if offset < 0 or offset + width > len(self.config):
+            self.faults(GuestFault.CONFIG_RANGE, f"read {offset}+{width}")
+            return 0
+        return int.from_bytes(self.config[offset:offset + width], "little")
+
+    def write_config(self, offset: int, width: int, value: int) -> None:
+        if offset < 0 or offset + width > len(self.config):
+            self.faults(GuestFault.CONFIG_RANGE, f"write {offset}+{width}")
+            return
+        data = (value & ((1 << (8 * width)) - 1)).to_bytes(width, "little")
+        self.config[offset:offset + width] = data
+        if self.backend_caps & Capability.CONFIG:
+            self._submit(Op(OpKind.CONFIG_WRITE, (offset, data)))
+
+    def read_isr(self) -> int:
+        """ISR read clears it (v1.4 §4.1.4.5)."""
+        value = self.isr
+        self.isr = 0
+        return value
+
+    def ack_interrupt(self, bits: int) -> None:
+        """MMIO InterruptACK (v1.4 §4.2.2)."""
+        self.isr &= ~bits
+
+    def update_config(self, data: bytes) -> None:
+        """A device-side config change: bump config_generation and notify (v1.4 §2.5.1)."""
+        if bytes(data) == bytes(self.config):
+            return
+        self.config = bytearray(data)
+        self.config_generation = (self.config_generation + 1) & 0xFF
+        if self.shadow.driver_ok:
+            self._config_interrupt()
+
+    def _backend_config_changed(self) -> None:
+        self._submit(Op(OpKind.RECONCILE, ("refresh-config",)))
+
+    # ------------------------------------------------------------------ interrupts
+
+    def call_fd(self, index: int) -> int:
+        """The fd the backend signals for queue *index* (a vector's irqfd, or our relay)."""
+        q = self.queues[index]
+        ints = self.interrupts
+        assert ints is not None
+        if ints.msix_enabled and q.msix_vector != NO_VECTOR:
+            return ints.vector_fds[q.msix_vector]
+        return self._relay_fds[index]
+
+    def interrupt_routing_changed(self) -> None:
+        """MSI-X was enabled or disabled: rewire every queue's call fd."""
+        if self.started:
+            for q in self.queues:
+                self._submit(Op(OpKind.VECTOR, (q.index,)))
+
+    def _on_relay(self, index: int) -> None:
+        try:
+            os.eventfd_read(self._relay_fds[index])
+        except BlockingIOError:
+            return
+        ints = self.interrupts
+        if ints is None or ints.msix_enabled:
+            return
+        self.isr |= ISR_QUEUE
+        self.stats.interrupts += 1
+        os.eventfd_write(ints.intx_fd, 1)
+
+    def _config_interrupt(self) -> None:
+        ints = self.interrupts
+        if ints is None:
+            return
+        if ints.msix_enabled:
+            if self.config_msix_vector != NO_VECTOR:
+                os.eventfd_write(ints.vector_fds[self.config_msix_vector], 1)
+            return
+        self.isr |= ISR_CONFIG
+        os.eventfd_write(ints.intx_fd, 1)
+
+    # ------------------------------------------------------------------ VMM: transparent stop
+
+    async def stop(self) -> list[RingState]:
+        """Stop the backend transparently: the guest keeps reading what it wrote.
+
+        Returns the ring states of the started rings (empty if the guest had
+        not started the device).
+        """
+        self._require_realized()
+        if self.run_state is RunState.STOPPED:
+            return list(self.ring_states.values())
+        if self.run_state is not RunState.RUNNING:
+            raise DeviceStateError(f"{self.name}: cannot stop while {self.run_state.value}")
+        started = self.clock()
+        self.run_state = RunState.STOPPING
+        self._vmm_stop = True
+        try:
+            await self._submit_wait(Op(OpKind.RECONCILE))
+        except BaseException:
+            if self.run_state is RunState.STOPPING:
+                self.run_state = RunState.RUNNING
+                self._vmm_stop = False
+            raise
+        self.run_state = RunState.STOPPED
+        self.stats.stops += 1
+        self.stats.last_stop_seconds = self.clock() - started
+        return list(self.ring_states.values())
+
+    async def resume(self) -> None:
+        """Undo :meth:`stop`: restart the rings from the captured state."""
+        self._require_realized()
+        if self.run_state is RunState.RUNNING:
+            return
+        if self.run_state is not RunState.STOPPED:
+            raise DeviceStateError(f"{self.name}: cannot resume while {self.run_state.value}")
+        self._vmm_stop = False
+        self.run_state = RunState.RUNNING
+        await self._submit_wait(Op(OpKind.RECONCILE))
+
+    def _require_realized(self) -> None:
+        if not self._realized:
+            raise DeviceStateError(f"{self.name}: not realized")
+
+    async def settle(self) -> None:
+        """Wait until every queued guest-triggered operation has been carried out."""
+        await self._submit_wait(Op(OpKind.RECONCILE))
+
+    # ------------------------------------------------------------------ worker
+
+    def _submit(self, op: Op) -> None:
+        self._ops.append(op)
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _submit_wait(self, op: Op) -> None:
+        op.done = self.loop.create_future()
+        self._submit(op)
+        await op.done
+
+    async def _work(self) -> None:
+        assert self._wake is not None
+        handlers: dict[OpKind, Callable[..., Awaitable[None]]] = {
+            OpKind.RECONCILE: self._op_reconcile,
+            OpKind.CONFIG_WRITE: self._op_config_write,
+            OpKind.VECTOR: self._op_vector,
+            OpKind.QUEUE_RESET: self._op_queue_reset,
+            OpKind.QUEUE_START: self._op_queue_start,
+        }
+        while True:
+            if not self._ops:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            op = self._ops.popleft()
+            try:
+                if self.run_state is not RunState.FAILED or op.kind is OpKind.RECONCILE:
+                    await handlers[op.kind](*op.args)
+            except (BackendError, RingError, GuestMemoryError, OSError) as exc:
+                self._fail(exc)
+                if op.done is not None and not op.done.done():
+                    op.done.set_exception(exc)
+                continue
+            if op.done is not None and not op.done.done():
+                op.done.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        """Backend failure: DEVICE_NEEDS_RESET + config interrupt (v1.4 §2.1.2)."""
+        log.error("%s: backend failed: %s", self.name, exc)
+        self.run_state = RunState.FAILED
+        self.rings_running = False
+        self.shadow.needs_reset()
+        if self.shadow.guest_status & Status.DRIVER_OK:
+            self._config_interrupt()
+
+    async def _op_reconcile(self, *why: str) -> None:
+        if "refresh-config" in why and self.backend_caps & Capability.CONFIG:
+            self.update_config(await self.backend.get_config(0, len(self.config)))
+        shadow = self.shadow
+        if shadow.reset_pending:
+            if self.rings_running:
+                await self._stop_rings()
+            if self.started:
+                await self.backend.reset()
+            self.started = False
+            self.ring_states.clear()
+            if self.run_state is RunState.FAILED:
+                self.run_state = RunState.STOPPED if self._vmm_stop else RunState.RUNNING
+            shadow.reset_done()
+            return
+        if self.run_state is RunState.FAILED:
+            return
+        want_started = shadow.driver_ok
+        want_running = want_started and not self._vmm_stop and not shadow.guest_stop_requested
+        if want_running and not self.started:
+            await self._start()
+        elif want_running and not self.rings_running:
+            await self._restart_rings()
+        elif not want_running and self.rings_running:
+            await self._stop_rings()
+        if shadow.guest_stop_requested and not self.rings_running and not shadow.guest_stopped:
+            shadow.guest_stop_done()
+        elif (not shadow.guest_stop_requested and shadow.guest_stopped and self.rings_running):
+            shadow.guest_resume_done()
+
+    async def _op_config_write(self, offset: int, data: bytes) -> None:
+        await self.backend.set_config(offset, data)
+
+    async def _op_vector(self, index: int) -> None:
+        if self.started:
+            await self.backend.set_vring_call(index, self.call_fd(index))
+
+    async def _op_queue_start(self, index: int) -> None:
+        if self.rings_running and self.queues[index].set_up:
+            await self._start_ring(index, 0)
+            await self.backend.set_vring_enable(index, True)
+
+    async def _op_queue_reset(self, index: int) -> None:
+        q = self.queues[index]
+        if self.rings_running and q.set_up:
+            await self.backend.set_vring_enable(index, False)
+            await self.backend.get_vring_base(index)
+        self.ring_states.pop(index, None)
+        q.clear()
+
+    # ------------------------------------------------------------------ backend sequencing
+
+    def backend_feature_word(self) -> int:
+        return self.policy.to_backend(self.driver_features)
+
+    async def _start(self) -> None:
+        """Device start in QEMU's order (vhost_dev_start)."""
+        b = self.backend
+        await b.set_features(self.backend_feature_word())
+        for q in self.queues:
+            await b.set_vring_call(q.index, self.call_fd(q.index))
+        if not self._mem_table_sent:
+            await b.set_mem_table(self.memory)
+            self._mem_table_sent = True
+        for q in self.queues:
+            if q.set_up:
+                await self._start_ring(q.index, self._saved_base(q.index))
+        for q in self.queues:
+            if q.set_up:
+                await b.set_vring_enable(q.index, True)
+        if self.backend_caps & Capability.STATUS:
+            await b.set_status(self._backend_status())
+        self.started = True
+        self.rings_running = True
+        self._kick_all()
+
+    def _saved_base(self, index: int) -> int:
+        state = self.ring_states.get(index)
+        return state.base if state is not None else 0
+
+    async def _start_ring(self, index: int, base: int) -> None:
+        q = self.queues[index]
+        b = self.backend
+        await b.set_vring_num(index, q.size)
+        await b.set_vring_base(index, base)
+        await b.set_vring_addr(VringAddr(index, q.desc, q.driver, q.device))
+        await b.set_vring_kick(index, self._kick_fds[index])
+
+    def _backend_status(self) -> int:
+        status = self.shadow.guest_status & ~(Status.SUSPEND | Status.STOP | Status.NEEDS_RESET)
+        if self.shadow.guest_stopped:
+            status |= Status.DRIVER_OK
+        return status
+
+    async def _stop_rings(self) -> None:
+        """Stop every started ring and capture its state (vhost order: disable, then bases)."""
+        b = self.backend
+        running = [q for q in self.queues if q.set_up]
+        if self.backend_caps & Capability.SUSPEND:
+            await b.suspend()
+        else:
+            for q in running:
+                await b.set_vring_enable(q.index, False)
+        states = {}
+        for q in running:
+            states[q.index] = await b.get_vring_base(q.index)
+        self.ring_states = states
+        self.rings_running = False
+
+    async def _restart_rings(self) -> None:
+        b = self.backend
+        caps = self.backend_caps
+        if caps & Capability.RESUME:
+            await b.resume()
+        elif caps & Capability.RING_RESTART:
+            for q in self.queues:
+                if q.set_up:
+                    await self._start_ring(q.index, self._saved_base(q.index))
+                    await b.set_vring_call(q.index, self.call_fd(q.index))
+            for q in self.queues:
+                if q.set_up:
+                    await b.set_vring_enable(q.index, True)
+        else:
+            await b.reset()
+            self.started = False
+            self._mem_table_sent = False
+            await self._start()
+            return
+        self.rings_running = True
+        self._kick_all()
+
+    def _kick_all(self) -> None:
+        """Spurious kicks are allowed (v1.4 §2.7.13): wake every started ring."""
+        for q in self.queues:
+            if q.set_up:
+                os.eventfd_write(self._kick_fds[q.index], 1)

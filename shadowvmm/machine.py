@@ -1,0 +1,69 @@
+"""A machine: guest memory plus a set of shadowed virtio devices.
+
+This is the assembly point the CLI, tests and benchmarks use: it builds each
+device from its config (backend plugin -> :class:`VirtioDevice` ->
+transport) and hands out the guest-side view of each one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .backends.base import Backend, load_backend
+from .config import DeviceConfig
+from .device import VirtioDevice
+from .guest.driver import GuestDevice
+from .guest.transport import GuestTransport, MmioGuestTransport, PciGuestTransport
+from .memory import GuestAllocator, GuestMemory
+from .shadow import DialectSpec, FeaturePolicy
+from .transport.mmio import MmioTransport
+from .transport.pci import PciTransport
+
+
+@dataclass
+class Slot:
+    config: DeviceConfig
+    device: VirtioDevice
+    transport: PciTransport | MmioTransport
+
+
+class Machine:
+    """Guest memory and devices; guest models attach through :meth:`guest`."""
+
+    def __init__(self, memory_bytes: int = 64 << 20) -> None:
+        self.memory = GuestMemory.create([(0, memory_bytes)])
+        self.allocator = GuestAllocator(self.memory, start=0x1000)
+        self.slots: dict[str, Slot] = {}
+
+    async def add_device(self, config: DeviceConfig, backend: Backend | None = None) -> VirtioDevice:
+        if backend is None:
+            backend = load_backend(config.backend)(config.backend_config)
+        policy = FeaturePolicy(DialectSpec.make(config.stop_dialect, config.stop_feature_bit))
+        device = VirtioDevice(backend, self.memory, name=config.name, num_queues=config.num_queues,
+                              queue_size=config.queue_size, policy=policy)
+        await device.realize()
+        transport = PciTransport(device) if config.transport == "pci" else MmioTransport(device)
+        self.slots[config.name] = Slot(config, device, transport)
+        return device
+
+    def device(self, name: str) -> VirtioDevice:
+        return self.slots[name].device
+
+    def guest_transport(self, name: str, *, msix: bool = True) -> GuestTransport:
+        slot = self.slots[name]
+        if isinstance(slot.transport, PciTransport):
+            return PciGuestTransport(slot.transport, msix=msix)
+        return MmioGuestTransport(slot.transport)
+
+    def guest(self, name: str, *, msix: bool = True) -> GuestDevice:
+        """A guest driver core bound to device *name*."""
+        device = self.device(name)
+        assert device.interrupts is not None
+        return GuestDevice(self.guest_transport(name, msix=msix), self.memory, device.interrupts,
+                           self.allocator)
+
+    async def close(self) -> None:
+        for slot in self.slots.values():
+            await slot.device.close()
+        self.slots.clear()
+        self.memory.close()

@@ -1,0 +1,103 @@
+"""virtio-mmio version 2 transport (virtio v1.4 §4.2.2).
+
+Control registers are 32-bit only; the device config space at 0x100 takes
+natural-width accesses. MMIO has no MSI-X: every interrupt sets
+InterruptStatus and raises the single interrupt line (``intx_fd``).
+"""
+
+from __future__ import annotations
+
+from ..device import VirtioDevice
+from ..shadow import GuestFault
+from ..virtio.constants import Feature
+from .registers import Access, Register, RegisterFile
+
+MAGIC = 0x74726976          #: "virt"
+VERSION = 2
+VENDOR_ID = 0x554D4551      #: "QEMU", as QEMU's virtio-mmio reports
+CONFIG_OFF = 0x100
+REGION_SIZE = 0x200
+
+
+class MmioTransport:
+    """virtio-mmio v2 register emulation for one :class:`VirtioDevice`."""
+
+    def __init__(self, device: VirtioDevice) -> None:
+        if device.interrupts is None:
+            raise ValueError("realize the device before building its transport")
+        self.device = device
+        self.faults = device.faults
+        device.interrupts.msix_enabled = False
+        self.shm_select = 0
+        self.regs = RegisterFile("mmio", self._table(), self.faults)
+
+    def _table(self) -> list[Register]:
+        d = self.device
+        R, W, RW = Access.R, Access.W, Access.RW
+
+        def sel(attr: str):
+            return lambda v: setattr(d, attr, v)
+
+        def qget(attr: str):
+            def read() -> int:
+                q = d.selected_queue()
+                return 0 if q is None else int(getattr(q, attr))
+            return read
+
+        def ready_write(value: int) -> None:
+            if value:
+                d.write_queue_enable(1)
+                return
+            q = d.selected_queue()
+            if q is None or not q.enabled:
+                return
+            if d.negotiated(Feature.RING_RESET):
+                d.write_queue_reset(1)
+            else:
+                self.faults(GuestFault.QUEUE_DISABLE, f"queue {q.index}")
+
+        regs = [
+            Register(0x000, 4, "MagicValue", R, lambda: MAGIC),
+            Register(0x004, 4, "Version", R, lambda: VERSION),
+            Register(0x008, 4, "DeviceID", R, lambda: int(d.device_id)),
+            Register(0x00C, 4, "VendorID", R, lambda: VENDOR_ID),
+            Register(0x010, 4, "DeviceFeatures", R, d.read_device_features),
+            Register(0x014, 4, "DeviceFeaturesSel", W, write=sel("device_feature_select")),
+            Register(0x020, 4, "DriverFeatures", W, write=d.write_driver_features),
+            Register(0x024, 4, "DriverFeaturesSel", W, write=sel("driver_feature_select")),
+            Register(0x030, 4, "QueueSel", W, write=sel("queue_select")),
+            Register(0x034, 4, "QueueSizeMax", R, qget("max_size")),
+            Register(0x038, 4, "QueueSize", W, write=d.write_queue_size),
+            Register(0x044, 4, "QueueReady", RW, qget("enabled"), ready_write),
+            Register(0x050, 4, "QueueNotify", W, write=d.notify),
+            Register(0x060, 4, "InterruptStatus", R, lambda: d.isr),
+            Register(0x064, 4, "InterruptACK", W, write=d.ack_interrupt),
+            Register(0x070, 4, "Status", RW, d.read_status, d.write_status),
+            Register(0x0AC, 4, "SHMSel", W, write=lambda v: setattr(self, "shm_select", v)),
+            Register(0x0B0, 4, "SHMLenLow", R, lambda: 0xFFFFFFFF),
+            Register(0x0B4, 4, "SHMLenHigh", R, lambda: 0xFFFFFFFF),
+            Register(0x0B8, 4, "SHMBaseLow", R, lambda: 0xFFFFFFFF),
+            Register(0x0BC, 4, "SHMBaseHigh", R, lambda: 0xFFFFFFFF),
+            Register(0x0C0, 4, "QueueReset", RW, qget("resetting"), d.write_queue_reset),
+            Register(0x0FC, 4, "ConfigGeneration", R, lambda: d.config_generation),
+        ]
+        for base, name in ((0x080, "Desc"), (0x090, "Driver"), (0x0A0, "Device")):
+            field_name = name.lower()
+            regs.append(Register(base, 4, f"Queue{name}Low", W,
+                                 write=lambda v, f=field_name: d.write_queue_addr(f, v, False)))
+            regs.append(Register(base + 4, 4, f"Queue{name}High", W,
+                                 write=lambda v, f=field_name: d.write_queue_addr(f, v, True)))
+        return regs
+
+    def read(self, offset: int, width: int) -> int:
+        """Every guest read enters here."""
+        if offset >= CONFIG_OFF:
+            return self.device.read_config(offset - CONFIG_OFF, width)
+        return self.regs.read(offset, width)
+
+    def write(self, offset: int, width: int, value: int) -> None:
+        """Every guest write enters here."""
+        if offset >= CONFIG_OFF:
+            self.device.write_config(offset - CONFIG_OFF, width, value)
+        else:
+            self.regs.write(offset, width, value)

@@ -1,0 +1,314 @@
+"""Split virtqueue layout and accessors (virtio v1.4 §2.7 "Split Virtqueues").
+
+Both sides are here: :class:`SplitDriverQueue` is what a guest driver does
+(fill descriptors, publish avail idx, reap used entries) and
+:class:`SplitDeviceQueue` is what a device does (pop available chains,
+publish used entries). Both only touch guest memory through
+:class:`~shadowvmm.memory.GuestMemory`, so every address is bounds checked
+and ring indexes are published with single 16-bit stores.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+from ..errors import RingError
+from ..memory import GuestMemory
+from .constants import MAX_QUEUE_SIZE
+
+DESC = struct.Struct("<QIHH")        #: virtq_desc: addr, len, flags, next (v1.4 §2.7.5)
+USED_ELEM = struct.Struct("<II")     #: virtq_used_elem: id, len (v1.4 §2.7.8)
+DESC_SIZE = 16
+
+
+class DescFlags(enum.IntFlag):
+    """virtq_desc flags (v1.4 §2.7.5)."""
+
+    NEXT = 1      #: chain continues via ``next``
+    WRITE = 2     #: device-writable buffer
+    INDIRECT = 4  #: buffer holds an indirect descriptor table (v1.4 §2.7.5.3)
+
+
+AVAIL_F_NO_INTERRUPT = 1  #: v1.4 §2.7.6
+USED_F_NO_NOTIFY = 1      #: v1.4 §2.7.8
+
+
+def need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """The event-index test (v1.4 §2.7.7.2, ``vring_need_event``)."""
+    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
+
+
+@dataclass(frozen=True, slots=True)
+class SplitLayout:
+    """Guest-physical placement of one split ring (v1.4 §2.7 table of alignments)."""
+
+    size: int
+    desc: int
+    avail: int
+    used: int
+
+    @staticmethod
+    def area_sizes(size: int) -> tuple[int, int, int]:
+        """Bytes of descriptor table, avail ring and used ring (incl. event fields)."""
+        return DESC_SIZE * size, 6 + 2 * size, 6 + 8 * size
+
+    def validate(self) -> None:
+        if not 0 < self.size <= MAX_QUEUE_SIZE or self.size & (self.size - 1):
+            raise RingError(f"split queue size {self.size} is not a power of 2 <= {MAX_QUEUE_SIZE}")
+        for name, addr, align in (("desc", self.desc, 16), ("avail", self.avail, 2),
+                                  ("used", self.used, 4)):
+            if addr % align:
+                raise RingError(f"{name} area {addr:#x} is not {align}-byte aligned")
+
+    def check_memory(self, memory: GuestMemory) -> None:
+        """Every area must lie inside guest memory."""
+        d, a, u = self.area_sizes(self.size)
+        memory.translate(self.desc, d)
+        memory.translate(self.avail, a)
+        memory.translate(self.used, u)
+
+
+@dataclass(slots=True)
+class DescChain:
+    """One available buffer as the device sees it (v1.4 §2.7.5.2)."""
+
+    head: int
+    readable: list[tuple[int, int]]
+    writable: list[tuple[int, int]]
+
+    @property
+    def writable_len(self) -> int:
+        return sum(length for _, length in self.writable)
+
+    def read(self, memory: GuestMemory) -> bytes:
+        """Concatenate the device-readable buffers."""
+        if len(self.readable) == 1:
+            gpa, length = self.readable[0]
+            return memory.read(gpa, length)
+        return b"".join(memory.read(gpa, length) for gpa, length in self.readable)
+
+    def write(self, memory: GuestMemory, data: bytes | memoryview, skip: int = 0) -> int:
+        """Scatter *data* into the writable buffers after *skip* bytes; returns bytes written."""
+        view = memoryview(data)
+        done = 0
+        for gpa, length in self.writable:
+            if skip >= length:
+                skip -= length
+                continue
+            room = length - skip
+            chunk = view[done:done + room]
+            if not chunk:
+                break
+            memory.write(gpa + skip, chunk)
+            done += len(chunk)
+            skip = 0
+        return done
+
+
+def walk_descriptors(memory: GuestMemory, table: int, table_size: int, head: int,
+                     indirect_ok: bool, readable: list, writable: list) -> None:
+    """Follow a descriptor chain from *head* (v1.4 §2.7.5.3 rules enforced)."""
+    index = head
+    seen = 0
+    while True:
+        if index >= table_size:
+            raise RingError(f"descriptor index {index} out of range ({table_size})")
+        seen += 1
+        if seen > table_size:
+            raise RingError("descriptor chain loops")
+        addr, length, flags, nxt = DESC.unpack(memory.read(table + DESC_SIZE * index, DESC_SIZE))
+        if flags & DescFlags.INDIRECT:
+            if not indirect_ok:
+                raise RingError("nested or unnegotiated indirect descriptor")
+            if flags & DescFlags.NEXT:
+                raise RingError("INDIRECT and NEXT both set")
+            if length == 0 or length % DESC_SIZE:
+                raise RingError(f"indirect table length {length} is not a multiple of 16")
+            memory.translate(addr, length)
+            walk_descriptors(memory, addr, length // DESC_SIZE, 0, False, readable, writable)
+            return
+        memory.translate(addr, length)
+        if flags & DescFlags.WRITE:
+            writable.append((addr, length))
+        else:
+            if writable:
+                raise RingError("device-readable descriptor after a writable one")
+            readable.append((addr, length))
+        if not flags & DescFlags.NEXT:
+            return
+        index = nxt
+
+
+class SplitDeviceQueue:
+    """Device side of a split ring: consume avail entries, produce used ones."""
+
+    def __init__(self, memory: GuestMemory, layout: SplitLayout, *, event_idx: bool = False,
+                 indirect: bool = True, last_avail_idx: int = 0) -> None:
+        layout.validate()
+        layout.check_memory(memory)
+        self.memory = memory
+        self.layout = layout
+        self.size = layout.size
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.last_avail_idx = last_avail_idx & 0xFFFF
+        self.used_idx = memory.load_u16(layout.used + 2)
+        self._signalled_used = self.used_idx
+        self._avail_idx_addr = layout.avail + 2
+        self._avail_ring = layout.avail + 4
+        self._used_ring = layout.used + 4
+        self._used_idx_addr = layout.used + 2
+        self._used_event_addr = layout.avail + 4 + 2 * self.size
+        self._avail_event_addr = layout.used + 4 + 8 * self.size
+
+    def avail_idx(self) -> int:
+        return self.memory.load_u16(self._avail_idx_addr)
+
+    def pending(self) -> int:
+        return (self.avail_idx() - self.last_avail_idx) & 0xFFFF
+
+    def pop(self) -> DescChain | None:
+        """Next available chain, or None. Raises RingError on a malformed ring."""
+        avail = self.avail_idx()
+        if avail == self.last_avail_idx:
+            return None
+        if (avail - self.last_avail_idx) & 0xFFFF > self.size:
+            raise RingError(f"avail idx {avail} runs {self.size}+ ahead of {self.last_avail_idx}")
+        slot = self.last_avail_idx % self.size
+        head = self.memory.load_u16(self._avail_ring + 2 * slot)
+        readable: list = []
+        writable: list = []
+        walk_descriptors(self.memory, self.layout.desc, self.size, head, self.indirect,
+                         readable, writable)
+        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        if self.event_idx:
+            self.memory.store_u16(self._avail_event_addr, self.last_avail_idx)
+        return DescChain(head, readable, writable)
+
+    def push(self, head: int, written: int) -> None:
+        """Add one used element and publish it."""
+        slot = self.used_idx % self.size
+        self.memory.write(self._used_ring + 8 * slot, USED_ELEM.pack(head, written))
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        self.memory.store_u16(self._used_idx_addr, self.used_idx)
+
+    def push_batch(self, entries: list[tuple[int, int]]) -> None:
+        """Write several used elements, then publish the index once."""
+        for head, written in entries:
+            slot = self.used_idx % self.size
+            self.memory.write(self._used_ring + 8 * slot, USED_ELEM.pack(head, written))
+            self.used_idx = (self.used_idx + 1) & 0xFFFF
+        self.memory.store_u16(self._used_idx_addr, self.used_idx)
+
+    def should_notify(self) -> bool:
+        """Whether the driver wants an interrupt for what was pushed since the last call."""
+        old, new = self._signalled_used, self.used_idx
+        self._signalled_used = new
+        if old == new:
+            return False
+        if self.event_idx:
+            return need_event(self.memory.load_u16(self._used_event_addr), new, old)
+        return not self.memory.load_u16(self.layout.avail) & AVAIL_F_NO_INTERRUPT
+
+    def set_notification(self, enabled: bool) -> None:
+        """Ask the driver (not) to kick (advisory, v1.4 §2.7.10)."""
+        if self.event_idx:
+            if enabled:
+                self.memory.store_u16(self._avail_event_addr, self.last_avail_idx)
+        else:
+            self.memory.store_u16(self.layout.used, 0 if enabled else USED_F_NO_NOTIFY)
+
+
+class SplitDriverQueue:
+    """Driver side of a split ring, as a guest driver runs it."""
+
+    def __init__(self, memory: GuestMemory, layout: SplitLayout, *, event_idx: bool = False) -> None:
+        layout.validate()
+        layout.check_memory(memory)
+        self.memory = memory
+        self.layout = layout
+        self.size = layout.size
+        self.event_idx = event_idx
+        d, a, u = layout.area_sizes(self.size)
+        for gpa, length in ((layout.desc, d), (layout.avail, a), (layout.used, u)):
+            memory.view(gpa, length)[:] = bytes(length)
+        self.free = list(range(self.size - 1, -1, -1))
+        self.avail_idx = 0
+        self.last_used_idx = 0
+        self._kicked_avail = 0
+        self.tokens: dict[int, object] = {}
+        self._chains: dict[int, list[int]] = {}
+        self._avail_ring = layout.avail + 4
+        self._used_ring = layout.used + 4
+        self._used_event_addr = layout.avail + 4 + 2 * self.size
+        self._avail_event_addr = layout.used + 4 + 8 * self.size
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def add(self, out: list[tuple[int, int]], inp: list[tuple[int, int]], token: object) -> int:
+        """Chain *out* (device-readable) then *inp* (device-writable); not yet published."""
+        count = len(out) + len(inp)
+        if count == 0 or count > len(self.free):
+            raise RingError(f"need {count} descriptors, {len(self.free)} free")
+        heads = [self.free.pop() for _ in range(count)]
+        memory = self.memory
+        table = self.layout.desc
+        bufs = [(g, n, 0) for g, n in out] + [(g, n, DescFlags.WRITE) for g, n in inp]
+        for i, (gpa, length, flags) in enumerate(bufs):
+            if i + 1 < count:
+                flags |= DescFlags.NEXT
+                nxt = heads[i + 1]
+            else:
+                nxt = 0
+            memory.write(table + DESC_SIZE * heads[i], DESC.pack(gpa, length, flags, nxt))
+        head = heads[0]
+        self.tokens[head] = token
+        self._chains[head] = heads
+        memory.store_u16(self._avail_ring + 2 * (self.avail_idx % self.size), head)
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        return head
+
+    def publish(self) -> bool:
+        """Publish the avail index (one 16-bit store); True if the device wants a kick."""
+        self.memory.store_u16(self.layout.avail + 2, self.avail_idx)
+        old, new = self._kicked_avail, self.avail_idx
+        self._kicked_avail = new
+        if old == new:
+            return False
+        if self.event_idx:
+            return need_event(self.memory.load_u16(self._avail_event_addr), new, old)
+        return not self.memory.load_u16(self.layout.used) & USED_F_NO_NOTIFY
+
+    def get_used(self) -> list[tuple[object, int]]:
+        """Reap used elements: ``(token, bytes written)`` in completion order."""
+        used_idx = self.memory.load_u16(self.layout.used + 2)
+        out = []
+        while self.last_used_idx != used_idx:
+            slot = self.last_used_idx % self.size
+            head, written = USED_ELEM.unpack(self.memory.read(self._used_ring + 8 * slot, 8))
+            if head not in self.tokens:
+                raise RingError(f"device used unknown descriptor {head}")
+            token = self.tokens.pop(head)
+            self.free.extend(reversed(self._chains.pop(head)))
+            out.append((token, written))
+            self.last_used_idx = (self.last_used_idx + 1) & 0xFFFF
+        if self.event_idx:
+            self.memory.store_u16(self._used_event_addr, self.last_used_idx)
+        return out
+
+    def set_interrupts(self, enabled: bool) -> None:
+        """Ask the device (not) to interrupt (v1.4 §2.7.10)."""
+        if not self.event_idx:
+            self.memory.store_u16(self.layout.avail, 0 if enabled else AVAIL_F_NO_INTERRUPT)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.tokens)
+
+    def outstanding(self) -> list[object]:
+        """Tokens of buffers the device has not used yet."""
+        return list(self.tokens.values())
