@@ -5,13 +5,14 @@
 #   qemu-utils          qemu-img
 #   dpdk-dev            dpdk-testpmd (it is NOT in package "dpdk")
 #   iproute2            ip netns
+#   qemu-system-x86     the vDPA VM lane (TCG) boots a Debian kernel with vdpa_sim
 #
 # Idempotent: when everything is installed it only runs dpkg-query and exits (well under 1 s).
 # Otherwise, as root: apt-get update once, then install only the missing packages.
 # Missing binaries after that are reported as warnings; the tests decide (skip, or fail when CI=true).
 set -euo pipefail
 
-packages=(qemu-system-common qemu-utils dpdk-dev iproute2)
+packages=(qemu-system-common qemu-utils dpdk-dev iproute2 qemu-system-x86)
 # "binary package": what the tests run, and the package that ships it on Debian bookworm
 binaries=(
     "qemu-storage-daemon qemu-system-common"
@@ -20,6 +21,7 @@ binaries=(
     "dpdk-testpmd dpdk-dev"
     "stdbuf coreutils"
     "ip iproute2"
+    "qemu-system-x86_64 qemu-system-x86"
 )
 
 installed() { # prints the installed ones among "$@"

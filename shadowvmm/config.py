@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .shadow import StopDialect
+from .shadow import STOP_FEATURE_BITS, StopDialect
 
 TRANSPORTS = ("pci", "mmio")
 
@@ -105,6 +105,10 @@ def parse(data: dict) -> MachineConfig:
         except ValueError:
             raise ConfigError(f"{path}.stop_dialect",
                               f"{dialect_name!r} is not one of {[d.value for d in StopDialect]}") from None
+        stop_bit = _take(dev, "stop_feature_bit", path, int, 44)
+        if stop_bit not in STOP_FEATURE_BITS:
+            raise ConfigError(f"{path}.stop_feature_bit",
+                              f"{stop_bit} collides with a published feature bit; use 44..49")
         num_queues = _take(dev, "num_queues", path, int, None)
         if num_queues is not None:
             _positive(num_queues, f"{path}.num_queues")
@@ -112,7 +116,7 @@ def parse(data: dict) -> MachineConfig:
             name=name, backend=_take(dev, "backend", path, str),
             backend_config=dict(_take(dev, "backend_config", path, dict, {})),
             transport=transport, queue_size=qsize, num_queues=num_queues, stop_dialect=dialect,
-            stop_feature_bit=_take(dev, "stop_feature_bit", path, int, 44),
+            stop_feature_bit=stop_bit,
             packed=_take(dev, "packed", path, bool, False)))
     run = _take(data, "run", "", dict, {})
     _no_unknown(run, set(RunConfig.__dataclass_fields__), "run")

@@ -181,7 +181,7 @@ class VirtioDevice:
             raise DeviceStateError(f"{self.name}: already realized")
         await self.backend.connect()
         self.backend_caps = self.backend.capabilities()
-        self.backend_features = await self.backend.get_features()
+        self.backend_features = int(await self.backend.get_features())
         policy = self.policy
         if not self.backend_caps & Capability.RING_RESTART:
             policy = FeaturePolicy(policy.dialect, policy.mask, policy.transport_supported, 0)
@@ -267,7 +267,7 @@ class VirtioDevice:
     # ------------------------------------------------------------------ guest: status
 
     def read_status(self) -> int:
-        return self.shadow.guest_status
+        return self.shadow._status
 
     def write_status(self, value: int) -> None:
         action = self.shadow.write(value)
@@ -277,6 +277,8 @@ class VirtioDevice:
             self._guest_reset()
         elif action is GuestStatusAction.FEATURES_OK:
             self._features_ok()
+            if self.shadow.guest_status & Status.DRIVER_OK:
+                self._submit(Op(OpKind.RECONCILE))
         elif action in (GuestStatusAction.DRIVER_OK, GuestStatusAction.GUEST_STOP,
                         GuestStatusAction.GUEST_RESUME):
             self._submit(Op(OpKind.RECONCILE))
@@ -293,17 +295,24 @@ class VirtioDevice:
         self.shadow.dialect_negotiated = bool(dialect_bit and accepted & dialect_bit)
 
     def _guest_reset(self) -> None:
-        """Guest wrote 0 (v1.4 §2.1): status reads 0 once the backend really stopped."""
+        """Guest wrote 0 (v1.4 §2.1): status reads 0 once the backend really stopped.
+
+        While the reset is carried out the registers keep their values (the
+        stop sequence needs the rings' set-up); they are cleared when it completes.
+        """
+        if not self.started:
+            self._clear_guest_registers()
+            self.shadow.reset_done()
+            return
+        self._submit(Op(OpKind.RECONCILE))
+
+    def _clear_guest_registers(self) -> None:
         for q in self.queues:
             q.clear()
         self.driver_features = 0
         self.device_feature_select = self.driver_feature_select = 0
         self.config_msix_vector = NO_VECTOR
         self.isr = 0
-        if not self.started:
-            self.shadow.reset_done()
-            return
-        self._submit(Op(OpKind.RECONCILE))
 
     # ------------------------------------------------------------------ guest: queues
 
@@ -388,9 +397,15 @@ class VirtioDevice:
     def write_queue_reset(self, value: int) -> None:
         """Per-queue reset (v1.2 VIRTIO_F_RING_RESET, v1.4 §2.6.1)."""
         q = self.selected_queue()
-        if q is None or value != 1 or not self.negotiated(Feature.RING_RESET):
+        if q is None:
+            self.faults(GuestFault.QUEUE_SELECT, f"queue_reset on {self.queue_select}")
+        elif value != 1 or not self.negotiated(Feature.RING_RESET):
             self.faults(GuestFault.READ_ONLY, "queue_reset without RING_RESET")
-            return
+        else:
+            self.reset_queue(q)
+
+    def reset_queue(self, q: QueueRegs) -> None:
+        """Stop one queue and return its registers to defaults (also MMIO QueueReady=0)."""
         q.resetting = True
         self._submit(Op(OpKind.QUEUE_RESET, (q.index,)))
 
@@ -589,6 +604,7 @@ class VirtioDevice:
             self.ring_states.clear()
             if self.run_state is RunState.FAILED:
                 self.run_state = RunState.STOPPED if self._vmm_stop else RunState.RUNNING
+            self._clear_guest_registers()
             shadow.reset_done()
             return
         if self.run_state is RunState.FAILED:
@@ -615,7 +631,7 @@ class VirtioDevice:
 
     async def _op_queue_start(self, index: int) -> None:
         if self.rings_running and self.queues[index].set_up:
-            await self._start_ring(index, 0)
+            await self._start_ring(index, self._saved_base(index))
             await self.backend.set_vring_enable(index, True)
 
     async def _op_queue_reset(self, index: int) -> None:
@@ -653,8 +669,16 @@ class VirtioDevice:
         self._kick_all()
 
     def _saved_base(self, index: int) -> int:
+        """Ring base for SET_VRING_BASE: the captured state, else a fresh ring's.
+
+        A fresh packed ring starts with both wrap counters at 1 (v1.4 §2.8.1).
+        """
         state = self.ring_states.get(index)
-        return state.base if state is not None else 0
+        if state is not None:
+            return state.base
+        if self.driver_features & Feature.RING_PACKED:
+            return RingState.packed(index, 0, True, 0, True).base
+        return 0
 
     async def _start_ring(self, index: int, base: int) -> None:
         q = self.queues[index]
@@ -665,7 +689,7 @@ class VirtioDevice:
         await b.set_vring_kick(index, self._kick_fds[index])
 
     def _backend_status(self) -> int:
-        status = self.shadow.guest_status & ~(Status.SUSPEND | Status.STOP | Status.NEEDS_RESET)
+        status = self.shadow.guest_status & ~int(Status.SUSPEND | Status.STOP | Status.NEEDS_RESET)
         if self.shadow.guest_stopped:
             status |= Status.DRIVER_OK
         return status
@@ -712,3 +736,198 @@ class VirtioDevice:
         for q in self.queues:
             if q.set_up:
                 os.eventfd_write(self._kick_fds[q.index], 1)
+
+    # ---- migration
+
+    async def export_state(self, transport: object | None = None, *,
+                           include_opaque: bool = True) -> "DeviceState":
+        """The device's migratable state; the device must be STOPPED (or never started).
+
+        *transport* (a PCI or MMIO transport of this device) adds its own
+        state: PCI config space bytes and MSI-X table. The opaque part is the
+        backend's :meth:`~shadowvmm.backends.base.Backend.save_state` when it
+        has :attr:`Capability.DEVICE_STATE` and *include_opaque* is set.
+        """
+        from .migration.state import (STANDARD_TYPES, DeviceState, OpaquePart, QueueState, RingPart,
+                                      TransportState)
+        self._require_realized()
+        if self.run_state is RunState.STOPPED:
+            await self.settle()
+        if self.rings_running or self.run_state is RunState.STOPPING:
+            raise DeviceStateError(f"{self.name}: export_state needs the device stopped "
+                                   f"(run state {self.run_state.value}, rings running {self.rings_running})")
+        ints = self.interrupts
+        assert ints is not None
+        config_space = getattr(transport, "config_space", None)
+        msix_table = getattr(transport, "msix_table", None)
+        kind = "none" if transport is None else ("pci" if config_space is not None else "mmio")
+        shadow = self.shadow
+        queues = tuple(QueueState(q.index, q.size, q.enabled, q.desc, q.driver, q.device, q.msix_vector,
+                                  q.max_size) for q in self.queues)
+        regs = TransportState(
+            kind, shadow.guest_status, shadow.dialect_negotiated, shadow.guest_stop_requested,
+            shadow.guest_stopped, self.device_features, self.driver_features, self.device_feature_select,
+            self.driver_feature_select, self.queue_select, self.config_msix_vector, ints.msix_enabled,
+            self.config_generation, bytes(self.config), self.isr, queues,
+            bytes(config_space) if config_space is not None else None,
+            bytes(msix_table) if msix_table is not None else None)
+        packed = bool(self.driver_features & Feature.RING_PACKED)
+        rings = tuple(RingPart.from_ring_state(self.ring_states[i], packed) for i in sorted(self.ring_states))
+        standard_type = STANDARD_TYPES.get(self.device_id)
+        standard = standard_type.capture(bytes(self.config), regs) if standard_type is not None else None
+        opaque = None
+        if include_opaque and self.backend_caps & Capability.DEVICE_STATE:
+            blob = await self.backend.save_state()
+            if blob is not None:
+                opaque = OpaquePart(self.backend.implementation, self.backend.implementation_version, bytes(blob))
+        return DeviceState(self.name, int(self.device_id), regs, rings, standard, opaque)
+
+    def check_import(self, state: "DeviceState", transport: object | None = None) -> None:
+        """Refuse (IncompatibleStateError) a state this device cannot take; changes nothing."""
+        from .errors import IncompatibleStateError
+        regs = state.transport
+        if state.device_id != int(self.device_id):
+            raise IncompatibleStateError(f"{self.name}: state of device id {state.device_id}, "
+                                         f"this device is {self.device_id.name} ({int(self.device_id)})")
+        if len(regs.queues) != len(self.queues):
+            raise IncompatibleStateError(f"{self.name}: source has {len(regs.queues)} queues, "
+                                         f"destination {len(self.queues)}")
+        for saved, q in zip(regs.queues, self.queues):
+            if saved.size > q.max_size:
+                raise IncompatibleStateError(f"{self.name}: queue {q.index} size {saved.size} exceeds the "
+                                             f"destination's maximum {q.max_size}")
+        missing = regs.driver_features & ~self.device_features
+        if missing:
+            raise IncompatibleStateError(f"{self.name}: the guest negotiated features {missing:#x} the "
+                                         f"destination backend does not offer")
+        if regs.config and len(regs.config) != len(self.config):
+            raise IncompatibleStateError(f"{self.name}: config space of {len(regs.config)} bytes, "
+                                         f"destination serves {len(self.config)}")
+        config_space = getattr(transport, "config_space", None)
+        if regs.kind == "pci":
+            msix_table = getattr(transport, "msix_table", None)
+            if config_space is None or msix_table is None:
+                raise IncompatibleStateError(f"{self.name}: PCI state needs a PCI transport on the destination")
+            if len(config_space) != len(regs.pci_config_space or b"") or \
+                    len(msix_table) != len(regs.msix_table or b""):
+                raise IncompatibleStateError(f"{self.name}: PCI config space or MSI-X table size differs")
+        elif regs.kind == "mmio" and config_space is not None:
+            raise IncompatibleStateError(f"{self.name}: MMIO state cannot load into a PCI transport")
+        if state.standard is not None:
+            state.standard.check_destination(bytes(self.config), self.name)
+        if state.opaque is not None:
+            state.opaque.check_loadable(self.backend.implementation, self.backend.implementation_version,
+                                        self.name)
+            if not self.backend_caps & Capability.DEVICE_STATE:
+                raise IncompatibleStateError(f"{self.name}: destination backend "
+                                             f"{self.backend.implementation!r} cannot load opaque state")
+
+    async def import_state(self, state: "DeviceState", transport: object | None = None) -> None:
+        """Apply a migrated state to a freshly realized device, then settle.
+
+        Registers, status shadow, config and ring bases are applied as they
+        were; the opaque part is loaded into the backend; settling then starts
+        the backend with the saved ring bases if the guest had set DRIVER_OK
+        (no guest renegotiation). A device that was never initialised, or left
+        half-way, stays as it was and the guest continues on this one.
+        """
+        from .errors import IncompatibleStateError
+        self._require_realized()
+        if self.started or self.shadow.guest_status or self._ops or self._vmm_stop:
+            raise DeviceStateError(f"{self.name}: import_state needs a freshly realized, untouched device")
+        self.check_import(state, transport)
+        regs = state.transport
+        backend_config = bytes(self.config)
+        if state.opaque is not None:
+            try:
+                await self.backend.load_state(state.opaque.blob)
+            except IncompatibleStateError:
+                raise
+            except BackendError as exc:
+                raise IncompatibleStateError(
+                    f"{self.name}: destination backend {self.backend.implementation!r} refused opaque state "
+                    f"of {state.opaque.implementation!r} v{state.opaque.version}: {exc}") from exc
+        if state.standard is not None and self.backend_caps & Capability.CONFIG:
+            for offset, data in state.standard.backend_writes(backend_config):
+                await self.backend.set_config(offset, data)
+        shadow = self.shadow
+        shadow.guest_status = regs.guest_status
+        shadow.dialect_negotiated = regs.dialect_negotiated
+        shadow.guest_stop_requested = regs.guest_stop_requested
+        shadow.guest_stopped = regs.guest_stopped
+        shadow.reset_pending = False
+        self.driver_features = regs.driver_features
+        self.device_feature_select = regs.device_feature_select
+        self.driver_feature_select = regs.driver_feature_select
+        self.queue_select = regs.queue_select
+        self.config_msix_vector = regs.config_msix_vector
+        if regs.config:
+            self.config = bytearray(regs.config)
+        self.config_generation = regs.config_generation
+        self.isr = regs.isr
+        for saved, q in zip(regs.queues, self.queues):
+            q.size, q.enabled, q.msix_vector = saved.size, saved.enabled, saved.msix_vector
+            q.desc, q.driver, q.device = saved.desc, saved.driver, saved.device
+            q.resetting = False
+        self.ring_states = state.ring_states()
+        assert self.interrupts is not None
+        self.interrupts.msix_enabled = regs.msix_enabled
+        if regs.kind == "pci":
+            transport.config_space[:] = regs.pci_config_space  # type: ignore[union-attr]
+            transport.msix_table[:] = regs.msix_table  # type: ignore[union-attr]
+        if regs.guest_status & Status.NEEDS_RESET:
+            self.run_state = RunState.FAILED
+        await self.settle()
+
+    async def start_dirty_log(self, log: "DirtyLog") -> None:
+        """Make the backend mark its guest-memory writes in *log* (QEMU vhost_migration_log order).
+
+        vhost-user: SET_LOG_BASE (LOG_SHMFD, the log's memfd), SET_FEATURES
+        with LOG_ALL, then SET_VRING_ADDR with the LOG flag for every started
+        ring. A backend sharing this device's GuestMemory (inproc) marks the
+        log through :meth:`GuestMemory.write` and needs nothing.
+        """
+        from .errors import UnsupportedError
+        b = self.backend
+        if getattr(b, "memory", None) is self.memory:
+            return
+        if not self.backend_caps & Capability.DIRTY_LOG or not hasattr(b, "set_log_base"):
+            raise UnsupportedError(f"{self.name}: backend {b.implementation!r} cannot log dirty pages")
+        await self.settle()
+        await b.set_log_base(log.fd, log.size)
+        await b.set_dirty_logging(True)
+        if self.rings_running:
+            await self._set_ring_logging(True)
+
+    async def stop_dirty_log(self) -> None:
+        """Undo :meth:`start_dirty_log`: SET_FEATURES without LOG_ALL, ring addresses without LOG."""
+        b = self.backend
+        if getattr(b, "memory", None) is self.memory or not hasattr(b, "set_dirty_logging"):
+            return
+        if self.run_state is RunState.FAILED:
+            return
+        await self.settle()
+        await b.set_dirty_logging(False)
+        if self.rings_running:
+            await self._set_ring_logging(False)
+
+    async def _set_ring_logging(self, enabled: bool) -> None:
+        for q in self.queues:
+            if q.set_up:
+                await self.backend.set_vring_addr(VringAddr(q.index, q.desc, q.driver, q.device,
+                                                            log=q.device, log_enabled=enabled))
+
+    def take_pending_kicks(self) -> list[int]:
+        """Queues whose kick eventfd holds notifications nobody consumed (read and cleared).
+
+        A stopped source's kicks must be replayed on the destination when the
+        guest moves there.
+        """
+        pending = []
+        for index, fd in enumerate(self._kick_fds):
+            try:
+                if os.eventfd_read(fd):
+                    pending.append(index)
+            except BlockingIOError:
+                continue
+        return pending

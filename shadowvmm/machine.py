@@ -35,12 +35,16 @@ class Machine:
         self.allocator = GuestAllocator(self.memory, start=0x1000)
         self.slots: dict[str, Slot] = {}
 
-    async def add_device(self, config: DeviceConfig, backend: Backend | None = None) -> VirtioDevice:
+    async def add_device(self, config: DeviceConfig, backend: Backend | None = None, *,
+                         config_override: bytes | None = None) -> VirtioDevice:
+        """Build, realize and attach a device; *config_override* supplies the device
+        config space when the backend does not serve one (vhost-user without CONFIG)."""
         if backend is None:
             backend = load_backend(config.backend)(config.backend_config)
         policy = FeaturePolicy(DialectSpec.make(config.stop_dialect, config.stop_feature_bit))
         device = VirtioDevice(backend, self.memory, name=config.name, num_queues=config.num_queues,
-                              queue_size=config.queue_size, policy=policy)
+                              queue_size=config.queue_size, policy=policy,
+                              config_override=config_override)
         await device.realize()
         transport = PciTransport(device) if config.transport == "pci" else MmioTransport(device)
         self.slots[config.name] = Slot(config, device, transport)

@@ -92,11 +92,11 @@ class FeaturePolicy:
         """Features offered to the guest for a backend offering *backend_features*."""
         device_bits = backend_features & ~TRANSPORT_FEATURE_MASK & ~self.mask
         transport_bits = backend_features & TRANSPORT_FEATURE_MASK & self.transport_supported
-        return device_bits | transport_bits | self.vmm_owned
+        return int(device_bits | transport_bits | self.vmm_owned)
 
     def to_backend(self, driver_features: int) -> int:
         """What is forwarded to the backend: the guest's choice minus VMM-owned bits."""
-        return driver_features & ~self.vmm_owned
+        return int(driver_features) & ~self.vmm_owned
 
 
 class GuestFault(enum.Enum):
@@ -148,13 +148,23 @@ class GuestStatusAction(enum.Enum):
     GUEST_RESUME = enum.auto()
 
 
+_NEEDS_RESET = int(Status.NEEDS_RESET)
+_FEATURES_OK = int(Status.FEATURES_OK)
+_DRIVER_OK = int(Status.DRIVER_OK)
+_STOP_BITS = int(Status.SUSPEND | Status.STOP)
+#: A bit may only be set once the bit it depends on is set (v1.4 §3.1.1).
+_ORDER = ((int(Status.DRIVER), int(Status.ACKNOWLEDGE)),
+          (_FEATURES_OK, int(Status.DRIVER)),
+          (_DRIVER_OK, _FEATURES_OK))
+
+
 class StatusShadow:
     """The guest-visible status byte and its transition rules (v1.4 §2.1, §3.1)."""
 
     def __init__(self, dialect: DialectSpec, faults: FaultCounter) -> None:
         self.dialect = dialect
         self.faults = faults
-        self.guest_status = 0
+        self._status = 0
         #: Guest negotiated the dialect's feature bit (set at FEATURES_OK).
         self.dialect_negotiated = False
         #: Guest asked the device to stop through its dialect and it has not resumed.
@@ -163,21 +173,34 @@ class StatusShadow:
         self.guest_stopped = False
         self.reset_pending = False
 
+    @property
+    def guest_status(self) -> int:
+        return self._status
+
+    @guest_status.setter
+    def guest_status(self, value: int) -> None:
+        self._status = int(value) & 0xFF
+
     def read(self) -> int:
-        return self.guest_status
+        return self._status
 
     def write(self, value: int) -> GuestStatusAction:
-        """Apply a guest write; returns the action for the device layer."""
-        value &= 0xFF
+        """Apply a guest write; returns the action for the device layer.
+
+        Plain ints on this path: IntFlag arithmetic costs microseconds.
+        """
+        value = int(value) & 0xFF
         if value == 0:
             self.reset_pending = True
             return GuestStatusAction.RESET
-        old = self.guest_status
-        if value & Status.NEEDS_RESET and not old & Status.NEEDS_RESET:
+        old = self._status
+        if value == old:
+            return GuestStatusAction.NONE
+        if value & _NEEDS_RESET and not old & _NEEDS_RESET:
             self.faults(GuestFault.DEVICE_OWNED_BIT, f"{value:#x}")
-        value = (value & ~Status.NEEDS_RESET) | (old & Status.NEEDS_RESET)
+        value = (value & ~_NEEDS_RESET) | (old & _NEEDS_RESET)
         dialect_bit = self.dialect.status
-        foreign = (Status.SUSPEND | Status.STOP) & ~dialect_bit
+        foreign = _STOP_BITS & ~dialect_bit
         if value & foreign or (value & dialect_bit and not self.dialect_negotiated):
             self.faults(GuestFault.DIALECT_NOT_OFFERED, f"{value:#x}")
             value &= ~(foreign | (0 if self.dialect_negotiated else dialect_bit))
@@ -190,17 +213,15 @@ class StatusShadow:
             self.faults(GuestFault.STATUS_CLEAR, f"{old:#x} -> {value:#x}")
             return GuestStatusAction.NONE
         new_bits = value & ~old
-        for bit, needs in ((Status.DRIVER, Status.ACKNOWLEDGE),
-                           (Status.FEATURES_OK, Status.DRIVER),
-                           (Status.DRIVER_OK, Status.FEATURES_OK)):
+        for bit, needs in _ORDER:
             if new_bits & bit and not value & needs:
-                self.faults(GuestFault.STATUS_ORDER, f"{bit.name} without {needs.name}")
+                self.faults(GuestFault.STATUS_ORDER, f"{Status(bit).name} without {Status(needs).name}")
                 new_bits &= ~bit
                 value &= ~bit
-        self.guest_status = old | new_bits
-        if new_bits & Status.FEATURES_OK:
+        self._status = old | new_bits
+        if new_bits & _FEATURES_OK:
             return GuestStatusAction.FEATURES_OK
-        if new_bits & Status.DRIVER_OK:
+        if new_bits & _DRIVER_OK:
             return GuestStatusAction.DRIVER_OK
         return GuestStatusAction.NONE
 
@@ -246,8 +267,12 @@ class StatusShadow:
         self.guest_status = (self.guest_status & ~Status.SUSPEND) | Status.DRIVER_OK
 
     def refuse_features(self) -> None:
-        """FEATURES_OK is refused by not letting the bit stick (v1.4 §3.1.1 step 6)."""
-        self.guest_status &= ~Status.FEATURES_OK
+        """FEATURES_OK is refused by not letting the bit stick (v1.4 §3.1.1 step 6).
+
+        A DRIVER_OK written together with the refused FEATURES_OK is dropped too
+        (DRIVER_OK requires FEATURES_OK).
+        """
+        self.guest_status &= ~int(Status.FEATURES_OK | Status.DRIVER_OK)
 
     def reset_done(self) -> None:
         self.guest_status = 0

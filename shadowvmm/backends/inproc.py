@@ -244,8 +244,8 @@ class InProcBackend:
         self.model.close()
 
     async def get_features(self) -> int:
-        return (self.model.features() | Feature.VERSION_1 | Feature.INDIRECT_DESC
-                | Feature.EVENT_IDX | Feature.RING_PACKED)
+        return int(self.model.features() | Feature.VERSION_1 | Feature.INDIRECT_DESC
+                   | Feature.EVENT_IDX | Feature.RING_PACKED)
 
     async def set_features(self, features: int) -> None:
         offered = await self.get_features()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from ..device import VirtioDevice
 from ..shadow import GuestFault
-from ..virtio.constants import Feature
 from .registers import Access, Register, RegisterFile
 
 MAGIC = 0x74726976          #: "virt"
@@ -49,12 +48,8 @@ class MmioTransport:
                 d.write_queue_enable(1)
                 return
             q = d.selected_queue()
-            if q is None or not q.enabled:
-                return
-            if d.negotiated(Feature.RING_RESET):
-                d.write_queue_reset(1)
-            else:
-                self.faults(GuestFault.QUEUE_DISABLE, f"queue {q.index}")
+            if q is not None and q.enabled:
+                d.reset_queue(q)     # v1.4 §4.2.2.2: writing 0 stops the queue
 
         regs = [
             Register(0x000, 4, "MagicValue", R, lambda: MAGIC),
@@ -92,12 +87,18 @@ class MmioTransport:
     def read(self, offset: int, width: int) -> int:
         """Every guest read enters here."""
         if offset >= CONFIG_OFF:
+            if width not in (1, 2, 4):
+                self.faults(GuestFault.BAD_WIDTH, f"config read width {width}")
+                return 0
             return self.device.read_config(offset - CONFIG_OFF, width)
         return self.regs.read(offset, width)
 
     def write(self, offset: int, width: int, value: int) -> None:
         """Every guest write enters here."""
         if offset >= CONFIG_OFF:
+            if width not in (1, 2, 4):
+                self.faults(GuestFault.BAD_WIDTH, f"config write width {width}")
+                return
             self.device.write_config(offset - CONFIG_OFF, width, value)
         else:
             self.regs.write(offset, width, value)

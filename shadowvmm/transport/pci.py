@@ -252,7 +252,15 @@ class PciTransport:
         cap = self.pci_cfg_cap
         if cap and offset == cap + 16:
             return self._pci_cfg_window(None)
-        return int.from_bytes(self.config_space[offset:offset + width], "little")
+        value = int.from_bytes(self.config_space[offset:offset + width], "little")
+        if offset <= 0x06 < offset + width:
+            value |= self._interrupt_status() << (8 * (0x06 - offset))
+        return value
+
+    def _interrupt_status(self) -> int:
+        """PCI Status bit 3 mirrors the ISR while INTx is in use (v1.4 §4.1.4.5.1)."""
+        ints = self.device.interrupts
+        return 0x08 if self.device.isr and ints is not None and not ints.msix_enabled else 0
 
     def config_write(self, offset: int, width: int, value: int) -> None:
         if width not in (1, 2, 4) or offset % width or offset + width > CONFIG_SPACE_SIZE:

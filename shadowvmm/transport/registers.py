@@ -74,4 +74,4 @@ class RegisterFile:
         if reg.write is None:
             self.faults(GuestFault.READ_ONLY, f"{self.name}.{reg.name}")
             return
-        reg.write(value & ((1 << (8 * width)) - 1))
+        reg.write(int(value) & ((1 << (8 * width)) - 1))

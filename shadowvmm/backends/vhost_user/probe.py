@@ -1,0 +1,139 @@
+"""Control-plane probe of a vhost-user back-end (what ``shadowvmm probe`` prints).
+
+The probe opens a session and negotiates like the realize handshake, minus
+SET_OWNER and the back-end channel: GET_FEATURES, GET/SET_PROTOCOL_FEATURES,
+GET_QUEUE_NUM (MQ), GET_MAX_MEM_SLOTS (CONFIGURE_MEM_SLOTS), GET_CONFIG
+(CONFIG). A one-shot back-end (virtiofsd, vhost-user-gpu) exits after the probe
+disconnects: the probe *is* its session.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from typing import Any
+
+from ...virtio.constants import BlkFeature, DeviceId, FsFeature, NetFeature, feature_names
+from . import protocol as vu
+from .backend import DEFAULT_CONFIG_SIZE, DEVICES, SUPPORTED_PROTOCOL_FEATURES
+from .connection import DEFAULT_TIMEOUT, Connection, Connector, RequestFailed, unix_connector
+
+#: Config sizes tried, largest first, when neither the device nor a size is given.
+CONFIG_SIZE_CANDIDATES = (vu.MAX_CONFIG_SIZE, 128, 64, 60, 44, 40, 36, 24, 16, 12, 8, 4)
+
+_DEVICE_FLAGS: dict[DeviceId, tuple[type[enum.IntFlag], ...]] = {
+    DeviceId.BLOCK: (BlkFeature,), DeviceId.NET: (NetFeature,), DeviceId.FS: (FsFeature,),
+}
+_VHOST_NAMES = {vu.F_PROTOCOL_FEATURES: "PROTOCOL_FEATURES", vu.F_LOG_ALL: "LOG_ALL"}
+
+
+def protocol_feature_names(value: int) -> list[str]:
+    """Names of the protocol feature bits in *value* (``bit N`` when unnamed)."""
+    names = []
+    for bit in range(64):
+        if value >> bit & 1:
+            try:
+                member = vu.ProtocolFeature(1 << bit)
+            except ValueError:
+                member = None
+            names.append(member.name if member is not None and member.name else f"bit {bit}")
+    return names
+
+
+async def _read_config(conn: Connection, sizes: tuple[int, ...]) -> dict[str, Any] | None:
+    for size in sizes:
+        try:
+            reply = await conn.request(vu.FrontendRequest.GET_CONFIG, vu.Config.read(0, size))
+        except RequestFailed:
+            continue
+        if isinstance(reply.payload, vu.Config):
+            return {"offset": 0, "size": size, "hex": reply.payload.payload.hex()}
+    return None
+
+
+async def probe(path: str | os.PathLike[str], timeout: float = DEFAULT_TIMEOUT, *, device: str | None = None,
+                config_size: int | None = None, connector: Connector | None = None) -> dict[str, Any]:
+    """Negotiate with the back-end at *path* and describe it.
+
+    *device* (a key of :data:`~.backend.DEVICES`) names device feature bits and
+    picks the config size; *config_size* overrides it. Without either, GET_CONFIG
+    is tried with :data:`CONFIG_SIZE_CANDIDATES` until one is accepted.
+    Raises the connection's typed errors (BackendTimeout, BackendDisconnected,
+    ProtocolError, ...).
+    """
+    device_id = DEVICES[device] if device is not None else None
+    if config_size is not None:
+        sizes: tuple[int, ...] = (config_size,)
+    elif device_id is not None:
+        sizes = (DEFAULT_CONFIG_SIZE.get(device_id, 0),)
+    else:
+        sizes = CONFIG_SIZE_CANDIDATES
+    sizes = tuple(size for size in sizes if size > 0)
+    conn = Connection(connector or unix_connector(path), timeout=timeout, name=f"probe {os.fspath(path)}")
+    result: dict[str, Any] = {"socket": os.fspath(path), "device": device}
+    await conn.connect()
+    try:
+        features = (await conn.request(vu.FrontendRequest.GET_FEATURES)).payload
+        assert isinstance(features, vu.U64)
+        virtio = features.value & ~vu.VHOST_ONLY_FEATURES
+        flag_types = _DEVICE_FLAGS.get(device_id, ()) if device_id is not None else ()
+        result.update(
+            features=features.value,
+            virtio_features=virtio,
+            feature_names=feature_names(virtio, *flag_types),
+            vhost_features=[name for bit, name in _VHOST_NAMES.items() if features.value & bit],
+            protocol_features=None,
+            protocol_feature_names=[],
+            acked_protocol_features=0,
+            queue_num=None,
+            max_mem_slots=None,
+            config=None,
+        )
+        if features.value & vu.F_PROTOCOL_FEATURES:
+            offered = (await conn.request(vu.FrontendRequest.GET_PROTOCOL_FEATURES)).payload
+            assert isinstance(offered, vu.U64)
+            acked = int(vu.ProtocolFeature(offered.value) & SUPPORTED_PROTOCOL_FEATURES)
+            await conn.request(vu.FrontendRequest.SET_PROTOCOL_FEATURES, vu.U64(acked))
+            result.update(protocol_features=offered.value,
+                          protocol_feature_names=protocol_feature_names(offered.value),
+                          acked_protocol_features=acked)
+        protocol = conn.protocol_features
+        if vu.ProtocolFeature.MQ in protocol:
+            reply = (await conn.request(vu.FrontendRequest.GET_QUEUE_NUM)).payload
+            assert isinstance(reply, vu.U64)
+            result["queue_num"] = reply.value
+        if vu.ProtocolFeature.CONFIGURE_MEM_SLOTS in protocol:
+            reply = (await conn.request(vu.FrontendRequest.GET_MAX_MEM_SLOTS)).payload
+            assert isinstance(reply, vu.U64)
+            result["max_mem_slots"] = reply.value
+        if vu.ProtocolFeature.CONFIG in protocol and sizes:
+            result["config"] = await _read_config(conn, sizes)
+    finally:
+        await conn.disconnect()
+    return result
+
+
+def format_probe(info: dict[str, Any]) -> str:
+    """Human-readable text of a :func:`probe` result."""
+    lines = [f"vhost-user back-end at {info['socket']}" + (f" ({info['device']})" if info.get("device") else "")]
+    lines.append(f"  features           {info['features']:#x}")
+    lines.append(f"    virtio           {', '.join(info['feature_names']) or '-'}")
+    lines.append(f"    vhost            {', '.join(info['vhost_features']) or '-'}")
+    if info["protocol_features"] is None:
+        lines.append("  protocol features  not offered (no VHOST_USER_F_PROTOCOL_FEATURES)")
+    else:
+        lines.append(f"  protocol features  {info['protocol_features']:#x}: "
+                     f"{', '.join(info['protocol_feature_names']) or '-'}")
+        lines.append(f"    acknowledged     {info['acked_protocol_features']:#x}")
+    for key, label in (("queue_num", "queues (max)"), ("max_mem_slots", "memory slots")):
+        lines.append(f"  {label:<18} {info[key] if info[key] is not None else '-'}")
+    config = info["config"]
+    if config is None:
+        lines.append("  config             -")
+    else:
+        lines.append(f"  config             {config['size']} bytes at offset {config['offset']}")
+        data = config["hex"]
+        for start in range(0, len(data), 32):
+            chunk = data[start:start + 32]
+            lines.append(f"    {start // 2:04x}  {' '.join(chunk[i:i + 2] for i in range(0, len(chunk), 2))}")
+    return "\n".join(lines)

@@ -1,0 +1,447 @@
+"""Migration stream: framed records over a unix socket, a TCP socket or a file.
+
+Layout (little-endian)::
+
+    header   magic "SVMMIGR\\n" (8) | version u16 | flags u16 | reserved u32
+    record   type u16 | flags u16 | length u32 | crc32 u32 | payload[length]
+    ...
+    record   END (payload: msgpack {"records": n})
+
+The CRC32 covers the record's type, flags and length and its payload. A
+reader refuses (:class:`~shadowvmm.errors.StreamError`) a bad magic or
+version, an unknown record type, an oversized record, a CRC mismatch, a
+stream that ends inside a record or before END, and an END whose record
+count disagrees. Record payloads are msgpack maps, except PAGES (binary,
+:class:`PageBatch`).
+
+Endpoints are written ``tcp:HOST:PORT``, ``unix:PATH`` or ``file:PATH``
+(:class:`Endpoint`). Sockets are duplex (the destination answers READY and
+RESULT); a file is one-way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+import socket
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, Self
+
+import msgpack
+
+from ..errors import StreamError
+from ..memory import PAGE_SIZE
+
+MAGIC = b"SVMMIGR\n"
+VERSION = 1
+#: Largest record payload accepted (a PAGES batch of 1024 pages is ~4 MiB).
+MAX_RECORD = 16 << 20
+
+
+class RecordType(enum.IntEnum):
+    """Record types; direction in brackets."""
+
+    HELLO = 1      #: [src->dst] machine layout, memory model, devices
+    READY = 2      #: [dst->src] destination set up and connected its backends
+    PAGES = 3      #: [src->dst] a batch of guest pages (copy model)
+    ROUND = 4      #: [src->dst] end of a pre-copy round
+    DEVICE = 5     #: [src->dst] one device's state (DeviceState.pack())
+    END = 6        #: [src->dst] end marker
+    RESULT = 7     #: [dst->src] destination outcome: running, or refused and why
+    ABORT = 8      #: [src->dst] the source abandoned the migration
+
+
+@dataclass(frozen=True)
+class StreamHeader:
+    """The stream header."""
+
+    STRUCT: ClassVar = struct.Struct("<8sHHI")
+
+    version: int = VERSION
+    flags: int = 0
+
+    def pack(self) -> bytes:
+        self.validate()
+        return self.STRUCT.pack(MAGIC, self.version, self.flags, 0)
+
+    @classmethod
+    def unpack(cls, buf: bytes) -> Self:
+        if len(buf) != cls.STRUCT.size:
+            raise StreamError(f"stream header is {len(buf)} bytes, not {cls.STRUCT.size}")
+        magic, version, flags, _ = cls.STRUCT.unpack(buf)
+        if magic != MAGIC:
+            raise StreamError(f"not a shadowvmm migration stream (magic {magic!r})")
+        header = cls(version, flags)
+        header.validate()
+        return header
+
+    def validate(self) -> None:
+        if self.version != VERSION:
+            raise StreamError(f"stream version {self.version} is not supported (this reader: {VERSION})")
+        if self.flags:
+            raise StreamError(f"unknown stream flags {self.flags:#x}")
+
+
+@dataclass(frozen=True)
+class RecordHeader:
+    """One record's header; :meth:`check` verifies the payload against it."""
+
+    STRUCT: ClassVar = struct.Struct("<HHII")
+
+    type: int
+    flags: int
+    length: int
+    crc: int
+
+    @staticmethod
+    def crc_of(rtype: int, flags: int, length: int, payload: bytes) -> int:
+        return zlib.crc32(payload, zlib.crc32(struct.pack("<HHI", rtype, flags, length)))
+
+    @classmethod
+    def for_payload(cls, rtype: RecordType, payload: bytes) -> Self:
+        return cls(int(rtype), 0, len(payload), cls.crc_of(int(rtype), 0, len(payload), payload))
+
+    def pack(self) -> bytes:
+        self.validate()
+        return self.STRUCT.pack(self.type, self.flags, self.length, self.crc)
+
+    @classmethod
+    def unpack(cls, buf: bytes) -> Self:
+        header = cls(*cls.STRUCT.unpack(buf))
+        header.validate()
+        return header
+
+    def validate(self) -> None:
+        try:
+            RecordType(self.type)
+        except ValueError:
+            raise StreamError(f"unknown record type {self.type}") from None
+        if self.flags:
+            raise StreamError(f"record {self.type}: unknown flags {self.flags:#x}")
+        if self.length > MAX_RECORD:
+            raise StreamError(f"record {RecordType(self.type).name}: {self.length} bytes exceeds {MAX_RECORD}")
+
+    def check(self, payload: bytes) -> None:
+        if self.crc_of(self.type, self.flags, self.length, payload) != self.crc:
+            raise StreamError(f"record {RecordType(self.type).name}: CRC32 mismatch (corrupt stream)")
+
+
+@dataclass(frozen=True)
+class Record:
+    type: RecordType
+    payload: bytes
+
+    def decode(self) -> dict[str, Any]:
+        """The payload as a msgpack map."""
+        try:
+            value = msgpack.unpackb(self.payload, raw=False)
+        except (ValueError, msgpack.UnpackException) as exc:
+            raise StreamError(f"record {self.type.name}: payload is not msgpack: {exc}") from exc
+        if not isinstance(value, dict):
+            raise StreamError(f"record {self.type.name}: payload is not a map")
+        return value
+
+
+def pack_map(value: dict[str, Any]) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+@dataclass(frozen=True)
+class PageBatch:
+    """PAGES payload: ``count u32 | (gpa u64, 4096 bytes) * count``."""
+
+    COUNT: ClassVar = struct.Struct("<I")
+    GPA: ClassVar = struct.Struct("<Q")
+
+    pages: tuple[tuple[int, bytes], ...]
+
+    def pack(self) -> bytes:
+        self.validate()
+        parts = [self.COUNT.pack(len(self.pages))]
+        for gpa, data in self.pages:
+            parts.append(self.GPA.pack(gpa))
+            parts.append(data)
+        return b"".join(parts)
+
+    @classmethod
+    def unpack(cls, buf: bytes) -> Self:
+        if len(buf) < cls.COUNT.size:
+            raise StreamError("PAGES record shorter than its count")
+        (count,) = cls.COUNT.unpack_from(buf)
+        entry = cls.GPA.size + PAGE_SIZE
+        if len(buf) != cls.COUNT.size + count * entry:
+            raise StreamError(f"PAGES record of {len(buf)} bytes does not hold {count} pages")
+        view = memoryview(buf)
+        pages = []
+        for i in range(count):
+            off = cls.COUNT.size + i * entry
+            (gpa,) = cls.GPA.unpack_from(buf, off)
+            pages.append((gpa, bytes(view[off + cls.GPA.size:off + entry])))
+        batch = cls(tuple(pages))
+        batch.validate()
+        return batch
+
+    def validate(self) -> None:
+        for gpa, data in self.pages:
+            if gpa % PAGE_SIZE or len(data) != PAGE_SIZE:
+                raise StreamError(f"page at {gpa:#x}: not a whole aligned page")
+
+
+# ---------------------------------------------------------------------- channels
+
+
+class Channel(Protocol):
+    """A byte pipe the stream runs over."""
+
+    duplex: bool
+
+    async def send(self, data: bytes) -> None: ...
+
+    async def recv_exactly(self, size: int) -> bytes:
+        """*size* bytes; raises :class:`StreamError` if the peer ends first."""
+
+    async def close(self) -> None: ...
+
+
+class SocketChannel:
+    """A connected stream socket (TCP or unix), through asyncio streams."""
+
+    duplex = True
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    async def send(self, data: bytes) -> None:
+        try:
+            self.writer.write(data)
+            await self.writer.drain()
+        except (ConnectionError, OSError) as exc:
+            raise StreamError(f"migration stream broken while sending: {exc}") from exc
+
+    async def recv_exactly(self, size: int) -> bytes:
+        try:
+            return await self.reader.readexactly(size)
+        except asyncio.IncompleteReadError as exc:
+            raise StreamError(f"migration stream truncated: {len(exc.partial)} of {size} bytes") from None
+        except (ConnectionError, OSError) as exc:
+            raise StreamError(f"migration stream broken while receiving: {exc}") from exc
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+
+class FileChannel:
+    """A file: written by the source, read by the destination (one-way)."""
+
+    duplex = False
+
+    def __init__(self, path: str, mode: str) -> None:
+        if mode not in ("rb", "wb"):
+            raise ValueError(f"file channel mode {mode!r}")
+        self.path = path
+        self._file = open(path, mode)
+
+    async def send(self, data: bytes) -> None:
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            raise StreamError(f"{self.path}: write failed: {exc}") from exc
+
+    async def recv_exactly(self, size: int) -> bytes:
+        data = self._file.read(size)
+        if len(data) != size:
+            raise StreamError(f"{self.path}: migration stream truncated: {len(data)} of {size} bytes")
+        return data
+
+    async def close(self) -> None:
+        if not self._file.closed:
+            if self._file.writable():
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            self._file.close()
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """``tcp:HOST:PORT``, ``unix:PATH`` or ``file:PATH``."""
+
+    kind: str
+    address: str
+    port: int = 0
+
+    KINDS: ClassVar = ("tcp", "unix", "file")
+
+    @classmethod
+    def parse(cls, text: str) -> Self:
+        kind, sep, rest = text.partition(":")
+        if not sep or kind not in cls.KINDS or not rest:
+            raise StreamError(f"bad migration endpoint {text!r}: use tcp:HOST:PORT, unix:PATH or file:PATH")
+        if kind == "tcp":
+            host, sep, port = rest.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise StreamError(f"bad TCP endpoint {text!r}: use tcp:HOST:PORT")
+            return cls(kind, host.strip("[]"), int(port))
+        return cls(kind, rest)
+
+    def __str__(self) -> str:
+        return f"tcp:{self.address}:{self.port}" if self.kind == "tcp" else f"{self.kind}:{self.address}"
+
+    async def connect(self, timeout: float = 10.0) -> Channel:
+        """The source side: connect (sockets) or create the file."""
+        if self.kind == "file":
+            return FileChannel(self.address, "wb")
+        try:
+            async with asyncio.timeout(timeout):
+                if self.kind == "tcp":
+                    reader, writer = await asyncio.open_connection(self.address, self.port)
+                    writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                else:
+                    reader, writer = await asyncio.open_unix_connection(self.address)
+        except (OSError, TimeoutError) as exc:
+            raise StreamError(f"cannot connect to {self}: {exc or 'timeout'}") from exc
+        return SocketChannel(reader, writer)
+
+    async def listen(self) -> "Listener":
+        """The destination side: listen (sockets) or open the file."""
+        listener = Listener(self)
+        await listener.start()
+        return listener
+
+
+class Listener:
+    """Accepts exactly one migration connection (or opens the stream file)."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self._server: asyncio.AbstractServer | None = None
+        self._accepted: asyncio.Queue[SocketChannel] = asyncio.Queue()
+
+    async def start(self) -> None:
+        ep = self.endpoint
+        try:
+            if ep.kind == "tcp":
+                self._server = await asyncio.start_server(self._on_client, ep.address, ep.port,
+                                                          reuse_address=True)
+            elif ep.kind == "unix":
+                if os.path.exists(ep.address):
+                    os.unlink(ep.address)
+                self._server = await asyncio.start_unix_server(self._on_client, ep.address)
+        except OSError as exc:
+            raise StreamError(f"cannot listen on {ep}: {exc}") from exc
+
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await self._accepted.put(SocketChannel(reader, writer))
+
+    async def accept(self, timeout: float | None = None) -> Channel:
+        if self.endpoint.kind == "file":
+            try:
+                return FileChannel(self.endpoint.address, "rb")
+            except OSError as exc:
+                raise StreamError(f"cannot open {self.endpoint}: {exc}") from exc
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._accepted.get()
+        except TimeoutError:
+            raise StreamError(f"no migration connection on {self.endpoint} within {timeout} s") from None
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+            if self.endpoint.kind == "unix":
+                try:
+                    os.unlink(self.endpoint.address)
+                except FileNotFoundError:
+                    pass
+
+
+# ---------------------------------------------------------------------- framing
+
+
+class StreamWriter:
+    """Writes the header, then records, then END."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.records = 0
+        self.bytes = 0
+        self._started = False
+
+    async def start(self) -> None:
+        await self._send(StreamHeader().pack())
+        self._started = True
+
+    async def write(self, rtype: RecordType, payload: bytes) -> None:
+        if not self._started:
+            raise StreamError("stream header not written")
+        await self._send(RecordHeader.for_payload(rtype, payload).pack() + payload)
+        self.records += 1
+
+    async def write_map(self, rtype: RecordType, value: dict[str, Any]) -> None:
+        await self.write(rtype, pack_map(value))
+
+    async def end(self) -> None:
+        await self.write_map(RecordType.END, {"records": self.records})
+
+    async def _send(self, data: bytes) -> None:
+        await self.channel.send(data)
+        self.bytes += len(data)
+
+
+class StreamReader:
+    """Reads and checks the header, then records; END is checked against the record count."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.records = 0
+        self.bytes = 0
+        self.ended = False
+
+    async def start(self) -> StreamHeader:
+        data = await self.channel.recv_exactly(StreamHeader.STRUCT.size)
+        self.bytes += len(data)
+        return StreamHeader.unpack(data)
+
+    async def read(self) -> Record:
+        if self.ended:
+            raise StreamError("read past the END record")
+        raw = await self.channel.recv_exactly(RecordHeader.STRUCT.size)
+        header = RecordHeader.unpack(raw)
+        payload = await self.channel.recv_exactly(header.length) if header.length else b""
+        header.check(payload)
+        self.bytes += len(raw) + len(payload)
+        record = Record(RecordType(header.type), payload)
+        if record.type is RecordType.END:
+            count = record.decode().get("records")
+            if count != self.records:
+                raise StreamError(f"END says {count} records, {self.records} were read")
+            self.ended = True
+        else:
+            self.records += 1
+        return record
+
+    async def expect(self, *types: RecordType) -> Record:
+        record = await self.read()
+        if record.type not in types:
+            raise StreamError(f"expected {'/'.join(t.name for t in types)}, got {record.type.name}")
+        return record
+
+
+class Reply:
+    """The destination's answers (READY, RESULT) on a duplex channel: their own framed records."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.writer = StreamWriter(channel)
+        self.reader = StreamReader(channel)

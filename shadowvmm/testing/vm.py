@@ -1,0 +1,695 @@
+"""The vDPA VM lane: run a command on a Debian kernel with the vDPA simulators.
+
+The host kernel has no vDPA, so the lane boots Debian's own kernel in QEMU
+(TCG, one vCPU, no network) with the host's ``/`` as the guest's root (9p,
+read-only, under a tmpfs overlay whose writes are thrown away). The host's
+Python, virtualenv and project tree therefore run unchanged inside the guest.
+
+The *kit* is built once and cached (default ``~/.cache/shadowvmm/vdpa-kit``,
+``$SHADOWVMM_VDPA_KIT_DIR`` or the ``cache_dir`` argument overrides it). It
+holds Debian's kernel image, the in-tree modules the lane needs (vdpa,
+vhost_vdpa, vhost, vhost_iotlb, 9p, overlay and their dependencies), the
+modules Debian does not ship (vringh, vdpa_sim, vdpa_sim_net, vdpa_sim_blk;
+on a kernel without ``CONFIG_VDPA`` such as Debian's 6.1 also vdpa and
+vhost_vdpa) compiled out-of-tree from Debian's ``linux-source-X.Y`` against the
+matching ``linux-headers``, a busybox initramfs, and the kernel's uapi
+``vhost.h``/``vhost_types.h``/``vdpa.h`` for reference. Every input is a Debian
+package fetched with ``apt-get download`` at the image's exact version and
+unpacked with ``dpkg-deb -x``; nothing is installed except ``qemu-system-x86``
+(and build tools when missing), and only when running as root.
+
+Results travel through a per-run results directory shared read-write (9p) at
+the same path in the guest: ``cmd.sh`` (written by the host), ``started``
+(guest uptime when the command starts), ``output.log`` (the command's stdout
+and stderr), ``rc``. Inside the guest the command sees ``SHADOWVMM_VDPA_VM=1``,
+``SHADOWVMM_VDPA_VM_KREL`` and ``SHADOWVMM_VDPA_VM_RESULTS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import lzma
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+from ..errors import ShadowVmmError
+
+ENV_IN_VM = "SHADOWVMM_VDPA_VM"
+ENV_KREL = "SHADOWVMM_VDPA_VM_KREL"
+ENV_RESULTS = "SHADOWVMM_VDPA_VM_RESULTS"
+ENV_KIT_DIR = "SHADOWVMM_VDPA_KIT_DIR"
+ENV_KERNEL_PKG = "SHADOWVMM_VDPA_KERNEL_PKG"
+
+DEFAULT_CACHE_DIR = Path("~/.cache/shadowvmm/vdpa-kit")
+KIT_FORMAT = 1
+
+#: Host variables passed into the guest command's environment.
+PASSED_ENV = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TERM", "CI", "PYTHONPATH",
+              "VIRTUAL_ENV", "PYENV_ROOT", "PYENV_VERSION")
+
+#: Modules the kit carries (their ``depends=`` closure comes along), in-tree or
+#: built here; ``False`` marks a module that may be built into the kernel.
+KIT_MODULES: tuple[tuple[str, bool], ...] = (
+    ("virtio_pci", False), ("9pnet_virtio", True), ("9p", True), ("overlay", True),
+    ("vdpa", True), ("vhost_vdpa", True), ("vdpa_sim_net", True), ("vdpa_sim_blk", True),
+)
+
+#: Out-of-tree modules Debian never ships (CONFIG_VDPA_SIM, CONFIG_VHOST_RING off):
+#: module name -> source files in the kernel tree.
+OOT_SIMULATORS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("vringh", ("drivers/vhost/vringh.c",)),
+    ("vdpa_sim", ("drivers/vdpa/vdpa_sim/vdpa_sim.c", "drivers/vdpa/vdpa_sim/vdpa_sim.h")),
+    ("vdpa_sim_net", ("drivers/vdpa/vdpa_sim/vdpa_sim_net.c",)),
+    ("vdpa_sim_blk", ("drivers/vdpa/vdpa_sim/vdpa_sim_blk.c",)),
+)
+
+#: Out-of-tree vDPA core, for kernels built without CONFIG_VDPA (Debian 6.1).
+OOT_CORE: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("vdpa", ("drivers/vdpa/vdpa.c",)),
+    ("vhost_vdpa", ("drivers/vhost/vdpa.c", "drivers/vhost/vhost.h")),
+)
+
+#: uapi headers copied into the kit (second source for the ioctl/netlink tables).
+UAPI_HEADERS = ("include/uapi/linux/vhost.h", "include/uapi/linux/vhost_types.h",
+                "include/uapi/linux/vdpa.h")
+
+_KERNEL_CMDLINE = ("console=ttyS0 panic=-1 oops=panic mitigations=off "
+                   "i8042.noaux i8042.nokbd i8042.nopnp")
+_9P = "trans=virtio,version=9p2000.L,msize=512000"
+_V9FS = "security_model=none,multidevs=remap"
+
+# /init of the initramfs (busybox sh). @MODULES@ is the load order, deps first.
+_INIT = r"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
+say() { echo "shadowvmm-vm: $*" > /dev/console; }
+for m in @MODULES@; do insmod /lib/modules/$m.ko || say "insmod $m failed"; done
+R=/mnt/results N=/newroot
+mkdir -p $R /mnt/host /mnt/rw $N
+mount -t 9p -o @9P@,cache=none results $R || { say "cannot mount the results share"; poweroff -f; }
+. $R/vm.env
+fail() { say "$*"; echo 125 > $R/rc; sync; poweroff -f; }
+mount -t 9p -o @9P@,ro,cache=loose hostroot /mnt/host || fail "cannot mount the host root"
+mount -t tmpfs -o mode=755 tmpfs /mnt/rw && mkdir /mnt/rw/upper /mnt/rw/work
+mount -t overlay -o lowerdir=/mnt/host,upperdir=/mnt/rw/upper,workdir=/mnt/rw/work overlay $N \
+    || fail "cannot mount the root overlay"
+mount -t proc proc $N/proc; mount -t sysfs sysfs $N/sys; mount -t devtmpfs devtmpfs $N/dev
+mkdir -p $N/dev/pts $N/dev/shm; mount -t devpts devpts $N/dev/pts; mount -t tmpfs tmpfs $N/dev/shm
+mount -t tmpfs -o mode=755 tmpfs $N/run
+mkdir -p "$N$VM_RESULTS" && mount --move $R "$N$VM_RESULTS" || fail "cannot move the results share"
+R="$N$VM_RESULTS"
+ip link set lo up
+[ "$VM_VERBOSE" = 1 ] || echo 1 > /proc/sys/kernel/printk
+cut -d' ' -f1 /proc/uptime > "$R/started"
+chroot $N /bin/sh "$VM_RESULTS/cmd.sh" < /dev/null > "$R/output.log" 2>&1
+echo $? > "$R/rc"
+sync; umount "$R"
+poweroff -f
+"""
+
+
+class VmLaneError(ShadowVmmError):
+    """The VM lane could not provide a result."""
+
+
+class KitBuildError(VmLaneError):
+    """The kit (kernel, modules, initramfs) could not be built."""
+
+
+class ToolMissingError(KitBuildError):
+    """A host tool the lane needs is missing and could not be installed."""
+
+
+class BootError(VmLaneError):
+    """The guest died or timed out before the command started."""
+
+
+@dataclass(frozen=True)
+class Kit:
+    """A built kit: kernel, initramfs and what they were made from."""
+
+    path: Path
+    package: str
+    version: str
+    krel: str
+    modules: tuple[str, ...]
+    built_out_of_tree: tuple[str, ...]
+    build_seconds: float
+
+    @property
+    def vmlinuz(self) -> Path:
+        return self.path / "vmlinuz"
+
+    @property
+    def initrd(self) -> Path:
+        return self.path / "initrd.cpio"
+
+    @property
+    def uapi_dir(self) -> Path:
+        """``include/linux`` headers of the kit's kernel source."""
+        return self.path / "include" / "linux"
+
+    @classmethod
+    def load(cls, path: Path) -> "Kit | None":
+        """The kit in *path*, or ``None`` when it is missing or incomplete."""
+        try:
+            meta = json.loads((path / "kit.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if meta.get("format") != KIT_FORMAT:
+            return None
+        kit = cls(path, meta["package"], meta["version"], meta["krel"], tuple(meta["modules"]),
+                  tuple(meta["built_out_of_tree"]), float(meta["build_seconds"]))
+        return kit if kit.vmlinuz.is_file() and kit.initrd.is_file() else None
+
+
+@dataclass(frozen=True)
+class VmResult:
+    """What one run of a command in the guest produced."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    output: str
+    console: str
+    boot_seconds: float          #: host wall time from QEMU start to the command's start
+    total_seconds: float         #: host wall time from QEMU start to QEMU exit
+    guest_uptime_at_start: float | None
+    boots: int
+    kernel_release: str
+    results_dir: Path
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+def newc_archive(entries: Iterable[tuple[str, int, bytes, int]]) -> bytes:
+    """A ``newc`` cpio archive (the initramfs format) of ``(name, mode, data, rdev)``.
+
+    Directories must precede their contents. ``rdev`` is ``major << 8 | minor``
+    for device nodes, else 0.
+    """
+    out = bytearray()
+
+    def put(ino: int, name: str, mode: int, data: bytes, rdev: int) -> None:
+        raw = name.encode() + b"\0"
+        fields = (ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev >> 8, rdev & 0xFF, len(raw), 0)
+        out.extend(b"070701" + b"".join(b"%08X" % f for f in fields) + raw)
+        out.extend(bytes(-len(out) % 4))
+        out.extend(data)
+        out.extend(bytes(-len(out) % 4))
+
+    ino = 0
+    for ino, (name, mode, data, rdev) in enumerate(entries, start=1):
+        put(ino, name, mode, data, rdev)
+    put(ino + 1, "TRAILER!!!", 0, b"", 0)
+    return bytes(out)
+
+
+def modinfo(ko: bytes) -> dict[str, str]:
+    """``key=value`` strings of a module's ``.modinfo`` section (first occurrence wins)."""
+    info: dict[str, str] = {}
+    for key in ("depends", "vermagic", "name"):
+        match = re.search(rb"\0" + key.encode() + rb"=([^\0]*)\0", ko)
+        if match:
+            info[key] = match.group(1).decode(errors="replace")
+    return info
+
+
+def load_order(deps: Mapping[str, Sequence[str]]) -> list[str]:
+    """Modules ordered so that every module follows its dependencies."""
+    order: list[str] = []
+    state: dict[str, int] = {}
+
+    def visit(name: str) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            raise KitBuildError(f"module dependency cycle through {name}")
+        state[name] = 1
+        for dep in deps.get(name, ()):
+            visit(dep)
+        state[name] = 2
+        order.append(name)
+
+    for name in sorted(deps):
+        visit(name)
+    return order
+
+
+def host_python() -> str:
+    """The running interpreter, never a shell shim (a pyenv shim costs ~3 s per start in TCG).
+
+    A virtualenv's ``python`` is a symlink to the real interpreter and is kept
+    as it is, so the guest sees the virtualenv's site-packages.
+    """
+    exe = sys.executable
+    with open(os.path.realpath(exe), "rb") as f:
+        if f.read(4) != b"\x7fELF":
+            raise VmLaneError(f"{exe} is not an ELF interpreter (a shim?)")
+    return exe
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _run(argv: Sequence[str], *, cwd: Path | None = None, what: str) -> str:
+    try:
+        proc = subprocess.run(list(argv), cwd=cwd, capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL)
+    except FileNotFoundError as exc:
+        raise ToolMissingError(f"{what}: {argv[0]} not found") from exc
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip()[-2000:]
+        raise KitBuildError(f"{what} failed (exit {proc.returncode}): {tail}")
+    return proc.stdout
+
+
+def ensure_tools(tools: Mapping[str, str], log: Callable[[str], None] = lambda _: None) -> None:
+    """Make every command of *tools* (command -> Debian package) available.
+
+    Missing ones are installed with apt-get when running as root; otherwise
+    :class:`ToolMissingError` names the packages to install.
+    """
+    missing = sorted({pkg for cmd, pkg in tools.items() if shutil.which(cmd) is None})
+    if not missing:
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise ToolMissingError(f"missing packages (apt-get install {' '.join(missing)})")
+    log(f"installing {' '.join(missing)}")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]
+    proc = subprocess.run(install, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(install, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise ToolMissingError(f"apt-get install {' '.join(missing)} failed: {proc.stderr[-2000:]}")
+
+
+def _version_key(text: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text))
+
+
+class KitBuilder:
+    """Builds a kit for one Debian kernel package (see the module docstring)."""
+
+    def __init__(self, package: str, dest: Path, *, jobs: int = 2,
+                 log: Callable[[str], None] = lambda _: None) -> None:
+        self.package = package
+        self.dest = dest
+        self.jobs = max(1, min(jobs, os.cpu_count() or 1))
+        self.log = log
+
+    def build(self) -> Kit:
+        started = time.monotonic()
+        ensure_tools({"apt-get": "apt", "dpkg-deb": "dpkg", "tar": "tar", "xz": "xz-utils",
+                      "make": "make", "ld": "binutils"}, self.log)
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".build-{self.package}-", dir=self.dest.parent))
+        try:
+            kit_dir = work / "kit"
+            kit_dir.mkdir()
+            meta = self._build_into(work, kit_dir)
+            meta["build_seconds"] = round(time.monotonic() - started, 1)
+            (kit_dir / "kit.json").write_text(json.dumps(meta, indent=1) + "\n")
+            if self.dest.exists():
+                shutil.rmtree(self.dest)
+            kit_dir.rename(self.dest)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        kit = Kit.load(self.dest)
+        if kit is None:
+            raise KitBuildError(f"kit in {self.dest} is incomplete after the build")
+        self.log(f"kit ready in {kit.build_seconds:.0f}s: {self.dest}")
+        return kit
+
+    def _build_into(self, work: Path, kit_dir: Path) -> dict:
+        pkg = self.package
+        krel = pkg.removeprefix("linux-image-")
+        policy = _run(["apt-cache", "policy", pkg], what="apt-cache policy")
+        match = re.search(r"Candidate:\s*(\S+)", policy)
+        if not match or match.group(1) == "(none)":
+            raise KitBuildError(f"apt knows no candidate for {pkg} (apt-get update?)")
+        version = match.group(1)
+        show = _run(["apt-cache", "show", f"linux-headers-{krel}={version}"], what="apt-cache show")
+        depends = re.search(r"^Depends: (.*)$", show, re.M)
+        siblings = sorted({d.strip().split()[0] for d in (depends.group(1) if depends else "").split(",")
+                           if re.match(r"\s*(linux-headers-\S+-common|linux-kbuild-\S+)", d)})
+        source = "linux-source-" + ".".join(krel.split(".")[:2])
+        wanted = [pkg, f"linux-headers-{krel}", *siblings, source]
+        debs = work / "debs"
+        debs.mkdir()
+        self.log(f"downloading {pkg} {version} and its headers, kbuild and source")
+        _run(["apt-get", "-q", "-o", "APT::Sandbox::User=root", "download",
+              *(f"{name}={version}" for name in wanted), "busybox-static"],
+             cwd=debs, what="apt-get download")
+        trees = {"img": [pkg], "hdr": [f"linux-headers-{krel}", *siblings], "src": [source],
+                 "bb": ["busybox-static"]}
+        for tree, names in trees.items():
+            for name in names:
+                (deb,) = debs.glob(f"{name}_*.deb")
+                _run(["dpkg-deb", "-x", str(deb), str(work / tree)], what=f"dpkg-deb -x {deb.name}")
+        shutil.rmtree(debs)
+
+        config = (work / "img" / "boot" / f"config-{krel}").read_text()
+        oot = list(OOT_SIMULATORS)
+        if not re.search(r"^CONFIG_VDPA=[ym]$", config, re.M):
+            oot = list(OOT_CORE) + oot
+        top = f"{source}"
+        members = sorted({f"{top}/{p}" for _, files in oot for p in files} | {f"{top}/{h}" for h in UAPI_HEADERS})
+        (tarball,) = (work / "src" / "usr" / "src").glob(f"{source}.tar.*")
+        self.log(f"extracting {len(members)} files from {tarball.name}")
+        _run(["tar", "-xf", str(tarball), "-C", str(work / "src"), *members], what="tar -x")
+        tree = work / "src" / top
+        (kit_dir / "include" / "linux").mkdir(parents=True)
+        for header in UAPI_HEADERS:
+            shutil.copy(tree / header, kit_dir / "include" / "linux" / Path(header).name)
+
+        built = self._compile(work, tree, krel, oot)
+        modules = self._collect_modules(work / "img" / "lib" / "modules" / krel, built, krel)
+        order = load_order({name: deps for name, (_, deps) in modules.items()})
+        init = _INIT.replace("@MODULES@", " ".join(order)).replace("@9P@", _9P)
+        busybox = (work / "bb" / "bin" / "busybox").read_bytes()
+        entries: list[tuple[str, int, bytes, int]] = [
+            (d, 0o40755, b"", 0) for d in ("bin", "dev", "proc", "sys", "mnt", "lib", "lib/modules")]
+        entries += [("dev/console", 0o20600, b"", 5 << 8 | 1), ("bin/busybox", 0o100755, busybox, 0),
+                    ("init", 0o100755, init.encode(), 0)]
+        entries += [(f"lib/modules/{name}.ko", 0o100644, modules[name][0], 0) for name in order]
+        (kit_dir / "initrd.cpio").write_bytes(newc_archive(entries))
+        shutil.copy(work / "img" / "boot" / f"vmlinuz-{krel}", kit_dir / "vmlinuz")
+        return {"format": KIT_FORMAT, "package": pkg, "version": version, "krel": krel,
+                "modules": order, "built_out_of_tree": sorted(built),
+                "debs": wanted + ["busybox-static"]}
+
+    def _compile(self, work: Path, tree: Path, krel: str,
+                 oot: Sequence[tuple[str, tuple[str, ...]]]) -> dict[str, Path]:
+        """Build *oot* against the unpacked headers; module name -> .ko path."""
+        build = work / "oot"
+        build.mkdir()
+        kbuild = []
+        for name, files in oot:
+            for path in files:
+                src = tree / path
+                target = f"{name}_main.c" if path.endswith(".c") else src.name
+                shutil.copy(src, build / target)
+            kbuild += [f"obj-m += {name}.o", f"{name}-y := {name}_main.o"]
+        (build / "Kbuild").write_text("\n".join(kbuild) + "\n")
+        headers = work / "hdr" / "usr" / "src" / f"linux-headers-{krel}"
+        compiler, package = kernel_compiler(headers / ".kernelvariables")
+        ensure_tools({compiler: package}, self.log)
+        makefile = headers / "Makefile"
+        # the headers' Makefile includes the -common tree by its absolute /usr/src path
+        makefile.write_text(re.sub(r"^include /usr/src/", f"include {work}/hdr/usr/src/",
+                                   makefile.read_text(), flags=re.M))
+        self.log(f"compiling {', '.join(name for name, _ in oot)} (-j{self.jobs})")
+        # CONFIG_DEBUG_INFO_BTF_MODULES= skips BTF generation, which needs pahole
+        _run(["make", "-s", "-C", str(headers), f"M={build}", f"-j{self.jobs}",
+              "CONFIG_DEBUG_INFO_BTF_MODULES=", "modules"], what="out-of-tree module build")
+        return {name: build / f"{name}.ko" for name, _ in oot}
+
+    def _collect_modules(self, moddir: Path, built: Mapping[str, Path],
+                         krel: str) -> dict[str, tuple[bytes, list[str]]]:
+        """KIT_MODULES and their dependency closure: name -> (ko bytes, deps)."""
+        index: dict[str, Path] = {}
+        for ko in moddir.rglob("*.ko*"):
+            index.setdefault(ko.name.split(".ko")[0].replace("-", "_"), ko)
+        index.update(built)
+        builtin_text = (moddir / "modules.builtin").read_text() if (moddir / "modules.builtin").exists() else ""
+        builtin = {Path(line).name.split(".ko")[0].replace("-", "_") for line in builtin_text.split()}
+        out: dict[str, tuple[bytes, list[str]]] = {}
+        todo = [(name, required) for name, required in KIT_MODULES]
+        while todo:
+            name, required = todo.pop()
+            if name in out:
+                continue
+            path = index.get(name)
+            if path is None:
+                if name in builtin or not required:
+                    continue
+                raise KitBuildError(f"module {name} is neither in {self.package} nor built here")
+            data = path.read_bytes()
+            if path.suffix == ".xz":
+                data = lzma.decompress(data)
+            info = modinfo(data)
+            if not info.get("vermagic", "").startswith(krel + " "):
+                raise KitBuildError(f"{path.name}: vermagic {info.get('vermagic')!r} is not {krel}")
+            deps = [d.replace("-", "_") for d in info.get("depends", "").split(",") if d]
+            out[name] = (data, deps)
+            todo += [(dep, True) for dep in deps]
+        return out
+
+
+def kernel_compiler(kernelvariables: Path) -> tuple[str, str]:
+    """The compiler the kernel was built with, from Debian's headers ``.kernelvariables``.
+
+    ``CC = $(if ...) $(CROSS_COMPILE)gcc-12`` with ``CROSS_COMPILE = x86_64-linux-gnu-``
+    gives ``("x86_64-linux-gnu-gcc-12", "gcc-12")``: the binary, and the Debian package.
+    """
+    text = kernelvariables.read_text() if kernelvariables.exists() else ""
+    values = {m.group(1): m.group(2).strip() for m in
+              re.finditer(r"^(?:override\s+)?([A-Z_]+)\s*[:?]?=\s*(.*)$", text, re.M)}
+    cc = values.get("CC", "gcc").split()[-1]
+    prefix = values.get("CROSS_COMPILE", "")
+    return cc.replace("$(CROSS_COMPILE)", prefix), cc.replace("$(CROSS_COMPILE)", "")
+
+
+def newest_kernel_package(series: str | None = None) -> str:
+    """Newest stock Debian amd64 kernel image apt knows, optionally of *series* (``"6.1"``).
+
+    Without a series this is bookworm's 6.12 line (``linux-image-6.12.N+deb12-amd64``);
+    ``"6.1"`` picks bookworm's default kernel (``linux-image-6.1.0-N-amd64``).
+    """
+    minor = re.escape(series) if series else r"6\.[0-9]+"
+    pattern = rf"^linux-image-{minor}\.[0-9]+(-[0-9]+|\+deb[0-9]+)-amd64$"
+    text = _run(["apt-cache", "search", "--names-only", pattern], what="apt-cache search")
+    names = [line.split()[0] for line in text.splitlines() if line.strip()]
+    if not names:
+        raise KitBuildError(f"apt knows no package matching {pattern} (apt-get update?)")
+    return max(names, key=lambda name: _version_key(name.removeprefix("linux-image-")))
+
+
+def _is_series(kernel: str) -> bool:
+    return re.fullmatch(r"[0-9]+\.[0-9]+", kernel) is not None
+
+
+@dataclass
+class VdpaVmLane:
+    """Builds or reuses the kit and runs commands in a fresh guest each time."""
+
+    cache_dir: Path | None = None
+    #: a package (``linux-image-6.1.0-56-amd64``), a series (``"6.1"``) or None (newest)
+    kernel_package: str | None = None
+    memory: str = "1G"
+    timeout: float = 600.0
+    boot_tries: int = 2
+    verbose: bool = False
+    jobs: int = 2
+    log: Callable[[str], None] = field(default=lambda msg: print(f"vdpa-vm: {msg}", file=sys.stderr))
+    _kit: Kit | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        base = self.cache_dir or os.environ.get(ENV_KIT_DIR) or DEFAULT_CACHE_DIR
+        self.cache_dir = Path(base).expanduser()
+        self.kernel_package = self.kernel_package or os.environ.get(ENV_KERNEL_PKG) or None
+
+    def kit(self) -> Kit:
+        """The cached kit, built first when needed (under a lock, once per cache)."""
+        if self._kit is not None:
+            return self._kit
+        assert self.cache_dir is not None
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.cache_dir / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            kit = self._cached()
+            if kit is None:
+                wanted = self.kernel_package
+                package = wanted if wanted and not _is_series(wanted) else newest_kernel_package(wanted)
+                kit = KitBuilder(package, self.cache_dir / package, jobs=self.jobs, log=self.log).build()
+        self._kit = kit
+        return kit
+
+    def _cached(self) -> Kit | None:
+        assert self.cache_dir is not None
+        wanted = self.kernel_package
+        if wanted and not _is_series(wanted):
+            return Kit.load(self.cache_dir / wanted)
+        kits = [k for k in (Kit.load(p) for p in self.cache_dir.glob("linux-image-*")) if k]
+        if wanted:
+            kits = [k for k in kits if k.krel.startswith(wanted + ".")]
+        return max(kits, key=lambda k: _version_key(k.krel), default=None)
+
+    def run(self, argv: Sequence[str], *, cwd: str | Path | None = None,
+            env: Mapping[str, str] | None = None, results_dir: str | Path | None = None,
+            timeout: float | None = None, on_output: Callable[[str], None] | None = None) -> VmResult:
+        """Boot a guest, run *argv* in *cwd* (default: the current directory), power off.
+
+        *env* adds variables to the passed-through host ones. *on_output* gets
+        the command's output lines while it runs. Raises :class:`BootError`
+        when the guest never started the command, even after a second boot.
+        """
+        kit = self.kit()
+        ensure_tools({"qemu-system-x86_64": "qemu-system-x86"}, self.log)
+        if results_dir is None:
+            results = Path(tempfile.mkdtemp(prefix="shadowvmm-vdpa-vm-"))
+        else:
+            results = Path(results_dir).resolve()
+            results.mkdir(parents=True, exist_ok=True)
+        if any(c.isspace() for c in str(results)):
+            raise VmLaneError(f"results dir {results} must not contain whitespace")
+        self._write_command(results, kit, argv, Path(cwd or os.getcwd()).resolve(), env or {})
+        deadline = timeout or self.timeout
+        started = time.monotonic()
+        boots = 0
+        while True:
+            boots += 1
+            for name in ("started", "rc", "output.log"):
+                (results / name).unlink(missing_ok=True)
+            boot_at, rc, console = self._boot(kit, results, deadline, on_output)
+            if boot_at is not None or boots >= self.boot_tries or rc == 124:
+                break
+            self.log(f"guest died before the command started (boot {boots}); booting again")
+        total = time.monotonic() - started
+        if boot_at is None:
+            raise BootError(f"guest never started the command after {boots} boot(s)"
+                            f" ({'timeout' if rc == 124 else f'qemu exit {rc}'}); console:\n{console[-4000:]}")
+        rc_file = results / "rc"
+        returncode = int(rc_file.read_text().strip() or 125) if rc_file.exists() else (124 if rc == 124 else 125)
+        uptime_text = (results / "started").read_text().strip()
+        return VmResult(tuple(argv), returncode, _read(results / "output.log"), console,
+                        round(boot_at - started, 2), round(total, 2),
+                        float(uptime_text) if uptime_text else None, boots, kit.krel, results)
+
+    def _write_command(self, results: Path, kit: Kit, argv: Sequence[str], cwd: Path,
+                       env: Mapping[str, str]) -> None:
+        variables = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+        variables.update(env)
+        variables.update({ENV_IN_VM: "1", ENV_KREL: kit.krel, ENV_RESULTS: str(results),
+                          "PYTHONDONTWRITEBYTECODE": "1"})
+        lines = ["# generated by shadowvmm.testing.vm"]
+        lines += [f"export {k}={shlex.quote(v)}" for k, v in variables.items()]
+        lines += [f"cd {shlex.quote(str(cwd))} || exit 125", "exec " + shlex.join(argv)]
+        (results / "cmd.sh").write_text("\n".join(lines) + "\n")
+        (results / "vm.env").write_text(
+            f"VM_RESULTS={shlex.quote(str(results))}\nVM_VERBOSE={int(self.verbose)}\n")
+
+    def _qemu_argv(self, kit: Kit, results: Path) -> list[str]:
+        cmdline = _KERNEL_CMDLINE + ("" if self.verbose else " quiet loglevel=1")
+        return [
+            "qemu-system-x86_64", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-machine", "q35", "-accel", "tcg,thread=single", "-cpu", "max", "-smp", "1",
+            "-m", self.memory, "-kernel", str(kit.vmlinuz), "-initrd", str(kit.initrd),
+            "-append", cmdline, "-serial", "stdio",
+            "-virtfs", f"local,path=/,mount_tag=hostroot,readonly=on,{_V9FS}",
+            "-virtfs", f"local,path={results},mount_tag=results,{_V9FS}",
+        ]
+
+    def _boot(self, kit: Kit, results: Path, timeout: float,
+              on_output: Callable[[str], None] | None) -> tuple[float | None, int, str]:
+        """One QEMU run: (host time the command started or None, qemu exit code, console)."""
+        console_path = results / "console.log"
+        output_path = results / "output.log"
+        with open(console_path, "wb") as console:
+            proc = subprocess.Popen(self._qemu_argv(kit, results), stdin=subprocess.DEVNULL,
+                                    stdout=console, stderr=subprocess.STDOUT, start_new_session=True)
+        start = time.monotonic()
+        boot_at: float | None = None
+        offset = 0
+        pending = ""
+        try:
+            while True:
+                try:
+                    rc = proc.wait(timeout=0.05)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                if boot_at is None and (results / "started").exists():
+                    boot_at = time.monotonic()
+                if on_output is not None and output_path.exists():
+                    offset, pending = _stream(output_path, offset, pending, on_output)
+                if time.monotonic() - start > timeout:
+                    proc.kill()
+                    proc.wait()
+                    rc = 124
+                    break
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if boot_at is None and (results / "started").exists():
+            boot_at = time.monotonic()
+        if on_output is not None and output_path.exists():
+            offset, pending = _stream(output_path, offset, pending, on_output)
+            if pending:
+                on_output(pending)
+        return boot_at, rc, _read(console_path)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_bytes().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def _stream(path: Path, offset: int, pending: str, sink: Callable[[str], None]) -> tuple[int, str]:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        chunk = f.read()
+    text = pending + chunk.decode(errors="replace")
+    *lines, rest = text.split("\n")
+    for line in lines:
+        sink(line)
+    return offset + len(chunk), rest
+
+
+def in_vm() -> bool:
+    """True inside a guest started by :class:`VdpaVmLane`."""
+    return os.environ.get(ENV_IN_VM) == "1"
+
+
+def ci_requires_lane() -> bool:
+    """Under ``CI=true`` a lane that cannot build or boot is a failure, not a skip."""
+    return _ci()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m shadowvmm.testing.vm [-k 6.1] [--build-kit] -- CMD...``: run CMD in the lane."""
+    parser = argparse.ArgumentParser(prog="python -m shadowvmm.testing.vm", description=main.__doc__)
+    parser.add_argument("-k", "--kernel", help="kernel package or series (e.g. 6.1); default: newest")
+    parser.add_argument("--cache-dir", help=f"kit cache (default: ${ENV_KIT_DIR} or {DEFAULT_CACHE_DIR})")
+    parser.add_argument("-s", "--results-dir", help="results dir shared with the guest (default: a new temp dir)")
+    parser.add_argument("-t", "--timeout", type=float, default=600.0)
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the kernel's boot messages")
+    parser.add_argument("--build-kit", action="store_true", help="only build (or find) the kit")
+    parser.add_argument("command", nargs="*")
+    args = parser.parse_args(argv)
+    lane = VdpaVmLane(cache_dir=Path(args.cache_dir) if args.cache_dir else None, kernel_package=args.kernel,
+                      timeout=args.timeout, verbose=args.verbose)
+    kit = lane.kit()
+    if args.build_kit or not args.command:
+        print(f"{kit.path} ({kit.package} {kit.version}, built in {kit.build_seconds:.0f}s)")
+        return 0
+    result = lane.run(args.command, results_dir=args.results_dir, on_output=print)
+    if args.verbose:
+        print(result.console, file=sys.stderr)
+    print(f"vdpa-vm: {kit.krel}: exit {result.returncode}, boot {result.boot_seconds:.1f}s, "
+          f"total {result.total_seconds:.1f}s, results in {result.results_dir}", file=sys.stderr)
+    return result.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,496 @@
+"""Packed virtqueue layout and accessors (virtio v1.4 §2.8 "Packed Virtqueues").
+
+The API mirrors :mod:`shadowvmm.virtio.split` so device models and guest
+drivers can use either ring type: :class:`PackedDeviceQueue` pops
+:class:`~shadowvmm.virtio.split.DescChain` objects and pushes used buffers,
+:class:`PackedDriverQueue` adds buffers, decides kicks and reaps completions.
+
+One difference is inherent to the format: :meth:`PackedDriverQueue.add`
+makes the buffer visible at once (its first descriptor's flags are the last
+store, v1.4 §2.8.21.1); :meth:`PackedDriverQueue.publish` only decides
+whether a kick is needed.
+
+Every access goes through :class:`~shadowvmm.memory.GuestMemory` (bounds
+checked) and every descriptor ``flags`` or event-suppression field is
+written with a single 16-bit store.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ..backends.base import RingState
+from ..errors import RingError
+from ..memory import GuestMemory
+from .constants import MAX_QUEUE_SIZE
+from .split import DescChain, need_event
+
+PACKED_DESC = struct.Struct("<QIHH")  #: pvirtq_desc: addr, len, id, flags (v1.4 §2.8.13)
+#: pvirtq_event_suppress: le16 desc {off:15, wrap:1}, le16 flags (v1.4 §2.8.14)
+EVENT_SUPPRESS = struct.Struct("<HH")
+DESC_SIZE = 16
+FLAGS_OFFSET = 14
+_DESC_HEAD = struct.Struct("<QIH")   #: a descriptor without its flags (written before them)
+_USED_BODY = struct.Struct("<IH")    #: len, id of a used descriptor (at offset 8)
+WRAP_BIT = 15
+
+
+class PackedDescFlags(enum.IntFlag):
+    """pvirtq_desc flags (v1.4 §2.8.1, §2.8.3, §2.8.6, §2.8.7)."""
+
+    NEXT = 1
+    WRITE = 2
+    INDIRECT = 4
+    AVAIL = 1 << 7
+    USED = 1 << 15
+
+
+class EventFlags(enum.IntEnum):
+    """Descriptor Ring Change Event Flags (v1.4 §2.8.10)."""
+
+    ENABLE = 0
+    DISABLE = 1
+    DESC = 2  #: only with VIRTIO_F_EVENT_IDX
+
+
+_NEXT = int(PackedDescFlags.NEXT)
+_WRITE = int(PackedDescFlags.WRITE)
+_INDIRECT = int(PackedDescFlags.INDIRECT)
+_AVAIL = int(PackedDescFlags.AVAIL)
+_USED = int(PackedDescFlags.USED)
+_EVENT_FLAGS_MASK = 0x3
+
+
+def is_avail(flags: int, wrap: bool) -> bool:
+    """Whether *flags* mark a descriptor available in lap *wrap* (v1.4 §2.8.1)."""
+    return bool(flags & _AVAIL) == wrap and bool(flags & _USED) != wrap
+
+
+def is_used(flags: int, wrap: bool) -> bool:
+    """Whether *flags* mark a descriptor used in lap *wrap* (v1.4 §2.8.1)."""
+    return bool(flags & _AVAIL) == wrap and bool(flags & _USED) == wrap
+
+
+def avail_flags(wrap: bool) -> int:
+    """AVAIL/USED bits a driver sets in lap *wrap* (v1.4 §2.8.1)."""
+    return _AVAIL if wrap else _USED
+
+
+def used_flags(wrap: bool) -> int:
+    """AVAIL/USED bits a device sets in lap *wrap* (v1.4 §2.8.1)."""
+    return _AVAIL | _USED if wrap else 0
+
+
+def off_wrap(off: int, wrap: bool) -> int:
+    """Encode an event-suppression ``desc`` field (v1.4 §2.8.14)."""
+    return (off & 0x7FFF) | int(wrap) << WRAP_BIT
+
+
+def desc_event_due(off_wrap_value: int, size: int, new: int, wrap: bool, count: int) -> bool:
+    """DESC-mode test (v1.4 §2.8.10): was the event descriptor crossed?
+
+    *new* / *wrap* is the position after the last *count* descriptors were
+    made available (or used); the event is due if ``off_wrap_value`` names one
+    of them. An event offset in the other lap is taken as the previous lap.
+    """
+    if count >= size:
+        return True
+    event = off_wrap_value & 0x7FFF
+    if bool(off_wrap_value >> WRAP_BIT) != wrap:
+        event -= size
+    return need_event(event & 0xFFFF, new, (new - count) & 0xFFFF)
+
+
+@dataclass(frozen=True, slots=True)
+class PackedLayout:
+    """Guest-physical placement of one packed ring (v1.4 §2.8.10.1)."""
+
+    size: int
+    desc: int
+    driver: int
+    device: int
+
+    @staticmethod
+    def area_sizes(size: int) -> tuple[int, int, int]:
+        """Bytes of descriptor ring, driver and device event suppression areas."""
+        return DESC_SIZE * size, EVENT_SUPPRESS.size, EVENT_SUPPRESS.size
+
+    def validate(self) -> None:
+        """Size 1..32768 (any value) and alignments 16/4/4 (v1.4 §2.8.10.1)."""
+        if not 0 < self.size <= MAX_QUEUE_SIZE:
+            raise RingError(f"packed queue size {self.size} is not in 1..{MAX_QUEUE_SIZE}")
+        for name, addr, align in (("desc", self.desc, 16), ("driver", self.driver, 4),
+                                  ("device", self.device, 4)):
+            if addr % align:
+                raise RingError(f"{name} area {addr:#x} is not {align}-byte aligned")
+
+    def check_memory(self, memory: GuestMemory) -> None:
+        """Every area must lie inside guest memory."""
+        d, drv, dev = self.area_sizes(self.size)
+        memory.translate(self.desc, d)
+        memory.translate(self.driver, drv)
+        memory.translate(self.device, dev)
+
+
+class PackedDeviceQueue:
+    """Device side of a packed ring: consume available chains, write used descriptors.
+
+    The ring position lives outside guest memory (v1.4 §2.8.1): next avail
+    index + avail wrap counter and next used index + used wrap counter. It is
+    saved with :meth:`ring_state` and restored with ``state=`` (vhost base
+    encoding). Chains popped but not yet pushed are not part of that state:
+    complete them before stopping the queue, as vhost GET_VRING_BASE expects.
+    A new queue writes nothing to guest memory until it pops, pushes or
+    :meth:`set_notification` is called.
+    """
+
+    def __init__(self, memory: GuestMemory, layout: PackedLayout, *, event_idx: bool = False,
+                 indirect: bool = True, state: RingState | None = None) -> None:
+        layout.validate()
+        layout.check_memory(memory)
+        self.memory = memory
+        self.layout = layout
+        self.size = layout.size
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.next_avail = 0
+        self.avail_wrap = True
+        self.next_used = 0
+        self.used_wrap = True
+        self._outstanding = 0
+        if state is not None:
+            avail_idx, avail_wrap, used_idx, used_wrap = state.unpack_packed()
+            if avail_idx >= self.size or used_idx >= self.size:
+                raise RingError(f"ring state {state.base:#x} has an index beyond size {self.size}")
+            span = 2 * self.size
+            avail_pos = avail_idx + (0 if avail_wrap else self.size)
+            used_pos = used_idx + (0 if used_wrap else self.size)
+            outstanding = (avail_pos - used_pos) % span
+            if outstanding > self.size:
+                raise RingError(f"ring state {state.base:#x}: used position is ahead of avail")
+            self.next_avail, self.avail_wrap = avail_idx, avail_wrap
+            self.next_used, self.used_wrap = used_idx, used_wrap
+            self._outstanding = outstanding
+        self._inflight: dict[int, int] = {}
+        self._unsignalled = 0
+        self._notify_enabled = True
+        self._device_flags: int | None = None
+
+    def ring_state(self, index: int) -> RingState:
+        """The ring position in the vhost base encoding (vhost-user GET_VRING_BASE)."""
+        return RingState.packed(index, self.next_avail, self.avail_wrap, self.next_used,
+                                self.used_wrap)
+
+    @property
+    def in_flight(self) -> int:
+        """Chains popped and not yet pushed."""
+        return len(self._inflight)
+
+    def _flags_at(self, slot: int) -> int:
+        return self.memory.load_u16(self.layout.desc + DESC_SIZE * slot + FLAGS_OFFSET)
+
+    def pending(self) -> int:
+        """Complete available chains not yet popped (scans flags only)."""
+        slot, wrap = self.next_avail, self.avail_wrap
+        chains = 0
+        for _ in range(self.size - self._outstanding):
+            flags = self._flags_at(slot)
+            if not is_avail(flags, wrap):
+                break
+            if not flags & _NEXT:
+                chains += 1
+            slot += 1
+            if slot == self.size:
+                slot, wrap = 0, not wrap
+        return chains
+
+    def pop(self) -> DescChain | None:
+        """Next available chain, or None; ``head`` is its buffer ID (v1.4 §2.8.6).
+
+        Raises RingError (or GuestMemoryError for addresses outside guest
+        memory) on a malformed ring; the queue position is then unchanged.
+        """
+        slot, wrap = self.next_avail, self.avail_wrap
+        if not is_avail(self._flags_at(slot), wrap):
+            return None
+        memory = self.memory
+        table = self.layout.desc
+        limit = self.size - self._outstanding
+        readable: list[tuple[int, int]] = []
+        writable: list[tuple[int, int]] = []
+        count = 0
+        while True:
+            if count >= limit:
+                raise RingError(f"descriptor chain at {self.next_avail} loops or overruns "
+                                f"the {limit} free ring slots")
+            addr, length, buf_id, flags = PACKED_DESC.unpack(
+                memory.read(table + DESC_SIZE * slot, DESC_SIZE))
+            if count and not is_avail(flags, wrap):
+                raise RingError(f"chained descriptor {slot} is not available")
+            count += 1
+            if flags & _INDIRECT:
+                if not self.indirect:
+                    raise RingError("indirect descriptor without VIRTIO_F_INDIRECT_DESC")
+                if flags & _NEXT:
+                    raise RingError("INDIRECT and NEXT both set")
+                if count > 1:
+                    raise RingError("indirect descriptor inside a NEXT chain")
+                self._walk_indirect(addr, length, readable, writable)
+                break
+            memory.translate(addr, length)
+            if flags & _WRITE:
+                writable.append((addr, length))
+            elif writable:
+                raise RingError("device-readable descriptor after a writable one")
+            else:
+                readable.append((addr, length))
+            if not flags & _NEXT:
+                break
+            slot += 1
+            if slot == self.size:
+                slot, wrap = 0, not wrap
+        if buf_id in self._inflight:
+            raise RingError(f"buffer id {buf_id} is already in flight")
+        slot += 1
+        if slot == self.size:
+            slot, wrap = 0, not wrap
+        self.next_avail, self.avail_wrap = slot, wrap
+        self._inflight[buf_id] = count
+        self._outstanding += count
+        if self.event_idx and self._notify_enabled:
+            self._arm_avail_event()
+        return DescChain(buf_id, readable, writable)
+
+    def _walk_indirect(self, addr: int, length: int, readable: list[tuple[int, int]],
+                       writable: list[tuple[int, int]]) -> None:
+        """Indirect table (v1.4 §2.8.7): entries are sequential, only WRITE is meaningful."""
+        if length == 0 or length % DESC_SIZE:
+            raise RingError(f"indirect table length {length} is not a multiple of 16")
+        data = self.memory.read(addr, length)
+        for gpa, size, _, flags in PACKED_DESC.iter_unpack(data):
+            self.memory.translate(gpa, size)
+            if flags & _WRITE:
+                writable.append((gpa, size))
+            elif writable:
+                raise RingError("device-readable descriptor after a writable one")
+            else:
+                readable.append((gpa, size))
+
+    def _take(self, buffer_id: int) -> int:
+        count = self._inflight.pop(buffer_id, None)
+        if count is None:
+            raise RingError(f"buffer id {buffer_id} is not in flight")
+        return count
+
+    def _write_used(self, buffer_id: int, written: int) -> tuple[int, int]:
+        """Write id and len of one used descriptor, advance; returns (flags address, flags)."""
+        count = self._take(buffer_id)
+        addr = self.layout.desc + DESC_SIZE * self.next_used
+        self.memory.write(addr + 8, _USED_BODY.pack(written, buffer_id))
+        flags = used_flags(self.used_wrap) | (_WRITE if written else 0)
+        self.next_used += count
+        if self.next_used >= self.size:
+            self.next_used -= self.size
+            self.used_wrap = not self.used_wrap
+        self._outstanding -= count
+        self._unsignalled += count
+        return addr + FLAGS_OFFSET, flags
+
+    def push(self, buffer_id: int, written: int) -> None:
+        """Mark buffer *buffer_id* used (v1.4 §2.8.6): flags are the last, single 16-bit store."""
+        flags_addr, flags = self._write_used(buffer_id, written)
+        self.memory.store_u16(flags_addr, flags)
+
+    def push_batch(self, entries: Iterable[tuple[int, int]]) -> None:
+        """Write several used descriptors; the first one's flags are stored last (v1.4 §2.8.9).
+
+        Every buffer ID is checked before anything is written.
+        """
+        entries = list(entries)
+        ids = [buffer_id for buffer_id, _ in entries]
+        if len(set(ids)) != len(ids) or not self._inflight.keys() >= set(ids):
+            raise RingError(f"push_batch ids {ids} are not distinct in-flight buffers")
+        pending = [self._write_used(buffer_id, written) for buffer_id, written in entries]
+        for flags_addr, flags in pending[1:]:
+            self.memory.store_u16(flags_addr, flags)
+        if pending:
+            self.memory.store_u16(*pending[0])
+
+    def should_notify(self) -> bool:
+        """Whether the driver wants an interrupt for what was pushed since the last call.
+
+        Reads the Driver Event Suppression area (v1.4 §2.8.10).
+        """
+        count, self._unsignalled = self._unsignalled, 0
+        if count == 0:
+            return False
+        desc, flags = EVENT_SUPPRESS.unpack(self.memory.read(self.layout.driver, 4))
+        flags &= _EVENT_FLAGS_MASK
+        if flags == EventFlags.DISABLE:
+            return False
+        if flags == EventFlags.DESC and self.event_idx:
+            return desc_event_due(desc, self.size, self.next_used, self.used_wrap, count)
+        return True
+
+    def _arm_avail_event(self) -> None:
+        self.memory.store_u16(self.layout.device, off_wrap(self.next_avail, self.avail_wrap))
+        if self._device_flags != EventFlags.DESC:
+            self._set_device_flags(EventFlags.DESC)
+
+    def _set_device_flags(self, flags: int) -> None:
+        self.memory.store_u16(self.layout.device + 2, flags)
+        self._device_flags = flags
+
+    def set_notification(self, enabled: bool) -> None:
+        """Ask the driver (not) to kick (advisory, v1.4 §2.8.10)."""
+        self._notify_enabled = enabled
+        if not enabled:
+            self._set_device_flags(EventFlags.DISABLE)
+        elif self.event_idx:
+            self._arm_avail_event()
+        else:
+            self._set_device_flags(EventFlags.ENABLE)
+
+
+class PackedDriverQueue:
+    """Driver side of a packed ring, as a guest driver runs it (v1.4 §2.8.21-22)."""
+
+    def __init__(self, memory: GuestMemory, layout: PackedLayout, *,
+                 event_idx: bool = False) -> None:
+        layout.validate()
+        layout.check_memory(memory)
+        self.memory = memory
+        self.layout = layout
+        self.size = layout.size
+        self.event_idx = event_idx
+        d, drv, dev = layout.area_sizes(self.size)
+        for gpa, length in ((layout.desc, d), (layout.driver, drv), (layout.device, dev)):
+            memory.view(gpa, length)[:] = bytes(length)
+        self.free_ids = list(range(self.size - 1, -1, -1))
+        self.free_slots = self.size
+        self.next_avail = 0
+        self.avail_wrap = True
+        self.next_used = 0
+        self.used_wrap = True
+        self._added = 0
+        self._interrupts = True
+        self.tokens: dict[int, object] = {}
+        self._slots: dict[int, int] = {}
+        if event_idx:
+            self._arm_used_event()
+
+    @property
+    def num_free(self) -> int:
+        """Free descriptor ring slots."""
+        return self.free_slots
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.tokens)
+
+    def outstanding(self) -> list[object]:
+        """Tokens of buffers the device has not used yet."""
+        return list(self.tokens.values())
+
+    def add(self, out: list[tuple[int, int]], inp: list[tuple[int, int]], token: object, *,
+            indirect_table: int | None = None) -> int:
+        """Make *out* (device-readable) then *inp* (device-writable) available; returns the ID.
+
+        Descriptors are consumed in ring order with the driver wrap counter;
+        the first one's flags are stored last (v1.4 §2.8.21.1). With
+        *indirect_table* (guest address of ``16 * len(out + inp)`` bytes) the
+        elements go there and the ring gets one INDIRECT descriptor (v1.4 §2.8.7).
+        """
+        count = len(out) + len(inp)
+        slots = 1 if indirect_table is not None else count
+        if count == 0 or slots > self.free_slots:
+            raise RingError(f"need {slots} descriptors, {self.free_slots} free")
+        buf_id = self.free_ids.pop()
+        elements = [(g, n, 0) for g, n in out] + [(g, n, _WRITE) for g, n in inp]
+        memory = self.memory
+        if indirect_table is not None:
+            memory.write(indirect_table,
+                         b"".join(PACKED_DESC.pack(g, n, 0, f) for g, n, f in elements))
+            elements = [(indirect_table, DESC_SIZE * count, _INDIRECT)]
+        table = self.layout.desc
+        slot, wrap = self.next_avail, self.avail_wrap
+        head_addr = table + DESC_SIZE * slot
+        head_flags = 0
+        last = len(elements) - 1
+        for i, (gpa, length, flags) in enumerate(elements):
+            flags |= avail_flags(wrap) | (_NEXT if i < last else 0)
+            addr = table + DESC_SIZE * slot
+            memory.write(addr, _DESC_HEAD.pack(gpa, length, buf_id))
+            if i == 0:
+                head_flags = flags
+            else:
+                memory.store_u16(addr + FLAGS_OFFSET, flags)
+            slot += 1
+            if slot == self.size:
+                slot, wrap = 0, not wrap
+        memory.store_u16(head_addr + FLAGS_OFFSET, head_flags)
+        self.next_avail, self.avail_wrap = slot, wrap
+        self.free_slots -= slots
+        self._added += slots
+        self.tokens[buf_id] = token
+        self._slots[buf_id] = slots
+        return buf_id
+
+    def publish(self) -> bool:
+        """True if the device wants a kick for what was added since the last call.
+
+        Reads the Device Event Suppression area (v1.4 §2.8.21.2).
+        """
+        count, self._added = self._added, 0
+        if count == 0:
+            return False
+        desc, flags = EVENT_SUPPRESS.unpack(self.memory.read(self.layout.device, 4))
+        flags &= _EVENT_FLAGS_MASK
+        if flags == EventFlags.DISABLE:
+            return False
+        if flags == EventFlags.DESC and self.event_idx:
+            return desc_event_due(desc, self.size, self.next_avail, self.avail_wrap, count)
+        return True
+
+    def get_used(self) -> list[tuple[object, int]]:
+        """Reap used descriptors: ``(token, bytes written)`` in completion order (v1.4 §2.8.22)."""
+        memory = self.memory
+        table = self.layout.desc
+        out = []
+        while self.tokens:
+            addr = table + DESC_SIZE * self.next_used
+            flags = memory.load_u16(addr + FLAGS_OFFSET)
+            if not is_used(flags, self.used_wrap):
+                break
+            written, buf_id = _USED_BODY.unpack(memory.read(addr + 8, _USED_BODY.size))
+            if buf_id not in self.tokens:
+                raise RingError(f"device used unknown buffer id {buf_id}")
+            token = self.tokens.pop(buf_id)
+            slots = self._slots.pop(buf_id)
+            self.free_ids.append(buf_id)
+            self.free_slots += slots
+            self.next_used += slots
+            if self.next_used >= self.size:
+                self.next_used -= self.size
+                self.used_wrap = not self.used_wrap
+            out.append((token, written if flags & _WRITE else 0))
+        if self.event_idx and self._interrupts:
+            memory.store_u16(self.layout.driver, off_wrap(self.next_used, self.used_wrap))
+        return out
+
+    def _arm_used_event(self) -> None:
+        self.memory.store_u16(self.layout.driver, off_wrap(self.next_used, self.used_wrap))
+        self.memory.store_u16(self.layout.driver + 2, EventFlags.DESC)
+
+    def set_interrupts(self, enabled: bool) -> None:
+        """Ask the device (not) to interrupt (advisory, v1.4 §2.8.10)."""
+        self._interrupts = enabled
+        if not enabled:
+            self.memory.store_u16(self.layout.driver + 2, EventFlags.DISABLE)
+        elif self.event_idx:
+            self._arm_used_event()
+        else:
+            self.memory.store_u16(self.layout.driver + 2, EventFlags.ENABLE)

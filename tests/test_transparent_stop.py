@@ -1,0 +1,191 @@
+"""The transparent VMM stop: the backend stops and resumes, the guest never notices."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from shadowvmm.backends.base import RingState
+from shadowvmm.backends.inproc import InProcBackend
+from shadowvmm.config import DeviceConfig
+from shadowvmm.errors import BackendError, DeviceStateError
+from shadowvmm.guest.blk import BlkDriver
+from shadowvmm.guest.rng import RngDriver
+from shadowvmm.machine import Machine
+from shadowvmm.shadow import RunState
+from shadowvmm.virtio.constants import Status
+from shadowvmm.workload import StatusWatcher, blk_write_verify
+
+LIVE = int(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK)
+
+
+async def make_blk(queues: int = 2, latency_us: int = 1000, transport: str = "pci",
+                   packed: bool = False):
+    machine = Machine(48 << 20)
+    device = await machine.add_device(DeviceConfig(
+        "blk0", "inproc", {"device": "blk", "queues": queues, "latency_us": latency_us},
+        transport=transport))
+    guest = machine.guest("blk0")
+    driver = BlkDriver(guest)
+    await driver.start(packed=packed)
+    return machine, device, guest, driver
+
+
+@pytest.mark.parametrize("transport,packed", [("pci", False), ("mmio", False), ("pci", True)])
+async def test_stop_resume_under_continuous_io(transport: str, packed: bool) -> None:
+    machine, device, guest, driver = await make_blk(transport=transport, packed=packed)
+    backend: InProcBackend = device.backend
+    watcher = StatusWatcher(guest.status, interval=0).start()
+    cycles = []
+    finished = asyncio.Event()
+
+    async def stopper() -> None:
+        while len(cycles) < 5 and not finished.is_set():
+            await asyncio.sleep(0.004)
+            in_flight = sum(q.ring.in_flight for q in guest.queues)
+            states = await device.stop()
+            assert device.run_state is RunState.STOPPED
+            assert not device.rings_running
+            before = backend.requests
+            kicks = device.stats.kicks
+            await asyncio.sleep(0.005)
+            # stopped: the guest keeps kicking, the backend processes nothing
+            assert backend.requests == before
+            cycles.append((in_flight, states, device.stats.kicks - kicks))
+            await device.resume()
+            assert device.run_state is RunState.RUNNING
+
+    task = asyncio.create_task(stopper())
+    res = await blk_write_verify(driver, requests=3000, queue_depth=16, block_bytes=4096, seed=7)
+    finished.set()
+    await task
+    await watcher.stop()
+    assert len(cycles) == 5
+    assert any(in_flight for in_flight, _, _ in cycles), "no stop landed while requests were in flight"
+    assert any(kicks for _, _, kicks in cycles), "guest never kicked while stopped"
+    for _, states, _ in cycles:
+        assert [s.index for s in states] == [0, 1]
+        assert all(isinstance(s, RingState) for s in states)
+    assert res.mismatches == []
+    # every request completed exactly once: the backend handled exactly what the guest sent
+    assert backend.requests == res.writes + res.reads
+    assert sum(q.completed for q in guest.queues) == backend.requests
+    assert all(q.ring.in_flight == 0 for q in guest.queues)
+    assert watcher.values == {LIVE}
+    assert watcher.reads > 100
+    assert device.faults.total == 0
+    guest.close()
+    await machine.close()
+
+
+async def test_stop_rng_mid_stream() -> None:
+    machine = Machine(16 << 20)
+    device = await machine.add_device(DeviceConfig("rng0", "inproc", {"device": "rng"},
+                                                   transport="mmio"))
+    guest = machine.guest("rng0")
+    rng = RngDriver(guest, buffer_size=64)
+    await rng.start()
+    await device.stop()
+    pending = asyncio.create_task(rng.read(64))
+    await asyncio.sleep(0.01)
+    assert not pending.done()
+    assert guest.status() == LIVE
+    await device.resume()
+    data = await asyncio.wait_for(pending, 2)
+    assert len(data) == 64
+    guest.close()
+    await machine.close()
+
+
+async def test_guest_initialises_while_stopped() -> None:
+    """Seed scenario 2.3: stopped half-way through init, the guest carries on."""
+    machine = Machine(32 << 20)
+    device = await machine.add_device(DeviceConfig("blk0", "inproc", {"device": "blk"}))
+    guest = machine.guest("blk0")
+    t = guest.transport
+    t.set_status(0)
+    t.set_status(Status.ACKNOWLEDGE)
+    t.set_status(Status.ACKNOWLEDGE | Status.DRIVER)
+    assert await device.stop() == []
+    assert not device.started
+    driver = BlkDriver(guest)
+    start = asyncio.create_task(driver.start())
+    await asyncio.sleep(0.01)
+    # init went through register writes only; the backend was not started while stopped
+    assert t.get_status() == LIVE
+    assert not device.started
+    await start
+    write = asyncio.create_task(driver.write(8, b"x" * 512))
+    await asyncio.sleep(0.01)
+    assert not write.done()
+    await device.resume()
+    await asyncio.wait_for(write, 2)
+    assert device.started
+    assert await driver.read(8, 512) == b"x" * 512
+    guest.close()
+    await machine.close()
+
+
+async def test_guest_reset_while_stopped() -> None:
+    machine, device, guest, driver = await make_blk(queues=1, latency_us=0)
+    await driver.write(0, b"a" * 512)
+    await device.stop()
+    guest.transport.set_status(0)
+    await device.settle()
+    assert guest.status() == 0
+    await device.resume()
+    assert not device.started
+    await driver.start()
+    assert await driver.read(0, 512) == b"a" * 512
+    guest.close()
+    await machine.close()
+
+
+async def test_stop_guards() -> None:
+    machine, device, guest, driver = await make_blk(queues=1, latency_us=0)
+    await device.resume()                     # running: a no-op
+    first = await device.stop()
+    assert await device.stop() == first       # stopping twice is idempotent
+    await device.resume()
+    await driver.flush()
+    guest.close()
+    await machine.close()
+    unrealized = InProcBackend({"device": "blk"})
+    from shadowvmm.device import VirtioDevice
+    lone = VirtioDevice(unrealized, machine.memory)
+    with pytest.raises(DeviceStateError):
+        await lone.stop()
+
+
+class BrokenKick(InProcBackend):
+    """Fails when the device starts a ring: a backend error mid-start."""
+
+    async def set_vring_kick(self, index: int, fd: int) -> None:
+        raise BackendError("injected: kick fd refused")
+
+
+async def test_backend_failure_sets_needs_reset_and_spares_other_devices() -> None:
+    machine = Machine(48 << 20)
+    bad = await machine.add_device(DeviceConfig("bad", "inproc", {"device": "blk"}),
+                                   backend=BrokenKick({"device": "blk"}))
+    good = await machine.add_device(DeviceConfig("good", "inproc", {"device": "blk"}))
+    bad_guest = machine.guest("bad")
+    bad_driver = BlkDriver(bad_guest)
+    await bad_driver.start()
+    await bad.settle()
+    assert bad.run_state is RunState.FAILED
+    assert bad_guest.status() & Status.NEEDS_RESET
+    await asyncio.sleep(0.01)
+    assert bad_guest.config_changes == 1       # config interrupt announces NEEDS_RESET
+    good_guest = machine.guest("good")
+    good_driver = BlkDriver(good_guest)
+    await good_driver.start()
+    await good_driver.write(0, b"z" * 4096)
+    assert await good_driver.read(0, 4096) == b"z" * 4096
+    # a guest reset recovers the failed device's register state
+    await bad_guest.reset()
+    assert bad_guest.status() == 0
+    bad_guest.close()
+    good_guest.close()
+    await machine.close()

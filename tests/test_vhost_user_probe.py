@@ -1,0 +1,94 @@
+"""probe()/format_probe(): against the real qemu-storage-daemon, and edge cases on the fake."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fakes.vhost_user_fake import SILENT, FakeBackend
+
+from shadowvmm.backends.vhost_user import format_probe, probe
+from shadowvmm.backends.vhost_user import protocol as vu
+from shadowvmm.errors import BackendDisconnected, BackendTimeout
+from shadowvmm.testing.peers import QsdBlk
+from shadowvmm.testing.plugin import require_peer
+from shadowvmm.virtio.constants import Feature
+
+QSD_FEATURES = 0x175007E46
+IMAGE_SIZE = 67108864
+
+
+@pytest.fixture
+def qsd(tmp_path: Path) -> Iterator[QsdBlk]:
+    """qemu-storage-daemon: null-co of 64 MiB, read-zeroes=off, vhost-user-blk export, 2 queues, writable.
+
+    A missing binary skips the test, or fails it when ``CI=true``.
+    """
+    binary = require_peer("qemu-storage-daemon")
+    with QsdBlk(tmp_path, size=IMAGE_SIZE, num_queues=2, writable=True, binary=binary) as peer:
+        assert "driver=null-co,node-name=n0,size=67108864,read-zeroes=off" in peer.argv()
+        yield peer
+
+
+@pytest.mark.peer
+async def test_probe_real_qsd(qsd: QsdBlk) -> None:
+    info = await probe(qsd.socket_path, 5.0)
+    assert info["features"] == QSD_FEATURES
+    virtio = QSD_FEATURES & ~(vu.F_PROTOCOL_FEATURES | vu.F_LOG_ALL)
+    assert info["virtio_features"] == virtio and virtio & Feature.VERSION_1
+    assert "VERSION_1" in info["feature_names"] and "UNUSED_30" not in info["feature_names"]
+    assert info["vhost_features"] == ["PROTOCOL_FEATURES", "LOG_ALL"]
+    protocol = vu.ProtocolFeature(info["protocol_features"])
+    assert vu.ProtocolFeature.CONFIG in protocol and vu.ProtocolFeature.MQ in protocol
+    assert {"CONFIG", "MQ", "REPLY_ACK", "CONFIGURE_MEM_SLOTS"} <= set(info["protocol_feature_names"])
+    assert info["queue_num"] == 2
+    assert info["max_mem_slots"] in (32, 509)
+    config = info["config"]
+    assert config is not None and config["size"] == 60
+    assert int.from_bytes(bytes.fromhex(config["hex"])[:8], "little") == IMAGE_SIZE // 512 == 131072
+    text = format_probe(info)
+    assert "0x175007e46" in text and "VERSION_1" in text and "CONFIG" in text and "60 bytes" in text
+
+
+@pytest.mark.peer
+async def test_probe_real_qsd_as_blk(qsd: QsdBlk) -> None:
+    info = await probe(qsd.socket_path, 5.0, device="blk")
+    assert {"SIZE_MAX", "SEG_MAX", "BLK_SIZE", "FLUSH", "MQ", "VERSION_1"} <= set(info["feature_names"])
+    assert info["config"]["size"] == 60
+    again = await probe(qsd.socket_path, 5.0, config_size=8)
+    assert int.from_bytes(bytes.fromhex(again["config"]["hex"]), "little") == 131072
+
+
+async def test_probe_without_protocol_features() -> None:
+    fake = FakeBackend(features=QSD_FEATURES & ~vu.F_PROTOCOL_FEATURES)
+    try:
+        info = await probe("fake.sock", 1.0, connector=fake.connector)
+    finally:
+        fake.stop()
+    assert info["protocol_features"] is None and info["queue_num"] is None and info["config"] is None
+    assert "not offered" in format_probe(info)
+
+
+async def test_probe_tries_config_sizes_until_one_is_accepted() -> None:
+    fake = FakeBackend(config=bytearray(range(40)))
+    try:
+        info = await probe("fake.sock", 1.0, connector=fake.connector)
+    finally:
+        fake.stop()
+    assert info["config"] == {"offset": 0, "size": 40, "hex": bytes(range(40)).hex()}
+    assert info["acked_protocol_features"] == 0x822B
+
+
+async def test_probe_errors_are_typed(tmp_path: Path) -> None:
+    with pytest.raises(BackendDisconnected):
+        await probe(tmp_path / "missing.sock", 1.0)
+    fake = FakeBackend().on(vu.FrontendRequest.GET_QUEUE_NUM, SILENT)
+    start = time.monotonic()
+    try:
+        with pytest.raises(BackendTimeout):
+            await probe("fake.sock", 0.2, connector=fake.connector)
+    finally:
+        fake.stop()
+    assert time.monotonic() - start < 1.0
