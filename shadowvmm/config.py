@@ -28,6 +28,9 @@ class DeviceConfig:
     stop_dialect: StopDialect = StopDialect.NONE
     stop_feature_bit: int = 44
     packed: bool = False
+    #: Device feature bits the VMM serves itself (e.g. net MAC/STATUS over a
+    #: config it synthesises); offered to the guest, never forwarded.
+    vmm_features: int = 0
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,8 @@ def parse(data: dict) -> MachineConfig:
         if not isinstance(dev, dict):
             raise ConfigError(path, "must be a table")
         _no_unknown(dev, {"name", "backend", "backend_config", "transport", "queue_size",
-                          "num_queues", "stop_dialect", "stop_feature_bit", "packed"}, path)
+                          "num_queues", "stop_dialect", "stop_feature_bit", "packed",
+                          "vmm_features"}, path)
         name = _take(dev, "name", path, str)
         if name in names:
             raise ConfigError(f"{path}.name", f"duplicate device name {name!r}")
@@ -117,6 +121,7 @@ def parse(data: dict) -> MachineConfig:
             backend_config=dict(_take(dev, "backend_config", path, dict, {})),
             transport=transport, queue_size=qsize, num_queues=num_queues, stop_dialect=dialect,
             stop_feature_bit=stop_bit,
+            vmm_features=_take(dev, "vmm_features", path, int, 0),
             packed=_take(dev, "packed", path, bool, False)))
     run = _take(data, "run", "", dict, {})
     _no_unknown(run, set(RunConfig.__dataclass_fields__), "run")

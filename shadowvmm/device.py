@@ -38,6 +38,7 @@ from .shadow import (DialectSpec, FaultCounter, FeaturePolicy, GuestFault, Guest
 from .virtio.constants import (ISR_CONFIG, ISR_QUEUE, MAX_QUEUE_SIZE, NO_VECTOR, DeviceId,
                                Feature, Status)
 from .virtio.split import SplitLayout
+from .vmmqueue import VmmQueue, vmm_queue_handlers
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +167,9 @@ class VirtioDevice:
         self._worker: asyncio.Task | None = None
         self._realized = False
         self.queue_select = 0
+        self.vmm_queues: dict[int, VmmQueue] = {}
+        #: Queues the driver may use (net: 2 x active pairs); None = all.
+        self.active_queues: int | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -184,7 +188,8 @@ class VirtioDevice:
         self.backend_features = int(await self.backend.get_features())
         policy = self.policy
         if not self.backend_caps & Capability.RING_RESTART:
-            policy = FeaturePolicy(policy.dialect, policy.mask, policy.transport_supported, 0)
+            policy = FeaturePolicy(policy.dialect, policy.mask, policy.transport_supported,
+                                   policy.vmm_emulated & ~int(Feature.RING_RESET))
             self.policy = policy
         self.device_features = policy.offer(self.backend_features)
         count = self._requested_queues
@@ -594,6 +599,8 @@ class VirtioDevice:
     async def _op_reconcile(self, *why: str) -> None:
         if "refresh-config" in why and self.backend_caps & Capability.CONFIG:
             self.update_config(await self.backend.get_config(0, len(self.config)))
+        if "active-queues" in why:
+            await self._apply_active_queues()
         shadow = self.shadow
         if shadow.reset_pending:
             if self.rings_running:
@@ -602,6 +609,8 @@ class VirtioDevice:
                 await self.backend.reset()
             self.started = False
             self.ring_states.clear()
+            self.vmm_queues = {}
+            self.active_queues = None
             if self.run_state is RunState.FAILED:
                 self.run_state = RunState.STOPPED if self._vmm_stop else RunState.RUNNING
             self._clear_guest_registers()
@@ -626,7 +635,7 @@ class VirtioDevice:
         await self.backend.set_config(offset, data)
 
     async def _op_vector(self, index: int) -> None:
-        if self.started:
+        if self.started and index not in self.vmm_queues:
             await self.backend.set_vring_call(index, self.call_fd(index))
 
     async def _op_queue_start(self, index: int) -> None:
@@ -647,26 +656,57 @@ class VirtioDevice:
     def backend_feature_word(self) -> int:
         return self.policy.to_backend(self.driver_features)
 
+    def _backend_queues(self) -> list[QueueRegs]:
+        """Queues the backend serves (all but the VMM-served ones)."""
+        return [q for q in self.queues if q.index not in self.vmm_queues]
+
+    def _queue_active(self, q: QueueRegs) -> bool:
+        return self.active_queues is None or q.index < self.active_queues
+
     async def _start(self) -> None:
         """Device start in QEMU's order (vhost_dev_start)."""
         b = self.backend
+        self.vmm_queues = {i: VmmQueue(self, i, h) for i, h in vmm_queue_handlers(self).items()}
         await b.set_features(self.backend_feature_word())
-        for q in self.queues:
+        for q in self._backend_queues():
             await b.set_vring_call(q.index, self.call_fd(q.index))
         if not self._mem_table_sent:
             await b.set_mem_table(self.memory)
             self._mem_table_sent = True
-        for q in self.queues:
+        for q in self._backend_queues():
             if q.set_up:
                 await self._start_ring(q.index, self._saved_base(q.index))
-        for q in self.queues:
-            if q.set_up:
+        for q in self._backend_queues():
+            if q.set_up and self._queue_active(q):
                 await b.set_vring_enable(q.index, True)
         if self.backend_caps & Capability.STATUS:
             await b.set_status(self._backend_status())
         self.started = True
         self.rings_running = True
+        self._start_vmm_queues()
         self._kick_all()
+
+    def _start_vmm_queues(self) -> None:
+        for index, vq in self.vmm_queues.items():
+            if self.queues[index].set_up:
+                vq.start(self._kick_fds[index], self._saved_base(index))
+
+    def _stop_vmm_queues(self) -> dict[int, RingState]:
+        return {i: RingState(i, vq.stop()) for i, vq in self.vmm_queues.items()
+                if self.queues[i].set_up}
+
+    def set_active_queues(self, count: int) -> None:
+        """The driver chose how many queues it uses (net VQ_PAIRS_SET): enable those only."""
+        self.active_queues = count
+        if self.started:
+            self._submit(Op(OpKind.RECONCILE, ("active-queues",)))
+
+    async def _apply_active_queues(self) -> None:
+        if not self.rings_running:
+            return
+        for q in self._backend_queues():
+            if q.set_up:
+                await self.backend.set_vring_enable(q.index, self._queue_active(q))
 
     def _saved_base(self, index: int) -> int:
         """Ring base for SET_VRING_BASE: the captured state, else a fresh ring's.
@@ -697,7 +737,8 @@ class VirtioDevice:
     async def _stop_rings(self) -> None:
         """Stop every started ring and capture its state (vhost order: disable, then bases)."""
         b = self.backend
-        running = [q for q in self.queues if q.set_up]
+        vmm_states = self._stop_vmm_queues()
+        running = [q for q in self._backend_queues() if q.set_up]
         if self.backend_caps & Capability.SUSPEND:
             await b.suspend()
         else:
@@ -706,7 +747,8 @@ class VirtioDevice:
         states = {}
         for q in running:
             states[q.index] = await b.get_vring_base(q.index)
-        self.ring_states = states
+        states.update(vmm_states)
+        self.ring_states = dict(sorted(states.items()))
         self.rings_running = False
 
     async def _restart_rings(self) -> None:
@@ -715,12 +757,12 @@ class VirtioDevice:
         if caps & Capability.RESUME:
             await b.resume()
         elif caps & Capability.RING_RESTART:
-            for q in self.queues:
+            for q in self._backend_queues():
                 if q.set_up:
                     await self._start_ring(q.index, self._saved_base(q.index))
                     await b.set_vring_call(q.index, self.call_fd(q.index))
-            for q in self.queues:
-                if q.set_up:
+            for q in self._backend_queues():
+                if q.set_up and self._queue_active(q):
                     await b.set_vring_enable(q.index, True)
         else:
             await b.reset()
@@ -729,6 +771,7 @@ class VirtioDevice:
             await self._start()
             return
         self.rings_running = True
+        self._start_vmm_queues()
         self._kick_all()
 
     def _kick_all(self) -> None:

@@ -41,7 +41,9 @@ class Machine:
         config space when the backend does not serve one (vhost-user without CONFIG)."""
         if backend is None:
             backend = load_backend(config.backend)(config.backend_config)
-        policy = FeaturePolicy(DialectSpec.make(config.stop_dialect, config.stop_feature_bit))
+        base = FeaturePolicy()
+        policy = FeaturePolicy(DialectSpec.make(config.stop_dialect, config.stop_feature_bit),
+                               vmm_emulated=base.vmm_emulated | config.vmm_features)
         device = VirtioDevice(backend, self.memory, name=config.name, num_queues=config.num_queues,
                               queue_size=config.queue_size, policy=policy,
                               config_override=config_override)

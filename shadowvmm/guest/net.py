@@ -18,7 +18,6 @@ only pair 0 runs until ``VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET`` (v1.4 §5.1.6.5.5).
 from __future__ import annotations
 
 import asyncio
-import enum
 import os
 import struct
 from collections import deque
@@ -27,7 +26,8 @@ from dataclasses import astuple, dataclass, field
 
 from ..errors import DeviceStateError, ShadowVmmError
 from ..virtio.constants import Feature, NetFeature
-from ..virtio.devcfg import NET_CONFIG_BASE_SIZE, NetConfig, NetStatus
+from ..virtio.devcfg import (CTRL_ERR, CTRL_HEADER, CTRL_MQ, CTRL_MQ_PAIRS_MAX, CTRL_OK,
+                             NET_CONFIG_BASE_SIZE, CtrlClass, CtrlMq, NetConfig, NetStatus)
 from .driver import GuestDevice, GuestQueue
 
 #: Features the model asks for by default. EVENT_IDX is optional (``start(event_idx=True)``):
@@ -65,30 +65,6 @@ class NetHeader:
 NET_HDR_SIZE = NetHeader.STRUCT.size
 
 
-class CtrlClass(enum.IntEnum):
-    """``virtio_net_ctrl_hdr.class`` (v1.4 §5.1.6.5)."""
-
-    RX = 0
-    MAC = 1
-    VLAN = 2
-    ANNOUNCE = 3
-    MQ = 4
-    GUEST_OFFLOADS = 5
-
-
-class CtrlMq(enum.IntEnum):
-    """Commands of class MQ (v1.4 §5.1.6.5.5/6)."""
-
-    VQ_PAIRS_SET = 0
-    RSS_CONFIG = 1
-    HASH_CONFIG = 2
-
-
-CTRL_HEADER = struct.Struct("<BB")     #: virtio_net_ctrl_hdr: class, command
-CTRL_MQ = struct.Struct("<H")          #: virtio_net_ctrl_mq: virtqueue_pairs
-CTRL_OK = 0                            #: virtio_net_ctrl_ack
-CTRL_ERR = 1
-CTRL_MQ_PAIRS_MAX = 0x8000
 #: Control buffer: header + the largest command data this model sends, then the ack byte.
 CTRL_BUFFER = 64
 

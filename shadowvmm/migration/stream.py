@@ -437,11 +437,3 @@ class StreamReader:
         if record.type not in types:
             raise StreamError(f"expected {'/'.join(t.name for t in types)}, got {record.type.name}")
         return record
-
-
-class Reply:
-    """The destination's answers (READY, RESULT) on a duplex channel: their own framed records."""
-
-    def __init__(self, channel: Channel) -> None:
-        self.writer = StreamWriter(channel)
-        self.reader = StreamReader(channel)

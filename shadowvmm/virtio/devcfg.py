@@ -181,3 +181,29 @@ class NetConfig(_Layout):
 
 
 NET_CONFIG_BASE_SIZE = NetConfig.offset("speed")
+
+
+class CtrlClass(enum.IntEnum):
+    """``virtio_net_ctrl_hdr.class`` (v1.4 §5.1.6.5)."""
+
+    RX = 0
+    MAC = 1
+    VLAN = 2
+    ANNOUNCE = 3
+    MQ = 4
+    GUEST_OFFLOADS = 5
+
+
+class CtrlMq(enum.IntEnum):
+    """Commands of class MQ (v1.4 §5.1.6.5.5/6)."""
+
+    VQ_PAIRS_SET = 0
+    RSS_CONFIG = 1
+    HASH_CONFIG = 2
+
+
+CTRL_HEADER = struct.Struct("<BB")     #: virtio_net_ctrl_hdr: class, command
+CTRL_MQ = struct.Struct("<H")          #: virtio_net_ctrl_mq: virtqueue_pairs
+CTRL_OK = 0                            #: virtio_net_ctrl_ack
+CTRL_ERR = 1
+CTRL_MQ_PAIRS_MAX = 0x8000

@@ -1,0 +1,628 @@
+"""Live migration of a machine's devices (and, in the copy model, its memory).
+
+Phases, source side (:func:`migrate_out`):
+
+1. **setup**: refuse early if a device cannot migrate (:func:`blockers`);
+   send HELLO (memory layout and model, devices); the destination creates
+   its devices, connects their backends and answers READY. Copy model: dirty
+   logging on (guest memory log + every backend, QEMU's vhost order).
+2. **pre-copy** (copy model): every non-zero page, then rounds of the pages
+   the dirty log marked, until a round's dirty set is small.
+3. **stop-and-copy**: every device stopped at once (``asyncio.gather``) with
+   a per-device bound; one that misses it abandons the migration. Then the
+   final dirty pages, each device's state (ring bases, DEVICE_STATE where
+   negotiated) and END.
+4. **resume** on the destination: it validates everything it buffered,
+   applies the device states and starts the backends from the saved ring
+   bases, then answers RESULT.
+5. **cleanup** on the source: devices stay stopped, dirty logging is off.
+
+A failure or cancellation at any phase resumes every source device and
+turns dirty logging off: the source runs as if nothing happened.
+
+Memory models: ``local`` (both sides map the same guest memory memfds; only
+device state moves) and ``copy`` (the destination has its own memory; pages
+travel in the stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Protocol
+
+from ..backends.base import Capability
+from ..device import VirtioDevice
+from ..errors import (BackendError, DeviceStateError, IncompatibleStateError, MigrationError,
+                      ShadowVmmError, StreamError)
+from ..memory import PAGE_SHIFT, PAGE_SIZE, GuestMemory
+from ..shadow import RunState
+from ..virtio.constants import DeviceId
+from .dirty import AtomicMarker, LogHarvester
+from .state import DeviceState
+from .stream import (Channel, PageBatch, Record, RecordType, StreamReader, StreamWriter)
+
+log = logging.getLogger(__name__)
+
+MODES = ("local", "copy")
+_ZERO_PAGE = bytes(PAGE_SIZE)
+
+
+class SlotLike(Protocol):
+    device: VirtioDevice
+    transport: Any
+
+
+class MachineLike(Protocol):
+    """What migration needs of a machine (:class:`~shadowvmm.machine.Machine` fits)."""
+
+    memory: GuestMemory
+    slots: Mapping[str, SlotLike]
+
+
+@dataclass(frozen=True)
+class MigrationOptions:
+    """Tunables; ``stop_timeout`` bounds each device's stop (seconds)."""
+
+    mode: str = "copy"
+    stop_timeout: float = 0.1
+    max_rounds: int = 16
+    converge_pages: int = 256
+    batch_pages: int = 256
+    ready_timeout: float = 30.0
+    result_timeout: float = 30.0
+    include_opaque: bool = True
+    digest: bool = False
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise MigrationError(f"memory model {self.mode!r} is not one of {MODES}")
+        if not self.stop_timeout > 0 or self.max_rounds < 1 or self.batch_pages < 1:
+            raise MigrationError("stop_timeout must be > 0, max_rounds and batch_pages >= 1")
+
+
+@dataclass
+class MigrationHooks:
+    """Callbacks into the VMM: vCPU pause/resume around stop-and-copy, and switch-over."""
+
+    pause_guest: Callable[[], Awaitable[None] | None] | None = None
+    resume_guest: Callable[[], Awaitable[None] | None] | None = None
+    switch_over: Callable[[], Awaitable[None] | None] | None = None
+    progress: Callable[["RoundInfo"], None] | None = None
+
+
+@dataclass(frozen=True)
+class RoundInfo:
+    round: int
+    pages: int
+    dirty: int
+    seconds: float
+
+
+@dataclass
+class MigrationReport:
+    """What the source measured."""
+
+    mode: str
+    ok: bool = False
+    total_s: float = 0.0
+    setup_s: float = 0.0
+    precopy_s: float = 0.0
+    downtime_s: float = 0.0
+    stop_s: float = 0.0
+    rounds: int = 0
+    pages_sent: int = 0
+    bytes_sent: int = 0
+    device_state_bytes: int = 0
+    stop_times_s: dict[str, float] = field(default_factory=dict)
+    round_info: list[RoundInfo] = field(default_factory=list)
+    memory_digest: str = ""
+    destination: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok, "mode": self.mode, "total_ms": round(self.total_s * 1e3, 3),
+            "setup_ms": round(self.setup_s * 1e3, 3), "precopy_ms": round(self.precopy_s * 1e3, 3),
+            "downtime_ms": round(self.downtime_s * 1e3, 3), "stop_ms": round(self.stop_s * 1e3, 3),
+            "rounds": self.rounds, "pages_sent": self.pages_sent, "bytes_sent": self.bytes_sent,
+            "device_state_bytes": self.device_state_bytes,
+            "stop_ms_per_device": {k: round(v * 1e3, 3) for k, v in self.stop_times_s.items()},
+            "memory_digest": self.memory_digest, "destination": self.destination,
+        }
+
+
+@dataclass
+class DestinationReport:
+    mode: str = ""
+    devices: list[str] = field(default_factory=list)
+    pages_received: int = 0
+    rounds: int = 0
+    bytes_received: int = 0
+    device_state_bytes: int = 0
+    memory_digest: str = ""
+    apply_s: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "devices": self.devices, "pages_received": self.pages_received,
+                "rounds": self.rounds, "bytes_received": self.bytes_received,
+                "device_state_bytes": self.device_state_bytes, "memory_digest": self.memory_digest,
+                "apply_ms": round(self.apply_s * 1e3, 3)}
+
+
+class StopTimeoutError(MigrationError):
+    """A device did not stop within the bound; the migration was abandoned."""
+
+    def __init__(self, slow: dict[str, float], bound: float) -> None:
+        names = ", ".join(f"{name} ({seconds * 1e3:.1f} ms)" for name, seconds in slow.items())
+        super().__init__(f"device(s) did not stop within {bound * 1e3:.0f} ms: {names}; "
+                         "migration abandoned, every source device resumed")
+        self.slow = slow
+        self.bound = bound
+
+
+class DestinationRefused(MigrationError):
+    """The destination refused the stream or the state; the source resumed."""
+
+
+# ---------------------------------------------------------------------- blockers
+
+
+def peer_pid(backend: object) -> int | None:
+    """The pid of a vhost-user backend process (SO_PEERCRED), if it can be found."""
+    conn = getattr(backend, "_conn", None)
+    sock = getattr(conn, "_sock", None)
+    if not isinstance(sock, socket.socket) or sock.family != socket.AF_UNIX:
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid = struct.unpack("3i", creds)[0]
+    return pid or None
+
+
+def open_file_handles(pid: int) -> list[str]:
+    """Files and directories process *pid* holds open for I/O (O_PATH inode handles excluded)."""
+    handles = []
+    base = f"/proc/{pid}/fd"
+    for name in os.listdir(base):
+        if int(name) <= 2:
+            continue
+        try:
+            target = os.readlink(f"{base}/{name}")
+            with open(f"/proc/{pid}/fdinfo/{name}") as info:
+                flags = next(int(line.split()[1], 8) for line in info if line.startswith("flags:"))
+        except (OSError, StopIteration, ValueError):
+            continue
+        if not target.startswith("/") or target.startswith(("/proc/", "/dev/", "/memfd:")):
+            continue
+        if flags & os.O_PATH:
+            continue
+        handles.append(target)
+    return sorted(handles)
+
+
+def blockers(name: str, device: VirtioDevice, mode: str) -> list[str]:
+    """Why *device* cannot migrate now (empty: it can); checked before anything stops."""
+    out = []
+    caps = device.backend_caps
+    b = device.backend
+    if mode == "copy" and getattr(b, "memory", None) is not device.memory and not caps & Capability.DIRTY_LOG:
+        out.append(f"{name}: backend {b.implementation!r} cannot log the guest memory it writes "
+                   "(no LOG_ALL/LOG_SHMFD), so copy migration would lose its writes")
+    if device.device_id == DeviceId.FS and not caps & Capability.DEVICE_STATE and device.started:
+        pid = peer_pid(b)
+        if pid is None:
+            out.append(f"{name}: cannot verify that the virtio-fs backend holds no open files, and it "
+                       "does not offer DEVICE_STATE (vhost-user protocol feature 19)")
+        else:
+            try:
+                handles = open_file_handles(pid)
+            except OSError as exc:
+                handles = []
+                out.append(f"{name}: cannot inspect the virtio-fs backend (pid {pid}): {exc}")
+            if handles:
+                shown = ", ".join(handles[:4]) + (", ..." if len(handles) > 4 else "")
+                out.append(f"{name}: the virtio-fs backend (pid {pid}) holds {len(handles)} open file "
+                           f"handle(s) ({shown}); open handles are backend state, and this backend does "
+                           "not offer DEVICE_STATE (vhost-user protocol feature 19) to migrate them; "
+                           "close the files in the guest and retry")
+    return out
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+async def _call(hook: Callable[..., Awaitable[None] | None] | None, *args: Any) -> None:
+    if hook is not None:
+        result = hook(*args)
+        if result is not None:
+            await result
+
+
+def memory_layout(memory: GuestMemory) -> list[list[int]]:
+    return [[r.gpa, r.size] for r in memory]
+
+
+def memory_identity(memory: GuestMemory) -> list[list[int]]:
+    """(st_dev, st_ino, fd offset) of each region's memfd: equal iff both sides map the same memory."""
+    out = []
+    for r in memory:
+        st = os.fstat(r.fd)
+        out.append([st.st_dev, st.st_ino, r.fd_offset])
+    return out
+
+
+def memory_digest(memory: GuestMemory) -> str:
+    h = hashlib.sha256()
+    for region in memory:
+        h.update(struct.pack("<QQ", region.gpa, region.size))
+        h.update(region.view)
+    return h.hexdigest()
+
+
+def _page_gpas(memory: GuestMemory) -> Iterable[int]:
+    for region in memory:
+        yield from range(region.gpa, region.end, PAGE_SIZE)
+
+
+def _snapshot(memory: GuestMemory, gpas: Iterable[int], skip_zero: bool) -> list[tuple[int, bytes]]:
+    out = []
+    for gpa in gpas:
+        try:
+            data = memory.read(gpa, PAGE_SIZE)
+        except ShadowVmmError:
+            continue
+        if skip_zero and data == _ZERO_PAGE:
+            continue
+        out.append((gpa, data))
+    return out
+
+
+async def _send_pages(writer: StreamWriter, pages: list[tuple[int, bytes]], batch: int) -> None:
+    for start in range(0, len(pages), batch):
+        await writer.write(RecordType.PAGES, PageBatch(tuple(pages[start:start + batch])).pack())
+
+
+async def _stop_all(devices: Mapping[str, VirtioDevice], bound: float,
+                    clock: Callable[[], float]) -> dict[str, float]:
+    """Stop every device at once; raise :class:`StopTimeoutError` if any misses *bound*.
+
+    A device that is late is not cancelled (a half-done stop would leave it
+    inconsistent): the caller waits for it and resumes everything.
+    """
+    started = clock()
+    times: dict[str, float] = {}
+    tasks: dict[asyncio.Task, str] = {}
+    for name, device in devices.items():
+        task = asyncio.ensure_future(device.stop())
+        task.add_done_callback(lambda _t, n=name: times.__setitem__(n, clock() - started))
+        tasks[task] = name
+    if not tasks:
+        return times
+    done, pending = await asyncio.wait(tasks, timeout=bound)
+    failed = [t for t in done if t.exception() is not None]
+    if pending or failed:
+        if pending:
+            await asyncio.wait(pending)
+        late = {tasks[t]: times.get(tasks[t], clock() - started) for t in pending}
+        late.update({tasks[t]: times[tasks[t]] for t in done if times.get(tasks[t], 0) > bound})
+        if failed and not late:
+            exc = failed[0].exception()
+            raise MigrationError(f"device {tasks[failed[0]]} failed to stop: {exc}") from exc
+        raise StopTimeoutError(late, bound)
+    return times
+
+
+async def _resume_all(devices: Mapping[str, VirtioDevice]) -> None:
+    async def one(name: str, device: VirtioDevice) -> None:
+        try:
+            if device.run_state is RunState.STOPPED:
+                await device.resume()
+        except (ShadowVmmError, OSError) as exc:
+            log.error("%s: resume after abandoned migration failed: %s", name, exc)
+    await asyncio.gather(*(one(n, d) for n, d in devices.items()))
+
+
+async def _stop_logging(devices: Mapping[str, VirtioDevice], memory: GuestMemory, logging_on: bool) -> None:
+    if not logging_on:
+        return
+    async def one(name: str, device: VirtioDevice) -> None:
+        try:
+            await device.stop_dirty_log()
+        except (ShadowVmmError, OSError) as exc:
+            log.warning("%s: turning dirty logging off failed: %s", name, exc)
+    await asyncio.gather(*(one(n, d) for n, d in devices.items()))
+    memory.disable_dirty_log()
+
+
+# ---------------------------------------------------------------------- source
+
+
+async def migrate_out(machine: MachineLike, channel: Channel, options: MigrationOptions = MigrationOptions(),
+                      hooks: MigrationHooks | None = None, *,
+                      confirm: Callable[[], Awaitable[dict[str, Any] | None]] | None = None,
+                      clock: Callable[[], float] = time.perf_counter) -> MigrationReport:
+    """Migrate *machine*'s devices (and memory in the copy model) over *channel*.
+
+    On a one-way channel (a file) *confirm* is awaited after END in place of
+    the destination's RESULT; it raises to refuse. Any failure resumes the
+    source and raises :class:`MigrationError` (the cause chained).
+    """
+    options.validate()
+    hooks = hooks or MigrationHooks()
+    report = MigrationReport(options.mode)
+    memory = machine.memory
+    devices = {name: slot.device for name, slot in machine.slots.items()}
+    reasons = [r for name, device in devices.items() for r in blockers(name, device, options.mode)]
+    if reasons:
+        raise MigrationError("migration refused before anything stopped: " + "; ".join(reasons))
+    t0 = clock()
+    writer = StreamWriter(channel)
+    reply = StreamReader(channel) if channel.duplex else None
+    logging_on = False
+    stopped = False
+    paused = False
+    try:
+        await writer.start()
+        await writer.write_map(RecordType.HELLO, {
+            "mode": options.mode, "memory": memory_layout(memory),
+            "identity": memory_identity(memory) if options.mode == "local" else [],
+            "devices": [{"name": n, "device_id": int(d.device_id), "queues": d.num_queues}
+                        for n, d in devices.items()]})
+        if reply is not None:
+            async with asyncio.timeout(options.ready_timeout):
+                await reply.start()
+                ready = (await reply.expect(RecordType.READY, RecordType.RESULT)).decode()
+            if not ready.get("ok"):
+                raise DestinationRefused(f"destination refused at setup: {ready.get('error')}")
+        pending: set[int] = set()
+        harvester = None
+        if options.mode == "copy":
+            dlog = memory.enable_dirty_log()
+            dlog.mark = AtomicMarker(dlog.mmap, dlog.size).mark  # type: ignore[method-assign]
+            logging_on = True
+            harvester = LogHarvester(dlog)
+            await asyncio.gather(*(d.start_dirty_log(dlog) for d in devices.values()))
+        report.setup_s = clock() - t0
+        if harvester is not None:
+            t_pre = clock()
+            harvester.fetch_and_clear()
+            await _precopy(memory, writer, harvester, options, hooks, report, pending, clock)
+            report.precopy_s = clock() - t_pre
+            reasons = [r for name, device in devices.items() for r in blockers(name, device, options.mode)]
+            if reasons:
+                raise MigrationError("migration refused before anything stopped: " + "; ".join(reasons))
+        await _call(hooks.pause_guest)
+        paused = True
+        t_stop = clock()
+        stopped = True
+        report.stop_times_s = await _stop_all(devices, options.stop_timeout, clock)
+        report.stop_s = clock() - t_stop
+        final: list[tuple[int, bytes]] = []
+        if harvester is not None:
+            pending.update(harvester.fetch_and_clear())
+            final = _snapshot(memory, ((p << PAGE_SHIFT) for p in sorted(pending)), False)
+        if options.digest:
+            report.memory_digest = memory_digest(memory)
+        states = await asyncio.gather(*(slot.device.export_state(slot.transport,
+                                                                 include_opaque=options.include_opaque)
+                                        for slot in machine.slots.values()))
+        await _send_pages(writer, final, options.batch_pages)
+        report.pages_sent += len(final)
+        for state in states:
+            blob = state.pack()
+            report.device_state_bytes += len(blob)
+            await writer.write(RecordType.DEVICE, blob)
+        await writer.end()
+        if reply is not None:
+            async with asyncio.timeout(options.result_timeout):
+                result = (await reply.expect(RecordType.RESULT)).decode()
+            if not result.get("ok"):
+                raise DestinationRefused(f"destination refused: {result.get('error')}")
+            report.destination = dict(result.get("report") or {})
+        elif confirm is not None:
+            report.destination = dict(await confirm() or {})
+        report.downtime_s = clock() - t_stop
+        await _call(hooks.switch_over)
+    except BaseException as exc:
+        await _abandon(writer, channel, devices, memory, stopped, logging_on, hooks if paused else None, exc)
+        if isinstance(exc, MigrationError):
+            raise
+        if isinstance(exc, TimeoutError):
+            raise MigrationError("migration abandoned: the destination did not answer in time; "
+                                 "source resumed") from exc
+        if isinstance(exc, (ShadowVmmError, OSError)):
+            raise MigrationError(f"migration abandoned, source resumed: {exc}") from exc
+        raise
+    if logging_on:
+        memory.disable_dirty_log()
+    report.bytes_sent = writer.bytes
+    report.ok = True
+    report.total_s = clock() - t0
+    await channel.close()
+    return report
+
+
+async def _precopy(memory: GuestMemory, writer: StreamWriter, harvester: LogHarvester,
+                   options: MigrationOptions, hooks: MigrationHooks, report: MigrationReport,
+                   pending: set[int], clock: Callable[[], float]) -> None:
+    """Round 0 sends every non-zero page; later rounds the dirty ones, until few remain."""
+    gpas: Iterable[int] = _page_gpas(memory)
+    for round_no in range(options.max_rounds):
+        t_round = clock()
+        pages = _snapshot(memory, gpas, skip_zero=round_no == 0)
+        await _send_pages(writer, pages, options.batch_pages)
+        report.pages_sent += len(pages)
+        dirty = harvester.fetch_and_clear()
+        report.rounds = round_no + 1
+        info = RoundInfo(round_no, len(pages), len(dirty), clock() - t_round)
+        report.round_info.append(info)
+        await writer.write_map(RecordType.ROUND, {"round": round_no, "pages": len(pages)})
+        if hooks.progress is not None:
+            hooks.progress(info)
+        if len(dirty) <= options.converge_pages or round_no + 1 == options.max_rounds:
+            pending.update(dirty)
+            return
+        gpas = [p << PAGE_SHIFT for p in dirty]
+
+
+async def _abandon(writer: StreamWriter, channel: Channel, devices: Mapping[str, VirtioDevice],
+                   memory: GuestMemory, stopped: bool, logging_on: bool, hooks: MigrationHooks | None,
+                   exc: BaseException) -> None:
+    """Put the source back as it was: devices resumed, logging off, the destination told."""
+    log.warning("migration abandoned: %s", exc)
+    if stopped:
+        await _resume_all(devices)
+    if hooks is not None:
+        await _call(hooks.resume_guest)
+    await _stop_logging(devices, memory, logging_on)
+    try:
+        async with asyncio.timeout(1.0):
+            await writer.write_map(RecordType.ABORT, {"reason": str(exc)})
+    except (StreamError, TimeoutError, OSError):
+        pass
+    try:
+        await channel.close()
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------- destination
+
+
+async def migrate_in(machine: MachineLike, channel: Channel, *, digest: bool = False,
+                     timeout: float | None = 60.0,
+                     clock: Callable[[], float] = time.perf_counter) -> DestinationReport:
+    """Receive a migration into *machine*, whose devices are realized and never touched by a guest.
+
+    Pages (copy model) are written into this machine's memory as they come
+    (no guest runs on it yet). Device records are buffered; after END every
+    state is decoded and checked against its device before any is applied.
+    Refusals raise (StreamError, IncompatibleStateError, MigrationError) and
+    are reported to the source in RESULT.
+    """
+    reader = StreamReader(channel)
+    answer = StreamWriter(channel) if channel.duplex else None
+    report = DestinationReport()
+    try:
+        async with asyncio.timeout(timeout):
+            await reader.start()
+            hello = (await reader.expect(RecordType.HELLO)).decode()
+            report.mode = _check_hello(machine, hello)
+            report.devices = list(machine.slots)
+            if answer is not None:
+                await answer.start()
+                await answer.write_map(RecordType.READY, {"ok": True})
+            blobs = await _receive(machine, reader, report)
+            t_apply = clock()
+            states = _decode_states(machine, blobs)
+            if digest:
+                report.memory_digest = memory_digest(machine.memory)
+            await asyncio.gather(*(machine.slots[name].device.import_state(state, machine.slots[name].transport)
+                                   for name, state in states.items()))
+            report.apply_s = clock() - t_apply
+            report.bytes_received = reader.bytes
+    except BaseException as exc:
+        if answer is not None and isinstance(exc, (ShadowVmmError, OSError, TimeoutError)):
+            try:
+                async with asyncio.timeout(1.0):
+                    if not answer.records and not _header_sent(answer):
+                        await answer.start()
+                    await answer.write_map(RecordType.RESULT, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+            except (StreamError, TimeoutError, OSError):
+                pass
+        await channel.close()
+        if isinstance(exc, TimeoutError):
+            raise StreamError(f"migration stream stalled for {timeout} s") from exc
+        raise
+    if answer is not None:
+        await answer.write_map(RecordType.RESULT, {"ok": True, "report": report.as_dict()})
+    await channel.close()
+    return report
+
+
+def _header_sent(writer: StreamWriter) -> bool:
+    return writer.bytes > 0
+
+
+def _check_hello(machine: MachineLike, hello: dict[str, Any]) -> str:
+    mode = hello.get("mode")
+    if mode not in MODES:
+        raise StreamError(f"HELLO: unknown memory model {mode!r}")
+    if hello.get("memory") != memory_layout(machine.memory):
+        raise MigrationError(f"memory layout differs: source {hello.get('memory')}, "
+                             f"destination {memory_layout(machine.memory)}")
+    if mode == "local" and hello.get("identity") != memory_identity(machine.memory):
+        raise MigrationError("local migration needs the destination to map the source's guest memory memfds")
+    devices = hello.get("devices")
+    if not isinstance(devices, list):
+        raise StreamError("HELLO: no device list")
+    theirs = {d.get("name"): d for d in devices if isinstance(d, dict)}
+    if set(theirs) != set(machine.slots):
+        raise MigrationError(f"device sets differ: source {sorted(map(str, theirs))}, "
+                             f"destination {sorted(machine.slots)}")
+    for name, slot in machine.slots.items():
+        d = theirs[name]
+        if d.get("device_id") != int(slot.device.device_id) or d.get("queues") != slot.device.num_queues:
+            raise IncompatibleStateError(f"{name}: source is device {d.get('device_id')} with {d.get('queues')} "
+                                         f"queues, destination {int(slot.device.device_id)} with "
+                                         f"{slot.device.num_queues}")
+    return mode
+
+
+async def _receive(machine: MachineLike, reader: StreamReader, report: DestinationReport) -> dict[str, bytes]:
+    memory = machine.memory
+    blobs: dict[str, bytes] = {}
+    order: list[bytes] = []
+    while True:
+        record: Record = await reader.read()
+        if record.type is RecordType.PAGES:
+            if report.mode != "copy":
+                raise StreamError("PAGES record in a local migration")
+            for gpa, data in PageBatch.unpack(record.payload).pages:
+                try:
+                    memory.view(gpa, PAGE_SIZE)[:] = data
+                except ShadowVmmError as exc:
+                    raise StreamError(f"page {gpa:#x} is outside destination memory") from exc
+                report.pages_received += 1
+        elif record.type is RecordType.ROUND:
+            report.rounds += 1
+        elif record.type is RecordType.DEVICE:
+            order.append(record.payload)
+            report.device_state_bytes += len(record.payload)
+        elif record.type is RecordType.ABORT:
+            raise MigrationError(f"the source abandoned the migration: {record.decode().get('reason')}")
+        elif record.type is RecordType.END:
+            break
+        else:
+            raise StreamError(f"unexpected {record.type.name} record")
+    for blob in order:
+        name = DeviceState.unpack(blob).name
+        if name in blobs:
+            raise StreamError(f"device {name!r} sent twice")
+        blobs[name] = blob
+    return blobs
+
+
+def _decode_states(machine: MachineLike, blobs: dict[str, bytes]) -> dict[str, DeviceState]:
+    if set(blobs) != set(machine.slots):
+        raise MigrationError(f"stream carries state for {sorted(blobs)}, destination has {sorted(machine.slots)}")
+    states = {name: DeviceState.unpack(blob) for name, blob in blobs.items()}
+    for name, state in states.items():
+        slot = machine.slots[name]
+        device = slot.device
+        if device.started or device.shadow.guest_status:
+            raise DeviceStateError(f"{name}: destination device was touched before the state arrived")
+        device.check_import(state, slot.transport)
+    return states
+
+
+__all__ = [
+    "DestinationRefused", "DestinationReport", "MachineLike", "MigrationHooks", "MigrationOptions",
+    "MigrationReport", "RoundInfo", "StopTimeoutError", "blockers", "memory_digest", "migrate_in",
+    "migrate_out", "open_file_handles", "peer_pid",
+]
