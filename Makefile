@@ -21,6 +21,10 @@ peers:
 	@if [ "$$(id -u)" = 0 ]; then scripts/install-peers.sh; \
 	else echo "not root: skipping Debian peer install (scripts/install-peers.sh)"; fi
 
+# The vDPA lane runs its in-VM tests on both Debian kernels: 6.12 (SUSPEND+RESUME)
+# and 6.1 (SUSPEND only: the reset-and-replay fallback).
+export SHADOWVMM_VDPA_VM_KERNELS ?= 6.12 6.1
+
 test: setup peers
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 

@@ -11,6 +11,9 @@ Invariants checked after every step:
 from __future__ import annotations
 
 import asyncio
+import os
+
+import pytest
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -19,7 +22,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from shadowvmm.backends.inproc import InProcBackend
 from shadowvmm.config import DeviceConfig
 from shadowvmm.machine import Machine
-from shadowvmm.shadow import StopDialect
+from shadowvmm.errors import DeviceStateError
+from shadowvmm.shadow import RunState, StopDialect
 from shadowvmm.transport.pci import BAR_SIZE, COMMON_OFF, DEVICE_OFF, NOTIFY_OFF, Space
 from shadowvmm.virtio.constants import Feature, Status
 
@@ -84,10 +88,10 @@ class RegisterMachine(RuleBasedStateMachine):
 
     @rule(offset=st.integers(0, BAR_SIZE + 16), width=widths, value=st.integers(0, 2**64 - 1))
     def random_write(self, offset: int, width: int, value: int) -> None:
-        if self.pci and offset == STATUS_OFF or not self.pci and offset == 0x70:
-            return self.status_write(value & 0xFF)
         if not self.pci:
             offset &= 0x1FF
+        if self.pci and offset == STATUS_OFF or not self.pci and offset == 0x70:
+            return self.status_write(value & 0xFF)
         self.write(offset, width, value & ((1 << (8 * width)) - 1))
 
     @rule(offset=st.integers(0, BAR_SIZE + 16), width=widths)
@@ -151,14 +155,30 @@ class RegisterMachine(RuleBasedStateMachine):
 
     @rule()
     def vmm_stop_resume(self) -> None:
-        self.loop.run_until_complete(self.device.stop())
-        assert self.status() == self.last_status
+        if self.device.run_state is RunState.FAILED:
+            with pytest.raises(DeviceStateError):
+                self.loop.run_until_complete(self.device.stop())
+            return
+        before = self.status()
+        try:
+            self.loop.run_until_complete(self.device.stop())
+        except DeviceStateError:
+            # a start queued before the stop failed first: stop is refused on a failed device
+            assert self.device.run_state is RunState.FAILED
+            self.check_settled(before)
+            return
+        self.check_settled(before)
         self.loop.run_until_complete(self.device.resume())
+        self.check_settled(self.last_status)
 
     @rule()
     def run_worker(self) -> None:
         before = self.status()
         self.settle()
+        self.check_settled(before)
+
+    def check_settled(self, before: int) -> None:
+        """After the worker ran: only a completed reset, NEEDS_RESET or a guest-driven stop."""
         after = self.status()
         reset_done = after == 0 and self.device.shadow.reset_pending is False
         needs_reset = after == before | Status.NEEDS_RESET
@@ -185,6 +205,7 @@ class RegisterMachine(RuleBasedStateMachine):
 
 
 RegisterMachine.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=50, deadline=None,
+    max_examples=int(os.environ.get("SHADOWVMM_FUZZ_EXAMPLES", "150")), stateful_step_count=50, deadline=None,
+    derandomize=os.environ.get("CI") == "true",
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 test_register_sequences = RegisterMachine.TestCase
