@@ -14,9 +14,11 @@ import logging
 import os
 from typing import TYPE_CHECKING, Protocol
 
+from .backends.base import RingState
 from .errors import GuestMemoryError, RingError
-from .virtio.constants import Feature, NetFeature
+from .virtio.constants import DeviceId, Feature, NetFeature
 from .virtio.devcfg import CTRL_ERR, CTRL_HEADER, CTRL_MQ, CTRL_OK, CtrlClass, CtrlMq, NetConfig
+from .virtio.packed import PackedDeviceQueue, PackedLayout
 from .virtio.split import SplitDeviceQueue, SplitLayout
 
 if TYPE_CHECKING:
@@ -78,8 +80,6 @@ class VmmQueue:
         q = self.device.queues[self.index]
         event_idx = bool(self.device.driver_features & Feature.EVENT_IDX)
         if self.device.driver_features & Feature.RING_PACKED:
-            from .virtio.packed import PackedDeviceQueue, PackedLayout
-            from .backends.base import RingState
             self.queue = PackedDeviceQueue(self.device.memory, PackedLayout(q.size, q.desc, q.driver, q.device),
                                            event_idx=event_idx, state=RingState(self.index, base))
         else:
@@ -128,7 +128,6 @@ class VmmQueue:
 
 def vmm_queue_handlers(device: "VirtioDevice") -> dict[int, QueueHandler]:
     """The queues the VMM serves for this device with the negotiated features."""
-    from .virtio.constants import DeviceId
     if device.device_id == DeviceId.NET and device.driver_features & NetFeature.CTRL_VQ:
         max_pairs = 1
         if device.driver_features & NetFeature.MQ and len(device.config) >= 6:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import struct
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from shadowvmm.backends.base import Capability
 from shadowvmm.backends.vhost_user.backend import VhostUserBackend
 from shadowvmm.config import DeviceConfig
 from shadowvmm.errors import DeviceStateError
-from shadowvmm.guest.net import (CTRL_HEADER, CTRL_OK, NET_HDR_SIZE, CtrlClass, CtrlMq, NetDriver,
+from shadowvmm.guest.net import (CTRL_HEADER, NET_HDR_SIZE, CtrlClass, CtrlMq, NetDriver,
                                  NetHeader)
 from shadowvmm.machine import Machine
 from shadowvmm.testing.peers import DpdkTestpmd
@@ -23,7 +22,6 @@ from shadowvmm.testing.plugin import require_peer
 from shadowvmm.virtio.constants import NetFeature
 from shadowvmm.virtio.devcfg import (NET_CONFIG_BASE_SIZE, NET_DUPLEX_UNKNOWN, NET_SPEED_UNKNOWN, NetConfig,
                                      NetStatus)
-from shadowvmm.virtio.split import SplitDeviceQueue
 
 MAC = NetConfig.parse_mac("52:54:00:12:34:56")
 

@@ -169,7 +169,7 @@ async def test_backend_failure_sets_needs_reset_and_spares_other_devices() -> No
     machine = Machine(48 << 20)
     bad = await machine.add_device(DeviceConfig("bad", "inproc", {"device": "blk"}),
                                    backend=BrokenKick({"device": "blk"}))
-    good = await machine.add_device(DeviceConfig("good", "inproc", {"device": "blk"}))
+    await machine.add_device(DeviceConfig("good", "inproc", {"device": "blk"}))
     bad_guest = machine.guest("bad")
     bad_driver = BlkDriver(bad_guest)
     await bad_driver.start()

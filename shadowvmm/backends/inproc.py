@@ -25,6 +25,7 @@ from ..errors import BackendError, ConfigError, IncompatibleStateError, RingErro
 from ..memory import GuestMemory
 from ..virtio.constants import (BLK_ID_BYTES, BLK_SECTOR_SIZE, BlkFeature, BlkRequestType,
                                 BlkStatus, DeviceId, Feature)
+from ..virtio.packed import PackedDeviceQueue, PackedLayout
 from ..virtio.split import DescChain, SplitDeviceQueue, SplitLayout
 from .base import Capability, ConfigChangeHandler, RingState, VringAddr
 
@@ -331,7 +332,6 @@ class InProcBackend:
         indirect = bool(self.features & Feature.INDIRECT_DESC)
         try:
             if self.features & Feature.RING_PACKED:
-                from ..virtio.packed import PackedDeviceQueue, PackedLayout
                 layout = PackedLayout(ring.num, ring.addr.desc, ring.addr.driver, ring.addr.device)
                 return PackedDeviceQueue(self.memory, layout, event_idx=event_idx,
                                          indirect=indirect, state=RingState(ring.index, ring.base))

@@ -16,6 +16,7 @@ from ..device import Interrupts
 from ..errors import DeviceStateError, RingError
 from ..memory import GuestAllocator, GuestMemory
 from ..virtio.constants import NO_VECTOR, Feature, Status
+from ..virtio.packed import PackedDriverQueue, PackedLayout
 from ..virtio.split import SplitDriverQueue, SplitLayout
 from .transport import GuestTransport
 
@@ -152,7 +153,6 @@ class GuestDevice:
         size = min(max_size, wanted_size)
         event_idx = bool(self.features & Feature.EVENT_IDX)
         if self.features & Feature.RING_PACKED:
-            from ..virtio.packed import PackedDriverQueue, PackedLayout
             d, a, u = PackedLayout.area_sizes(size)
             layout = PackedLayout(size, self.alloc.alloc(d, 16), self.alloc.alloc(a, 4),
                                   self.alloc.alloc(u, 4))
@@ -163,8 +163,7 @@ class GuestDevice:
                                  self.alloc.alloc(u, 4))
             ring = SplitDriverQueue(self.memory, layout, event_idx=event_idx)
         vector = index + 1 if t.uses_msix and index + 1 < self.interrupts.vectors else NO_VECTOR
-        t.setup_queue(index, size, layout.desc, getattr(layout, "avail", getattr(layout, "driver", 0)),
-                      getattr(layout, "used", getattr(layout, "device", 0)), vector)
+        t.setup_queue(index, size, layout.desc, layout.driver, layout.device, vector)
         t.enable_queue(index)
         return GuestQueue(self, index, ring, vector)
 

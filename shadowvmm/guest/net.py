@@ -26,7 +26,7 @@ from dataclasses import astuple, dataclass, field
 
 from ..errors import DeviceStateError, ShadowVmmError
 from ..virtio.constants import Feature, NetFeature
-from ..virtio.devcfg import (CTRL_ERR, CTRL_HEADER, CTRL_MQ, CTRL_MQ_PAIRS_MAX, CTRL_OK,
+from ..virtio.devcfg import (CTRL_HEADER, CTRL_MQ, CTRL_MQ_PAIRS_MAX, CTRL_OK,
                              NET_CONFIG_BASE_SIZE, CtrlClass, CtrlMq, NetConfig, NetStatus)
 from .driver import GuestDevice, GuestQueue
 

@@ -92,7 +92,7 @@ class PciTransport:
 
     def _common_table(self) -> list[Register]:
         d = self.device
-        R, W, RW = Access.R, Access.W, Access.RW
+        R, RW = Access.R, Access.RW
 
         def sel(attr: str):
             return lambda v: setattr(d, attr, v)

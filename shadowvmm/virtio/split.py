@@ -49,6 +49,16 @@ class SplitLayout:
     avail: int
     used: int
 
+    @property
+    def driver(self) -> int:
+        """The Driver Area (v1.4 §2.6: the avail ring for split queues)."""
+        return self.avail
+
+    @property
+    def device(self) -> int:
+        """The Device Area (v1.4 §2.6: the used ring for split queues)."""
+        return self.used
+
     @staticmethod
     def area_sizes(size: int) -> tuple[int, int, int]:
         """Bytes of descriptor table, avail ring and used ring (incl. event fields)."""
