@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     p_probe.add_argument("socket")
     p_probe.add_argument("--json", action="store_true")
     p_probe.add_argument("--timeout", type=float, default=5.0)
+    from .migration import cli as migration_cli
+    migration_cli.add_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -151,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(run(configmod.load(args.config)))
         if args.command == "probe":
             return asyncio.run(probe(args.socket, args.json, args.timeout))
+        if args.command == "migrate":
+            return asyncio.run(migration_cli.run(args))
     except ShadowVmmError as exc:
         print(f"shadowvmm: error: {exc}", file=sys.stderr)
         return 2

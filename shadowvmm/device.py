@@ -27,18 +27,23 @@ import logging
 import os
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from .backends.base import Backend, Capability, RingState, VringAddr
 from .errors import BackendError, DeviceStateError, GuestMemoryError, RingError
 from .memory import GuestMemory
-from .shadow import (DialectSpec, FaultCounter, FeaturePolicy, GuestFault, GuestStatusAction,
-                     RunState, StatusShadow, StopDialect)
+from .shadow import (FaultCounter, FeaturePolicy, GuestFault, GuestStatusAction, RunState,
+                     StatusShadow)
 from .virtio.constants import (ISR_CONFIG, ISR_QUEUE, MAX_QUEUE_SIZE, NO_VECTOR, DeviceId,
                                Feature, Status)
+from .virtio.packed import PackedLayout
 from .virtio.split import SplitLayout
 from .vmmqueue import VmmQueue, vmm_queue_handlers
+
+if TYPE_CHECKING:
+    from .memory import DirtyLog
+    from .migration.state import DeviceState
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +173,8 @@ class VirtioDevice:
         self._realized = False
         self.queue_select = 0
         self.vmm_queues: dict[int, VmmQueue] = {}
+        #: The backend logs its writes (migration pre-copy): kept across ring restarts.
+        self.dirty_logging = False
         #: Queues the driver may use (net: 2 x active pairs); None = all.
         self.active_queues: int | None = None
 
@@ -392,7 +399,6 @@ class VirtioDevice:
 
     def _validate_queue(self, q: QueueRegs) -> None:
         if self.driver_features & Feature.RING_PACKED:
-            from .virtio.packed import PackedLayout
             layout = PackedLayout(q.size, q.desc, q.driver, q.device)
         else:
             layout = SplitLayout(q.size, q.desc, q.driver, q.device)
@@ -654,7 +660,8 @@ class VirtioDevice:
     # ------------------------------------------------------------------ backend sequencing
 
     def backend_feature_word(self) -> int:
-        return self.policy.to_backend(self.driver_features)
+        word = self.policy.to_backend(self.driver_features)
+        return word | int(Feature.LOG_ALL) if self.dirty_logging else word
 
     def _backend_queues(self) -> list[QueueRegs]:
         """Queues the backend serves (all but the VMM-served ones)."""
@@ -725,7 +732,8 @@ class VirtioDevice:
         b = self.backend
         await b.set_vring_num(index, q.size)
         await b.set_vring_base(index, base)
-        await b.set_vring_addr(VringAddr(index, q.desc, q.driver, q.device))
+        await b.set_vring_addr(VringAddr(index, q.desc, q.driver, q.device, log=q.device,
+                                         log_enabled=self.dirty_logging))
         await b.set_vring_kick(index, self._kick_fds[index])
 
     def _backend_status(self) -> int:
@@ -796,9 +804,9 @@ class VirtioDevice:
         self._require_realized()
         if self.run_state is RunState.STOPPED:
             await self.settle()
-        if self.rings_running or self.run_state is RunState.STOPPING:
-            raise DeviceStateError(f"{self.name}: export_state needs the device stopped "
-                                   f"(run state {self.run_state.value}, rings running {self.rings_running})")
+        elif self.started or self.shadow.driver_ok:
+            raise DeviceStateError(f"{self.name}: export_state needs the device stopped or never started "
+                                   f"(run state {self.run_state.value}, started {self.started})")
         ints = self.interrupts
         assert ints is not None
         config_space = getattr(transport, "config_space", None)
@@ -939,6 +947,7 @@ class VirtioDevice:
         await self.settle()
         await b.set_log_base(log.fd, log.size)
         await b.set_dirty_logging(True)
+        self.dirty_logging = True
         if self.rings_running:
             await self._set_ring_logging(True)
 
@@ -951,6 +960,7 @@ class VirtioDevice:
             return
         await self.settle()
         await b.set_dirty_logging(False)
+        self.dirty_logging = False
         if self.rings_running:
             await self._set_ring_logging(False)
 

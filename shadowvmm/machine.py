@@ -30,8 +30,10 @@ class Slot:
 class Machine:
     """Guest memory and devices; guest models attach through :meth:`guest`."""
 
-    def __init__(self, memory_bytes: int = 64 << 20) -> None:
-        self.memory = GuestMemory.create([(0, memory_bytes)])
+    def __init__(self, memory_bytes: int = 64 << 20, *, memory: GuestMemory | None = None) -> None:
+        """*memory* shares an existing guest memory (local migration); the caller keeps owning it."""
+        self.owns_memory = memory is None
+        self.memory = GuestMemory.create([(0, memory_bytes)]) if memory is None else memory
         self.allocator = GuestAllocator(self.memory, start=0x1000)
         self.slots: dict[str, Slot] = {}
 
@@ -72,4 +74,5 @@ class Machine:
         for slot in self.slots.values():
             await slot.device.close()
         self.slots.clear()
-        self.memory.close()
+        if self.owns_memory:
+            self.memory.close()

@@ -167,6 +167,15 @@ class GuestDevice:
         t.enable_queue(index)
         return GuestQueue(self, index, ring, vector)
 
+    def rebind(self, transport: GuestTransport, interrupts: Interrupts) -> None:
+        """Attach this driver to another device instance (migration switch-over)."""
+        active = bool(self._readers)
+        self._stop_interrupts()
+        self.transport = transport
+        self.interrupts = interrupts
+        if active:
+            self._start_interrupts()
+
     # ------------------------------------------------------------------ interrupts
 
     def _start_interrupts(self) -> None:

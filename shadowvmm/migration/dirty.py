@@ -11,7 +11,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import mmap
+from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 from ..errors import MigrationError
 from ..memory import PAGE_SHIFT, DirtyLog
@@ -19,18 +21,26 @@ from ..memory import PAGE_SHIFT, DirtyLog
 _SEQ_CST = 5
 
 
+@dataclass(frozen=True)
+class _Atomics:
+    exchange_8: Any
+    fetch_or_1: Any
+
+
 @cache
-def _libatomic() -> ctypes.CDLL:
+def _libatomic() -> _Atomics:
     name = ctypes.util.find_library("atomic") or "libatomic.so.1"
     try:
         lib = ctypes.CDLL(name)
-    except OSError as exc:
+        exchange = getattr(lib, "__atomic_exchange_8")
+        fetch_or = getattr(lib, "__atomic_fetch_or_1")
+    except (OSError, AttributeError) as exc:
         raise MigrationError(f"libatomic is needed to share a dirty log with a backend: {exc}") from exc
-    lib.__atomic_exchange_8.restype = ctypes.c_uint64
-    lib.__atomic_exchange_8.argtypes = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int)
-    lib.__atomic_fetch_or_1.restype = ctypes.c_uint8
-    lib.__atomic_fetch_or_1.argtypes = (ctypes.c_void_p, ctypes.c_uint8, ctypes.c_int)
-    return lib
+    exchange.restype = ctypes.c_uint64
+    exchange.argtypes = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int)
+    fetch_or.restype = ctypes.c_uint8
+    fetch_or.argtypes = (ctypes.c_void_p, ctypes.c_uint8, ctypes.c_int)
+    return _Atomics(exchange, fetch_or)
 
 
 def buffer_address(buf: mmap.mmap) -> int:
@@ -65,7 +75,7 @@ class LogHarvester:
             marked = [i for i, word in enumerate(view) if word]
         finally:
             view.release()
-        xchg = self._lib.__atomic_exchange_8
+        xchg = self._lib.exchange_8
         pages: list[int] = []
         for index in marked:
             pages.extend(pages_of_word(index, xchg(self._addr + 8 * index, 0, _SEQ_CST)))
@@ -91,6 +101,6 @@ class AtomicMarker:
             return
         first = gpa >> PAGE_SHIFT
         last = min((gpa + length - 1) >> PAGE_SHIFT, self.pages - 1)
-        fetch_or = self._lib.__atomic_fetch_or_1
+        fetch_or = self._lib.fetch_or_1
         for page in range(first, last + 1):
             fetch_or(self._addr + (page >> 3), 1 << (page & 7), _SEQ_CST)

@@ -21,18 +21,14 @@ from ..device import VirtioDevice
 from ..guest.blk import BlkDriver, BlkOp
 from ..guest.driver import GuestDevice
 from ..machine import Machine
-from ..memory import PAGE_SIZE, GuestAllocator, GuestMemory
+from ..memory import GuestMemory
 from ..virtio.constants import BlkRequestType
 from ..workload import block_pattern
 
 
 def machine_sharing(memory: GuestMemory) -> Machine:
     """A machine whose guest memory is *memory* itself (the same memfds and mappings)."""
-    machine = Machine(PAGE_SIZE)
-    machine.memory.close()
-    machine.memory = memory
-    machine.allocator = GuestAllocator(memory, start=0x1000)
-    return machine
+    return Machine(memory=memory)
 
 
 def _forward(src_fd: int, dst_fd: int) -> None:
@@ -48,16 +44,11 @@ def move_guest(guest: GuestDevice, source: VirtioDevice, dest: VirtioDevice, des
     """Point *guest* at *dest*; replay what is pending on the stopped *source*."""
     src_ints, dst_ints = source.interrupts, dest.interrupts
     assert src_ints is not None and dst_ints is not None
-    loop = guest.loop
-    for fd in guest._readers:
-        loop.remove_reader(fd)
-    guest._readers = []
+    # the guest's transport view keeps its discovered layout and status log; only the device moves
     guest.transport.t = dest_transport  # type: ignore[attr-defined]
-    guest.interrupts = dst_ints
     for src_fd, dst_fd in zip(src_ints.vector_fds + [src_ints.intx_fd], dst_ints.vector_fds + [dst_ints.intx_fd]):
         _forward(src_fd, dst_fd)
-    if guest.queues or guest.transport.uses_msix:
-        guest._start_interrupts()
+    guest.rebind(guest.transport, dst_ints)
     for index in source.take_pending_kicks():
         dest.notify(index)
 
@@ -119,6 +110,17 @@ class BlkLoad:
         self._stop = True
         self._gate.set()
         await asyncio.gather(*self._tasks)
+
+    async def abandon(self, timeout: float = 1.0) -> None:
+        """Stop without waiting for requests a stopped device will never complete."""
+        self._stop = True
+        self._gate.set()
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(self._tasks, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
     async def _queue_loop(self, queue: int) -> None:
         sectors = self.block_bytes // 512

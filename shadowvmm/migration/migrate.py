@@ -39,7 +39,7 @@ from typing import Any, Awaitable, Callable, Iterable, Mapping, Protocol
 
 from ..backends.base import Capability
 from ..device import VirtioDevice
-from ..errors import (BackendError, DeviceStateError, IncompatibleStateError, MigrationError,
+from ..errors import (DeviceStateError, IncompatibleStateError, MigrationError,
                       ShadowVmmError, StreamError)
 from ..memory import PAGE_SHIFT, PAGE_SIZE, GuestMemory
 from ..shadow import RunState
@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 MODES = ("local", "copy")
 _ZERO_PAGE = bytes(PAGE_SIZE)
+#: Pages scanned between two chances for the guest to run during pre-copy.
+_SCAN_PAGES = 512
 
 
 class SlotLike(Protocol):
@@ -133,6 +135,7 @@ class MigrationReport:
             "rounds": self.rounds, "pages_sent": self.pages_sent, "bytes_sent": self.bytes_sent,
             "device_state_bytes": self.device_state_bytes,
             "stop_ms_per_device": {k: round(v * 1e3, 3) for k, v in self.stop_times_s.items()},
+            "dirty_per_round": [r.dirty for r in self.round_info],
             "memory_digest": self.memory_digest, "destination": self.destination,
         }
 
@@ -174,14 +177,40 @@ class DestinationRefused(MigrationError):
 
 
 def peer_pid(backend: object) -> int | None:
-    """The pid of a vhost-user backend process (SO_PEERCRED), if it can be found."""
+    """The pid of the process holding the other end of a vhost-user backend's socket.
+
+    SO_PEERCRED would name whoever called listen() (a launcher that passed
+    the socket with ``--fd``), so the peer socket's inode is looked up with
+    sock_diag and then searched for in /proc/*/fd.
+    """
     conn = getattr(backend, "_conn", None)
     sock = getattr(conn, "_sock", None)
     if not isinstance(sock, socket.socket) or sock.family != socket.AF_UNIX:
         return None
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid = struct.unpack("3i", creds)[0]
-    return pid or None
+    from pyroute2 import DiagSocket
+    ours = os.fstat(sock.fileno()).st_ino
+    peer = None
+    with DiagSocket() as diag:
+        diag.bind()
+        for entry in diag.get_sock_stats(family=socket.AF_UNIX):
+            if entry["udiag_ino"] == ours:
+                peer = dict(entry["attrs"]).get("UNIX_DIAG_PEER")
+                break
+    if not peer:
+        return None
+    wanted = f"socket:[{peer}]"
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == wanted:
+                    return int(pid)
+            except OSError:
+                continue
+    return None
 
 
 def open_file_handles(pid: int) -> list[str]:
@@ -205,7 +234,7 @@ def open_file_handles(pid: int) -> list[str]:
     return sorted(handles)
 
 
-def blockers(name: str, device: VirtioDevice, mode: str) -> list[str]:
+async def blockers(name: str, device: VirtioDevice, mode: str) -> list[str]:
     """Why *device* cannot migrate now (empty: it can); checked before anything stops."""
     out = []
     caps = device.backend_caps
@@ -214,7 +243,7 @@ def blockers(name: str, device: VirtioDevice, mode: str) -> list[str]:
         out.append(f"{name}: backend {b.implementation!r} cannot log the guest memory it writes "
                    "(no LOG_ALL/LOG_SHMFD), so copy migration would lose its writes")
     if device.device_id == DeviceId.FS and not caps & Capability.DEVICE_STATE and device.started:
-        pid = peer_pid(b)
+        pid = await asyncio.to_thread(peer_pid, b)
         if pid is None:
             out.append(f"{name}: cannot verify that the virtio-fs backend holds no open files, and it "
                        "does not offer DEVICE_STATE (vhost-user protocol feature 19)")
@@ -231,6 +260,13 @@ def blockers(name: str, device: VirtioDevice, mode: str) -> list[str]:
                            "not offer DEVICE_STATE (vhost-user protocol feature 19) to migrate them; "
                            "close the files in the guest and retry")
     return out
+
+
+async def _refuse_if_blocked(devices: Mapping[str, VirtioDevice], mode: str) -> None:
+    found = await asyncio.gather(*(blockers(name, device, mode) for name, device in devices.items()))
+    reasons = [reason for group in found for reason in group]
+    if reasons:
+        raise MigrationError("migration refused before anything stopped: " + "; ".join(reasons))
 
 
 # ---------------------------------------------------------------------- helpers
@@ -285,6 +321,15 @@ def _snapshot(memory: GuestMemory, gpas: Iterable[int], skip_zero: bool) -> list
 async def _send_pages(writer: StreamWriter, pages: list[tuple[int, bytes]], batch: int) -> None:
     for start in range(0, len(pages), batch):
         await writer.write(RecordType.PAGES, PageBatch(tuple(pages[start:start + batch])).pack())
+
+
+async def _copy_chunk(memory: GuestMemory, writer: StreamWriter, gpas: list[int], skip_zero: bool,
+                      batch: int) -> int:
+    """Pre-copy one scan chunk, then let the guest run (it keeps dirtying memory meanwhile)."""
+    pages = _snapshot(memory, gpas, skip_zero)
+    await _send_pages(writer, pages, batch)
+    await asyncio.sleep(0)
+    return len(pages)
 
 
 async def _stop_all(devices: Mapping[str, VirtioDevice], bound: float,
@@ -357,12 +402,11 @@ async def migrate_out(machine: MachineLike, channel: Channel, options: Migration
     report = MigrationReport(options.mode)
     memory = machine.memory
     devices = {name: slot.device for name, slot in machine.slots.items()}
-    reasons = [r for name, device in devices.items() for r in blockers(name, device, options.mode)]
-    if reasons:
-        raise MigrationError("migration refused before anything stopped: " + "; ".join(reasons))
+    await _refuse_if_blocked(devices, options.mode)
     t0 = clock()
     writer = StreamWriter(channel)
     reply = StreamReader(channel) if channel.duplex else None
+    outcome: asyncio.Future[dict[str, Any]] | None = None
     logging_on = False
     stopped = False
     paused = False
@@ -379,6 +423,7 @@ async def migrate_out(machine: MachineLike, channel: Channel, options: Migration
                 ready = (await reply.expect(RecordType.READY, RecordType.RESULT)).decode()
             if not ready.get("ok"):
                 raise DestinationRefused(f"destination refused at setup: {ready.get('error')}")
+            outcome = asyncio.ensure_future(_read_result(reply))
         pending: set[int] = set()
         harvester = None
         if options.mode == "copy":
@@ -391,11 +436,10 @@ async def migrate_out(machine: MachineLike, channel: Channel, options: Migration
         if harvester is not None:
             t_pre = clock()
             harvester.fetch_and_clear()
-            await _precopy(memory, writer, harvester, options, hooks, report, pending, clock)
+            await _precopy(memory, writer, harvester, options, hooks, report, pending, clock, outcome)
             report.precopy_s = clock() - t_pre
-            reasons = [r for name, device in devices.items() for r in blockers(name, device, options.mode)]
-            if reasons:
-                raise MigrationError("migration refused before anything stopped: " + "; ".join(reasons))
+            await _refuse_if_blocked(devices, options.mode)
+        _check_outcome(outcome)
         await _call(hooks.pause_guest)
         paused = True
         t_stop = clock()
@@ -418,9 +462,9 @@ async def migrate_out(machine: MachineLike, channel: Channel, options: Migration
             report.device_state_bytes += len(blob)
             await writer.write(RecordType.DEVICE, blob)
         await writer.end()
-        if reply is not None:
+        if outcome is not None:
             async with asyncio.timeout(options.result_timeout):
-                result = (await reply.expect(RecordType.RESULT)).decode()
+                result = await asyncio.shield(outcome)
             if not result.get("ok"):
                 raise DestinationRefused(f"destination refused: {result.get('error')}")
             report.destination = dict(result.get("report") or {})
@@ -429,7 +473,14 @@ async def migrate_out(machine: MachineLike, channel: Channel, options: Migration
         report.downtime_s = clock() - t_stop
         await _call(hooks.switch_over)
     except BaseException as exc:
+        reason = await _destination_reason(outcome) if isinstance(exc, StreamError) else None
         await _abandon(writer, channel, devices, memory, stopped, logging_on, hooks if paused else None, exc)
+        if outcome is not None:
+            outcome.cancel()
+            if not outcome.cancelled() and outcome.done():
+                outcome.exception()
+        if reason is not None:
+            raise DestinationRefused(f"destination refused: {reason}; source resumed") from exc
         if isinstance(exc, MigrationError):
             raise
         if isinstance(exc, TimeoutError):
@@ -449,25 +500,62 @@ async def migrate_out(machine: MachineLike, channel: Channel, options: Migration
 
 async def _precopy(memory: GuestMemory, writer: StreamWriter, harvester: LogHarvester,
                    options: MigrationOptions, hooks: MigrationHooks, report: MigrationReport,
-                   pending: set[int], clock: Callable[[], float]) -> None:
+                   pending: set[int], clock: Callable[[], float],
+                   outcome: asyncio.Future[dict[str, Any]] | None) -> None:
     """Round 0 sends every non-zero page; later rounds the dirty ones, until few remain."""
     gpas: Iterable[int] = _page_gpas(memory)
     for round_no in range(options.max_rounds):
+        _check_outcome(outcome)
         t_round = clock()
-        pages = _snapshot(memory, gpas, skip_zero=round_no == 0)
-        await _send_pages(writer, pages, options.batch_pages)
-        report.pages_sent += len(pages)
+        sent = 0
+        chunk: list[int] = []
+        for gpa in gpas:
+            chunk.append(gpa)
+            if len(chunk) == _SCAN_PAGES:
+                sent += await _copy_chunk(memory, writer, chunk, round_no == 0, options.batch_pages)
+                chunk = []
+        sent += await _copy_chunk(memory, writer, chunk, round_no == 0, options.batch_pages)
+        report.pages_sent += sent
         dirty = harvester.fetch_and_clear()
         report.rounds = round_no + 1
-        info = RoundInfo(round_no, len(pages), len(dirty), clock() - t_round)
+        info = RoundInfo(round_no, sent, len(dirty), clock() - t_round)
         report.round_info.append(info)
-        await writer.write_map(RecordType.ROUND, {"round": round_no, "pages": len(pages)})
+        await writer.write_map(RecordType.ROUND, {"round": round_no, "pages": sent})
         if hooks.progress is not None:
             hooks.progress(info)
         if len(dirty) <= options.converge_pages or round_no + 1 == options.max_rounds:
             pending.update(dirty)
             return
         gpas = [p << PAGE_SHIFT for p in dirty]
+
+
+async def _read_result(reply: StreamReader) -> dict[str, Any]:
+    """The destination's RESULT, read as soon as it arrives (a refusal can come at any time)."""
+    return (await reply.expect(RecordType.RESULT)).decode()
+
+
+def _check_outcome(outcome: asyncio.Future[dict[str, Any]] | None) -> None:
+    """Give up before stopping anything once the destination has refused."""
+    if outcome is None or not outcome.done():
+        return
+    exc = outcome.exception()
+    if exc is not None:
+        raise DestinationRefused(f"destination went away: {exc}") from exc
+    result = outcome.result()
+    if not result.get("ok"):
+        raise DestinationRefused(f"destination refused: {result.get('error')}")
+
+
+async def _destination_reason(outcome: asyncio.Future[dict[str, Any]] | None) -> str | None:
+    """The destination's RESULT error, if it sent one before the stream broke."""
+    if outcome is None:
+        return None
+    try:
+        async with asyncio.timeout(0.5):
+            result = await asyncio.shield(outcome)
+    except (StreamError, TimeoutError, OSError):
+        return None
+    return None if result.get("ok") else str(result.get("error"))
 
 
 async def _abandon(writer: StreamWriter, channel: Channel, devices: Mapping[str, VirtioDevice],

@@ -49,7 +49,6 @@ class UnknownRequiredFieldError(IncompatibleStateError):
     """A state carries a required field this reader does not know."""
 
 
-_Scalar = type | tuple[type, ...]
 
 
 @dataclass(frozen=True)

@@ -298,16 +298,24 @@ class Endpoint:
         """The source side: connect (sockets) or create the file."""
         if self.kind == "file":
             return FileChannel(self.address, "wb")
+        last: BaseException | None = None
         try:
             async with asyncio.timeout(timeout):
-                if self.kind == "tcp":
-                    reader, writer = await asyncio.open_connection(self.address, self.port)
-                    writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                else:
-                    reader, writer = await asyncio.open_unix_connection(self.address)
-        except (OSError, TimeoutError) as exc:
-            raise StreamError(f"cannot connect to {self}: {exc or 'timeout'}") from exc
-        return SocketChannel(reader, writer)
+                while True:
+                    try:
+                        if self.kind == "tcp":
+                            reader, writer = await asyncio.open_connection(self.address, self.port)
+                            writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                        else:
+                            reader, writer = await asyncio.open_unix_connection(self.address)
+                        return SocketChannel(reader, writer)
+                    except (ConnectionRefusedError, FileNotFoundError) as exc:
+                        last = exc
+                        await asyncio.sleep(0.05)
+        except OSError as exc:
+            raise StreamError(f"cannot connect to {self}: {exc}") from exc
+        except TimeoutError:
+            raise StreamError(f"cannot connect to {self} within {timeout} s: {last}") from last
 
     async def listen(self) -> "Listener":
         """The destination side: listen (sockets) or open the file."""

@@ -1,0 +1,163 @@
+"""Migration benchmark; prints JSON.
+
+* ``downtime``: local migration of virtio-blk with 4 queues under guest
+  random read+write load, source stop -> destination running (RESULT
+  received), between two qemu-storage-daemon exports of one image (the
+  in-process backend on a shared image file when qsd is missing).
+* ``stop``: time to stop 1 and 64 devices together (``asyncio.gather``),
+  in-process blk backends with requests in flight (completion latency
+  ``latency_us``, every device's requests submitted at the same moment, so
+  each stop waits for the same in-flight drain) and idle; goal
+  stop(64)/stop(1) <= 1.5 under I/O.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from shadowvmm.backends.vhost_user import VhostUserBackend
+from shadowvmm.config import DeviceConfig
+from shadowvmm.guest.blk import BlkDriver, BlkOp
+from shadowvmm.machine import Machine
+from shadowvmm.migration.harness import BlkLoad, machine_sharing, move_guest
+from shadowvmm.migration.migrate import MigrationHooks, MigrationOptions, _stop_all, migrate_in, migrate_out
+from shadowvmm.migration.stream import Endpoint
+from shadowvmm.testing.peers import PeerMissing, QsdBlk, find_peer
+from shadowvmm.virtio.constants import BlkRequestType
+
+DOWNTIME_GOAL_MS = 5.0
+RATIO_GOAL = 1.5
+
+
+async def one_migration(tmp: Path, sockets: list[Path] | None, image: Path) -> dict:
+    src = Machine(64 << 20)
+    dst = machine_sharing(src.memory)
+    cfg = DeviceConfig("blk0", "vhost-user" if sockets else "inproc",
+                       {} if sockets else {"device": "blk", "image": str(image), "queues": 4, "latency_us": 100},
+                       queue_size=128)
+    if sockets:
+        await src.add_device(cfg, VhostUserBackend({"socket": str(sockets[0]), "device": "blk", "queues": 4}))
+        await dst.add_device(cfg, VhostUserBackend({"socket": str(sockets[1]), "device": "blk", "queues": 4}))
+    else:
+        await src.add_device(cfg)
+        await dst.add_device(cfg)
+    guest = src.guest("blk0")
+    try:
+        driver = BlkDriver(guest)
+        await driver.start(queue_size=128)
+        load = BlkLoad(driver, blocks_per_queue=512, depth=8).start()
+        await asyncio.sleep(0.2)
+        endpoint = Endpoint.parse(f"unix:{tmp / 'bench.sock'}")
+        listener = await endpoint.listen()
+
+        async def incoming():
+            return await migrate_in(dst, await listener.accept(10))
+        task = asyncio.ensure_future(incoming())
+        hooks = MigrationHooks(switch_over=lambda: move_guest(guest, src.device("blk0"), dst.device("blk0"),
+                                                              dst.slots["blk0"].transport))
+        in_flight = sum(q.ring.in_flight for q in guest.queues)
+        report = await migrate_out(src, await endpoint.connect(), MigrationOptions(mode="local"), hooks)
+        await task
+        await listener.close()
+        await asyncio.sleep(0.1)
+        await load.stop()
+        bad = await load.verify()
+        return {"downtime_ms": report.downtime_s * 1e3, "stop_ms": report.stop_s * 1e3, "in_flight": in_flight,
+                "ok": not bad and not load.stats.errors}
+    finally:
+        guest.close()
+        await dst.close()
+        await src.close()
+
+
+async def downtime(runs: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        try:
+            qsd = QsdBlk(tmp, image=tmp / "disk.img", size=64 << 20, create=True, num_queues=4, exports=2,
+                         binary=find_peer("qemu-storage-daemon"))
+        except PeerMissing:
+            qsd = None
+        if qsd is not None:
+            with qsd:
+                results = [await one_migration(tmp, qsd.socket_paths, tmp / "disk.img") for _ in range(runs)]
+            backend = "qemu-storage-daemon (2 exports, 4 queues)"
+        else:
+            (tmp / "disk.img").write_bytes(bytes(64 << 20))
+            results = [await one_migration(tmp, None, tmp / "disk.img") for _ in range(runs)]
+            backend = "inproc (shared image file, 4 queues)"
+    values = [r["downtime_ms"] for r in results]
+    return {"backend": backend, "runs": runs, "median_ms": round(statistics.median(values), 3),
+            "min_ms": round(min(values), 3), "max_ms": round(max(values), 3),
+            "stop_median_ms": round(statistics.median(r["stop_ms"] for r in results), 3),
+            "in_flight_at_start_median": statistics.median(r["in_flight"] for r in results),
+            "all_verified": all(r["ok"] for r in results),
+            "goal_ms": DOWNTIME_GOAL_MS, "meets_goal": statistics.median(values) <= DOWNTIME_GOAL_MS}
+
+
+async def stop_times(count: int, latency_us: int, loaded: bool, rounds: int) -> list[float]:
+    """Median-able stop times; *loaded*: every device has 4 requests in flight, submitted together."""
+    machine = Machine(max(64, count) << 20)
+    guests, drivers = [], []
+    try:
+        for i in range(count):
+            await machine.add_device(DeviceConfig(f"blk{i}", "inproc", {"device": "blk", "size": 1 << 20,
+                                                                        "latency_us": latency_us}, queue_size=16))
+            guest = machine.guest(f"blk{i}")
+            guests.append(guest)
+            driver = BlkDriver(guest, max_request=4096, slots_per_queue=8)
+            await driver.start(queue_size=16)
+            drivers.append(driver)
+        devices = {name: slot.device for name, slot in machine.slots.items()}
+        out = []
+        for _ in range(rounds):
+            await asyncio.sleep(0.01)
+            batches = []
+            if loaded:
+                batches = [asyncio.ensure_future(d.submit([BlkOp(BlkRequestType.OUT, 8 * k, data=bytes(4096))
+                                                           for k in range(4)])) for d in drivers]
+                await asyncio.sleep(0)
+            t0 = time.perf_counter()
+            await _stop_all(devices, 10.0, time.perf_counter)
+            out.append((time.perf_counter() - t0) * 1e3)
+            await asyncio.gather(*(d.resume() for d in devices.values()))
+            await asyncio.gather(*batches)
+        return out
+    finally:
+        for guest in guests:
+            guest.close()
+        await machine.close()
+
+
+async def stop_scaling(latency_us: int, rounds: int) -> dict:
+    out = {}
+    for loaded in (True, False):
+        one = statistics.median(await stop_times(1, latency_us, loaded, rounds))
+        many = statistics.median(await stop_times(64, latency_us, loaded, rounds))
+        key = "under_io" if loaded else "idle"
+        out[key] = {"stop_1_ms": round(one, 3), "stop_64_ms": round(many, 3), "ratio": round(many / one, 2)}
+    out["latency_us"] = latency_us
+    out["goal_ratio"] = RATIO_GOAL
+    out["meets_goal"] = out["under_io"]["ratio"] <= RATIO_GOAL
+    return out
+
+
+async def main(args: argparse.Namespace) -> dict:
+    return {"downtime": await downtime(args.runs), "stop": await stop_scaling(args.latency_us, args.rounds)}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--latency-us", type=int, default=5000)
+    result = asyncio.run(main(parser.parse_args()))
+    json.dump(result, sys.stdout, indent=2)
+    print()

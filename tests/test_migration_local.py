@@ -1,0 +1,212 @@
+"""Local migration (shared guest memory): virtio-blk between two qemu-storage-daemon exports
+of one image under guest load, and seed scenario 2.3 (devices never or half initialised)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from shadowvmm.backends.vhost_user import VhostUserBackend
+from shadowvmm.config import DeviceConfig
+from shadowvmm.device import VirtioDevice
+from shadowvmm.guest.blk import WANTED, BlkDriver
+from shadowvmm.guest.driver import GuestDevice
+from shadowvmm.machine import Machine
+from shadowvmm.migration.harness import BlkLoad, machine_sharing, move_guest
+from shadowvmm.migration.migrate import MigrationHooks, MigrationOptions, migrate_in, migrate_out
+from shadowvmm.migration.stream import Endpoint
+from shadowvmm.testing.peers import QsdBlk
+from shadowvmm.testing.plugin import require_peer
+from shadowvmm.virtio.constants import Feature, Status
+from shadowvmm.workload import StatusWatcher
+
+DRIVER_OK_STATUS = int(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK)
+IMAGE_BYTES = 64 << 20
+
+
+@dataclass
+class Pair:
+    src: Machine
+    dst: Machine
+    tmp: Path
+
+    async def migrate(self, hooks: MigrationHooks | None = None,
+                      options: MigrationOptions = MigrationOptions(mode="local")):
+        endpoint = Endpoint.parse(f"unix:{self.tmp / 'migrate.sock'}")
+        listener = await endpoint.listen()
+        try:
+            incoming = asyncio.ensure_future(self._incoming(listener))
+            report = await migrate_out(self.src, await endpoint.connect(), options, hooks)
+            return report, await incoming
+        finally:
+            await listener.close()
+
+    async def _incoming(self, listener):
+        return await migrate_in(self.dst, await listener.accept(10))
+
+
+@pytest.fixture
+def qsd(tmp_path: Path) -> Iterator[QsdBlk]:
+    binary = require_peer("qemu-storage-daemon")
+    with QsdBlk(tmp_path, image=tmp_path / "disk.img", size=IMAGE_BYTES, create=True, num_queues=4,
+                exports=2, binary=binary) as peer:
+        yield peer
+
+
+def vhost_blk(path: Path) -> VhostUserBackend:
+    return VhostUserBackend({"socket": str(path), "device": "blk", "queues": 4})
+
+
+@pytest.fixture
+async def qsd_pair(qsd: QsdBlk, tmp_path: Path) -> AsyncIterator[Pair]:
+    src = Machine(64 << 20)
+    dst = machine_sharing(src.memory)
+    cfg = DeviceConfig("blk0", "vhost-user", {}, transport="pci", queue_size=128)
+    try:
+        await src.add_device(cfg, vhost_blk(qsd.socket_paths[0]))
+        await dst.add_device(cfg, vhost_blk(qsd.socket_paths[1]))
+        yield Pair(src, dst, tmp_path)
+    finally:
+        await dst.close()
+        await src.close()
+
+
+@pytest.mark.peer
+async def test_blk_local_migration_under_load(qsd_pair: Pair) -> None:
+    src, dst = qsd_pair.src, qsd_pair.dst
+    sdev, ddev = src.device("blk0"), dst.device("blk0")
+    guest = src.guest("blk0")
+    driver = BlkDriver(guest)
+    await driver.start(queue_size=128)
+    assert len(guest.queues) == 4
+    load = BlkLoad(driver, blocks_per_queue=512, depth=8, seed=7).start()
+    watcher = StatusWatcher(guest.status, interval=0.0002)
+    try:
+        await asyncio.sleep(0.4)
+        before = load.completed
+        assert before > 100 and not load.stats.errors
+        assert guest.status() == DRIVER_OK_STATUS
+        log_mark = len(guest.transport.status_log.values)
+        watcher.start()
+        hooks = MigrationHooks(switch_over=lambda: move_guest(guest, sdev, ddev, dst.slots["blk0"].transport))
+        report, incoming = await qsd_pair.migrate(hooks)
+        at_switch = load.completed
+        await asyncio.sleep(0.4)
+        await watcher.stop()
+        await load.stop()
+        assert report.ok and incoming.devices == ["blk0"]
+        assert load.completed > at_switch + 100, "guest I/O did not continue on the destination"
+        assert not load.stats.errors and load.stats.read_mismatches == []
+        assert await load.verify() == []
+        assert ddev.rings_running and sdev.run_state.value == "stopped"
+        assert sorted(ddev.ring_states) == [0, 1, 2, 3]
+        assert watcher.values == {DRIVER_OK_STATUS} and watcher.reads > 10
+        assert guest.transport.status_log.values[log_mark - 1:] == [DRIVER_OK_STATUS]
+        assert sdev.faults.total == ddev.faults.total == 0
+    finally:
+        guest.close()
+
+
+# ---------------------------------------------------------------------- seed scenario 2.3
+
+
+async def continue_init(guest: GuestDevice, wanted: int, queue_size: int = 64, **_: object) -> int:
+    """Finish virtio v1.4 §3.1.1 from wherever the guest left off (no reset)."""
+    t = guest.transport
+    status = guest.status()
+    if not status & Status.ACKNOWLEDGE:
+        t.set_status(Status.ACKNOWLEDGE)
+    if not status & Status.DRIVER:
+        t.set_status(Status.ACKNOWLEDGE | Status.DRIVER)
+    if not status & Status.FEATURES_OK:
+        accepted = t.device_features() & (wanted | Feature.VERSION_1)
+        t.set_driver_features(accepted)
+        t.set_status(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK)
+        assert guest.status() & Status.FEATURES_OK
+        guest.features = accepted
+    guest._start_interrupts()
+    t.set_config_vector(0)
+    for index in range(len(guest.queues), t.num_queues()):
+        guest.queues.append(guest._setup_queue(index, queue_size))
+    guest.driver_ok()
+    return guest.features
+
+
+@dataclass
+class InprocPair(Pair):
+    image: Path = Path()
+
+
+@pytest.fixture
+async def inproc_pair(tmp_path: Path) -> AsyncIterator[InprocPair]:
+    src = Machine(32 << 20)
+    dst = machine_sharing(src.memory)
+    backend = {"device": "blk", "image": str(tmp_path / "disk.img"), "size": 8 << 20, "queues": 2}
+    cfg = DeviceConfig("blk0", "inproc", backend, transport="pci", queue_size=64)
+    try:
+        await src.add_device(cfg)
+        await dst.add_device(cfg)
+        yield InprocPair(src, dst, tmp_path, tmp_path / "disk.img")
+    finally:
+        await dst.close()
+        await src.close()
+
+
+@pytest.mark.parametrize("stage", ["never", "ack_driver", "features_ok"])
+async def test_scenario_2_3_half_initialised_device_migrates(inproc_pair: InprocPair, stage: str) -> None:
+    src, dst = inproc_pair.src, inproc_pair.dst
+    sdev, ddev = src.device("blk0"), dst.device("blk0")
+    guest = src.guest("blk0")
+    t = guest.transport
+    await guest.reset()
+    if stage != "never":
+        t.set_status(Status.ACKNOWLEDGE)
+        t.set_status(Status.ACKNOWLEDGE | Status.DRIVER)
+    if stage == "features_ok":
+        accepted = t.device_features() & (WANTED | Feature.VERSION_1)
+        t.set_driver_features(accepted)
+        t.set_status(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK)
+        guest.features = accepted
+        guest.queues.append(guest._setup_queue(0, 64))
+    status = guest.status()
+    hooks = MigrationHooks(switch_over=lambda: move_guest(guest, sdev, ddev, dst.slots["blk0"].transport))
+    report, _ = await inproc_pair.migrate(hooks)
+    try:
+        assert report.ok and not sdev.started and not ddev.started
+        assert guest.status() == status == ddev.read_status()
+        assert ddev.driver_features == sdev.driver_features
+        if stage == "features_ok":
+            assert ddev.queues[0].enabled and ddev.queues[0].desc == sdev.queues[0].desc
+        driver = BlkDriver(guest)
+        driver.dev.initialize = lambda wanted, **kw: continue_init(guest, wanted, **kw)  # type: ignore[method-assign]
+        await driver.start(queue_size=64)
+        await ddev.settle()
+        assert guest.status() == DRIVER_OK_STATUS and ddev.rings_running and not sdev.started
+        data = bytes(range(256)) * 16
+        await driver.write(8, data, queue=len(guest.queues) - 1)
+        assert await driver.read(8, len(data)) == data
+        assert ddev.faults.total == 0
+    finally:
+        guest.close()
+
+
+async def test_export_requires_stop(inproc_pair: InprocPair) -> None:
+    from shadowvmm.errors import DeviceStateError
+    guest = inproc_pair.src.guest("blk0")
+    try:
+        await BlkDriver(guest).start(queue_size=64)
+        device: VirtioDevice = inproc_pair.src.device("blk0")
+        await device.settle()
+        with pytest.raises(DeviceStateError, match="stopped"):
+            await device.export_state()
+        await device.stop()
+        state = await device.export_state(inproc_pair.src.slots["blk0"].transport)
+        assert state.transport.guest_status == DRIVER_OK_STATUS and len(state.rings) == 2
+        assert state.opaque is not None and state.opaque.implementation == "inproc-blk"
+        await device.resume()
+    finally:
+        guest.close()
