@@ -28,8 +28,10 @@ export SHADOWVMM_VDPA_VM_KERNELS ?= 6.12 6.1
 test: setup peers
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
-bench: setup
+bench: setup peers
 	$(PY) benchmarks/register_access.py
+	$(PY) benchmarks/vhost_user_blk.py
+	$(PY) benchmarks/migration.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
