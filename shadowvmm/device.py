@@ -47,6 +47,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Transparent stop: how long to wait for in-flight requests before GET_VRING_BASE (see _drain).
+DRAIN_TIMEOUT = 5.0
+DRAIN_QUIET = 0.001
+DRAIN_POLL = 0.0002
+
 
 @dataclass
 class QueueRegs:
@@ -163,6 +168,7 @@ class VirtioDevice:
         self.rings_running = False
         self.ring_states: dict[int, RingState] = {}
         self._mem_table_sent = False
+        self._holding_kicks = False
         self._vmm_stop = False
         self._kick_fds: list[int] = []
         self._relay_fds: list[int] = []
@@ -427,6 +433,8 @@ class VirtioDevice:
             self.faults(GuestFault.NOTIFY_INVALID, f"queue {index}")
             return
         self.stats.kicks += 1
+        if self._holding_kicks:
+            return      # a stop is draining the rings; the restart kicks every ring (_kick_all)
         os.eventfd_write(self._kick_fds[index], 1)
 
     # ------------------------------------------------------------------ guest: config and ISR
@@ -747,17 +755,66 @@ class VirtioDevice:
         b = self.backend
         vmm_states = self._stop_vmm_queues()
         running = [q for q in self._backend_queues() if q.set_up]
-        if self.backend_caps & Capability.SUSPEND:
-            await b.suspend()
-        else:
+        self._holding_kicks = True
+        try:
+            if self.backend_caps & Capability.SUSPEND:
+                await b.suspend()
+            else:
+                await self._drain(running)
+                for q in self._disable_order(running):
+                    await b.set_vring_enable(q.index, False)
+            states = {}
             for q in running:
-                await b.set_vring_enable(q.index, False)
-        states = {}
-        for q in running:
-            states[q.index] = await b.get_vring_base(q.index)
+                states[q.index] = await b.get_vring_base(q.index)
+        except BaseException:
+            self._holding_kicks = False
+            self._kick_all()    # the rings may still run: deliver the kicks held meanwhile
+            raise
+        self._holding_kicks = False
         states.update(vmm_states)
         self.ring_states = dict(sorted(states.items()))
         self.rings_running = False
+
+    def _disable_order(self, running: list[QueueRegs]) -> list[QueueRegs]:
+        """virtio-net: every transmitq before any receiveq. A back-end that forwards (testpmd
+        io/macswap) drops what it takes from a transmitq once the receiveq is disabled; with
+        the transmitqs disabled first, frames the guest sends meanwhile stay in its ring."""
+        if self.device_id is DeviceId.NET:
+            return [q for q in running if q.index % 2] + [q for q in running if not q.index % 2]
+        return running
+
+    async def _drain(self, running: list[QueueRegs]) -> None:
+        """Let the back-end finish the requests made available before the stop.
+
+        vhost-user says GET_VRING_BASE returns once in-flight requests are done, but
+        libvhost-user (qemu-storage-daemon 7.2) answers at once and closes its call fd there:
+        a request completing afterwards hits ``eventfd_write(-1)`` and ``vu_panic`` kills the
+        device. Guest kicks are held (see :meth:`notify`); wait until each split ring's used
+        idx reached the avail idx published when the hold began, then for the used idx to stay
+        quiet for DRAIN_QUIET s; at most DRAIN_TIMEOUT s. Not for virtio-net (receive buffers
+        are used only when traffic arrives) nor packed rings (no single used idx to compare).
+        """
+        if self.device_id is DeviceId.NET or self.driver_features & Feature.RING_PACKED or not running:
+            return
+        memory = self.memory
+        target = [(q, memory.load_u16(q.driver + 2)) for q in running]
+        loop = self.loop
+        deadline = loop.time() + DRAIN_TIMEOUT
+        last: list[int] = []
+        quiet_since = loop.time()
+        while True:
+            used = [memory.load_u16(q.device + 2) for q, _ in target]
+            now = loop.time()
+            if used != last:
+                last, quiet_since = used, now
+            reached = all((u - avail) & 0xFFFF < 0x8000 for u, (_, avail) in zip(used, target))
+            if reached and now - quiet_since >= DRAIN_QUIET:
+                return
+            if now >= deadline:
+                log.warning("%s: requests still in flight %.1f s into a stop; stopping anyway",
+                            self.name, DRAIN_TIMEOUT)
+                return
+            await asyncio.sleep(DRAIN_POLL)
 
     async def _restart_rings(self) -> None:
         b = self.backend
@@ -767,8 +824,10 @@ class VirtioDevice:
         elif caps & Capability.RING_RESTART:
             for q in self._backend_queues():
                 if q.set_up:
-                    await self._start_ring(q.index, self._saved_base(q.index))
+                    # The call fd first (QEMU's order): libvhost-user closed it at GET_VRING_BASE,
+                    # and SET_VRING_KICK restarts the ring, which completes pending requests at once.
                     await b.set_vring_call(q.index, self.call_fd(q.index))
+                    await self._start_ring(q.index, self._saved_base(q.index))
             for q in self._backend_queues():
                 if q.set_up and self._queue_active(q):
                     await b.set_vring_enable(q.index, True)
