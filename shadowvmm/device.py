@@ -1029,6 +1029,17 @@ class VirtioDevice:
                 await self.backend.set_vring_addr(VringAddr(q.index, q.desc, q.driver, q.device,
                                                             log=q.device, log_enabled=enabled))
 
+    async def preload_memory_table(self) -> None:
+        """Give the backend the memory table ahead of the first start.
+
+        A migration destination does this during setup, so the table (a
+        round trip per region with CONFIGURE_MEM_SLOTS) is not paid inside
+        the downtime.
+        """
+        if not self._mem_table_sent and not self.started:
+            await self.backend.set_mem_table(self.memory)
+            self._mem_table_sent = True
+
     def take_pending_kicks(self) -> list[int]:
         """Queues whose kick eventfd holds notifications nobody consumed (read and cleared).
 

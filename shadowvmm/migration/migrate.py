@@ -602,6 +602,7 @@ async def migrate_in(machine: MachineLike, channel: Channel, *, digest: bool = F
             hello = (await reader.expect(RecordType.HELLO)).decode()
             report.mode = _check_hello(machine, hello)
             report.devices = list(machine.slots)
+            await asyncio.gather(*(slot.device.preload_memory_table() for slot in machine.slots.values()))
             if answer is not None:
                 await answer.start()
                 await answer.write_map(RecordType.READY, {"ok": True})
