@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from shadowvmm.guest.blk import BlkDriver, BlkOp
 from shadowvmm.machine import Machine
 from shadowvmm.shadow import RunState
 from shadowvmm.testing.peers import QsdBlk
+from shadowvmm.testing.guards import guarded
 from shadowvmm.testing.plugin import require_peer
 from shadowvmm.virtio.constants import BlkFeature, BlkRequestType, Status
 from shadowvmm.workload import StatusWatcher, block_pattern
@@ -54,21 +55,6 @@ def qsd(tmp_path: Path) -> Iterator[QsdBlk]:
     with QsdBlk(tmp_path, image=tmp_path / "disk.img", size=IMAGE_BYTES, create=True, num_queues=QUEUES,
                 exports=2, binary=binary) as peer:
         yield peer
-
-
-async def guarded(device: VirtioDevice, log_tail: Callable[[], str], *coros: Awaitable[object]) -> None:
-    """Run *coros* concurrently; fail at once (not at the timeout) if the backend fails."""
-    async def watchdog() -> None:
-        while device.run_state is not RunState.FAILED:
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"{device.name}: backend failed; peer log:\n{log_tail()}")
-
-    async with asyncio.TaskGroup() as group:
-        dog = group.create_task(watchdog())
-        try:
-            await asyncio.gather(*(group.create_task(c) for c in coros))  # type: ignore[arg-type]
-        finally:
-            dog.cancel()
 
 
 @dataclass

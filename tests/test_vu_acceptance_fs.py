@@ -16,7 +16,7 @@ import errno
 import os
 import random
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from shadowvmm.guest.fs import FsDriver, FuseRequest
 from shadowvmm.guest.fuse import FuseError, MkdirIn, Opcode, WriteIn, WriteOut
 from shadowvmm.machine import Machine
 from shadowvmm.shadow import RunState
+from shadowvmm.testing.guards import guarded
 from shadowvmm.testing.peers import Virtiofsd
 from shadowvmm.virtio.constants import Status
 from shadowvmm.virtio.devcfg import FS_CONFIG_BASE_SIZE, FsConfig
@@ -69,21 +70,6 @@ async def fs(virtiofsd: Virtiofsd) -> AsyncIterator[FsRig]:
         else:
             driver.dev.close()
         await machine.close()
-
-
-async def guarded(device: VirtioDevice, log_tail: Callable[[], str], *coros: Awaitable[object]) -> None:
-    """Run *coros* concurrently; fail at once (not at the timeout) if the backend fails."""
-    async def watchdog() -> None:
-        while device.run_state is not RunState.FAILED:
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"{device.name}: backend failed; peer log:\n{log_tail()}")
-
-    async with asyncio.TaskGroup() as group:
-        dog = group.create_task(watchdog())
-        try:
-            await asyncio.gather(*(group.create_task(c) for c in coros))  # type: ignore[arg-type]
-        finally:
-            dog.cancel()
 
 
 def virtiofsd_processes(marker: str) -> list[int]:
