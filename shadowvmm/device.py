@@ -790,8 +790,8 @@ class VirtioDevice:
         libvhost-user (qemu-storage-daemon 7.2) answers at once and closes its call fd there:
         a request completing afterwards hits ``eventfd_write(-1)`` and ``vu_panic`` kills the
         device. Guest kicks are held (see :meth:`notify`); wait until each split ring's used
-        idx reached the avail idx published when the hold began, then for the used idx to stay
-        quiet for DRAIN_QUIET s; at most DRAIN_TIMEOUT s. Not for virtio-net (receive buffers
+        idx reached the avail idx published when the hold began, then (only if the guest published
+        more since) for the used idx to stay quiet for DRAIN_QUIET s; at most DRAIN_TIMEOUT s. Not for virtio-net (receive buffers
         are used only when traffic arrives) nor packed rings (no single used idx to compare).
         """
         if self.device_id is DeviceId.NET or self.driver_features & Feature.RING_PACKED or not running:
@@ -808,6 +808,8 @@ class VirtioDevice:
             if used != last:
                 last, quiet_since = used, now
             reached = all((u - avail) & 0xFFFF < 0x8000 for u, (_, avail) in zip(used, target))
+            if reached and all(memory.load_u16(q.driver + 2) == avail for q, avail in target):
+                return      # nothing published since the hold: nothing else can be in flight
             if reached and now - quiet_since >= DRAIN_QUIET:
                 return
             if now >= deadline:
