@@ -189,3 +189,50 @@ async def test_backend_failure_sets_needs_reset_and_spares_other_devices() -> No
     bad_guest.close()
     good_guest.close()
     await machine.close()
+
+
+class VhostUserLike(InProcBackend):
+    """The reference backend with vhost-user stop semantics: no SUSPEND/RESUME, rings
+    stopped by GET_VRING_BASE and restarted with NUM/BASE/ADDR/CALL/KICK."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.calls: list[str] = []
+
+    def capabilities(self):
+        from shadowvmm.backends.base import Capability
+        return super().capabilities() & ~(Capability.SUSPEND | Capability.RESUME)
+
+    async def set_vring_call(self, index: int, fd: int) -> None:
+        self.calls.append(f"call{index}")
+        await super().set_vring_call(index, fd)
+
+    async def set_vring_kick(self, index: int, fd: int) -> None:
+        self.calls.append(f"kick{index}")
+        await super().set_vring_kick(index, fd)
+
+
+async def test_ring_restart_path_drains_holds_kicks_and_rewires_call_first() -> None:
+    machine = Machine(32 << 20)
+    backend = VhostUserLike({"device": "blk", "latency_us": 20000})
+    device = await machine.add_device(DeviceConfig("blk0", "inproc", {}), backend=backend)
+    guest = machine.guest("blk0")
+    driver = BlkDriver(guest)
+    await driver.start()
+    first = asyncio.create_task(driver.write(0, b"1" * 512))
+    await asyncio.sleep(0.005)                       # in flight inside the backend
+    stopping = asyncio.create_task(device.stop())
+    await asyncio.sleep(0.002)
+    second = asyncio.create_task(driver.write(8, b"2" * 512))   # kicked during the drain
+    states = await stopping
+    assert first.done(), "the stop returned before the in-flight request completed"
+    assert states[0].base == 1, "the request kicked during the drain reached the backend"
+    await asyncio.sleep(0.03)
+    assert not second.done()
+    backend.calls.clear()
+    await device.resume()
+    assert backend.calls == ["call0", "kick0"], "restart must give the call fd before the kick"
+    await asyncio.wait_for(second, 2)
+    assert await driver.read(8, 512) == b"2" * 512
+    guest.close()
+    await machine.close()
