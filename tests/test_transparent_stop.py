@@ -220,9 +220,11 @@ async def test_ring_restart_path_drains_holds_kicks_and_rewires_call_first() -> 
     driver = BlkDriver(guest)
     await driver.start()
     first = asyncio.create_task(driver.write(0, b"1" * 512))
-    await asyncio.sleep(0.005)                       # in flight inside the backend
+    while not (0 in backend.rings and backend.rings[0].in_flight):   # in flight inside the backend
+        await asyncio.sleep(0.0005)
     stopping = asyncio.create_task(device.stop())
-    await asyncio.sleep(0.002)
+    while not device._holding_kicks:                 # the stop is draining
+        await asyncio.sleep(0.0005)
     second = asyncio.create_task(driver.write(8, b"2" * 512))   # kicked during the drain
     states = await stopping
     assert first.done(), "the stop returned before the in-flight request completed"
