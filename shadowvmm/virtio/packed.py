@@ -21,12 +21,13 @@ import enum
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..backends.base import RingState
 from ..errors import RingError
 from ..memory import GuestMemory
 from .constants import MAX_QUEUE_SIZE
-from .split import DescChain, need_event
+from .split import DescChain, RingAreas, need_event
 
 PACKED_DESC = struct.Struct("<QIHH")  #: pvirtq_desc: addr, len, id, flags (v1.4 §2.8.13)
 #: pvirtq_event_suppress: le16 desc {off:15, wrap:1}, le16 flags (v1.4 §2.8.14)
@@ -104,14 +105,31 @@ def desc_event_due(off_wrap_value: int, size: int, new: int, wrap: bool, count: 
     return need_event(event & 0xFFFF, new, (new - count) & 0xFFFF)
 
 
+def suppression_allows(memory: GuestMemory, area: int, event_idx: bool, size: int, next_idx: int,
+                       wrap: bool, count: int) -> bool:
+    """Whether the other side's event suppression area asks for a notification covering
+    *count* new entries ending before (*next_idx*, *wrap*) (v1.4 §2.8.10, §2.8.21.2)."""
+    if count == 0:
+        return False
+    desc, flags = EVENT_SUPPRESS.unpack(memory.read(area, EVENT_SUPPRESS.size))
+    flags &= _EVENT_FLAGS_MASK
+    if flags == EventFlags.DISABLE:
+        return False
+    if flags == EventFlags.DESC and event_idx:
+        return desc_event_due(desc, size, next_idx, wrap, count)
+    return True
+
+
 @dataclass(frozen=True, slots=True)
-class PackedLayout:
+class PackedLayout(RingAreas):
     """Guest-physical placement of one packed ring (v1.4 §2.8.10.1)."""
 
     size: int
     desc: int
     driver: int
     device: int
+
+    ALIGN: ClassVar[tuple[int, int, int]] = (16, 4, 4)
 
     @staticmethod
     def area_sizes(size: int) -> tuple[int, int, int]:
@@ -122,17 +140,7 @@ class PackedLayout:
         """Size 1..32768 (any value) and alignments 16/4/4 (v1.4 §2.8.10.1)."""
         if not 0 < self.size <= MAX_QUEUE_SIZE:
             raise RingError(f"packed queue size {self.size} is not in 1..{MAX_QUEUE_SIZE}")
-        for name, addr, align in (("desc", self.desc, 16), ("driver", self.driver, 4),
-                                  ("device", self.device, 4)):
-            if addr % align:
-                raise RingError(f"{name} area {addr:#x} is not {align}-byte aligned")
-
-    def check_memory(self, memory: GuestMemory) -> None:
-        """Every area must lie inside guest memory."""
-        d, drv, dev = self.area_sizes(self.size)
-        memory.translate(self.desc, d)
-        memory.translate(self.driver, drv)
-        memory.translate(self.device, dev)
+        self.check_alignment()
 
 
 class PackedDeviceQueue:
@@ -325,15 +333,8 @@ class PackedDeviceQueue:
         Reads the Driver Event Suppression area (v1.4 §2.8.10).
         """
         count, self._unsignalled = self._unsignalled, 0
-        if count == 0:
-            return False
-        desc, flags = EVENT_SUPPRESS.unpack(self.memory.read(self.layout.driver, 4))
-        flags &= _EVENT_FLAGS_MASK
-        if flags == EventFlags.DISABLE:
-            return False
-        if flags == EventFlags.DESC and self.event_idx:
-            return desc_event_due(desc, self.size, self.next_used, self.used_wrap, count)
-        return True
+        return suppression_allows(self.memory, self.layout.driver, self.event_idx, self.size,
+                                  self.next_used, self.used_wrap, count)
 
     def _arm_avail_event(self) -> None:
         self.memory.store_u16(self.layout.device, off_wrap(self.next_avail, self.avail_wrap))
@@ -445,15 +446,8 @@ class PackedDriverQueue:
         Reads the Device Event Suppression area (v1.4 §2.8.21.2).
         """
         count, self._added = self._added, 0
-        if count == 0:
-            return False
-        desc, flags = EVENT_SUPPRESS.unpack(self.memory.read(self.layout.device, 4))
-        flags &= _EVENT_FLAGS_MASK
-        if flags == EventFlags.DISABLE:
-            return False
-        if flags == EventFlags.DESC and self.event_idx:
-            return desc_event_due(desc, self.size, self.next_avail, self.avail_wrap, count)
-        return True
+        return suppression_allows(self.memory, self.layout.device, self.event_idx, self.size,
+                                  self.next_avail, self.avail_wrap, count)
 
     def get_used(self) -> list[tuple[object, int]]:
         """Reap used descriptors: ``(token, bytes written)`` in completion order (v1.4 §2.8.22)."""

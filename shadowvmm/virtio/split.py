@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..errors import RingError
 from ..memory import GuestMemory
@@ -40,14 +41,40 @@ def need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
     return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
 
 
+class RingAreas:
+    """Checks shared by split and packed layouts: the three areas' alignment and bounds."""
+
+    __slots__ = ()
+    #: Alignment of the Descriptor, Driver and Device areas.
+    ALIGN: ClassVar[tuple[int, int, int]]
+
+    def areas(self) -> tuple[tuple[str, int, int, int], ...]:
+        """``(name, gpa, bytes, alignment)`` of each area."""
+        sizes = self.area_sizes(self.size)  # type: ignore[attr-defined]
+        addrs = (self.desc, self.driver, self.device)  # type: ignore[attr-defined]
+        return tuple(zip(("desc", "driver", "device"), addrs, sizes, self.ALIGN))
+
+    def check_alignment(self) -> None:
+        for name, addr, _, align in self.areas():
+            if addr % align:
+                raise RingError(f"{name} area {addr:#x} is not {align}-byte aligned")
+
+    def check_memory(self, memory: GuestMemory) -> None:
+        """Every area must lie inside guest memory."""
+        for _, addr, length, _ in self.areas():
+            memory.translate(addr, length)
+
+
 @dataclass(frozen=True, slots=True)
-class SplitLayout:
+class SplitLayout(RingAreas):
     """Guest-physical placement of one split ring (v1.4 §2.7 table of alignments)."""
 
     size: int
     desc: int
     avail: int
     used: int
+
+    ALIGN: ClassVar[tuple[int, int, int]] = (16, 2, 4)
 
     @property
     def driver(self) -> int:
@@ -67,17 +94,7 @@ class SplitLayout:
     def validate(self) -> None:
         if not 0 < self.size <= MAX_QUEUE_SIZE or self.size & (self.size - 1):
             raise RingError(f"split queue size {self.size} is not a power of 2 <= {MAX_QUEUE_SIZE}")
-        for name, addr, align in (("desc", self.desc, 16), ("avail", self.avail, 2),
-                                  ("used", self.used, 4)):
-            if addr % align:
-                raise RingError(f"{name} area {addr:#x} is not {align}-byte aligned")
-
-    def check_memory(self, memory: GuestMemory) -> None:
-        """Every area must lie inside guest memory."""
-        d, a, u = self.area_sizes(self.size)
-        memory.translate(self.desc, d)
-        memory.translate(self.avail, a)
-        memory.translate(self.used, u)
+        self.check_alignment()
 
 
 @dataclass(slots=True)
