@@ -44,6 +44,14 @@ def machine_info() -> dict[str, Any]:
             "loadavg_1m": round(load[0], 2)}
 
 
+def pin_threads(pid: int, cpu: int) -> list[int]:
+    """Pin every thread of *pid* to *cpu*; returns the thread ids pinned."""
+    tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    for tid in tids:
+        os.sched_setaffinity(tid, {cpu})
+    return tids
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a process has used so far (from /proc)."""
     with open(f"/proc/{pid}/stat") as f:

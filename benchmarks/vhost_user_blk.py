@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import random
 import re
 import sys
@@ -34,7 +35,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Stopwatch, machine_info, profile_table, profiled, run_checked, run_loop  # noqa: E402
+from _common import (Stopwatch, machine_info, pin_threads, profile_table, profiled, run_checked,  # noqa: E402
+                     run_loop)
 
 from shadowvmm.backends.vhost_user import VhostUserBackend  # noqa: E402
 from shadowvmm.config import DeviceConfig  # noqa: E402
@@ -61,9 +63,10 @@ def random_reads(count: int, seed: int) -> list[BlkOp]:
     return [BlkOp(BlkRequestType.IN, rng.randrange(DISK // BLOCK) * sectors, length=BLOCK) for _ in range(count)]
 
 
-def qemu_img_bench(depth: int, count: int) -> dict[str, Any]:
+def qemu_img_bench(depth: int, count: int, cpu: int | None) -> dict[str, Any]:
     """``qemu-img bench`` reading null-co in-process; IOPS from its own elapsed time."""
-    argv = [find_peer("qemu-img"), "bench", "--image-opts", f"driver=null-co,size={DISK},read-zeroes=off",
+    pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
+    argv = [*pin, find_peer("qemu-img"), "bench", "--image-opts", f"driver=null-co,size={DISK},read-zeroes=off",
             "-c", str(count), "-d", str(depth), "-s", str(BLOCK), "-t", "none"]
     out = run_checked(argv)
     match = _COMPLETED.search(out)
@@ -71,7 +74,8 @@ def qemu_img_bench(depth: int, count: int) -> dict[str, Any]:
         raise RuntimeError(f"no 'Run completed' line in qemu-img bench output:\n{out}")
     seconds = float(match[1])
     return {"requests": count, "seconds": seconds, "iops": round(count / seconds),
-            "us_per_request": round(seconds / count * 1e6, 3), "command": " ".join(argv[1:])}
+            "us_per_request": round(seconds / count * 1e6, 3), "command": " ".join(argv[len(pin) + 1:]),
+            "cpu": cpu}
 
 
 async def ours(socket: Path, qsd_pid: int, depths: list[int], counts: dict[int, int],
@@ -120,7 +124,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
                         help="event loop (default uvloop, as `shadowvmm run`)")
     parser.add_argument("--profile", action="store_true", help="add a cProfile pass per depth")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="leave CPU placement to the scheduler (default with 2+ CPUs: this process "
+                             "on the first, qemu-storage-daemon and qemu-img bench on the second)")
     args = parser.parse_args(argv)
+    cpus = sorted(os.sched_getaffinity(0))
+    pinning = None if args.no_pin or len(cpus) < 2 else {"frontend": cpus[0], "backend": cpus[1]}
     depths = [int(d) for d in args.depths.split(",")]
     divisor = QUICK_DIVISOR if args.quick else 1
     ours_counts = {d: max(OURS.get(d, OURS[32]) // divisor, 1000) for d in depths}
@@ -130,10 +139,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     per_depth: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="shadowvmm-bench-") as tmp:
         with QsdBlk(tmp, size=DISK, num_queues=1, name="qsd-null") as qsd:
+            if pinning is not None:
+                pin_threads(qsd.pid, pinning["backend"])
+                os.sched_setaffinity(0, {pinning["frontend"]})
             for depth in depths:
                 got = run_loop(lambda d=depth: ours(qsd.socket_path, qsd.pid, [d], ours_counts, args.profile),
                                args.loop)[depth]
-                ref = qemu_img_bench(depth, img_counts[depth])
+                ref = qemu_img_bench(depth, img_counts[depth], pinning and pinning["backend"])
                 per_depth[f"qd{depth}"] = {"shadowvmm": got, "qemu_img_bench": ref,
                                            "ratio": round(got["iops"] / ref["iops"], 4)}
             node = qsd.argv()[2]
@@ -145,6 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "peer": {"version": version, "blockdev": node},
         "reference": "qemu-img bench on the same null-co driver, in-process, sequential offsets",
         "loop": args.loop,
+        "cpu_pinning": pinning,
         "quick": args.quick,
         "results": per_depth,
         "goal": {"qd32_ratio_at_least": GOAL_QD32, "qd32_ratio": ratio32,

@@ -22,6 +22,7 @@ from ..errors import DeviceStateError, ShadowVmmError
 from ..memory import GuestMemory
 from ..virtio.constants import (BLK_ID_BYTES, BLK_SECTOR_SIZE, BlkFeature, BlkRequestType,
                                 BlkStatus, Feature)
+from ..virtio.split import DescFlags, SplitDriverQueue
 from .driver import GuestDevice, GuestQueue
 
 HEADER = struct.Struct("<IIQ")
@@ -115,6 +116,36 @@ class BlkOp:
     sector: int = 0
     data: bytes = b""      #: OUT payload
     length: int = 0        #: IN length
+
+
+_IN, _OUT, _GET_ID = int(BlkRequestType.IN), int(BlkRequestType.OUT), int(BlkRequestType.GET_ID)
+_NEXT, _WRITE_NEXT = int(DescFlags.NEXT), int(DescFlags.NEXT | DescFlags.WRITE)
+#: Descriptors of a request: header, data, status.
+_CHAIN = 3
+
+
+class _Tag:
+    """A request tag of :meth:`BlkDriver.pipeline`: a slot and its reserved descriptor chain
+    ``header (readable) -> data -> status (writable)``; only the data descriptor's length
+    and direction are rewritten, and only when they change."""
+
+    __slots__ = ("ring", "slot", "chain", "head", "data_len", "data_flags", "op")
+
+    def __init__(self, ring: SplitDriverQueue, slot: Slot, length: int) -> None:
+        self.ring = ring
+        self.slot = slot
+        self.chain = ring.reserve(slot._header, [(slot.data, length), (slot.meta + HEADER.size, 1)])
+        self.head = self.chain[0]
+        self.data_len, self.data_flags = length, _WRITE_NEXT
+        self.op: BlkOp | None = None
+
+    def set_data(self, length: int, flags: int) -> None:
+        self.ring.rewrite(self.chain[1], self.slot.data, length, flags, self.chain[2])
+        self.data_len, self.data_flags = length, flags
+
+    def retire(self, pool: list[Slot]) -> None:
+        self.ring.release(self.chain)
+        pool.append(self.slot)
 
 
 class BlkDriver:
@@ -233,15 +264,170 @@ class BlkDriver:
                        sink: Callable[[BlkOp, bytes], None] | None = None) -> int:
         """Run *ops* keeping *depth* requests in flight on *queue*; returns how many completed.
 
-        The first *depth* requests go out with one kick. Each time the oldest request has
-        completed, every completed request is harvested (status checked, IN data handed to
-        *sink* if given) and as many new requests are added, again with one kick: one
-        wake-up and one notification per batch of completions, as a blk-mq driver does.
+        The first *depth* requests go out with one kick. After each wake-up every completed
+        request is harvested (status checked, IN data handed to *sink* if given) and as many
+        new requests are added, again with one kick: one wake-up and one notification per
+        batch of completions, as a blk-mq driver does. On a split ring each in-flight slot is
+        a tag with a reserved descriptor chain (:meth:`SplitDriverQueue.reserve`), so a
+        request writes its 16-byte header and one avail entry and no future is created.
         """
         q = self.queue(queue)
+        if isinstance(q.ring, SplitDriverQueue):
+            return await self._pipeline_tags(q, ops, depth, sink)
+        return await self._pipeline_generic(q, ops, depth, sink)
+
+    async def _pipeline_tags(self, q: GuestQueue, ops: Iterable[BlkOp], depth: int,
+                             sink: Callable[[BlkOp, bytes], None] | None) -> int:
+        ring: SplitDriverQueue = q.ring
+        if q.on_used is not None:
+            raise DeviceStateError(f"queue {q.index} already runs a pipeline")
         pool = self._slots[q.index]
-        descriptors = 3
-        depth = min(depth, len(pool), q.num_free // descriptors)
+        depth = min(depth, len(pool), ring.num_free // _CHAIN)
+        if depth < 1:
+            raise DeviceStateError(f"queue {q.index}: no room for a request")
+        free_tags = [_Tag(ring, pool.pop(), self.max_request) for _ in range(depth)]
+        tags = list(free_tags)
+        ready: list[tuple[object, int]] = []
+        waiter: list[asyncio.Future | None] = [None]
+
+        def on_used(used: list[tuple[object, int]]) -> None:
+            ready.extend(used)
+            w = waiter[0]
+            if w is not None and not w.done():
+                w.set_result(None)
+
+        q.on_used = on_used
+        loop = self.dev.loop
+        source = iter(ops)
+        max_request, log = self.max_request, self.dev.memory.dirty_log
+        pack, status_at = HEADER.pack_into, HEADER.size
+        in_flight = completed = 0
+        kick_every = max(depth // 4, 8)
+
+        def fill(count: int) -> int:
+            heads: list[int] = []
+            posted: list[_Tag] = []
+            n = 0
+            try:
+                for op in islice(source, count):
+                    kind = op.kind
+                    if kind == _IN:
+                        length, flags = op.length, _WRITE_NEXT
+                    elif kind == _OUT:
+                        length, flags = len(op.data), _NEXT
+                    elif kind == _GET_ID:
+                        length, flags = BLK_ID_BYTES, _WRITE_NEXT
+                    else:
+                        length, flags = 0, 0
+                    if flags and not 0 < length <= max_request:
+                        raise DeviceStateError(f"request of {length} bytes (limit {max_request})")
+                    tag = free_tags.pop()
+                    tag.op = op
+                    slot = tag.slot
+                    meta, off = slot._meta_map, slot._meta_off
+                    pack(meta, off, kind, 0, op.sector)
+                    meta[off + status_at] = 0xFF
+                    if log is not None:
+                        log.mark(slot.meta, status_at + 1)
+                    if not flags:           # FLUSH and other data-less requests: a chain of two
+                        if heads:
+                            ring.post(heads, posted)
+                            heads, posted = [], []
+                        ring.add(slot._header, slot._status, tag)
+                        n += 1
+                        continue
+                    if kind == _OUT:
+                        doff = slot._data_off
+                        slot._data_map[doff:doff + length] = op.data
+                        if log is not None:
+                            log.mark(slot.data, length)
+                    if length != tag.data_len or flags != tag.data_flags:
+                        tag.set_data(length, flags)
+                    heads.append(tag.head)
+                    posted.append(tag)
+                    n += 1
+                    if len(heads) == kick_every:    # let the device start while we fill on
+                        ring.post(heads, posted)
+                        heads, posted = [], []
+                        q.kick()
+            finally:
+                if heads:
+                    ring.post(heads, posted)
+                if n:
+                    q.kick()
+            return n
+
+        try:
+            in_flight = fill(depth)
+            while in_flight:
+                if not ready:
+                    if ring.has_used():
+                        q.reap()        # poll before sleeping (NAPI-style): no loop round trip
+                    if not ready:
+                        waiter[0] = loop.create_future()
+                        await waiter[0]
+                        waiter[0] = None
+                batch = ready[:]
+                ready.clear()
+                harvested = 0
+                try:
+                    for token, written in batch:
+                        if token.__class__ is not _Tag:     # a concurrent submit() on this queue
+                            if not token.done():
+                                token.set_result(written)
+                            continue
+                        harvested += 1
+                        free_tags.append(token)
+                        slot = token.slot
+                        status = slot._meta_map[slot._meta_off + status_at]
+                        op = token.op
+                        if status != BlkStatus.OK:
+                            raise BlkIOError(status, f"{op.kind.name} sector {op.sector}")
+                        if sink is not None and op.kind == _IN:
+                            sink(op, slot.read_data(op.length))
+                except BaseException:
+                    ready[:0] = batch       # the finally resolves the concurrent futures among them
+                    raise
+                in_flight -= harvested
+                completed += harvested
+                in_flight += fill(harvested)
+        finally:
+            self._retire_tags(q, tags, ready, pool)
+        return completed
+
+    @staticmethod
+    def _retire_tags(q: GuestQueue, tags: list[_Tag], ready: list[tuple[object, int]],
+                     pool: list[Slot]) -> None:
+        """Give back the slots and chains; tags the device still holds retire as they complete."""
+        for token, written in ready:
+            if token.__class__ is not _Tag and not token.done():
+                token.set_result(written)
+        held = {id(token) for token in q.ring.tokens.values()}
+        pending = {id(tag) for tag in tags if id(tag) in held}
+        for tag in tags:
+            if id(tag) not in pending:
+                tag.retire(pool)
+        if not pending:
+            q.on_used = None
+            return
+
+        def late(used: list[tuple[object, int]]) -> None:
+            for token, written in used:
+                if token.__class__ is _Tag:
+                    token.retire(pool)
+                    pending.discard(id(token))
+                elif not token.done():
+                    token.set_result(written)
+            if not pending:
+                q.on_used = None
+
+        q.on_used = late
+
+    async def _pipeline_generic(self, q: GuestQueue, ops: Iterable[BlkOp], depth: int,
+                                sink: Callable[[BlkOp, bytes], None] | None) -> int:
+        """:meth:`pipeline` with one future per request (packed rings)."""
+        pool = self._slots[q.index]
+        depth = min(depth, len(pool), q.num_free // _CHAIN)
         if depth < 1:
             raise DeviceStateError(f"queue {q.index}: no room for a request")
         source = iter(ops)
@@ -276,9 +462,8 @@ class BlkDriver:
                         raise BlkIOError(status, f"{op.kind.name} sector {op.sector}")
                     if sink is not None and op.kind == BlkRequestType.IN:
                         sink(op, slot.read_data(op.length))
-                harvested = len(finished)
-                completed += harvested
-                fill(harvested)
+                completed += len(finished)
+                fill(len(finished))
         finally:
             for future, slot, _ in inflight:
                 if future.done():

@@ -33,6 +33,9 @@ class GuestQueue:
         self.vector = vector
         self.completed = 0
         self.notifies = 0
+        #: Takes every reaped ``(token, written)`` batch instead of resolving futures: a
+        #: driver that keeps its own request slots (:meth:`BlkDriver.pipeline`) sets it.
+        self.on_used: Callable[[list[tuple[object, int]]], None] | None = None
 
     @property
     def size(self) -> int:
@@ -68,12 +71,16 @@ class GuestQueue:
         decided not to interrupt (as Linux's virtqueue_enable_cb re-checks).
         """
         count = 0
+        hook = self.on_used
         while True:
             used = self.ring.get_used()
             if not used:
                 break
+            count += len(used)
+            if hook is not None:
+                hook(used)
+                continue
             for future, written in used:
-                count += 1
                 if not future.done():
                     future.set_result(written)
         self.completed += count

@@ -250,6 +250,7 @@ class SplitDeviceQueue:
 
 _NEXT = int(DescFlags.NEXT)
 _WRITE = int(DescFlags.WRITE)
+_MISSING = object()
 
 
 class SplitDriverQueue:
@@ -286,6 +287,7 @@ class SplitDriverQueue:
         region, off = memory.translate(layout.used, u)
         self._used_map, self._used_ring_off = region.mmap, off + 4
         self._used16, self._used_idx16 = region.view16, (off >> 1) + 1
+        self._avail_event16 = (off >> 1) + 2 + 4 * self.size
 
     @property
     def num_free(self) -> int:
@@ -323,16 +325,76 @@ class SplitDriverQueue:
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
         return head
 
+    def reserve(self, out: list[tuple[int, int]], inp: list[tuple[int, int]]) -> list[int]:
+        """Write a chain whose descriptors stay allocated until :meth:`release`.
+
+        A driver's fixed request slot (as Linux blk-mq preallocates per tag): the chain is
+        written once and made available again and again with :meth:`post`, rewriting at
+        most one descriptor (:meth:`rewrite`) per request. Returns the descriptor indexes,
+        head first.
+        """
+        free = self.free
+        count = len(out) + len(inp)
+        if count == 0 or count > len(free):
+            raise RingError(f"need {count} descriptors, {len(free)} free")
+        chain = free[-count:]
+        chain.reverse()
+        del free[-count:]
+        i = 0
+        for bufs, write in ((out, 0), (inp, _WRITE)):
+            for gpa, length in bufs:
+                nxt = chain[i + 1] if i < count - 1 else 0
+                self.rewrite(chain[i], gpa, length, write | (_NEXT if i < count - 1 else 0), nxt)
+                i += 1
+        return chain
+
+    def rewrite(self, index: int, gpa: int, length: int, flags: int, next_index: int) -> None:
+        """Rewrite descriptor *index* of a reserved chain (not while it is available)."""
+        DESC.pack_into(self._desc_map, self._desc_off + DESC_SIZE * index, gpa, length, flags, next_index)
+        dirty = self.memory.dirty_log
+        if dirty is not None:
+            dirty.mark(self.layout.desc + DESC_SIZE * index, DESC_SIZE)
+
+    def post(self, heads: list[int], tokens: list[object]) -> None:
+        """Make reserved chains available (not yet published): one avail entry each."""
+        own = self.tokens
+        ring16, base, size = self._avail16, self._avail_ring16, self.size
+        idx = self.avail_idx
+        dirty = self.memory.dirty_log
+        for head, token in zip(heads, tokens):
+            if head in own:
+                raise RingError(f"descriptor {head} is already available")
+            own[head] = token
+            ring16[base + idx % size] = head
+            if dirty is not None:
+                dirty.mark(self._avail_ring + 2 * (idx % size), 2)
+            idx = (idx + 1) & 0xFFFF
+        self.avail_idx = idx
+
+    def release(self, chain: list[int]) -> None:
+        """Return a reserved chain's descriptors to the free list (it must not be available)."""
+        if chain and chain[0] in self.tokens:
+            raise RingError(f"descriptor {chain[0]} is still available to the device")
+        self.free.extend(reversed(chain))
+
     def publish(self) -> bool:
         """Publish the avail index (one 16-bit store); True if the device wants a kick."""
-        self.memory.store_u16(self.layout.avail + 2, self.avail_idx)
-        old, new = self._kicked_avail, self.avail_idx
+        new = self.avail_idx
+        self._avail16[self._avail_ring16 - 1] = new
+        dirty = self.memory.dirty_log
+        if dirty is not None:
+            dirty.mark(self.layout.avail + 2, 2)
+        old = self._kicked_avail
         self._kicked_avail = new
         if old == new:
             return False
         if self.event_idx:
-            return need_event(self.memory.load_u16(self._avail_event_addr), new, old)
-        return not self.memory.load_u16(self.layout.used) & USED_F_NO_NOTIFY
+            return need_event(self._used16[self._avail_event16], new, old)
+        return not self._used16[self._used_idx16 - 1] & USED_F_NO_NOTIFY
+
+    def has_used(self) -> bool:
+        """Whether the device published used elements not reaped yet (one 16-bit load)."""
+        return self._used16[self._used_idx16] != self.last_used_idx
 
     def get_used(self) -> list[tuple[object, int]]:
         """Reap used elements: ``(token, bytes written)`` in completion order."""
@@ -342,18 +404,25 @@ class SplitDriverQueue:
         size = self.size
         unpack, umap, base = USED_ELEM.unpack_from, self._used_map, self._used_ring_off
         tokens, chains, free = self.tokens, self._chains, self.free
+        take, missing = tokens.pop, _MISSING
         while last != used_idx:
             head, written = unpack(umap, base + 8 * (last % size))
-            if head not in tokens:
+            token = take(head, missing)
+            if token is missing:
                 raise RingError(f"device used unknown descriptor {head}")
-            out.append((tokens.pop(head), written))
-            chain = chains.pop(head)
-            chain.reverse()
-            free.extend(chain)
+            out.append((token, written))
+            if chains:
+                chain = chains.pop(head, None)
+                if chain is not None:       # None: a reserved chain, kept by its driver
+                    chain.reverse()
+                    free.extend(chain)
             last = (last + 1) & 0xFFFF
         self.last_used_idx = last
         if self.event_idx:
-            self.memory.store_u16(self._used_event_addr, last)
+            self._avail16[self._avail_ring16 + size] = last
+            dirty = self.memory.dirty_log
+            if dirty is not None:
+                dirty.mark(self._used_event_addr, 2)
         return out
 
     def set_interrupts(self, enabled: bool) -> None:
