@@ -155,6 +155,12 @@ class GuestMemory:
 
     def translate(self, gpa: int, length: int) -> tuple[MemoryRegion, int]:
         """Region and offset of ``[gpa, gpa+length)``; it must lie in one region."""
+        if len(self.regions) == 1:      # the common layout: no search
+            region = self.regions[0]
+            offset = gpa - region.gpa
+            if offset >= 0 and length >= 0 and offset + length <= region.size:
+                return region, offset
+            raise GuestMemoryError(f"guest access [{gpa:#x}, +{length:#x}) is outside guest memory")
         index = bisect.bisect_right(self._starts, gpa) - 1
         if index >= 0 and length >= 0:
             region = self.regions[index]

@@ -186,3 +186,17 @@ async def test_submit_alongside_a_pipeline_on_the_same_queue() -> None:
     finally:
         guest.close()
         await machine.close()
+
+
+async def test_write_past_the_end_is_an_io_error_and_changes_nothing() -> None:
+    machine, guest, driver = await blk_machine()
+    try:
+        backend = machine.device("blk0").backend
+        with pytest.raises(BlkIOError):
+            await driver.write(DISK // SECTOR - 4, b"x" * 4096)     # 2 KiB past the end
+        assert len(backend.model.image) == DISK
+        await driver.write(DISK // SECTOR - 8, b"y" * 4096)         # the last 4 KiB
+        assert await driver.read(DISK // SECTOR - 8, 4096) == b"y" * 4096
+    finally:
+        guest.close()
+        await machine.close()

@@ -85,6 +85,9 @@ class RngModel:
         pass
 
 
+_STATUS_OK, _STATUS_IOERR = bytes([BlkStatus.OK]), bytes([BlkStatus.IOERR])
+
+
 class BlkModel:
     """virtio-blk (v1.4 §5.2) over a file or an in-memory image."""
 
@@ -139,6 +142,14 @@ class BlkModel:
             os.pwrite(self.fd, data, offset)
 
     def handle(self, memory: GuestMemory, chain: DescChain) -> int:
+        readable = chain.readable
+        if (len(readable) > 1 and readable[0][1] == BLK_REQ_HEADER.size and chain.writable
+                and self.image is not None and not self.read_only):
+            # The usual layout (Linux, the guest model): the header alone in the first buffer;
+            # OUT data goes from guest memory into the image without an intermediate copy.
+            rtype, _, sector = BLK_REQ_HEADER.unpack(memory.read(readable[0][0], BLK_REQ_HEADER.size))
+            if rtype == BlkRequestType.OUT:
+                return self._write_direct(memory, chain, sector)
         out = chain.read(memory)
         if len(out) < BLK_REQ_HEADER.size or not chain.writable:
             raise RingError("virtio-blk request without header or status byte")
@@ -171,6 +182,23 @@ class BlkModel:
             status = BlkStatus.UNSUPP
         chain.write(memory, bytes([status]), skip=data_room)
         return written + 1
+
+    def _write_direct(self, memory: GuestMemory, chain: DescChain, sector: int) -> int:
+        """OUT into the in-memory image straight from the guest's data buffers."""
+        assert self.image is not None
+        offset = sector * BLK_SECTOR_SIZE
+        data = chain.readable[1:]
+        status = _STATUS_OK
+        if offset + sum([length for _, length in data]) > self.size:
+            status = _STATUS_IOERR
+        else:
+            image = self.image
+            for gpa, length in data:
+                image[offset:offset + length] = memory.view(gpa, length)
+                offset += length
+        gpa, length = chain.writable[-1]        # the status byte ends the writable area
+        memory.write(gpa + length - 1, status)
+        return 1
 
     def state(self) -> dict:
         return {"writeback": self.writeback}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Iterable
 
 from ..errors import RingError
 from ..memory import GuestMemory
@@ -31,6 +31,8 @@ class DescFlags(enum.IntFlag):
     WRITE = 2     #: device-writable buffer
     INDIRECT = 4  #: buffer holds an indirect descriptor table (v1.4 §2.7.5.3)
 
+
+_NEXT, _WRITE, _INDIRECT = int(DescFlags.NEXT), int(DescFlags.WRITE), int(DescFlags.INDIRECT)
 
 AVAIL_F_NO_INTERRUPT = 1  #: v1.4 §2.7.6
 USED_F_NO_NOTIFY = 1      #: v1.4 §2.7.8
@@ -137,6 +139,9 @@ class DescChain:
 def walk_descriptors(memory: GuestMemory, table: int, table_size: int, head: int,
                      indirect_ok: bool, readable: list, writable: list) -> None:
     """Follow a descriptor chain from *head* (v1.4 §2.7.5.3 rules enforced)."""
+    region, base = memory.translate(table, DESC_SIZE * table_size)
+    tmap, unpack, translate = region.mmap, DESC.unpack_from, memory.translate
+    rgpa, rsize = region.gpa, region.size
     index = head
     seen = 0
     while True:
@@ -145,25 +150,26 @@ def walk_descriptors(memory: GuestMemory, table: int, table_size: int, head: int
         seen += 1
         if seen > table_size:
             raise RingError("descriptor chain loops")
-        addr, length, flags, nxt = DESC.unpack(memory.read(table + DESC_SIZE * index, DESC_SIZE))
-        if flags & DescFlags.INDIRECT:
+        addr, length, flags, nxt = unpack(tmap, base + DESC_SIZE * index)
+        if flags & _INDIRECT:
             if not indirect_ok:
                 raise RingError("nested or unnegotiated indirect descriptor")
-            if flags & DescFlags.NEXT:
+            if flags & _NEXT:
                 raise RingError("INDIRECT and NEXT both set")
             if length == 0 or length % DESC_SIZE:
                 raise RingError(f"indirect table length {length} is not a multiple of 16")
-            memory.translate(addr, length)
             walk_descriptors(memory, addr, length // DESC_SIZE, 0, False, readable, writable)
             return
-        memory.translate(addr, length)
-        if flags & DescFlags.WRITE:
+        off = addr - rgpa
+        if off < 0 or off + length > rsize:     # not in the table's region: search (or refuse)
+            translate(addr, length)
+        if flags & _WRITE:
             writable.append((addr, length))
         else:
             if writable:
                 raise RingError("device-readable descriptor after a writable one")
             readable.append((addr, length))
-        if not flags & DescFlags.NEXT:
+        if not flags & _NEXT:
             return
         index = nxt
 
@@ -189,9 +195,15 @@ class SplitDeviceQueue:
         self._used_idx_addr = layout.used + 2
         self._used_event_addr = layout.avail + 4 + 2 * self.size
         self._avail_event_addr = layout.used + 4 + 8 * self.size
+        _, a, u = layout.area_sizes(self.size)
+        region, off = memory.translate(layout.avail, a)
+        self._avail16, self._avail_idx16 = region.view16, (off >> 1) + 1
+        region, off = memory.translate(layout.used, u)
+        self._used16, self._used_map, self._used_off = region.view16, region.mmap, off
+        self._avail_event16 = (off >> 1) + 2 + 4 * self.size
 
     def avail_idx(self) -> int:
-        return self.memory.load_u16(self._avail_idx_addr)
+        return self._avail16[self._avail_idx16]
 
     def pending(self) -> int:
         return (self.avail_idx() - self.last_avail_idx) & 0xFFFF
@@ -204,30 +216,40 @@ class SplitDeviceQueue:
         if (avail - self.last_avail_idx) & 0xFFFF > self.size:
             raise RingError(f"avail idx {avail} runs {self.size}+ ahead of {self.last_avail_idx}")
         slot = self.last_avail_idx % self.size
-        head = self.memory.load_u16(self._avail_ring + 2 * slot)
+        head = self._avail16[self._avail_idx16 + 1 + slot]
         readable: list = []
         writable: list = []
         walk_descriptors(self.memory, self.layout.desc, self.size, head, self.indirect,
                          readable, writable)
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         if self.event_idx:
-            self.memory.store_u16(self._avail_event_addr, self.last_avail_idx)
+            self._used16[self._avail_event16] = self.last_avail_idx
+            self._mark(self._avail_event_addr, 2)
         return DescChain(head, readable, writable)
+
+    def _mark(self, gpa: int, length: int) -> None:
+        dirty = self.memory.dirty_log
+        if dirty is not None:
+            dirty.mark(gpa, length)
 
     def push(self, head: int, written: int) -> None:
         """Add one used element and publish it."""
-        slot = self.used_idx % self.size
-        self.memory.write(self._used_ring + 8 * slot, USED_ELEM.pack(head, written))
-        self.used_idx = (self.used_idx + 1) & 0xFFFF
-        self.memory.store_u16(self._used_idx_addr, self.used_idx)
+        self.push_batch(((head, written),))
 
-    def push_batch(self, entries: list[tuple[int, int]]) -> None:
-        """Write several used elements, then publish the index once."""
+    def push_batch(self, entries: Iterable[tuple[int, int]]) -> None:
+        """Write used elements, then publish the index once (one 16-bit store)."""
+        pack, umap, base, size = USED_ELEM.pack_into, self._used_map, self._used_off + 4, self.size
+        idx = first = self.used_idx
         for head, written in entries:
-            slot = self.used_idx % self.size
-            self.memory.write(self._used_ring + 8 * slot, USED_ELEM.pack(head, written))
-            self.used_idx = (self.used_idx + 1) & 0xFFFF
-        self.memory.store_u16(self._used_idx_addr, self.used_idx)
+            pack(umap, base + 8 * (idx % size), head, written)
+            idx = (idx + 1) & 0xFFFF
+        self.used_idx = idx
+        self._used16[(self._used_off >> 1) + 1] = idx
+        if self.memory.dirty_log is not None:
+            count = (idx - first) & 0xFFFF
+            for k in range(count):
+                self._mark(self._used_ring + 8 * ((first + k) % size), 8)
+            self._mark(self._used_idx_addr, 2)
 
     def should_notify(self) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last call."""
@@ -248,8 +270,6 @@ class SplitDeviceQueue:
             self.memory.store_u16(self.layout.used, 0 if enabled else USED_F_NO_NOTIFY)
 
 
-_NEXT = int(DescFlags.NEXT)
-_WRITE = int(DescFlags.WRITE)
 _MISSING = object()
 
 
