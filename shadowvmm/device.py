@@ -174,6 +174,14 @@ class VirtioDevice:
         self._relay_fds: list[int] = []
         self._config_relay_fd = -1
         self._ops: deque[Op] = deque()
+        self._op_running = False
+        self._op_handlers: dict[OpKind, Callable[..., Awaitable[None]]] = {
+            OpKind.RECONCILE: self._op_reconcile,
+            OpKind.CONFIG_WRITE: self._op_config_write,
+            OpKind.VECTOR: self._op_vector,
+            OpKind.QUEUE_RESET: self._op_queue_reset,
+            OpKind.QUEUE_START: self._op_queue_start,
+        }
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._realized = False
@@ -535,9 +543,11 @@ class VirtioDevice:
         try:
             await self._submit_wait(Op(OpKind.RECONCILE))
         except BaseException:
+            # Not stopped: a failed backend (FAILED) recovers through the guest's reset into
+            # a running device, not into a VMM stop nobody will resume.
+            self._vmm_stop = False
             if self.run_state is RunState.STOPPING:
                 self.run_state = RunState.RUNNING
-                self._vmm_stop = False
             raise
         self.run_state = RunState.STOPPED
         self.stats.stops += 1
@@ -571,30 +581,48 @@ class VirtioDevice:
             self._wake.set()
 
     async def _submit_wait(self, op: Op) -> None:
+        """Carry out *op* after every queued one and wait for it.
+
+        With nothing queued or running it runs at once in the caller's task: the same order
+        as through the worker, without the two event-loop hops (worker wake-up, completion)
+        that otherwise each wait behind every other ready callback. Cancelling the caller
+        then cancels the operation midway, which fails the device (DEVICE_NEEDS_RESET).
+        """
+        if not self._ops and not self._op_running and self._wake is not None:
+            try:
+                await self._run_op(op)
+            except asyncio.CancelledError:
+                self._fail(DeviceStateError(f"{self.name}: {op.kind.name} cancelled midway"))
+                raise
+            return
         op.done = self.loop.create_future()
         self._submit(op)
         await op.done
 
+    async def _run_op(self, op: Op) -> None:
+        self._op_running = True
+        try:
+            if self.run_state is not RunState.FAILED or op.kind is OpKind.RECONCILE:
+                await self._op_handlers[op.kind](*op.args)
+        except (BackendError, RingError, GuestMemoryError, OSError) as exc:
+            self._fail(exc)
+            raise
+        finally:
+            self._op_running = False
+            if self._ops and self._wake is not None:
+                self._wake.set()
+
     async def _work(self) -> None:
         assert self._wake is not None
-        handlers: dict[OpKind, Callable[..., Awaitable[None]]] = {
-            OpKind.RECONCILE: self._op_reconcile,
-            OpKind.CONFIG_WRITE: self._op_config_write,
-            OpKind.VECTOR: self._op_vector,
-            OpKind.QUEUE_RESET: self._op_queue_reset,
-            OpKind.QUEUE_START: self._op_queue_start,
-        }
         while True:
-            if not self._ops:
+            if not self._ops or self._op_running:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             op = self._ops.popleft()
             try:
-                if self.run_state is not RunState.FAILED or op.kind is OpKind.RECONCILE:
-                    await handlers[op.kind](*op.args)
+                await self._run_op(op)
             except (BackendError, RingError, GuestMemoryError, OSError) as exc:
-                self._fail(exc)
                 if op.done is not None and not op.done.done():
                     op.done.set_exception(exc)
                 continue
@@ -760,9 +788,12 @@ class VirtioDevice:
             if self.backend_caps & Capability.SUSPEND:
                 await b.suspend()
             else:
-                await self._drain(running)
+                # QEMU's order: disable, then the bases. The drain target is taken at the hold,
+                # so the disables overlap the drain's quiet period instead of following it.
+                target = self._drain_target(running)
                 for q in self._disable_order(running):
                     await b.set_vring_enable(q.index, False)
+                await self._drain(target)
             states = {}
             for q in running:
                 states[q.index] = await b.get_vring_base(q.index)
@@ -783,7 +814,14 @@ class VirtioDevice:
             return [q for q in running if q.index % 2] + [q for q in running if not q.index % 2]
         return running
 
-    async def _drain(self, running: list[QueueRegs]) -> None:
+    def _drain_target(self, running: list[QueueRegs]) -> tuple[float, list[tuple[QueueRegs, int, int]]]:
+        """When the hold began, and each ring's avail and used idx then (empty: no drain)."""
+        if self.device_id is DeviceId.NET or self.driver_features & Feature.RING_PACKED or not running:
+            return 0.0, []
+        load = self.memory.load_u16
+        return self.loop.time(), [(q, load(q.driver + 2), load(q.device + 2)) for q in running]
+
+    async def _drain(self, hold: tuple[float, list[tuple[QueueRegs, int, int]]]) -> None:
         """Let the back-end finish the requests made available before the stop.
 
         vhost-user says GET_VRING_BASE returns once in-flight requests are done, but
@@ -794,14 +832,14 @@ class VirtioDevice:
         more since) for the used idx to stay quiet for DRAIN_QUIET s; at most DRAIN_TIMEOUT s. Not for virtio-net (receive buffers
         are used only when traffic arrives) nor packed rings (no single used idx to compare).
         """
-        if self.device_id is DeviceId.NET or self.driver_features & Feature.RING_PACKED or not running:
+        quiet_since, rings = hold
+        if not rings:
             return
         memory = self.memory
-        target = [(q, memory.load_u16(q.driver + 2)) for q in running]
         loop = self.loop
         deadline = loop.time() + DRAIN_TIMEOUT
-        last: list[int] = []
-        quiet_since = loop.time()
+        target = [(q, avail) for q, avail, _ in rings]
+        last = [used for _, _, used in rings]   # quiet since the hold unless it moved since
         while True:
             used = [memory.load_u16(q.device + 2) for q, _ in target]
             now = loop.time()
@@ -1030,6 +1068,13 @@ class VirtioDevice:
             if q.set_up:
                 await self.backend.set_vring_addr(VringAddr(q.index, q.desc, q.driver, q.device,
                                                             log=q.device, log_enabled=enabled))
+
+    def set_busy_poll(self, seconds: float) -> float:
+        """Let the backend busy-poll its replies for up to *seconds* (a latency-critical phase
+        such as a migration's downtime); returns the previous setting. Backends without
+        request round trips (no ``set_busy_poll``) ignore it and return 0."""
+        setter = getattr(self.backend, "set_busy_poll", None)
+        return float(setter(seconds)) if setter is not None else 0.0
 
     async def preload_memory_table(self) -> None:
         """Give the backend the memory table ahead of the first start.

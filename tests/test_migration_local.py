@@ -17,7 +17,9 @@ from shadowvmm.guest.blk import WANTED, BlkDriver
 from shadowvmm.guest.driver import GuestDevice
 from shadowvmm.machine import Machine
 from shadowvmm.migration.harness import BlkLoad, machine_sharing, move_guest
-from shadowvmm.migration.migrate import MigrationHooks, MigrationOptions, migrate_in, migrate_out
+from shadowvmm.errors import MigrationError
+from shadowvmm.migration.migrate import (AUTO_BUSY_POLL_US, MigrationHooks, MigrationOptions, migrate_in,
+                                         migrate_out)
 from shadowvmm.migration.stream import Endpoint
 from shadowvmm.testing.peers import QsdBlk
 from shadowvmm.testing.plugin import require_peer
@@ -92,6 +94,12 @@ async def test_blk_local_migration_under_load(qsd_pair: Pair) -> None:
         assert guest.status() == DRIVER_OK_STATUS
         log_mark = len(guest.transport.status_log.values)
         watcher.start()
+        polls: dict[str, list[float]] = {"src": [], "dst": []}
+        for side, dev in (("src", sdev), ("dst", ddev)):
+            def record(seconds: float, _dev=dev, _log=polls[side], _set=dev.set_busy_poll) -> float:
+                _log.append(seconds)
+                return _set(seconds)
+            dev.set_busy_poll = record  # type: ignore[method-assign]
         hooks = MigrationHooks(switch_over=lambda: move_guest(guest, sdev, ddev, dst.slots["blk0"].transport))
         report, incoming = await qsd_pair.migrate(hooks)
         at_switch = load.completed
@@ -107,8 +115,20 @@ async def test_blk_local_migration_under_load(qsd_pair: Pair) -> None:
         assert watcher.values == {DRIVER_OK_STATUS} and watcher.reads > 10
         assert guest.transport.status_log.values[log_mark - 1:] == [DRIVER_OK_STATUS]
         assert sdev.faults.total == ddev.faults.total == 0
+        # A lone device busy-polls its backend's replies for the migration, then stops.
+        assert polls == {"src": [AUTO_BUSY_POLL_US / 1e6, 0.0], "dst": [AUTO_BUSY_POLL_US / 1e6, 0.0]}
+        assert sdev.backend.busy_poll == ddev.backend.busy_poll == 0.0
     finally:
         guest.close()
+
+
+def test_busy_poll_option() -> None:
+    assert MigrationOptions().busy_poll_seconds(1) == AUTO_BUSY_POLL_US / 1e6
+    assert MigrationOptions().busy_poll_seconds(2) == 0.0       # spinning would serialize them
+    assert MigrationOptions(busy_poll_us=50).busy_poll_seconds(8) == 50e-6
+    assert MigrationOptions(busy_poll_us=0).busy_poll_seconds(1) == 0.0
+    with pytest.raises(MigrationError, match="busy_poll_us"):
+        MigrationOptions(busy_poll_us=-1).validate()
 
 
 # ---------------------------------------------------------------------- seed scenario 2.3

@@ -238,3 +238,80 @@ async def test_ring_restart_path_drains_holds_kicks_and_rewires_call_first() -> 
     assert await driver.read(8, 512) == b"2" * 512
     guest.close()
     await machine.close()
+
+
+class SlowSuspend(InProcBackend):
+    """SUSPEND takes 50 ms, and records the order of the backend operations."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.order: list[str] = []
+
+    async def suspend(self) -> None:
+        self.order.append("suspend")
+        await asyncio.sleep(0.05)
+        await super().suspend()
+        self.order.append("suspended")
+
+    async def set_config(self, offset: int, data: bytes) -> None:
+        self.order.append("set_config")
+        await super().set_config(offset, data)
+
+
+async def test_guest_operation_during_a_stop_runs_after_it() -> None:
+    """A stop with nothing queued runs at once in the caller's task; a guest register write
+    that arrives meanwhile queues behind it, in order."""
+    machine = Machine(48 << 20)
+    device = await machine.add_device(DeviceConfig("blk0", "inproc", {"device": "blk"}),
+                                      backend=SlowSuspend({"device": "blk"}))
+    guest = machine.guest("blk0")
+    driver = BlkDriver(guest)
+    await driver.start()
+    await device.settle()
+    stop = asyncio.ensure_future(device.stop())
+    await asyncio.sleep(0.01)
+    assert device.backend.order == ["suspend"]
+    guest.transport.write_config(32, 1, 0)          # writeback -> writethrough: a CONFIG_WRITE op
+    await stop
+    await device.settle()
+    assert device.backend.order == ["suspend", "suspended", "set_config"]
+    assert guest.status() == LIVE and device.run_state is RunState.STOPPED
+    await device.resume()
+    await driver.write(0, b"q" * 4096)
+    assert await driver.read(0, 4096) == b"q" * 4096
+    guest.close()
+    await machine.close()
+
+
+async def test_cancelling_a_stop_midway_fails_the_device_visibly() -> None:
+    machine = Machine(48 << 20)
+    device = await machine.add_device(DeviceConfig("blk0", "inproc", {"device": "blk"}),
+                                      backend=SlowSuspend({"device": "blk"}))
+    guest = machine.guest("blk0")
+    driver = BlkDriver(guest)
+    await driver.start()
+    await device.settle()
+    stop = asyncio.ensure_future(device.stop())
+    await asyncio.sleep(0.01)
+    stop.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stop
+    assert device.run_state is RunState.FAILED
+    assert guest.status() & Status.NEEDS_RESET
+    await driver.start()                            # the guest's reset and re-initialisation recover it
+    await driver.write(0, b"r" * 4096)
+    assert await driver.read(0, 4096) == b"r" * 4096
+    guest.close()
+    await machine.close()
+
+
+async def test_held_interrupts_stay_pending_until_released() -> None:
+    machine, device, guest, driver = await make_blk(queues=1, latency_us=0)
+    guest.hold_interrupts()
+    read = asyncio.ensure_future(driver.read(0, 4096))
+    await asyncio.sleep(0.02)
+    assert not read.done() and guest.queues[0].ring.has_used()
+    guest.release_interrupts()
+    assert await asyncio.wait_for(read, 1.0) == bytes(4096)
+    guest.close()
+    await machine.close()

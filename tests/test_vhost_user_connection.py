@@ -451,3 +451,37 @@ async def test_backend_channel_bad_handler_result_keeps_channel(env: Env) -> Non
         assert reply is not None and U64.unpack(reply[2])[0] == 1
     channel = conn.backend_channel
     assert channel is not None and not channel.closed
+
+
+async def test_busy_poll_keeps_every_check(env: Env) -> None:
+    """Spinning for replies changes when they are read, not how they are checked."""
+    before = fd_count()
+    fake = env.fake(queue_num=5).on(F.GET_FEATURES, Send(int(F.GET_FEATURES), GOOD_FEATURES),
+                                    MALFORMED["extra fds"])
+    conn = await env.connect(fake, timeout=1.0)
+    conn.busy_poll = 0.005
+    await negotiate(conn, PF.MQ | PF.REPLY_ACK)
+    for _ in range(20):
+        assert (await conn.request(F.GET_QUEUE_NUM)).payload == vu.U64(5)
+        await conn.request(F.SET_VRING_NUM, vu.VringState(0, 64))
+    with pytest.raises(ProtocolError):
+        await conn.request(F.GET_FEATURES)
+    assert conn.runstate is Runstate.DISCONNECTED
+    await conn.disconnect()
+    fake.stop()
+    assert fd_count() == before
+
+
+async def test_busy_poll_leaves_a_late_reply_to_the_reader(env: Env) -> None:
+    def late(message: Received) -> Send:
+        time.sleep(0.05)
+        return Send(int(F.GET_QUEUE_NUM), U64.pack(9))
+
+    fake = env.fake().on(F.GET_QUEUE_NUM, late)
+    conn = await env.connect(fake, timeout=2.0)
+    conn.busy_poll = 0.001
+    await negotiate(conn, PF.MQ)
+    start = time.monotonic()
+    assert (await conn.request(F.GET_QUEUE_NUM)).payload == vu.U64(9)
+    assert time.monotonic() - start >= 0.05
+    assert conn.runstate is Runstate.RUNNING

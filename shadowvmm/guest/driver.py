@@ -102,6 +102,7 @@ class GuestDevice:
         self.on_config_change: Callable[[], None] | None = None
         self.config_changes = 0
         self._readers: list[int] = []
+        self._held = False
 
     # ------------------------------------------------------------------ status
 
@@ -184,6 +185,17 @@ class GuestDevice:
             self._start_interrupts()
 
     # ------------------------------------------------------------------ interrupts
+
+    def hold_interrupts(self) -> None:
+        """Stop taking interrupts, as a paused vCPU: they stay pending in their eventfds."""
+        self._held = bool(self._readers)
+        self._stop_interrupts()
+
+    def release_interrupts(self) -> None:
+        """Undo :meth:`hold_interrupts`; the pending interrupts are taken first."""
+        if self._held:
+            self._held = False
+            self._start_interrupts()
 
     def _start_interrupts(self) -> None:
         self._stop_interrupts()

@@ -103,6 +103,10 @@ class BlkLoad:
         self._gate.clear()
         await asyncio.gather(*(event.wait() for event in self._idle))
 
+    def freeze(self) -> None:
+        """Stop submitting new batches at once (vCPUs paused); what is in flight stays in flight."""
+        self._gate.clear()
+
     def resume(self) -> None:
         self._gate.set()
 

@@ -28,6 +28,7 @@ travel in the stream).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -35,7 +36,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Iterable, Mapping, Protocol
+from typing import Any, Awaitable, Callable, Iterable, Iterator, Mapping, Protocol
 
 from ..backends.base import Capability
 from ..device import VirtioDevice
@@ -70,7 +71,13 @@ class MachineLike(Protocol):
 
 @dataclass(frozen=True)
 class MigrationOptions:
-    """Tunables; ``stop_timeout`` bounds each device's stop (seconds)."""
+    """Tunables; ``stop_timeout`` bounds each device's stop (seconds).
+
+    ``busy_poll_us``: from the stop to the end, each device's backend spins up to this long
+    for every reply instead of sleeping (:meth:`VirtioDevice.set_busy_poll`). Spinning holds
+    the event loop, which serializes the round trips of devices stopped together, so the
+    default (None) spins :data:`AUTO_BUSY_POLL_US` for a single device and not at all for more.
+    """
 
     mode: str = "copy"
     stop_timeout: float = 0.1
@@ -81,12 +88,40 @@ class MigrationOptions:
     result_timeout: float = 30.0
     include_opaque: bool = True
     digest: bool = False
+    busy_poll_us: int | None = None
+
+    def busy_poll_seconds(self, devices: int) -> float:
+        if self.busy_poll_us is None:
+            return auto_busy_poll(devices)
+        return self.busy_poll_us / 1e6
 
     def validate(self) -> None:
         if self.mode not in MODES:
             raise MigrationError(f"memory model {self.mode!r} is not one of {MODES}")
         if not self.stop_timeout > 0 or self.max_rounds < 1 or self.batch_pages < 1:
             raise MigrationError("stop_timeout must be > 0, max_rounds and batch_pages >= 1")
+        if self.busy_poll_us is not None and not 0 <= self.busy_poll_us <= 100_000:
+            raise MigrationError(f"busy_poll_us must be in [0, 100000], not {self.busy_poll_us}")
+
+
+#: Reply busy-poll of a lone migrating device (µs): about one backend round trip's worth.
+AUTO_BUSY_POLL_US = 300
+
+
+def auto_busy_poll(devices: int) -> float:
+    """Busy-poll seconds for *devices* migrating together (:class:`MigrationOptions`)."""
+    return AUTO_BUSY_POLL_US / 1e6 if devices == 1 else 0.0
+
+
+@contextlib.contextmanager
+def _busy_polling(devices: Iterable[VirtioDevice], seconds: float) -> Iterator[None]:
+    """Busy-poll backend replies while the block runs, then restore each previous setting."""
+    previous = [(device, device.set_busy_poll(seconds)) for device in devices] if seconds > 0 else []
+    try:
+        yield
+    finally:
+        for device, before in previous:
+            device.set_busy_poll(before)
 
 
 @dataclass
@@ -410,6 +445,7 @@ async def migrate_out(machine: MachineLike, channel: Channel, options: Migration
     logging_on = False
     stopped = False
     paused = False
+    polling = contextlib.ExitStack()
     try:
         await writer.start()
         await writer.write_map(RecordType.HELLO, {
@@ -444,6 +480,7 @@ async def migrate_out(machine: MachineLike, channel: Channel, options: Migration
         paused = True
         t_stop = clock()
         stopped = True
+        polling.enter_context(_busy_polling(devices.values(), options.busy_poll_seconds(len(devices))))
         report.stop_times_s = await _stop_all(devices, options.stop_timeout, clock)
         report.stop_s = clock() - t_stop
         final: list[tuple[int, bytes]] = []
@@ -475,6 +512,7 @@ async def migrate_out(machine: MachineLike, channel: Channel, options: Migration
     except BaseException as exc:
         reason = await _destination_reason(outcome) if isinstance(exc, StreamError) else None
         await _abandon(writer, channel, devices, memory, stopped, logging_on, hooks if paused else None, exc)
+        polling.close()
         if outcome is not None:
             outcome.cancel()
             if not outcome.cancelled() and outcome.done():
@@ -489,6 +527,7 @@ async def migrate_out(machine: MachineLike, channel: Channel, options: Migration
         if isinstance(exc, (ShadowVmmError, OSError)):
             raise MigrationError(f"migration abandoned, source resumed: {exc}") from exc
         raise
+    polling.close()
     if logging_on:
         memory.disable_dirty_log()
     report.bytes_sent = writer.bytes
@@ -583,7 +622,7 @@ async def _abandon(writer: StreamWriter, channel: Channel, devices: Mapping[str,
 
 
 async def migrate_in(machine: MachineLike, channel: Channel, *, digest: bool = False,
-                     timeout: float | None = 60.0,
+                     timeout: float | None = 60.0, busy_poll_us: int | None = None,
                      clock: Callable[[], float] = time.perf_counter) -> DestinationReport:
     """Receive a migration into *machine*, whose devices are realized and never touched by a guest.
 
@@ -596,6 +635,15 @@ async def migrate_in(machine: MachineLike, channel: Channel, *, digest: bool = F
     reader = StreamReader(channel)
     answer = StreamWriter(channel) if channel.duplex else None
     report = DestinationReport()
+    devices = [slot.device for slot in machine.slots.values()]
+    poll = auto_busy_poll(len(devices)) if busy_poll_us is None else busy_poll_us / 1e6
+    with _busy_polling(devices, poll):
+        return await _migrate_in(machine, channel, reader, answer, report, digest, timeout, clock)
+
+
+async def _migrate_in(machine: MachineLike, channel: Channel, reader: StreamReader, answer: StreamWriter | None,
+                      report: DestinationReport, digest: bool, timeout: float | None,
+                      clock: Callable[[], float]) -> DestinationReport:
     try:
         async with asyncio.timeout(timeout):
             await reader.start()

@@ -110,8 +110,10 @@ class VhostUserBackend:
     *config* keys: ``socket`` (path, required), ``device`` (one of
     :data:`DEVICES`, required), ``timeout`` (seconds per request, default 5),
     ``queues`` (queue count; must not exceed GET_QUEUE_NUM with MQ),
-    ``config_size`` (config bytes served, default per device type) and
-    ``protocol_features`` (mask further restricting what is acknowledged).
+    ``config_size`` (config bytes served, default per device type),
+    ``protocol_features`` (mask further restricting what is acknowledged) and
+    ``busy_poll_us`` (spin up to this long for each reply before sleeping, default 0;
+    :meth:`set_busy_poll` changes it at run time, as migration does for its downtime).
     Other keys are ignored. *connector* replaces the unix-socket connector.
     """
 
@@ -138,6 +140,7 @@ class VhostUserBackend:
         self._protocol_mask = PF(int(SUPPORTED_PROTOCOL_FEATURES) & (mask if mask is not None else -1))
         self._loop = loop
         self._connector = connector or unix_connector(self.socket_path)
+        self.busy_poll = (_int_option(config, "busy_poll_us", 0, 100_000) or 0) / 1e6
         self._conn: Connection | None = None
         self._config_change: ConfigChangeHandler | None = None
         self._reset_session()
@@ -197,6 +200,13 @@ class VhostUserBackend:
             caps |= Capability.DIRTY_LOG
         return caps
 
+    def set_busy_poll(self, seconds: float) -> float:
+        """Busy-poll each reply for up to *seconds* (0: off); returns the previous setting."""
+        previous, self.busy_poll = self.busy_poll, max(0.0, seconds)
+        if self._conn is not None:
+            self._conn.busy_poll = self.busy_poll
+        return previous
+
     async def connect(self) -> None:
         """Connect and run the realize handshake (module docstring)."""
         if self._conn is not None and self._conn.runstate is Runstate.RUNNING:
@@ -205,6 +215,7 @@ class VhostUserBackend:
         conn = Connection(self._connector, timeout=self.timeout, loop=self._loop,
                           name=f"vhost-user {self.socket_path}",
                           backend_handlers={vu.BackendRequest.CONFIG_CHANGE_MSG: self._on_config_change})
+        conn.busy_poll = self.busy_poll
         await conn.connect()
         try:
             await self._handshake(conn)
