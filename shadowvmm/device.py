@@ -27,8 +27,8 @@ import logging
 import os
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping
 
 from .backends.base import Backend, Capability, RingState, VringAddr
 from .errors import BackendError, DeviceStateError, GuestMemoryError, RingError
@@ -82,6 +82,15 @@ class QueueRegs:
     @property
     def set_up(self) -> bool:
         return self.enabled and self.desc != 0
+
+
+@dataclass
+class Staged:
+    """Start messages a migration destination sent ahead of the state (:meth:`VirtioDevice.prestage`)."""
+
+    features: int | None = None
+    calls: dict[int, int] = field(default_factory=dict)
+    sizes: dict[int, int] = field(default_factory=dict)
 
 
 class Interrupts:
@@ -168,6 +177,8 @@ class VirtioDevice:
         self.rings_running = False
         self.ring_states: dict[int, RingState] = {}
         self._mem_table_sent = False
+        #: What :meth:`prestage` sent ahead of the first start (features word, call fds, sizes).
+        self._staged: Staged | None = None
         self._holding_kicks = False
         self._vmm_stop = False
         self._kick_fds: list[int] = []
@@ -647,9 +658,10 @@ class VirtioDevice:
         if shadow.reset_pending:
             if self.rings_running:
                 await self._stop_rings()
-            if self.started:
+            if self.started or self._staged is not None:
                 await self.backend.reset()
             self.started = False
+            self._staged = None
             self.ring_states.clear()
             self.vmm_queues = {}
             self.active_queues = None
@@ -710,15 +722,21 @@ class VirtioDevice:
         """Device start in QEMU's order (vhost_dev_start)."""
         b = self.backend
         self.vmm_queues = {i: VmmQueue(self, i, h) for i, h in vmm_queue_handlers(self).items()}
-        await b.set_features(self.backend_feature_word())
+        staged, self._staged = self._staged or Staged(), None
+        word = self.backend_feature_word()
+        if staged.features != word:
+            await b.set_features(word)
         for q in self._backend_queues():
-            await b.set_vring_call(q.index, self.call_fd(q.index))
+            fd = self.call_fd(q.index)
+            if staged.calls.get(q.index) != fd:
+                await b.set_vring_call(q.index, fd)
         if not self._mem_table_sent:
             await b.set_mem_table(self.memory)
             self._mem_table_sent = True
         for q in self._backend_queues():
             if q.set_up:
-                await self._start_ring(q.index, self._saved_base(q.index))
+                await self._start_ring(q.index, self._saved_base(q.index),
+                                       num_sent=staged.sizes.get(q.index) == q.size)
         for q in self._backend_queues():
             if q.set_up and self._queue_active(q):
                 await b.set_vring_enable(q.index, True)
@@ -763,10 +781,11 @@ class VirtioDevice:
             return RingState.packed(index, 0, True, 0, True).base
         return 0
 
-    async def _start_ring(self, index: int, base: int) -> None:
+    async def _start_ring(self, index: int, base: int, *, num_sent: bool = False) -> None:
         q = self.queues[index]
         b = self.backend
-        await b.set_vring_num(index, q.size)
+        if not num_sent:
+            await b.set_vring_num(index, q.size)
         await b.set_vring_base(index, base)
         await b.set_vring_addr(VringAddr(index, q.desc, q.driver, q.device, log=q.device,
                                          log_enabled=self.dirty_logging))
@@ -1068,6 +1087,55 @@ class VirtioDevice:
             if q.set_up:
                 await self.backend.set_vring_addr(VringAddr(q.index, q.desc, q.driver, q.device,
                                                             log=q.device, log_enabled=enabled))
+
+    def start_preview(self) -> dict[str, Any] | None:
+        """What a migration destination may send its backend before the device state arrives.
+
+        The driver features, MSI-X routing and, per started queue, ``[index, size, vector]``:
+        the SET_FEATURES, SET_VRING_CALL and SET_VRING_NUM of the destination's start, which
+        do not depend on where the rings stopped. None when there is nothing to start (no
+        DRIVER_OK) or the VMM serves a queue itself.
+        """
+        if not self.shadow.driver_ok or self.vmm_queues or self.interrupts is None:
+            return None
+        return {"features": self.driver_features, "msix": bool(self.interrupts.msix_enabled),
+                "queues": [[q.index, q.size, q.msix_vector] for q in self._backend_queues() if q.set_up]}
+
+    async def prestage(self, preview: Mapping[str, Any]) -> None:
+        """Send the backend what a source's :meth:`start_preview` fixes, ahead of its state.
+
+        The start after :meth:`import_state` skips what was staged with the values the state
+        has and sends what differs (the guest changed it since the preview). Only on a freshly
+        realized, untouched device; a malformed preview is refused before anything is sent.
+        """
+        self._require_realized()
+        if self.started or self.shadow.guest_status or self._ops or self._staged is not None:
+            raise DeviceStateError(f"{self.name}: prestage needs a freshly realized, untouched device")
+        ints = self.interrupts
+        assert ints is not None
+        features, msix, queues = preview.get("features"), preview.get("msix"), preview.get("queues")
+        entries: list[tuple[int, int, int]] = []
+        if not isinstance(features, int) or isinstance(features, bool) or not 0 <= features < 1 << 64 \
+                or not isinstance(msix, bool) or not isinstance(queues, list):
+            raise DeviceStateError(f"{self.name}: malformed start preview {preview!r}")
+        for entry in queues:
+            if not (isinstance(entry, list) and len(entry) == 3 and all(type(v) is int for v in entry)):
+                raise DeviceStateError(f"{self.name}: malformed start preview queue {entry!r}")
+            index, size, vector = entry
+            if not 0 <= index < self.num_queues or not 0 < size <= self.queues[index].max_size \
+                    or not (vector == NO_VECTOR or 0 <= vector < ints.vectors):
+                raise DeviceStateError(f"{self.name}: start preview queue {entry!r} does not fit this device")
+            entries.append((index, size, vector))
+        b = self.backend
+        staged = Staged(self.policy.to_backend(features))
+        self._staged = staged
+        await b.set_features(staged.features)
+        for index, size, vector in entries:
+            fd = ints.vector_fds[vector] if msix and vector != NO_VECTOR else self._relay_fds[index]
+            await b.set_vring_call(index, fd)
+            staged.calls[index] = fd
+            await b.set_vring_num(index, size)
+            staged.sizes[index] = size
 
     def set_busy_poll(self, seconds: float) -> float:
         """Let the backend busy-poll its replies for up to *seconds* (a latency-critical phase

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from shadowvmm.backends.inproc import InProcBackend
 from shadowvmm.backends.vhost_user import VhostUserBackend
 from shadowvmm.config import DeviceConfig
 from shadowvmm.device import VirtioDevice
@@ -17,7 +18,7 @@ from shadowvmm.guest.blk import WANTED, BlkDriver
 from shadowvmm.guest.driver import GuestDevice
 from shadowvmm.machine import Machine
 from shadowvmm.migration.harness import BlkLoad, machine_sharing, move_guest
-from shadowvmm.errors import MigrationError
+from shadowvmm.errors import DeviceStateError, MigrationError
 from shadowvmm.migration.migrate import (AUTO_BUSY_POLL_US, MigrationHooks, MigrationOptions, migrate_in,
                                          migrate_out)
 from shadowvmm.migration.stream import Endpoint
@@ -230,3 +231,107 @@ async def test_export_requires_stop(inproc_pair: InprocPair) -> None:
         await device.resume()
     finally:
         guest.close()
+
+
+# ---------------------------------------------------------------------- start preview (prestage)
+
+
+class Recording(InProcBackend):
+    """The in-process backend, recording the start messages it gets."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.log: list[str] = []
+
+    async def set_features(self, features: int) -> None:
+        self.log.append("features")
+        await super().set_features(features)
+
+    async def set_vring_call(self, index: int, fd: int) -> None:
+        self.log.append(f"call{index}")
+        await super().set_vring_call(index, fd)
+
+    async def set_vring_num(self, index: int, num: int) -> None:
+        self.log.append(f"num{index}={num}")
+        await super().set_vring_num(index, num)
+
+    async def set_vring_base(self, index: int, base: int) -> None:
+        self.log.append(f"base{index}")
+        await super().set_vring_base(index, base)
+
+
+@pytest.fixture
+async def recording_pair(tmp_path: Path) -> AsyncIterator[InprocPair]:
+    src = Machine(32 << 20)
+    dst = machine_sharing(src.memory)
+    backend = {"device": "blk", "image": str(tmp_path / "disk.img"), "size": 8 << 20, "queues": 2}
+    cfg = DeviceConfig("blk0", "inproc", backend, transport="pci", queue_size=64)
+    try:
+        await src.add_device(cfg)
+        await dst.add_device(cfg, Recording(backend))
+        yield InprocPair(src, dst, tmp_path, tmp_path / "disk.img")
+    finally:
+        await dst.close()
+        await src.close()
+
+
+async def test_destination_stages_what_the_preview_fixes(recording_pair: InprocPair) -> None:
+    src, dst = recording_pair.src, recording_pair.dst
+    sdev, ddev = src.device("blk0"), dst.device("blk0")
+    guest = src.guest("blk0")
+    driver = BlkDriver(guest)
+    await driver.start(queue_size=32)
+    await driver.write(0, b"p" * 4096)
+    preview = sdev.start_preview()
+    assert preview == {"features": sdev.driver_features, "msix": True, "queues": [[0, 32, 1], [1, 32, 2]]}
+    hooks = MigrationHooks(switch_over=lambda: move_guest(guest, sdev, ddev, dst.slots["blk0"].transport))
+    try:
+        report, _ = await recording_pair.migrate(hooks)
+        assert report.ok
+        # Staged at setup, each once; the start after the state sends only the bases on.
+        assert ddev.backend.log == ["features", "call0", "num0=32", "call1", "num1=32", "base0", "base1"]
+        assert await driver.read(0, 4096) == b"p" * 4096
+        await driver.write(8, b"q" * 4096, queue=1)
+        assert await driver.read(8, 4096, queue=1) == b"q" * 4096
+    finally:
+        guest.close()
+
+
+async def test_a_stale_preview_is_corrected_at_start(recording_pair: InprocPair) -> None:
+    """The guest changed sizes and routing after the preview: the start re-sends what differs."""
+    src, dst = recording_pair.src, recording_pair.dst
+    sdev, ddev = src.device("blk0"), dst.device("blk0")
+    guest = src.guest("blk0")
+    driver = BlkDriver(guest)
+    await driver.start(queue_size=32)
+    stale = {"features": sdev.driver_features & ~int(Feature.EVENT_IDX), "msix": True,
+             "queues": [[0, 16, 1], [1, 32, 2]]}
+    await ddev.prestage(stale)
+    await sdev.stop()
+    state = await sdev.export_state(src.slots["blk0"].transport)
+    await ddev.import_state(state, dst.slots["blk0"].transport)
+    try:
+        assert ddev.backend.log == ["features", "call0", "num0=16", "call1", "num1=32",
+                                    "features", "num0=32", "base0", "base1"]
+        move_guest(guest, sdev, ddev, dst.slots["blk0"].transport)
+        await driver.write(16, b"s" * 4096)
+        assert await driver.read(16, 4096) == b"s" * 4096
+    finally:
+        guest.close()
+
+
+@pytest.mark.parametrize("preview", [
+    {"features": "x", "msix": True, "queues": []},
+    {"features": 1, "msix": 1, "queues": []},
+    {"features": 1, "msix": True, "queues": [[0, 64]]},
+    {"features": 1, "msix": True, "queues": [[5, 64, 1]]},        # no queue 5
+    {"features": 1, "msix": True, "queues": [[0, 4096, 1]]},      # beyond queue_num_max
+    {"features": 1, "msix": True, "queues": [[0, 64, 77]]},       # no such vector
+    {"features": -1, "msix": True, "queues": []},
+], ids=["features-type", "msix-type", "short-entry", "queue-index", "queue-size", "vector", "negative"])
+async def test_malformed_preview_is_refused_before_anything_is_sent(recording_pair: InprocPair,
+                                                                     preview: dict) -> None:
+    ddev = recording_pair.dst.device("blk0")
+    with pytest.raises(DeviceStateError, match="preview"):
+        await ddev.prestage(preview)
+    assert ddev.backend.log == []

@@ -451,8 +451,8 @@ async def migrate_out(machine: MachineLike, channel: Channel, options: Migration
         await writer.write_map(RecordType.HELLO, {
             "mode": options.mode, "memory": memory_layout(memory),
             "identity": memory_identity(memory) if options.mode == "local" else [],
-            "devices": [{"name": n, "device_id": int(d.device_id), "queues": d.num_queues}
-                        for n, d in devices.items()]})
+            "devices": [{"name": n, "device_id": int(d.device_id), "queues": d.num_queues,
+                         "preview": d.start_preview()} for n, d in devices.items()]})
         if reply is not None:
             async with asyncio.timeout(options.ready_timeout):
                 await reply.start()
@@ -651,6 +651,7 @@ async def _migrate_in(machine: MachineLike, channel: Channel, reader: StreamRead
             report.mode = _check_hello(machine, hello)
             report.devices = list(machine.slots)
             await asyncio.gather(*(slot.device.preload_memory_table() for slot in machine.slots.values()))
+            await _prestage(machine, hello)
             if answer is not None:
                 await answer.start()
                 await answer.write_map(RecordType.READY, {"ok": True})
@@ -709,6 +710,21 @@ def _check_hello(machine: MachineLike, hello: dict[str, Any]) -> str:
                                          f"queues, destination {int(slot.device.device_id)} with "
                                          f"{slot.device.num_queues}")
     return mode
+
+
+async def _prestage(machine: MachineLike, hello: dict[str, Any]) -> None:
+    """Send each destination backend the start messages the source's preview fixes, so that
+    the downtime carries only what depends on where the rings stopped."""
+    previews = {d.get("name"): d.get("preview") for d in hello["devices"] if isinstance(d, dict)}
+    staged = []
+    for name, slot in machine.slots.items():
+        preview = previews.get(name)
+        if preview is None:
+            continue
+        if not isinstance(preview, dict):
+            raise StreamError(f"HELLO: {name}: start preview is not a map")
+        staged.append(slot.device.prestage(preview))
+    await asyncio.gather(*staged)
 
 
 async def _receive(machine: MachineLike, reader: StreamReader, report: DestinationReport) -> dict[str, bytes]:
