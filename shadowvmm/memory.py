@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import ctypes.util
+import functools
 import mmap
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from .errors import GuestMemoryError
 
@@ -67,52 +69,123 @@ class MemoryRegion:
         os.close(self.fd)
 
 
+_SEQ_CST = 5
+
+
+@dataclass(frozen=True)
+class _Atomics:
+    exchange_8: Any
+    fetch_or_1: Any
+
+
+@functools.cache
+def _libatomic() -> _Atomics:
+    """GCC's ``__atomic`` helpers from libatomic, through ctypes."""
+    name = ctypes.util.find_library("atomic") or "libatomic.so.1"
+    try:
+        lib = ctypes.CDLL(name)
+        exchange = getattr(lib, "__atomic_exchange_8")
+        fetch_or = getattr(lib, "__atomic_fetch_or_1")
+    except (OSError, AttributeError) as exc:
+        raise GuestMemoryError(f"libatomic is needed for a dirty log shared with a backend: {exc}") from exc
+    exchange.restype = ctypes.c_uint64
+    exchange.argtypes = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int)
+    fetch_or.restype = ctypes.c_uint8
+    fetch_or.argtypes = (ctypes.c_void_p, ctypes.c_uint8, ctypes.c_int)
+    return _Atomics(exchange, fetch_or)
+
+
 class DirtyLog:
     """Dirty-page bitmap, one bit per 4 KiB guest page, in a shared memfd.
 
     The layout is the vhost log layout (bit ``p % 8`` of byte ``p // 8`` is
     page ``p``), so the same memfd can be given to a vhost-user backend with
-    SET_LOG_BASE and both sides mark into it.
+    SET_LOG_BASE and both sides mark into it. Because the other side marks
+    concurrently, marking is an atomic OR per byte and :meth:`take` exchanges
+    each 64-bit word with 0 (QEMU: ``qatomic_xchg`` per chunk): a read followed
+    by a clear would lose the bits set in between.
     """
 
     def __init__(self, span: int) -> None:
         pages = (span + PAGE_SIZE - 1) >> PAGE_SHIFT
-        self.size = max(8, ((pages + 63) // 64) * 8)
-        self.fd = os.memfd_create("shadowvmm-dirty-log", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, self.size)
-        self.mmap = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED)
-        self.pages = pages
+        size = max(8, ((pages + 63) // 64) * 8)
+        fd = os.memfd_create("shadowvmm-dirty-log", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            buf = mmap.mmap(fd, size, mmap.MAP_SHARED)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._setup(buf, size, pages, fd)
+
+    @classmethod
+    def over(cls, buf: mmap.mmap, size: int) -> "DirtyLog":
+        """A log over a mapping someone else owns (a backend given SET_LOG_BASE); not closed here."""
+        log = cls.__new__(cls)
+        log._setup(buf, size, size * 8, -1)
+        return log
+
+    def _setup(self, buf: mmap.mmap, size: int, pages: int, fd: int) -> None:
+        if size % 8 or size > len(buf):
+            raise GuestMemoryError(f"dirty log of {size} bytes: not whole 64-bit words inside its mapping")
+        self.mmap, self.size, self.pages, self.fd = buf, size, pages, fd
+        atomics = _libatomic()
+        self._fetch_or, self._exchange = atomics.fetch_or_1, atomics.exchange_8
+        self._addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
 
     def mark(self, gpa: int, length: int) -> None:
         if length <= 0:
             return
         first = gpa >> PAGE_SHIFT
-        last = (gpa + length - 1) >> PAGE_SHIFT
-        buf = self.mmap
-        for page in range(first, min(last, self.pages - 1) + 1):
-            buf[page >> 3] |= 1 << (page & 7)
+        last = min((gpa + length - 1) >> PAGE_SHIFT, self.pages - 1)
+        fetch_or, addr = self._fetch_or, self._addr
+        for page in range(first, last + 1):
+            fetch_or(addr + (page >> 3), 1 << (page & 7), _SEQ_CST)
+
+    def mark_all(self) -> None:
+        """Mark every page (a conservative resend)."""
+        self.mark(0, self.pages << PAGE_SHIFT)
+
+    def _marked_words(self) -> list[int]:
+        view = memoryview(self.mmap)[:self.size].cast("Q")
+        try:
+            return [i for i, word in enumerate(view) if word]
+        finally:
+            view.release()
 
     def dirty_pages(self) -> list[int]:
         """Pages currently marked, in ascending order (does not clear)."""
-        out = []
-        data = self.mmap[:]
-        for byte_index, byte in enumerate(data):
-            if byte:
-                base = byte_index << 3
-                for bit in range(8):
-                    if byte >> bit & 1:
-                        out.append(base + bit)
-        return out
+        view = memoryview(self.mmap)[:self.size].cast("Q")
+        try:
+            pages = [p for i in self._marked_words() for p in _pages_of_word(i, view[i])]
+        finally:
+            view.release()
+        return [p for p in pages if p < self.pages]
 
     def take(self) -> list[int]:
-        """Return the dirty pages and clear the bitmap."""
-        pages = self.dirty_pages()
-        self.mmap[:] = bytes(self.size)
-        return pages
+        """The dirty pages, ascending, clearing them: each marked word is exchanged with 0."""
+        exchange, addr = self._exchange, self._addr
+        pages: list[int] = []
+        for index in self._marked_words():
+            pages.extend(_pages_of_word(index, exchange(addr + 8 * index, 0, _SEQ_CST)))
+        return [p for p in pages if p < self.pages]
 
     def close(self) -> None:
-        self.mmap.close()
-        os.close(self.fd)
+        if self.fd >= 0:
+            self.mmap.close()
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _pages_of_word(index: int, word: int) -> list[int]:
+    """Pages whose bits are set in 64-bit word *index* of the log (little-endian)."""
+    base = index << 6
+    out = []
+    while word:
+        low = word & -word
+        out.append(base + low.bit_length() - 1)
+        word ^= low
+    return out
 
 
 class GuestMemory:

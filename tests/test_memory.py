@@ -320,3 +320,34 @@ def test_allocator_refuses_the_hole(mem):
         alloc.alloc(0x200)                            # would straddle into the hole
     assert alloc.next == MiB - 0x100
     assert alloc.alloc(0x100) == MiB - 0x100          # exactly up to the region end is fine
+
+
+def test_dirty_log_take_loses_no_bit_marked_concurrently():
+    """A backend thread marks through its own view of the log while the VMM takes it:
+    every page marked shows up in exactly one take (atomic OR against atomic exchange)."""
+    import threading
+
+    log = DirtyLog(1 << 12 << 12)
+    backend = DirtyLog.over(log.mmap, log.size)
+    pages = list(range(1 << 12))
+    taken: list[int] = []
+    done = threading.Event()
+
+    def mark() -> None:
+        for page in pages:
+            backend.mark(page * PAGE_SIZE, 1)
+        done.set()
+
+    thread = threading.Thread(target=mark)
+    try:
+        thread.start()
+        while not done.is_set():
+            taken.extend(log.take())
+        thread.join()
+        taken.extend(log.take())
+        assert set(taken) == set(pages)
+        assert log.take() == [] and log.dirty_pages() == []
+    finally:
+        backend.close()                  # not the owner: leaves the mapping alone
+        assert not log.mmap.closed
+        log.close()

@@ -42,10 +42,9 @@ from ..backends.base import Capability
 from ..device import VirtioDevice
 from ..errors import (DeviceStateError, IncompatibleStateError, MigrationError,
                       ShadowVmmError, StreamError)
-from ..memory import PAGE_SHIFT, PAGE_SIZE, GuestMemory
+from ..memory import PAGE_SHIFT, PAGE_SIZE, DirtyLog, GuestMemory
 from ..shadow import RunState
 from ..virtio.constants import DeviceId
-from .dirty import AtomicMarker, LogHarvester
 from .state import DeviceState
 from .stream import (Channel, PageBatch, Record, RecordType, StreamReader, StreamWriter)
 
@@ -461,18 +460,17 @@ async def migrate_out(machine: MachineLike, channel: Channel, options: Migration
                 raise DestinationRefused(f"destination refused at setup: {ready.get('error')}")
             outcome = asyncio.ensure_future(_read_result(reply))
         pending: set[int] = set()
-        harvester = None
+        dirty_log: DirtyLog | None = None
         if options.mode == "copy":
             dlog = memory.enable_dirty_log()
-            dlog.mark = AtomicMarker(dlog.mmap, dlog.size).mark  # type: ignore[method-assign]
             logging_on = True
-            harvester = LogHarvester(dlog)
+            dirty_log = dlog
             await asyncio.gather(*(d.start_dirty_log(dlog) for d in devices.values()))
         report.setup_s = clock() - t0
-        if harvester is not None:
+        if dirty_log is not None:
             t_pre = clock()
-            harvester.fetch_and_clear()
-            await _precopy(memory, writer, harvester, options, hooks, report, pending, clock, outcome)
+            dirty_log.take()
+            await _precopy(memory, writer, dirty_log, options, hooks, report, pending, clock, outcome)
             report.precopy_s = clock() - t_pre
             await _refuse_if_blocked(devices, options.mode)
         _check_outcome(outcome)
@@ -484,8 +482,8 @@ async def migrate_out(machine: MachineLike, channel: Channel, options: Migration
         report.stop_times_s = await _stop_all(devices, options.stop_timeout, clock)
         report.stop_s = clock() - t_stop
         final: list[tuple[int, bytes]] = []
-        if harvester is not None:
-            pending.update(harvester.fetch_and_clear())
+        if dirty_log is not None:
+            pending.update(dirty_log.take())
             final = _snapshot(memory, ((p << PAGE_SHIFT) for p in sorted(pending)), False)
         if options.digest:
             report.memory_digest = memory_digest(memory)
@@ -537,7 +535,7 @@ async def migrate_out(machine: MachineLike, channel: Channel, options: Migration
     return report
 
 
-async def _precopy(memory: GuestMemory, writer: StreamWriter, harvester: LogHarvester,
+async def _precopy(memory: GuestMemory, writer: StreamWriter, dirty_log: DirtyLog,
                    options: MigrationOptions, hooks: MigrationHooks, report: MigrationReport,
                    pending: set[int], clock: Callable[[], float],
                    outcome: asyncio.Future[dict[str, Any]] | None) -> None:
@@ -555,7 +553,7 @@ async def _precopy(memory: GuestMemory, writer: StreamWriter, harvester: LogHarv
                 chunk = []
         sent += await _copy_chunk(memory, writer, chunk, round_no == 0, options.batch_pages)
         report.pages_sent += sent
-        dirty = harvester.fetch_and_clear()
+        dirty = dirty_log.take()
         report.rounds = round_no + 1
         info = RoundInfo(round_no, sent, len(dirty), clock() - t_round)
         report.round_info.append(info)

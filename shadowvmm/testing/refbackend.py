@@ -36,8 +36,7 @@ import msgpack
 from ..backends.inproc import BlkModel
 from ..backends.vhost_user import protocol as vu
 from ..errors import GuestMemoryError, ProtocolError, RingError, ShadowVmmError
-from ..memory import GuestMemory, MemoryRegion
-from ..migration.dirty import AtomicMarker
+from ..memory import DirtyLog, GuestMemory, MemoryRegion
 from ..virtio.constants import Feature
 from ..virtio.split import SplitDeviceQueue, SplitLayout
 
@@ -414,7 +413,7 @@ class RefBlkServer:
         if s.memory is None:
             return
         if s.features & vu.F_LOG_ALL and s.log_buf is not None:
-            s.memory.dirty_log = AtomicMarker(s.log_buf, len(s.log_buf))  # type: ignore[assignment]
+            s.memory.dirty_log = DirtyLog.over(s.log_buf, len(s.log_buf) & ~7)
         else:
             s.memory.dirty_log = None
 
