@@ -142,7 +142,7 @@ async def test_without_backend_log_memory_differs(tmp_path: Path, monkeypatch: p
             source_config=str(machine_config(tmp_path / "src.toml", qsd.socket_paths[0])),
             dest_config=str(machine_config(tmp_path / "dst.toml", qsd.socket_paths[1])),
             to=f"unix:{tmp_path / 'm.sock'}", mode="copy", role="both", warmup=0.3, after=0.0, read_share=1.0,
-            stop_timeout_ms=100.0, max_rounds=16, digest=True, accept_timeout=10.0, json=True)
+            stop_timeout_ms=100.0, max_rounds=16, digest=True, accept_timeout=10.0, json=True, fs_remount=False)
         out = io.StringIO()
         assert await migration_cli.run(args, out=out, err=io.StringIO()) == 1
     report = json.loads(out.getvalue())

@@ -130,6 +130,13 @@ class FsDriver:
                                   for _ in range(min(size, self.slots_per_queue))]
         return await self._fuse_init(max_readahead, init_flags)
 
+    async def remount(self, *, max_readahead: int = 128 << 10, init_flags: int = INIT_FLAGS) -> InitOut:
+        """A new FUSE session on the same queues, as a guest mounting the file system again
+        (Linux virtio_fs keeps its virtqueues across mounts): FUSE_INIT, no device reset."""
+        if not self._request_queues:
+            raise DeviceStateError("virtio-fs: remount before start")
+        return await self._fuse_init(max_readahead, init_flags)
+
     def _alloc_slot(self, request_bytes: int, reply_bytes: int) -> Slot:
         alloc = self.dev.alloc
         return Slot(alloc.alloc(request_bytes, 64), alloc.alloc(reply_bytes, 64) if reply_bytes else 0)

@@ -40,6 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop-timeout-ms", type=float, default=100.0)
     p.add_argument("--max-rounds", type=int, default=16)
     p.add_argument("--digest", action="store_true", help="compare guest memory digests at switch-over")
+    p.add_argument("--fs-remount", action="store_true",
+                   help="migrate virtio-fs devices whose backend cannot hand the FUSE session over "
+                        "(the guest must mount again on the destination)")
     p.add_argument("--accept-timeout", type=float, default=30.0)
     p.add_argument("--read-share", type=float, default=0.4,
                    help="share of guest requests that read back an already written block")
@@ -100,7 +103,8 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = 
     dst_cfg = configmod.load(args.dest_config)
     endpoint = Endpoint.parse(args.to)
     options = MigrationOptions(mode=args.mode, stop_timeout=args.stop_timeout_ms / 1e3,
-                               max_rounds=args.max_rounds, digest=args.digest)
+                               max_rounds=args.max_rounds, digest=args.digest,
+                               fs_session="remount" if args.fs_remount else "refuse")
     if args.mode == "local" and args.role != "both":
         raise MigrationError("the local memory model shares the memfds of one process: use --role both")
     if args.role == "destination":

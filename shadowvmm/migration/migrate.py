@@ -72,6 +72,12 @@ class MachineLike(Protocol):
 class MigrationOptions:
     """Tunables; ``stop_timeout`` bounds each device's stop (seconds).
 
+    ``fs_session``: what to do with a started virtio-fs device whose backend cannot hand its
+    FUSE session over (no DEVICE_STATE, e.g. the C virtiofsd): ``refuse`` (default; QEMU marks
+    such a device unmigratable) or ``remount``: migrate it anyway when the backend holds no open
+    file; the destination backend has no session, answers EIO until the guest mounts again
+    (a new FUSE_INIT on the same queues), and the guest's inode numbers are void.
+
     ``busy_poll_us``: from the stop to the end, each device's backend spins up to this long
     for every reply instead of sleeping (:meth:`VirtioDevice.set_busy_poll`). Spinning holds
     the event loop, which serializes the round trips of devices stopped together, so the
@@ -88,6 +94,7 @@ class MigrationOptions:
     include_opaque: bool = True
     digest: bool = False
     busy_poll_us: int | None = None
+    fs_session: str = "refuse"
 
     def busy_poll_seconds(self, devices: int) -> float:
         if self.busy_poll_us is None:
@@ -99,9 +106,13 @@ class MigrationOptions:
             raise MigrationError(f"memory model {self.mode!r} is not one of {MODES}")
         if not self.stop_timeout > 0 or self.max_rounds < 1 or self.batch_pages < 1:
             raise MigrationError("stop_timeout must be > 0, max_rounds and batch_pages >= 1")
+        if self.fs_session not in FS_SESSION_POLICIES:
+            raise MigrationError(f"fs_session must be one of {FS_SESSION_POLICIES}, not {self.fs_session!r}")
         if self.busy_poll_us is not None and not 0 <= self.busy_poll_us <= 100_000:
             raise MigrationError(f"busy_poll_us must be in [0, 100000], not {self.busy_poll_us}")
 
+
+FS_SESSION_POLICIES = ("refuse", "remount")
 
 #: Reply busy-poll of a lone migrating device (µs): about one backend round trip's worth.
 AUTO_BUSY_POLL_US = 300
@@ -268,7 +279,7 @@ def open_file_handles(pid: int) -> list[str]:
     return sorted(handles)
 
 
-async def blockers(name: str, device: VirtioDevice, mode: str) -> list[str]:
+async def blockers(name: str, device: VirtioDevice, mode: str, fs_session: str = "refuse") -> list[str]:
     """Why *device* cannot migrate now (empty: it can); checked before anything stops."""
     out = []
     caps = device.backend_caps
@@ -277,6 +288,13 @@ async def blockers(name: str, device: VirtioDevice, mode: str) -> list[str]:
         out.append(f"{name}: backend {b.implementation!r} cannot log the guest memory it writes "
                    "(no LOG_ALL/LOG_SHMFD), so copy migration would lose its writes")
     if device.device_id == DeviceId.FS and not caps & Capability.DEVICE_STATE and device.started:
+        if fs_session != "remount":
+            out.append(f"{name}: the guest's FUSE session (INIT, the inode table, open files) lives only "
+                       f"in the virtio-fs backend {b.implementation!r}, which does not offer DEVICE_STATE "
+                       "(vhost-user protocol feature 19) to hand it over: the destination would answer EIO "
+                       "until the guest mounts again; to migrate anyway and have the guest remount, use "
+                       "fs_session='remount' (shadowvmm migrate --fs-remount)")
+            return out
         pid = await asyncio.to_thread(peer_pid, b)
         if pid is None:
             out.append(f"{name}: cannot verify that the virtio-fs backend holds no open files, and it "
@@ -296,8 +314,9 @@ async def blockers(name: str, device: VirtioDevice, mode: str) -> list[str]:
     return out
 
 
-async def _refuse_if_blocked(devices: Mapping[str, VirtioDevice], mode: str) -> None:
-    found = await asyncio.gather(*(blockers(name, device, mode) for name, device in devices.items()))
+async def _refuse_if_blocked(devices: Mapping[str, VirtioDevice], options: MigrationOptions) -> None:
+    found = await asyncio.gather(*(blockers(name, device, options.mode, options.fs_session)
+                                   for name, device in devices.items()))
     reasons = [reason for group in found for reason in group]
     if reasons:
         raise MigrationError("migration refused before anything stopped: " + "; ".join(reasons))
@@ -436,7 +455,7 @@ async def migrate_out(machine: MachineLike, channel: Channel, options: Migration
     report = MigrationReport(options.mode)
     memory = machine.memory
     devices = {name: slot.device for name, slot in machine.slots.items()}
-    await _refuse_if_blocked(devices, options.mode)
+    await _refuse_if_blocked(devices, options)
     t0 = clock()
     writer = StreamWriter(channel)
     reply = StreamReader(channel) if channel.duplex else None
@@ -472,7 +491,7 @@ async def migrate_out(machine: MachineLike, channel: Channel, options: Migration
             dirty_log.take()
             await _precopy(memory, writer, dirty_log, options, hooks, report, pending, clock, outcome)
             report.precopy_s = clock() - t_pre
-            await _refuse_if_blocked(devices, options.mode)
+            await _refuse_if_blocked(devices, options)
         _check_outcome(outcome)
         await _call(hooks.pause_guest)
         paused = True
