@@ -91,6 +91,14 @@ async def blk_machine(*, packed: bool = False, latency_us: int = 0):
     return machine, guest, driver
 
 
+async def all_retired(q, timeout: float = 1.0) -> None:
+    """Wait until the pipeline's tags still in flight have completed and been retired."""
+    for _ in range(int(timeout / 0.005)):
+        if q.on_used is None:
+            return
+        await asyncio.sleep(0.005)
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["split-tags", "packed-futures"])
 async def test_pipeline_moves_mixed_requests(packed: bool) -> None:
     machine, guest, driver = await blk_machine(packed=packed)
@@ -135,10 +143,7 @@ async def test_pipeline_error_retires_in_flight_tags_as_they_complete() -> None:
         with pytest.raises(BlkIOError):
             await driver.pipeline(ops, 8)
         q = driver.queue()
-        for _ in range(200):
-            if q.on_used is None:
-                break
-            await asyncio.sleep(0.005)
+        await all_retired(q)
         assert q.on_used is None and q.ring.num_free == q.ring.size
         assert len(driver._slots[0]) == driver.slots_per_queue
         assert await driver.read(0, 4096) == bytes(4096)
@@ -157,10 +162,7 @@ async def test_pipeline_refuses_an_oversized_request_and_loses_nothing() -> None
         q = driver.queue()
         # The five writes before it went out (with their kick) and retire as they complete.
         assert q.ring.in_flight == 5 and q.on_used is not None
-        for _ in range(200):
-            if q.on_used is None:
-                break
-            await asyncio.sleep(0.005)
+        await all_retired(q)
         assert q.on_used is None and q.ring.num_free == q.ring.size
         for i in range(5):
             assert await driver.read(8 * i, 4096) == bytes([i]) * 4096

@@ -4,6 +4,7 @@ of one image under guest load, and seed scenario 2.3 (devices never or half init
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,19 +163,27 @@ class InprocPair(Pair):
     image: Path = Path()
 
 
-@pytest.fixture
-async def inproc_pair(tmp_path: Path) -> AsyncIterator[InprocPair]:
+@contextlib.asynccontextmanager
+async def make_inproc_pair(tmp_path: Path, dst_backend: type[InProcBackend] | None = None
+                           ) -> AsyncIterator[InprocPair]:
+    """Two machines sharing guest memory, each with an in-process blk on one image file."""
     src = Machine(32 << 20)
     dst = machine_sharing(src.memory)
     backend = {"device": "blk", "image": str(tmp_path / "disk.img"), "size": 8 << 20, "queues": 2}
     cfg = DeviceConfig("blk0", "inproc", backend, transport="pci", queue_size=64)
     try:
         await src.add_device(cfg)
-        await dst.add_device(cfg)
+        await dst.add_device(cfg, dst_backend(backend) if dst_backend is not None else None)
         yield InprocPair(src, dst, tmp_path, tmp_path / "disk.img")
     finally:
         await dst.close()
         await src.close()
+
+
+@pytest.fixture
+async def inproc_pair(tmp_path: Path) -> AsyncIterator[InprocPair]:
+    async with make_inproc_pair(tmp_path) as pair:
+        yield pair
 
 
 @pytest.mark.parametrize("stage", ["never", "ack_driver", "features_ok"])
@@ -262,17 +271,8 @@ class Recording(InProcBackend):
 
 @pytest.fixture
 async def recording_pair(tmp_path: Path) -> AsyncIterator[InprocPair]:
-    src = Machine(32 << 20)
-    dst = machine_sharing(src.memory)
-    backend = {"device": "blk", "image": str(tmp_path / "disk.img"), "size": 8 << 20, "queues": 2}
-    cfg = DeviceConfig("blk0", "inproc", backend, transport="pci", queue_size=64)
-    try:
-        await src.add_device(cfg)
-        await dst.add_device(cfg, Recording(backend))
-        yield InprocPair(src, dst, tmp_path, tmp_path / "disk.img")
-    finally:
-        await dst.close()
-        await src.close()
+    async with make_inproc_pair(tmp_path, Recording) as pair:
+        yield pair
 
 
 async def test_destination_stages_what_the_preview_fixes(recording_pair: InprocPair) -> None:

@@ -258,9 +258,7 @@ class SlowSuspend(InProcBackend):
         await super().set_config(offset, data)
 
 
-async def test_guest_operation_during_a_stop_runs_after_it() -> None:
-    """A stop with nothing queued runs at once in the caller's task; a guest register write
-    that arrives meanwhile queues behind it, in order."""
+async def slow_suspend_blk():
     machine = Machine(48 << 20)
     device = await machine.add_device(DeviceConfig("blk0", "inproc", {"device": "blk"}),
                                       backend=SlowSuspend({"device": "blk"}))
@@ -268,6 +266,13 @@ async def test_guest_operation_during_a_stop_runs_after_it() -> None:
     driver = BlkDriver(guest)
     await driver.start()
     await device.settle()
+    return machine, device, guest, driver
+
+
+async def test_guest_operation_during_a_stop_runs_after_it() -> None:
+    """A stop with nothing queued runs at once in the caller's task; a guest register write
+    that arrives meanwhile queues behind it, in order."""
+    machine, device, guest, driver = await slow_suspend_blk()
     stop = asyncio.ensure_future(device.stop())
     await asyncio.sleep(0.01)
     assert device.backend.order == ["suspend"]
@@ -284,13 +289,7 @@ async def test_guest_operation_during_a_stop_runs_after_it() -> None:
 
 
 async def test_cancelling_a_stop_midway_fails_the_device_visibly() -> None:
-    machine = Machine(48 << 20)
-    device = await machine.add_device(DeviceConfig("blk0", "inproc", {"device": "blk"}),
-                                      backend=SlowSuspend({"device": "blk"}))
-    guest = machine.guest("blk0")
-    driver = BlkDriver(guest)
-    await driver.start()
-    await device.settle()
+    machine, device, guest, driver = await slow_suspend_blk()
     stop = asyncio.ensure_future(device.stop())
     await asyncio.sleep(0.01)
     stop.cancel()

@@ -313,8 +313,8 @@ class SplitDriverQueue:
     def num_free(self) -> int:
         return len(self.free)
 
-    def add(self, out: list[tuple[int, int]], inp: list[tuple[int, int]], token: object) -> int:
-        """Chain *out* (device-readable) then *inp* (device-writable); not yet published."""
+    def _chain(self, out: list[tuple[int, int]], inp: list[tuple[int, int]]) -> list[int]:
+        """Take descriptors and write *out* (device-readable) then *inp* (device-writable)."""
         free = self.free
         count = len(out) + len(inp)
         if count == 0 or count > len(free):
@@ -332,6 +332,15 @@ class SplitDriverQueue:
                 else:
                     pack(dmap, doff + DESC_SIZE * heads[i], gpa, length, write, 0)
                 i += 1
+        dirty = self.memory.dirty_log
+        if dirty is not None:
+            for index in heads:
+                dirty.mark(self.layout.desc + DESC_SIZE * index, DESC_SIZE)
+        return heads
+
+    def add(self, out: list[tuple[int, int]], inp: list[tuple[int, int]], token: object) -> int:
+        """Chain *out* (device-readable) then *inp* (device-writable); not yet published."""
+        heads = self._chain(out, inp)
         head = heads[0]
         self.tokens[head] = token
         self._chains[head] = heads
@@ -339,8 +348,6 @@ class SplitDriverQueue:
         self._avail16[self._avail_ring16 + slot] = head
         dirty = self.memory.dirty_log
         if dirty is not None:
-            for index in heads:
-                dirty.mark(self.layout.desc + DESC_SIZE * index, DESC_SIZE)
             dirty.mark(self._avail_ring + 2 * slot, 2)
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
         return head
@@ -353,20 +360,7 @@ class SplitDriverQueue:
         most one descriptor (:meth:`rewrite`) per request. Returns the descriptor indexes,
         head first.
         """
-        free = self.free
-        count = len(out) + len(inp)
-        if count == 0 or count > len(free):
-            raise RingError(f"need {count} descriptors, {len(free)} free")
-        chain = free[-count:]
-        chain.reverse()
-        del free[-count:]
-        i = 0
-        for bufs, write in ((out, 0), (inp, _WRITE)):
-            for gpa, length in bufs:
-                nxt = chain[i + 1] if i < count - 1 else 0
-                self.rewrite(chain[i], gpa, length, write | (_NEXT if i < count - 1 else 0), nxt)
-                i += 1
-        return chain
+        return self._chain(out, inp)
 
     def rewrite(self, index: int, gpa: int, length: int, flags: int, next_index: int) -> None:
         """Rewrite descriptor *index* of a reserved chain (not while it is available)."""
