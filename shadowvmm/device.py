@@ -1137,6 +1137,15 @@ class VirtioDevice:
             await b.set_vring_num(index, size)
             staged.sizes[index] = size
 
+    async def unstage(self) -> None:
+        """Take back :meth:`prestage` on a device that was never started (a failed incoming
+        migration): the backend is reset and the memory table will be sent again."""
+        if self._staged is None or self.started:
+            return
+        self._staged = None
+        self._mem_table_sent = False
+        await self.backend.reset()
+
     def set_busy_poll(self, seconds: float) -> float:
         """Let the backend busy-poll its replies for up to *seconds* (a latency-critical phase
         such as a migration's downtime); returns the previous setting. Backends without

@@ -205,3 +205,24 @@ async def test_slow_device_abandons_migration_and_everything_resumes(tmp_path: P
             g.close()
         await dst.close()
         await src.close()
+
+
+async def test_destination_takes_another_attempt_after_a_fault(rig: Rig) -> None:
+    """A fault after the destination staged its start (HELLO carried the preview) leaves the
+    destination devices untouched again: a second attempt into the same machine succeeds."""
+    await asyncio.sleep(0.05)
+    await attempt(rig, RecordType.DEVICE, "corrupt", MigrationOptions(mode="copy", max_rounds=3))
+    ddev = rig.dst.device("blk0")
+    assert not ddev.started and ddev._staged is None
+    await rig.load.pause()          # vCPUs paused: the guest stays on the source's memory copy
+    endpoint = Endpoint.parse(f"unix:{rig.tmp / 'm2.sock'}")
+    listener = await endpoint.listen()
+    try:
+        async def accept_in():
+            return await migrate_in(rig.dst, await listener.accept(5), timeout=5)
+        incoming = asyncio.ensure_future(accept_in())
+        report = await migrate_out(rig.src, await endpoint.connect(), MigrationOptions(mode="copy", max_rounds=3))
+        await incoming
+    finally:
+        await listener.close()
+    assert report.ok and ddev.rings_running and ddev.ring_states

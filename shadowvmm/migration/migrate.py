@@ -691,6 +691,7 @@ async def _migrate_in(machine: MachineLike, channel: Channel, reader: StreamRead
             except (StreamError, TimeoutError, OSError):
                 pass
         await channel.close()
+        await _unstage_all(machine)
         if isinstance(exc, TimeoutError):
             raise StreamError(f"migration stream stalled for {timeout} s") from exc
         raise
@@ -742,6 +743,17 @@ async def _prestage(machine: MachineLike, hello: dict[str, Any]) -> None:
             raise StreamError(f"HELLO: {name}: start preview is not a map")
         staged.append(slot.device.prestage(preview))
     await asyncio.gather(*staged)
+
+
+async def _unstage_all(machine: MachineLike) -> None:
+    """A failed incoming migration takes back what :func:`_prestage` sent, so the destination
+    devices are untouched again and may take another attempt."""
+    async def one(name: str, device: VirtioDevice) -> None:
+        try:
+            await device.unstage()
+        except (ShadowVmmError, OSError) as exc:
+            log.error("%s: taking back the staged start after a failed migration: %s", name, exc)
+    await asyncio.gather(*(one(name, slot.device) for name, slot in machine.slots.items()))
 
 
 async def _receive(machine: MachineLike, reader: StreamReader, report: DestinationReport) -> dict[str, bytes]:
