@@ -361,15 +361,11 @@ class PackedDriverQueue:
 
     def __init__(self, memory: GuestMemory, layout: PackedLayout, *,
                  event_idx: bool = False) -> None:
-        layout.validate()
-        layout.check_memory(memory)
+        layout.initialize(memory)
         self.memory = memory
         self.layout = layout
         self.size = layout.size
         self.event_idx = event_idx
-        d, drv, dev = layout.area_sizes(self.size)
-        for gpa, length in ((layout.desc, d), (layout.driver, drv), (layout.device, dev)):
-            memory.view(gpa, length)[:] = bytes(length)
         self.free_ids = list(range(self.size - 1, -1, -1))
         self.free_slots = self.size
         self.next_avail = 0

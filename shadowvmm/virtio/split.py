@@ -66,6 +66,13 @@ class RingAreas:
         for _, addr, length, _ in self.areas():
             memory.translate(addr, length)
 
+    def initialize(self, memory: GuestMemory) -> None:
+        """A driver's fresh ring: validate the layout, check it lies in memory, zero every area."""
+        self.validate()  # type: ignore[attr-defined]
+        self.check_memory(memory)
+        for _, addr, length, _ in self.areas():
+            memory.view(addr, length)[:] = bytes(length)
+
 
 @dataclass(frozen=True, slots=True)
 class SplitLayout(RingAreas):
@@ -282,15 +289,12 @@ class SplitDriverQueue:
     """
 
     def __init__(self, memory: GuestMemory, layout: SplitLayout, *, event_idx: bool = False) -> None:
-        layout.validate()
-        layout.check_memory(memory)
+        layout.initialize(memory)
         self.memory = memory
         self.layout = layout
         self.size = layout.size
         self.event_idx = event_idx
         d, a, u = layout.area_sizes(self.size)
-        for gpa, length in ((layout.desc, d), (layout.avail, a), (layout.used, u)):
-            memory.view(gpa, length)[:] = bytes(length)
         self.free = list(range(self.size - 1, -1, -1))
         self.avail_idx = 0
         self.last_used_idx = 0
