@@ -36,6 +36,8 @@ class Machine:
         self.memory = GuestMemory.create([(0, memory_bytes)]) if memory is None else memory
         self.allocator = GuestAllocator(self.memory, start=0x1000)
         self.slots: dict[str, Slot] = {}
+        #: Guest driver cores handed out by :meth:`guest`; :meth:`close` closes them.
+        self.guests: list[GuestDevice] = []
 
     async def add_device(self, config: DeviceConfig, backend: Backend | None = None, *,
                          config_override: bytes | None = None) -> VirtioDevice:
@@ -48,7 +50,7 @@ class Machine:
                                vmm_emulated=base.vmm_emulated | config.vmm_features)
         device = VirtioDevice(backend, self.memory, name=config.name, num_queues=config.num_queues,
                               queue_size=config.queue_size, policy=policy,
-                              config_override=config_override)
+                              config_override=config_override, reconnect=config.reconnect)
         await device.realize()
         transport = PciTransport(device) if config.transport == "pci" else MmioTransport(device)
         self.slots[config.name] = Slot(config, device, transport)
@@ -64,13 +66,21 @@ class Machine:
         return MmioGuestTransport(slot.transport)
 
     def guest(self, name: str, *, msix: bool = True) -> GuestDevice:
-        """A guest driver core bound to device *name*."""
+        """A guest driver core bound to device *name*; it waits for the device to act on
+        DRIVER_OK through :meth:`VirtioDevice.settle`."""
         device = self.device(name)
         assert device.interrupts is not None
-        return GuestDevice(self.guest_transport(name, msix=msix), self.memory, device.interrupts,
-                           self.allocator)
+        guest = GuestDevice(self.guest_transport(name, msix=msix), self.memory, device.interrupts,
+                            self.allocator, settle=device.settle)
+        self.guests.append(guest)
+        return guest
 
     async def close(self) -> None:
+        """Close the guest driver cores, then the devices: a later device in this event loop
+        gets the same eventfd numbers, which must not keep the closed guests' readers."""
+        guests, self.guests = self.guests, []
+        for guest in guests:
+            guest.close()
         for slot in self.slots.values():
             await slot.device.close()
         self.slots.clear()

@@ -308,18 +308,75 @@ class GuestMemory:
 
 
 class GuestAllocator:
-    """Bump allocator over guest-physical memory, for guest driver models."""
+    """First-fit allocator over guest-physical memory, for guest driver models.
+
+    The free list is sorted and coalesced. An allocation takes the alignment padding
+    in front of it from its free block too (returned with it by :meth:`free`), so
+    consecutive allocations pack as a bump allocator's would. Allocations are
+    zero-filled, and one that would straddle a region boundary or a hole is refused
+    by :meth:`GuestMemory.translate`.
+    """
 
     def __init__(self, memory: GuestMemory, start: int | None = None, end: int | None = None) -> None:
         self.memory = memory
-        self.next = memory.regions[0].gpa if start is None else start
+        self.start = memory.regions[0].gpa if start is None else start
         self.end = memory.span if end is None else end
+        self._free_starts: list[int] = [self.start] if self.end > self.start else []
+        self._free_ends: list[int] = [self.end] if self.end > self.start else []
+        #: gpa handed out -> the block ``[first, last)`` it holds (padding included).
+        self._blocks: dict[int, tuple[int, int]] = {}
+        self.free_bytes = max(self.end - self.start, 0)
+
+    @property
+    def next(self) -> int:
+        """One past the highest byte in use (*start* when nothing is allocated)."""
+        return max((last for _, last in self._blocks.values()), default=self.start)
+
+    @property
+    def allocations(self) -> int:
+        """How many allocations are live."""
+        return len(self._blocks)
 
     def alloc(self, size: int, align: int = 16) -> int:
-        gpa = (self.next + align - 1) & ~(align - 1)
-        if gpa + size > self.end:
-            raise GuestMemoryError(f"guest allocator exhausted ({size} bytes wanted)")
+        """A zeroed block of *size* bytes at a multiple of *align* (a power of 2)."""
+        if size < 1 or align < 1 or align & (align - 1):
+            raise GuestMemoryError(f"bad allocation: {size} bytes aligned to {align}")
+        starts, ends = self._free_starts, self._free_ends
+        for index, (first, last) in enumerate(zip(starts, ends)):
+            gpa = (first + align - 1) & ~(align - 1)
+            if gpa + size <= last:
+                break
+        else:
+            raise GuestMemoryError(f"guest allocator exhausted ({size} bytes wanted, "
+                                   f"{self.free_bytes} free)")
         self.memory.translate(gpa, size)
-        self.next = gpa + size
+        if gpa + size == last:
+            del starts[index], ends[index]
+        else:
+            starts[index] = gpa + size
+        self._blocks[gpa] = (first, gpa + size)
+        self.free_bytes -= gpa + size - first
         self.memory.view(gpa, size)[:] = bytes(size)
         return gpa
+
+    def free(self, gpa: int) -> None:
+        """Give back the block :meth:`alloc` returned as *gpa*, merging it with free neighbours."""
+        block = self._blocks.pop(gpa, None)
+        if block is None:
+            raise GuestMemoryError(f"free of {gpa:#x}: not an allocated block (double free?)")
+        first, last = block
+        starts, ends = self._free_starts, self._free_ends
+        index = bisect.bisect_left(starts, first)
+        merge_prev = index > 0 and ends[index - 1] == first
+        merge_next = index < len(starts) and starts[index] == last
+        if merge_prev and merge_next:
+            ends[index - 1] = ends[index]
+            del starts[index], ends[index]
+        elif merge_prev:
+            ends[index - 1] = last
+        elif merge_next:
+            starts[index] = first
+        else:
+            starts.insert(index, first)
+            ends.insert(index, last)
+        self.free_bytes += last - first

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import islice
 
-from ..errors import DeviceStateError, ShadowVmmError
+from ..errors import DeviceStateError, RingError, ShadowVmmError
 from ..memory import GuestMemory
 from ..virtio.constants import (BLK_ID_BYTES, BLK_SECTOR_SIZE, BlkFeature, BlkRequestType,
                                 BlkStatus, Feature)
@@ -165,6 +165,7 @@ class BlkDriver:
                                              queue_size=queue_size, num_queues=num_queues)
         self.config = self.read_config()
         alloc, memory = self.dev.alloc, self.dev.memory
+        self._slots = {}        # the reset gave back the previous slots' memory
         for queue in self.dev.queues:
             self._slots[queue.index] = [
                 Slot(memory, alloc.alloc(32, 16), alloc.alloc(self.max_request, 4096), self.max_request)
@@ -188,10 +189,12 @@ class BlkDriver:
         return self.config.capacity * BLK_SECTOR_SIZE
 
     def queue(self, index: int = 0) -> GuestQueue:
-        return self.dev.queues[index]
+        return self.dev.queue(index)
 
     def _check(self, queue: GuestQueue, ops: list[BlkOp]) -> None:
         """Refuse a batch before anything of it reaches the ring."""
+        if queue.error is not None:
+            raise DeviceStateError(f"queue {queue.index} is reset") from queue.error
         pool = self._slots[queue.index]
         if len(ops) > len(pool):
             raise DeviceStateError(f"queue {queue.index}: {len(ops)} requests, {len(pool)} free request slots")
@@ -272,6 +275,8 @@ class BlkDriver:
         request writes its 16-byte header and one avail entry and no future is created.
         """
         q = self.queue(queue)
+        if q.error is not None:
+            raise DeviceStateError(f"queue {q.index} is reset") from q.error
         if isinstance(q.ring, SplitDriverQueue):
             return await self._pipeline_tags(q, ops, depth, sink)
         return await self._pipeline_generic(q, ops, depth, sink)
@@ -290,13 +295,14 @@ class BlkDriver:
         ready: list[tuple[object, int]] = []
         waiter: list[asyncio.Future | None] = [None]
 
-        def on_used(used: list[tuple[object, int]]) -> None:
+        def wake(used: list[tuple[object, int]]) -> None:
             ready.extend(used)
             w = waiter[0]
             if w is not None and not w.done():
                 w.set_result(None)
 
-        q.on_used = on_used
+        q.on_used = wake
+        q.on_drop = lambda error: wake([])
         loop = self.dev.loop
         source = iter(ops)
         max_request, log = self.max_request, self.dev.memory.dirty_log
@@ -360,13 +366,15 @@ class BlkDriver:
         try:
             in_flight = fill(depth)
             while in_flight:
-                if not ready:
+                if not ready and q.error is None:
                     if ring.has_used():
                         q.reap()        # poll before sleeping (NAPI-style): no loop round trip
                     if not ready:
                         waiter[0] = loop.create_future()
                         await waiter[0]
                         waiter[0] = None
+                if q.error is not None:
+                    raise RingError(f"queue {q.index} reset with {in_flight} requests in flight") from q.error
                 batch = ready[:]
                 ready.clear()
                 harvested = 0
@@ -398,30 +406,43 @@ class BlkDriver:
     @staticmethod
     def _retire_tags(q: GuestQueue, tags: list[_Tag], ready: list[tuple[object, int]],
                      pool: list[Slot]) -> None:
-        """Give back the slots and chains; tags the device still holds retire as they complete."""
+        """Give back the slots and chains; tags the device still holds retire as they complete,
+        or all at once if the queue is reset (its ring is gone, only the slots are kept)."""
+        error = q.error
         for token, written in ready:
             if token.__class__ is not _Tag and not token.done():
-                token.set_result(written)
+                if error is None:
+                    token.set_result(written)
+                else:
+                    token.set_exception(RingError(f"queue {q.index} reset with the request in flight"))
+        if error is not None:
+            pool.extend(tag.slot for tag in tags)
+            return
         held = {id(token) for token in q.ring.tokens.values()}
-        pending = {id(tag) for tag in tags if id(tag) in held}
+        pending = {id(tag): tag for tag in tags if id(tag) in held}
         for tag in tags:
             if id(tag) not in pending:
                 tag.retire(pool)
         if not pending:
-            q.on_used = None
+            q.on_used = q.on_drop = None
             return
 
         def late(used: list[tuple[object, int]]) -> None:
             for token, written in used:
                 if token.__class__ is _Tag:
                     token.retire(pool)
-                    pending.discard(id(token))
+                    pending.pop(id(token), None)
                 elif not token.done():
                     token.set_result(written)
             if not pending:
-                q.on_used = None
+                q.on_used = q.on_drop = None
+
+        def dropped(_: RingError) -> None:
+            pool.extend(tag.slot for tag in pending.values())
+            pending.clear()
 
         q.on_used = late
+        q.on_drop = dropped
 
     async def _pipeline_generic(self, q: GuestQueue, ops: Iterable[BlkOp], depth: int,
                                 sink: Callable[[BlkOp, bytes], None] | None) -> int:

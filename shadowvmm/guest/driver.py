@@ -10,17 +10,54 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Callable
+from typing import Awaitable, Callable
 
 from ..device import Interrupts
-from ..errors import DeviceStateError, RingError
+from ..errors import DeviceStateError, RingError, ShadowVmmError
 from ..memory import GuestAllocator, GuestMemory
 from ..virtio.constants import NO_VECTOR, Feature, Status
 from ..virtio.packed import PackedDriverQueue, PackedLayout
 from ..virtio.split import SplitDriverQueue, SplitLayout
-from .transport import GuestTransport
+from .transport import GuestTransport, MmioGuestTransport, PciGuestTransport
 
 RESET_TIMEOUT = 5.0
+#: virtio-mmio QueueSel and QueueReset (v1.4 §4.2.2).
+_MMIO_QUEUE_SEL, _MMIO_QUEUE_RESET = 0x030, 0x0C0
+
+
+class DeviceArena:
+    """One device's share of the guest allocator.
+
+    Every block handed out is recorded, ring memory under its queue, so a device
+    reset or close gives all of them back and a queue reset gives back that
+    queue's ring (v1.4 §2.6.1).
+    """
+
+    def __init__(self, allocator: GuestAllocator) -> None:
+        self.allocator = allocator
+        self._owned: dict[int | None, list[int]] = {}
+
+    @property
+    def allocations(self) -> int:
+        return sum(len(gpas) for gpas in self._owned.values())
+
+    def alloc(self, size: int, align: int = 16, *, queue: int | None = None) -> int:
+        """A zeroed block, owned by the device (or by queue *queue*)."""
+        gpa = self.allocator.alloc(size, align)
+        self._owned.setdefault(queue, []).append(gpa)
+        return gpa
+
+    def free_queue(self, index: int) -> None:
+        """Give back every block owned by queue *index*."""
+        for gpa in self._owned.pop(index, []):
+            self.allocator.free(gpa)
+
+    def free_all(self) -> None:
+        """Give back every block this device owns."""
+        owned, self._owned = self._owned, {}
+        for gpas in owned.values():
+            for gpa in gpas:
+                self.allocator.free(gpa)
 
 
 class GuestQueue:
@@ -36,6 +73,10 @@ class GuestQueue:
         #: Takes every reaped ``(token, written)`` batch instead of resolving futures: a
         #: driver that keeps its own request slots (:meth:`BlkDriver.pipeline`) sets it.
         self.on_used: Callable[[list[tuple[object, int]]], None] | None = None
+        #: Told when the queue is dropped by a device or queue reset (its tokens never complete).
+        self.on_drop: Callable[[RingError], None] | None = None
+        #: Why the queue was dropped; a dropped queue takes no buffers and reaps nothing.
+        self.error: RingError | None = None
 
     @property
     def size(self) -> int:
@@ -47,6 +88,8 @@ class GuestQueue:
 
     def add(self, out: list[tuple[int, int]], inp: list[tuple[int, int]]) -> asyncio.Future:
         """Make a buffer available (not yet published); resolves to bytes written."""
+        if self.error is not None:
+            raise DeviceStateError(f"queue {self.index} is reset") from self.error
         future = self.device.loop.create_future()
         self.ring.add(out, inp, future)
         return future
@@ -70,10 +113,20 @@ class GuestQueue:
         published more entries before seeing the new used_event and so
         decided not to interrupt (as Linux's virtqueue_enable_cb re-checks).
         """
+        if self.error is not None:
+            return 0
         count = 0
         hook = self.on_used
         while True:
-            used = self.ring.get_used()
+            try:
+                used = self.ring.get_used()
+            except RingError as exc:
+                # Linux marks such a virtqueue broken (BAD_RING); so does the model, and it
+                # records the device's protocol violation (a buffer used twice, or never made
+                # available) for whoever checks the device.
+                self.device.violations.append(f"queue {self.index}: {exc}")
+                self.drop(f"device broke the ring: {exc}")
+                break
             if not used:
                 break
             count += len(used)
@@ -86,20 +139,38 @@ class GuestQueue:
         self.completed += count
         return count
 
+    def drop(self, reason: str) -> None:
+        """The device let go of the ring: fail every outstanding request with :class:`RingError`."""
+        if self.error is not None:
+            return
+        self.error = error = RingError(f"queue {self.index}: {reason}")
+        for token in self.ring.outstanding():
+            if isinstance(token, asyncio.Future) and not token.done():
+                token.set_exception(RingError(f"queue {self.index}: {reason}"))
+        hook, self.on_drop, self.on_used = self.on_drop, None, None
+        if hook is not None:
+            hook(error)
+
 
 class GuestDevice:
     """A guest's virtio driver core bound to one device."""
 
     def __init__(self, transport: GuestTransport, memory: GuestMemory, interrupts: Interrupts,
-                 allocator: GuestAllocator, *, loop: asyncio.AbstractEventLoop | None = None) -> None:
+                 allocator: GuestAllocator, *, loop: asyncio.AbstractEventLoop | None = None,
+                 settle: Callable[[], Awaitable[None]] | None = None) -> None:
+        """*settle* waits until the device has acted on every register write so far
+        (:meth:`VirtioDevice.settle`); without it :meth:`started` does not wait."""
         self.transport = transport
         self.memory = memory
         self.interrupts = interrupts
-        self.alloc = allocator
+        self.alloc = DeviceArena(allocator)
         self.loop = loop or asyncio.get_running_loop()
+        self._settle = settle
         self.features = 0
         self.queues: list[GuestQueue] = []
         self.on_config_change: Callable[[], None] | None = None
+        #: Ring protocol violations the device committed (each broke its queue, see GuestQueue.reap).
+        self.violations: list[str] = []
         self.config_changes = 0
         self._readers: list[int] = []
         self._held = False
@@ -110,7 +181,8 @@ class GuestDevice:
         return self.transport.get_status()
 
     async def reset(self, timeout: float = RESET_TIMEOUT) -> None:
-        """Write 0 and wait for status to read 0 (v1.4 §4.1.4.3.2)."""
+        """Write 0 and wait for status to read 0 (v1.4 §4.1.4.3.2); then every request in
+        flight fails with :class:`RingError` and the device's guest memory is given back."""
         self.transport.set_status(0)
         deadline = self.loop.time() + timeout
         while self.status() != 0:
@@ -118,6 +190,7 @@ class GuestDevice:
                 raise DeviceStateError("device did not complete reset")
             await asyncio.sleep(0.0005)
         self._drop_queues()
+        self.alloc.free_all()
 
     async def initialize(self, wanted: int, *, packed: bool = False, queue_size: int = 256,
                          num_queues: int | None = None, set_driver_ok: bool = True) -> int:
@@ -147,11 +220,76 @@ class GuestDevice:
             self.queues.append(self._setup_queue(index, queue_size))
         if set_driver_ok:
             self.driver_ok()
+            await self.started()
         return accepted
 
     def driver_ok(self) -> None:
+        """Set DRIVER_OK; the device starts its backend asynchronously (see :meth:`started`)."""
         self.transport.set_status(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK
                                   | Status.DRIVER_OK)
+
+    async def started(self) -> None:
+        """Wait until the device has acted on DRIVER_OK (v1.4 §3.1.1 step 8).
+
+        A device that failed to start raises :class:`DeviceStateError` (chained to the
+        failure when the settle hook reports it; DEVICE_NEEDS_RESET otherwise, v1.4 §2.1.2).
+        """
+        if self._settle is None:
+            return
+        try:
+            await self._settle()
+        except (ShadowVmmError, OSError) as exc:
+            raise DeviceStateError(f"device failed to start: {exc}") from exc
+        if self.status() & Status.NEEDS_RESET:
+            raise DeviceStateError("device failed to start: it set DEVICE_NEEDS_RESET")
+
+    async def reset_queue(self, index: int, timeout: float = RESET_TIMEOUT) -> None:
+        """Reset one virtqueue (VIRTIO_F_RING_RESET, v1.4 §2.6.1.1).
+
+        Waits until queue_reset (PCI) / QueueReset (MMIO) reads back 0 (v1.4 §4.1.4.3.2,
+        §4.2.2.2), then fails the queue's outstanding requests with :class:`RingError` and
+        gives back its ring memory. :meth:`restart_queue` sets it up again.
+        """
+        if not self.features & Feature.RING_RESET:
+            raise DeviceStateError("queue reset needs VIRTIO_F_RING_RESET")
+        queue = self.queue(index)
+        if queue.error is not None:
+            raise DeviceStateError(f"queue {index} is already reset")
+        self.transport.reset_queue(index)
+        deadline = self.loop.time() + timeout
+        while self._queue_resetting(index):
+            if self.loop.time() > deadline:
+                raise DeviceStateError(f"device did not complete the reset of queue {index}")
+            await asyncio.sleep(0.0005)
+        queue.drop("queue reset with the request in flight")
+        self.alloc.free_queue(index)
+
+    async def restart_queue(self, index: int, queue_size: int | None = None) -> GuestQueue:
+        """Set a reset queue up again with a fresh ring and enable it (v1.4 §2.6.1.2);
+        replaces ``queues[index]``. Waits until the device has acted on it."""
+        queue = self.queue(index)
+        if queue.error is None:
+            raise DeviceStateError(f"queue {index} is not reset")
+        fresh = self._setup_queue(index, queue.size if queue_size is None else queue_size)
+        self.queues[index] = fresh
+        await self.started()
+        return fresh
+
+    def queue(self, index: int) -> GuestQueue:
+        """``queues[index]``; :class:`DeviceStateError` if the queue is not set up."""
+        if not 0 <= index < len(self.queues):
+            raise DeviceStateError(f"no queue {index} ({len(self.queues)} set up)")
+        return self.queues[index]
+
+    def _queue_resetting(self, index: int) -> bool:
+        """Whether the device still reads back 1 in the queue's reset register."""
+        t = self.transport
+        if isinstance(t, PciGuestTransport):
+            return t.queue_resetting(index)
+        if isinstance(t, MmioGuestTransport):
+            t.t.write(_MMIO_QUEUE_SEL, 4, index)
+            return bool(t.t.read(_MMIO_QUEUE_RESET, 4))
+        raise DeviceStateError(f"{type(t).__name__} cannot read back a queue reset")
 
     def _setup_queue(self, index: int, wanted_size: int) -> GuestQueue:
         t = self.transport
@@ -160,27 +298,31 @@ class GuestDevice:
             raise DeviceStateError(f"queue {index} is not available")
         size = min(max_size, wanted_size)
         event_idx = bool(self.features & Feature.EVENT_IDX)
+        alloc = self.alloc.alloc
         if self.features & Feature.RING_PACKED:
             d, a, u = PackedLayout.area_sizes(size)
-            layout = PackedLayout(size, self.alloc.alloc(d, 16), self.alloc.alloc(a, 4),
-                                  self.alloc.alloc(u, 4))
+            layout = PackedLayout(size, alloc(d, 16, queue=index), alloc(a, 4, queue=index),
+                                  alloc(u, 4, queue=index))
             ring = PackedDriverQueue(self.memory, layout, event_idx=event_idx)
         else:
             d, a, u = SplitLayout.area_sizes(size)
-            layout = SplitLayout(size, self.alloc.alloc(d, 16), self.alloc.alloc(a, 2),
-                                 self.alloc.alloc(u, 4))
+            layout = SplitLayout(size, alloc(d, 16, queue=index), alloc(a, 2, queue=index),
+                                 alloc(u, 4, queue=index))
             ring = SplitDriverQueue(self.memory, layout, event_idx=event_idx)
         vector = index + 1 if t.uses_msix and index + 1 < self.interrupts.vectors else NO_VECTOR
         t.setup_queue(index, size, layout.desc, layout.driver, layout.device, vector)
         t.enable_queue(index)
         return GuestQueue(self, index, ring, vector)
 
-    def rebind(self, transport: GuestTransport, interrupts: Interrupts) -> None:
-        """Attach this driver to another device instance (migration switch-over)."""
+    def rebind(self, transport: GuestTransport, interrupts: Interrupts, *,
+               settle: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Attach this driver to another device instance (migration switch-over);
+        *settle* is the new device's hook (the old device's is dropped)."""
         active = bool(self._readers)
         self._stop_interrupts()
         self.transport = transport
         self.interrupts = interrupts
+        self._settle = settle
         if active:
             self._start_interrupts()
 
@@ -264,11 +406,15 @@ class GuestDevice:
     # ------------------------------------------------------------------ teardown
 
     def _drop_queues(self) -> None:
-        for queue in self.queues:
-            for future in queue.ring.outstanding():
-                if isinstance(future, asyncio.Future) and not future.done():
-                    future.set_exception(RingError("device reset with the request in flight"))
-        self.queues = []
+        queues, self.queues = self.queues, []
+        for queue in queues:
+            queue.drop("device reset with the request in flight")
 
     def close(self) -> None:
+        """Stop taking interrupts (idempotent). The device's guest memory is given back unless
+        a queue is still live: the device owns those rings and buffers until it is reset
+        (v1.4 §3.3.1), which gives them back then."""
         self._stop_interrupts()
+        self._held = False
+        if all(queue.error is not None for queue in self.queues):
+            self.alloc.free_all()

@@ -224,6 +224,7 @@ class NetDriver:
         for rx in self.rx:
             self._fill(rx)
         self.dev.driver_ok()
+        await self.dev.started()
         for rx in self.rx:
             rx.queue.kick()
         self.active_pairs = 1

@@ -48,7 +48,7 @@ def move_guest(guest: GuestDevice, source: VirtioDevice, dest: VirtioDevice, des
     guest.transport.t = dest_transport  # type: ignore[attr-defined]
     for src_fd, dst_fd in zip(src_ints.vector_fds + [src_ints.intx_fd], dst_ints.vector_fds + [dst_ints.intx_fd]):
         _forward(src_fd, dst_fd)
-    guest.rebind(guest.transport, dst_ints)
+    guest.rebind(guest.transport, dst_ints, settle=dest.settle)
     for index in source.take_pending_kicks():
         dest.notify(index)
 
