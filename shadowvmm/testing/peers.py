@@ -1,15 +1,20 @@
 """Launchers for the real vhost-user peers used by the tests.
 
-Three backends are supported, all from Debian bookworm packages (see
-``scripts/install-peers.sh``):
+Three backends come from Debian bookworm packages (see
+``scripts/install-peers.sh``), one from this project:
 
-* :class:`QsdBlk` - ``qemu-storage-daemon`` exporting vhost-user-blk;
+* :class:`QsdBlk` - ``qemu-storage-daemon`` exporting vhost-user-blk, optionally
+  with a QMP monitor (:meth:`QsdBlk.qmp`);
 * :class:`Virtiofsd` - the C ``virtiofsd`` of QEMU 7.2 (one session per process);
-* :class:`DpdkTestpmd` - ``dpdk-testpmd`` with the ``net_vhost`` PMD, no hugepages.
+* :class:`DpdkTestpmd` - ``dpdk-testpmd`` with the ``net_vhost`` PMD, no hugepages;
+* :class:`RefBlk` - the Python reference vhost-user-blk back-end
+  (:mod:`shadowvmm.testing.refbackend`) in its own process.
 
 Every launcher owns exactly one child process, writes its log into the work
 directory, and is a context manager (``with QsdBlk(...) as qsd: ...``).
-``stop()`` always reaps the child, so no zombie or stray process is left.
+``stop()`` always reaps the child, so no zombie or stray process is left;
+``kill()`` models a crash (``kill -9``) and ``restart()`` brings the same peer
+back on the same socket and image.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import json
 import os
 import re
 import secrets
@@ -25,11 +31,12 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType, TracebackType
-from typing import IO, Final, Self
+from typing import IO, Any, Final, Self
 
 from shadowvmm.errors import ShadowVmmError
 
@@ -40,6 +47,7 @@ __all__ = [
     "PeerMissing",
     "PeerStartError",
     "QsdBlk",
+    "RefBlk",
     "Virtiofsd",
     "find_peer",
     "parse_port_stats",
@@ -162,6 +170,40 @@ def _connect(path: Path, timeout: float) -> socket.socket | None:
     return sock
 
 
+def _answers_get_features(path: Path, timeout: float) -> bool:
+    """Readiness: one full GET_FEATURES round trip on *path* (False if nothing listens yet).
+
+    A bare connect-and-close probe is not enough: qsd serves one client at a
+    time with a listen backlog of 1, so unconsumed probes can fill the
+    backlog and make the caller's next connect() fail with EAGAIN.
+    """
+    if not path.exists():
+        return False
+    sock = _connect(path, timeout)
+    if sock is None:
+        return False
+    with sock:
+        _send_get_features(sock)
+        _recv_features(sock)
+    return True
+
+
+def _listening(path: Path, timeout: float) -> bool:
+    """Readiness after a restart: something accepts connections on *path*.
+
+    A front-end reconnecting on its own may take the one session the peer
+    serves the moment it listens, so a GET_FEATURES probe would wait behind it;
+    one bare connect (then close) proves the listener without holding a session.
+    """
+    if not path.exists():
+        return False
+    sock = _connect(path, timeout)
+    if sock is None:
+        return False
+    sock.close()
+    return True
+
+
 def _check_socket_path(path: Path) -> None:
     if len(os.fsencode(path)) > _SUN_PATH_MAX:
         raise ValueError(f"unix socket path longer than {_SUN_PATH_MAX} bytes: {path}")
@@ -183,6 +225,127 @@ def _qemu_opt(value: StrPath) -> str:
     return os.fspath(value).replace(",", ",,")
 
 
+def _keyval(options: Mapping[str, Any], prefix: str = "") -> str:
+    """A QAPI options dict in QEMU's dotted ``key=value,...`` syntax (nested dicts: ``addr.type=``)."""
+    parts = []
+    for key, value in options.items():
+        if isinstance(value, Mapping):
+            parts.append(_keyval(value, f"{prefix}{key}."))
+        elif isinstance(value, bool):
+            parts.append(f"{prefix}{key}={'on' if value else 'off'}")
+        else:
+            parts.append(f"{prefix}{key}={_qemu_opt(str(value))}")
+    return ",".join(parts)
+
+
+class _Qmp:
+    """A synchronous QMP client on a unix socket (QEMU docs/interop/qmp-spec).
+
+    JSON objects one per line; commands carry an ``id`` matched against the
+    response, and events met meanwhile are kept in :attr:`events`.
+    """
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        self.path = path
+        self.timeout = timeout
+        self.events: list[dict[str, Any]] = []
+        self._sock: socket.socket | None = None
+        self._buf = bytearray()
+        self._next_id = 0
+
+    def open(self) -> None:
+        """Connect, read the greeting and leave capabilities negotiation mode."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(os.fspath(self.path))
+        except OSError as exc:
+            sock.close()
+            raise PeerCommandError(f"QMP {self.path}: cannot connect: {exc}") from exc
+        self._sock = sock
+        self._buf = bytearray()
+        greeting = self._read(time.monotonic() + self.timeout)
+        if "QMP" not in greeting:
+            self.close()
+            raise PeerCommandError(f"QMP {self.path}: no greeting, got {greeting}")
+        self.execute("qmp_capabilities", {})
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    def _read(self, deadline: float) -> dict[str, Any]:
+        sock = self._sock
+        assert sock is not None
+        while (end := self._buf.find(b"\n")) < 0:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PeerCommandError(f"QMP {self.path}: no answer within {self.timeout} s")
+            sock.settimeout(left)
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                self.close()
+                raise PeerCommandError(f"QMP {self.path}: {exc}") from exc
+            if not chunk:
+                self.close()
+                raise PeerCommandError(f"QMP {self.path}: the monitor closed the connection")
+            self._buf += chunk
+        line = bytes(self._buf[:end])
+        del self._buf[:end + 1]
+        try:
+            message = json.loads(line)
+        except ValueError as exc:
+            raise PeerCommandError(f"QMP {self.path}: not JSON: {line!r}") from exc
+        if not isinstance(message, dict):
+            raise PeerCommandError(f"QMP {self.path}: not a JSON object: {line!r}")
+        return message
+
+    def execute(self, command: str, arguments: Mapping[str, Any]) -> Any:
+        """Run *command*; its ``return`` value, or :class:`PeerCommandError` for an ``error``."""
+        if self._sock is None:
+            raise PeerCommandError(f"QMP {self.path}: not connected")
+        self._next_id += 1
+        request: dict[str, Any] = {"execute": command, "id": self._next_id}
+        if arguments:
+            request["arguments"] = dict(arguments)
+        try:
+            self._sock.sendall(json.dumps(request).encode() + b"\n")
+        except OSError as exc:
+            self.close()
+            raise PeerCommandError(f"QMP {self.path}: cannot send {command}: {exc}") from exc
+        deadline = time.monotonic() + self.timeout
+        while True:
+            message = self._read(deadline)
+            if "event" in message:
+                self.events.append(message)
+            elif message.get("id") == self._next_id:
+                break
+        if "error" in message:
+            error = message["error"]
+            raise PeerCommandError(f"QMP {command}: {error.get('class')}: {error.get('desc')}")
+        return message.get("return")
+
+    def wait_event(self, name: str, data: Mapping[str, Any], timeout: float) -> dict[str, Any]:
+        """The first event *name* whose data contains *data* (kept or still to come); it is consumed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for event in self.events:
+                if event.get("event") == name and data.items() <= event.get("data", {}).items():
+                    self.events.remove(event)
+                    return event
+            if self._sock is None:
+                raise PeerCommandError(f"QMP {self.path}: not connected")
+            self.events.append(self._read(deadline))
+
+
 class _Peer:
     """One child process with a log file in the work directory."""
 
@@ -194,6 +357,8 @@ class _Peer:
         self.binary = binary if binary is not None else find_peer(self.kind)
         self.start_timeout = start_timeout
         self.log_path = self.workdir / f"{name}.log"
+        self.generation = 0
+        self._restarting = False
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -227,6 +392,7 @@ class _Peer:
             raise PeerError(f"{self.name} is already running")
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._prepare()
+        self.generation += 1
         try:
             self._launch(time.monotonic() + self.start_timeout)
         except PeerStartError:
@@ -243,6 +409,45 @@ class _Peer:
         rc = self._reap(timeout)
         self._cleanup()
         return rc
+
+    def kill(self, sig: int = signal.SIGKILL, timeout: float = 5.0) -> int | None:
+        """Send *sig* to the child; after SIGKILL or SIGTERM wait for its exit and return the status.
+
+        Nothing is cleaned up: a killed peer leaves its socket file behind as a
+        crashed one would (:meth:`restart` and :meth:`stop` deal with it).
+        Other signals return ``None`` at once.
+        """
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            raise PeerCommandError(f"{self.name} is not running")
+        proc.send_signal(sig)
+        if sig not in (signal.SIGKILL, signal.SIGTERM):
+            return None
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise PeerCommandError(f"{self.name} did not exit {timeout} s after signal {sig}") from None
+
+    def restart(self) -> Self:
+        """Start the same peer again: same socket paths, same image (never re-created).
+
+        A running child is stopped first; the previous log is kept as
+        ``NAME.GENERATION.log``.
+        """
+        self.stop()
+        if self.log_path.exists():
+            self.log_path.rename(self.workdir / f"{self.name}.{self.generation}.log")
+        self._restarting = True
+        try:
+            return self.start()
+        finally:
+            self._restarting = False
+
+    def _ready(self, path: Path) -> bool:
+        """A fresh peer answers GET_FEATURES; a restarted one only has to listen (:func:`_listening`)."""
+        if self._restarting:
+            return _listening(path, self.start_timeout)
+        return _answers_get_features(path, self.start_timeout)
 
     def __enter__(self) -> Self:
         return self.start()
@@ -274,12 +479,19 @@ class _Peer:
         *,
         stdin: int | IO[bytes] = subprocess.DEVNULL,
         pass_fds: Sequence[int] = (),
+        env: Mapping[str, str] | None = None,
     ) -> subprocess.Popen[bytes]:
         with open(self.log_path, "wb") as log:
             log.write(("$ " + " ".join(argv) + "\n").encode())
             log.flush()
             self._proc = subprocess.Popen(
-                list(argv), stdin=stdin, stdout=log, stderr=subprocess.STDOUT, pass_fds=pass_fds, cwd=self.workdir
+                list(argv),
+                stdin=stdin,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                pass_fds=pass_fds,
+                cwd=self.workdir,
+                env=None if env is None else dict(env),
             )
         return self._proc
 
@@ -326,6 +538,9 @@ class QsdBlk(_Peer):
     The node is a raw/qcow2 *image* file (created sparse when ``create=True``)
     or, without *image*, ``null-co`` of *size* bytes with ``read-zeroes=off``.
     ``exports=N`` exports the same node N times (ids ``exp0``..), one socket each.
+    ``qmp=True`` adds a QMP monitor on ``NAME.qmp.sock`` (``--chardev socket``
+    + ``--monitor mode=control``), used by :meth:`qmp`, :meth:`close_export`
+    and :meth:`add_export`.
     """
 
     kind = "qemu-storage-daemon"
@@ -343,9 +558,11 @@ class QsdBlk(_Peer):
         writable: bool = True,
         logical_block_size: int | None = None,
         exports: int = 1,
+        qmp: bool = False,
         name: str = "qsd-blk",
         binary: str | None = None,
         start_timeout: float = 10.0,
+        command_timeout: float = 5.0,
     ) -> None:
         super().__init__(workdir, name, binary, start_timeout)
         if image is None and (create or fmt != "raw"):
@@ -364,8 +581,11 @@ class QsdBlk(_Peer):
         self.writable = writable
         self.logical_block_size = logical_block_size
         self.socket_paths = [self.workdir / f"{name}.{i}.sock" for i in range(exports)]
-        for path in self.socket_paths:
+        self.qmp_path = self.workdir / f"{name}.qmp.sock" if qmp else None
+        for path in [*self.socket_paths, *([self.qmp_path] if self.qmp_path else [])]:
             _check_socket_path(path)
+        self.command_timeout = command_timeout
+        self._qmp: _Qmp | None = None
         self._created = False
 
     @property
@@ -385,16 +605,67 @@ class QsdBlk(_Peer):
                 f"file.filename={_qemu_opt(self.image)},file.cache.direct=off"
             )
         argv = [self.binary, "--blockdev", node]
-        for i, path in enumerate(self.socket_paths):
-            export = (
-                f"type=vhost-user-blk,id=exp{i},node-name={self.node_name},addr.type=unix,"
-                f"addr.path={_qemu_opt(path)},writable={'on' if self.writable else 'off'},"
-                f"num-queues={self.num_queues}"
-            )
-            if self.logical_block_size is not None:
-                export += f",logical-block-size={self.logical_block_size}"
-            argv += ["--export", export]
+        for i in range(len(self.socket_paths)):
+            argv += ["--export", _keyval(self.export_options(i))]
+        if self.qmp_path is not None:
+            argv += [
+                "--chardev",
+                f"socket,id=qmp0,path={_qemu_opt(self.qmp_path)},server=on,wait=off",
+                "--monitor",
+                "chardev=qmp0,mode=control",
+            ]
         return argv
+
+    def export_options(self, index: int) -> dict[str, Any]:
+        """``BlockExportOptions`` of export *index* (QAPI; ``--export`` and ``block-export-add`` alike)."""
+        options: dict[str, Any] = {
+            "type": "vhost-user-blk",
+            "id": f"exp{index}",
+            "node-name": self.node_name,
+            "addr": {"type": "unix", "path": os.fspath(self.socket_paths[index])},
+            "writable": self.writable,
+            "num-queues": self.num_queues,
+        }
+        if self.logical_block_size is not None:
+            options["logical-block-size"] = self.logical_block_size
+        return options
+
+    def qmp(self, command: str, /, **arguments: Any) -> Any:
+        """Run QMP *command* with *arguments* (dashed names via ``**{"node-name": ...}``).
+
+        Returns the response's ``return`` value; an ``error`` response, a
+        timeout or a lost monitor raise :class:`PeerCommandError`. The monitor
+        connection is opened (greeting, ``qmp_capabilities``) on first use.
+        """
+        if self.qmp_path is None:
+            raise PeerCommandError(f"{self.name} was started without a QMP monitor (qmp=True)")
+        if not self.running:
+            raise PeerCommandError(f"{self.name} is not running")
+        if self._qmp is None or not self._qmp.connected:
+            self._qmp = _Qmp(self.qmp_path, self.command_timeout)
+            self._qmp.open()
+        return self._qmp.execute(command, arguments)
+
+    def close_export(self, index: int, mode: str = "hard") -> None:
+        """``block-export-del`` export *index* and wait for its ``BLOCK_EXPORT_DELETED`` event.
+
+        Observed on qsd 7.2.22 (vhost-user-blk), identical for ``mode=safe``
+        (QMP's default) and ``mode=hard``: with no request in flight the
+        connected client's socket is closed at once (EOF about 3 ms after the
+        command was sent, the event arrives before the command's return), the
+        socket file is removed, and the export is gone from
+        ``query-block-exports``. Requests in flight are not cancelled: the
+        command blocks until they have completed and been used (seen with a
+        1-IOPS throttle: five requests, 4.7 s), then closes the client.
+        """
+        self.qmp("block-export-del", id=f"exp{index}", mode=mode)
+        assert self._qmp is not None
+        self._qmp.wait_event("BLOCK_EXPORT_DELETED", {"id": f"exp{index}"}, self.command_timeout)
+
+    def add_export(self, index: int) -> None:
+        """``block-export-add`` export *index* again, same id and socket path; it listens on return."""
+        self.socket_paths[index].unlink(missing_ok=True)
+        self.qmp("block-export-add", **self.export_options(index))
 
     def _create_image(self) -> None:
         assert self.image is not None and self.size is not None
@@ -417,32 +688,115 @@ class QsdBlk(_Peer):
             self._created = True
         for path in self.socket_paths:
             _clear_stale_socket(path)
+        if self.qmp_path is not None:
+            _clear_stale_socket(self.qmp_path)
 
     def _launch(self, deadline: float) -> None:
         self._spawn(self.argv())
         for path in self.socket_paths:
-            self._wait_until(f"GET_FEATURES reply on {path.name}", functools.partial(self._answers, path), deadline)
-
-    def _answers(self, path: Path) -> bool:
-        """Readiness: one full GET_FEATURES round trip.
-
-        A bare connect-and-close probe is not enough: qsd serves one client at a
-        time with a listen backlog of 1, so unconsumed probes can fill the
-        backlog and make the caller's next connect() fail with EAGAIN.
-        """
-        if not path.exists():
-            return False
-        sock = _connect(path, self.start_timeout)
-        if sock is None:
-            return False
-        with sock:
-            _send_get_features(sock)
-            _recv_features(sock)
-        return True
+            self._wait_until(f"{path.name} to answer", functools.partial(self._ready, path), deadline)
+        if self.qmp_path is not None:
+            self._wait_until("QMP socket", self.qmp_path.exists, deadline)
 
     def _cleanup(self) -> None:
+        if self._qmp is not None:
+            self._qmp.close()
+            self._qmp = None
         for path in self.socket_paths:
             path.unlink(missing_ok=True)
+        if self.qmp_path is not None:
+            self.qmp_path.unlink(missing_ok=True)
+
+
+class RefBlk(_Peer):
+    """The reference vhost-user-blk back-end (:mod:`shadowvmm.testing.refbackend`) as a process.
+
+    It offers what no Debian peer does (INFLIGHT_SHMFD, RESET_DEVICE, STATUS,
+    DEVICE_STATE) and serves one front-end at a time, the next waiting in the
+    listen backlog. *image* (default ``NAME.img``) is created sparse with
+    *size* on the first start (``create=True``), never again. ``latency_us``
+    holds every request in flight that long, so :meth:`kill` lands mid-I/O
+    (``latency_data_only``: only reads and writes, so a FLUSH is used ahead of
+    them, out of order); :meth:`drop_session` makes it close the session and
+    wait for the next front-end. The child runs ``sys.executable -m
+    shadowvmm.testing.refbackend`` on the shadowvmm package the parent imported.
+    """
+
+    kind = "refblk"
+
+    def __init__(
+        self,
+        workdir: StrPath,
+        *,
+        image: StrPath | None = None,
+        size: int = 16 << 20,
+        create: bool = True,
+        queues: int = 2,
+        latency_us: int = 0,
+        latency_data_only: bool = False,
+        implementation: str = "shadowvmm-refblk",
+        name: str = "refblk",
+        python: str | None = None,
+        start_timeout: float = 10.0,
+    ) -> None:
+        super().__init__(workdir, name, python if python is not None else sys.executable, start_timeout)
+        if queues < 1 or size <= 0 or latency_us < 0:
+            raise ValueError("queues and size must be >= 1, latency_us >= 0")
+        self.image = Path(image) if image is not None else self.workdir / f"{name}.img"
+        self.size = size
+        self.create = create
+        self.queues = queues
+        self.latency_us = latency_us
+        self.latency_data_only = latency_data_only
+        self.implementation = implementation
+        self.socket_path = self.workdir / f"{name}.sock"
+        _check_socket_path(self.socket_path)
+        self._created = False
+
+    def argv(self) -> list[str]:
+        """The command line :meth:`start` runs."""
+        return [
+            self.binary,
+            "-m",
+            "shadowvmm.testing.refbackend",
+            os.fspath(self.socket_path),
+            "--image",
+            os.fspath(self.image),
+            "--size",
+            str(self.size),
+            "--queues",
+            str(self.queues),
+            "--latency-us",
+            str(self.latency_us),
+            "--implementation",
+            self.implementation,
+            *(["--latency-data-only"] if self.latency_data_only else []),
+        ]
+
+    def drop_session(self) -> None:
+        """SIGUSR1: the back-end closes its session socket (a peer hanging up) and keeps listening.
+
+        Asynchronous: the front-end sees EOF once the back-end has handled the signal.
+        """
+        self.kill(signal.SIGUSR1)
+
+    def _prepare(self) -> None:
+        if self.create and not self._created:
+            with open(self.image, "wb") as f:
+                f.truncate(self.size)
+            self._created = True
+        _clear_stale_socket(self.socket_path)
+
+    def _launch(self, deadline: float) -> None:
+        package_root = Path(__file__).resolve().parents[2]
+        path = os.environ.get("PYTHONPATH")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.fspath(package_root), path]))}
+        self._spawn(self.argv(), env=env)
+        self._wait_until(f"{self.socket_path.name} to answer", functools.partial(self._ready, self.socket_path),
+                         deadline)
+
+    def _cleanup(self) -> None:
+        self.socket_path.unlink(missing_ok=True)
 
 
 class Virtiofsd(_Peer):

@@ -234,6 +234,20 @@ class SplitDeviceQueue:
             self._mark(self._avail_event_addr, 2)
         return DescChain(head, readable, writable)
 
+    def chain_at(self, head: int) -> DescChain:
+        """The chain starting at descriptor *head*, consuming no avail entry.
+
+        For a chain that was made available before, e.g. one resubmitted from
+        the vhost-user inflight region ("Inflight I/O tracking").
+        """
+        if not 0 <= head < self.size:
+            raise RingError(f"descriptor head {head} out of range ({self.size})")
+        readable: list = []
+        writable: list = []
+        walk_descriptors(self.memory, self.layout.desc, self.size, head, self.indirect,
+                         readable, writable)
+        return DescChain(head, readable, writable)
+
     def _mark(self, gpa: int, length: int) -> None:
         dirty = self.memory.dirty_log
         if dirty is not None:
