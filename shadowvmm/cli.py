@@ -11,7 +11,8 @@ import time
 from dataclasses import dataclass, field
 
 from . import config as configmod
-from .errors import ShadowVmmError
+from .errors import DeviceFailedError, ShadowVmmError
+from .lifecycle import unless_failed
 from .guest.blk import BlkDriver
 from .guest.rng import RngDriver
 from .machine import Machine
@@ -60,22 +61,30 @@ async def run(cfg: configmod.MachineConfig, out=sys.stdout) -> int:
             guest = machine.guest(dev_cfg.name)
             print(f"== {dev_cfg.name}: {device.device_id.name} over {dev_cfg.transport}, "
                   f"backend {dev_cfg.backend} ({device.backend.implementation})", file=out)
-            if device.device_id == DeviceId.BLOCK:
-                failures += await _run_blk(cfg, dev_cfg, device, guest, out)
-            elif device.device_id == DeviceId.RNG:
-                rng = RngDriver(guest)
-                await rng.start(packed=dev_cfg.packed)
-                data = await rng.read(64)
-                print(f"   rng: read {len(data)} bytes: {data[:16].hex()}...", file=out)
-                failures += len(data) != 64
-            else:
-                print("   (no workload for this device type)", file=out)
+            try:
+                if device.device_id == DeviceId.BLOCK:
+                    failures += await unless_failed(device, _run_blk(cfg, dev_cfg, device, guest, out))
+                elif device.device_id == DeviceId.RNG:
+                    failures += await unless_failed(device, _run_rng(dev_cfg, guest, out))
+                else:
+                    print("   (no workload for this device type)", file=out)
+            except DeviceFailedError as exc:
+                failures += 1
+                print(f"   FAILED: the backend of {dev_cfg.name} failed: {exc.__cause__ or exc}", file=out)
             guest.close()
             print(f"   guest faults counted: {device.faults.total}", file=out)
     finally:
         await machine.close()
     print("RESULT:", "PASS" if not failures else f"FAIL ({failures})", file=out)
     return 1 if failures else 0
+
+
+async def _run_rng(dev_cfg, guest, out) -> int:
+    rng = RngDriver(guest)
+    await rng.start(packed=dev_cfg.packed)
+    data = await rng.read(64)
+    print(f"   rng: read {len(data)} bytes: {data[:16].hex()}...", file=out)
+    return int(len(data) != 64)
 
 
 async def _run_blk(cfg, dev_cfg, device, guest, out) -> int:

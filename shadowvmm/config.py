@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .lifecycle import ReconnectPolicy
 from .shadow import STOP_FEATURE_BITS, StopDialect
 
 TRANSPORTS = ("pci", "mmio")
@@ -31,6 +32,8 @@ class DeviceConfig:
     #: Device feature bits the VMM serves itself (e.g. net MAC/STATUS over a
     #: config it synthesises); offered to the guest, never forwarded.
     vmm_features: int = 0
+    #: What the device does when its backend session dies (see shadowvmm.lifecycle).
+    reconnect: ReconnectPolicy = field(default_factory=ReconnectPolicy.off)
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,7 @@ def parse(data: dict) -> MachineConfig:
             raise ConfigError(path, "must be a table")
         _no_unknown(dev, {"name", "backend", "backend_config", "transport", "queue_size",
                           "num_queues", "stop_dialect", "stop_feature_bit", "packed",
-                          "vmm_features"}, path)
+                          "vmm_features", "reconnect"}, path)
         name = _take(dev, "name", path, str)
         if name in names:
             raise ConfigError(f"{path}.name", f"duplicate device name {name!r}")
@@ -122,7 +125,8 @@ def parse(data: dict) -> MachineConfig:
             transport=transport, queue_size=qsize, num_queues=num_queues, stop_dialect=dialect,
             stop_feature_bit=stop_bit,
             vmm_features=_take(dev, "vmm_features", path, int, 0),
-            packed=_take(dev, "packed", path, bool, False)))
+            packed=_take(dev, "packed", path, bool, False),
+            reconnect=ReconnectPolicy.parse(dev.get("reconnect", "off"), f"{path}.reconnect")))
     run = _take(data, "run", "", dict, {})
     _no_unknown(run, set(RunConfig.__dataclass_fields__), "run")
     defaults = RunConfig()

@@ -13,10 +13,25 @@ ignored, counted and logged (:class:`~shadowvmm.shadow.FaultCounter`).
 Anything that needs the backend becomes an operation on one ordered queue
 served by a worker task, so the guest never waits on a socket inside a
 register access. The backend is brought to the state the shadow and the VMM
-ask for by :meth:`VirtioDevice._reconcile`; the VMM's transparent
-:meth:`stop`/:meth:`resume` only change what is asked, so a guest that keeps
-writing registers while the device is stopped is served from the shadow and
-its writes take effect on resume.
+ask for by :meth:`VirtioDevice._op_reconcile`; the VMM's transparent
+:meth:`~VirtioDevice.stop`/:meth:`~VirtioDevice.resume` only change what is
+asked, so a guest that keeps writing registers while the device is stopped is
+served from the shadow and its writes take effect on resume.
+
+Invariants the lifecycle keeps, whatever the order of guest, VMM and backend
+events:
+
+* every ring is handed to the backend by one routine
+  (:meth:`VirtioDevice._program_rings`: CALL before KICK, then ENABLE, then
+  the kicks held meanwhile), for the start, a restart, a queue reset and a
+  reconnect alike;
+* a reset (device or queue) goes through the worker after every operation
+  queued before it, and one method (:meth:`VirtioDevice._forget_started`)
+  clears everything derived from a started device;
+* any exception in an operation leaves the device FAILED with
+  DEVICE_NEEDS_RESET, never a dead worker;
+* a backend whose session dies is noticed at once (its ``DISCONNECTED``
+  event) and handled by the :class:`~shadowvmm.lifecycle.ReconnectPolicy`.
 """
 
 from __future__ import annotations
@@ -30,13 +45,16 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping
 
-from .backends.base import Backend, Capability, RingState, VringAddr
-from .errors import BackendError, DeviceStateError, GuestMemoryError, RingError
+from .backends.base import Backend, BackendEvent, BackendEventKind, Capability, RingState, VringAddr
+from .errors import (BackendDisconnected, BackendError, DeviceStateError, GuestMemoryError,
+                     IncompatibleStateError, RingError)
+from .lifecycle import DeviceEventKind, EventLog, LinkState, ReconnectPolicy
 from .memory import GuestMemory
 from .shadow import (FaultCounter, FeaturePolicy, GuestFault, GuestStatusAction, RunState,
                      StatusShadow)
 from .virtio.constants import (ISR_CONFIG, ISR_QUEUE, MAX_QUEUE_SIZE, NO_VECTOR, DeviceId,
                                Feature, Status)
+from .virtio.ledger import SplitLedger
 from .virtio.packed import PackedLayout
 from .virtio.split import SplitLayout
 from .vmmqueue import VmmQueue, vmm_queue_handlers
@@ -51,6 +69,15 @@ log = logging.getLogger(__name__)
 DRAIN_TIMEOUT = 5.0
 DRAIN_QUIET = 0.001
 DRAIN_POLL = 0.0002
+#: A lost session whose rings' used idx stayed still this long no longer writes them.
+SESSION_QUIET = 0.02
+SESSION_QUIET_TIMEOUT = 1.0
+
+#: Device types whose backend keeps nothing a new session could not be given again: their rings
+#: resume transparently after a reconnect. virtio-fs is not among them: a FUSE session (looked-up
+#: inodes, open handles, locks) dies with its daemon, so the guest must reset and mount again.
+RESUMABLE_TYPES = frozenset({DeviceId.BLOCK, DeviceId.NET, DeviceId.RNG, DeviceId.CONSOLE,
+                             DeviceId.SCSI, DeviceId.VSOCK, DeviceId.INPUT})
 
 
 @dataclass
@@ -119,6 +146,7 @@ class OpKind(enum.Enum):
     VECTOR = "vector change"
     QUEUE_RESET = "queue reset"
     QUEUE_START = "queue start"
+    RECONNECT = "reconnect"
 
 
 @dataclass
@@ -135,6 +163,9 @@ class DeviceStats:
     stops: int = 0
     last_stop_seconds: float = 0.0
     status_reads: int = 0
+    reconnects: int = 0
+    #: Seconds from the last backend loss to its rings running again on a new session.
+    last_reconnect_seconds: float = 0.0
 
 
 class VirtioDevice:
@@ -143,17 +174,21 @@ class VirtioDevice:
     def __init__(self, backend: Backend, memory: GuestMemory, *, name: str = "dev0",
                  num_queues: int | None = None, queue_size: int = 256,
                  policy: FeaturePolicy | None = None, config_override: bytes | None = None,
+                 reconnect: ReconnectPolicy | None = None,
                  loop: asyncio.AbstractEventLoop | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.backend = backend
         self.memory = memory
         self.name = name
         self.policy = policy or FeaturePolicy()
+        self.reconnect_policy = reconnect or ReconnectPolicy.off()
         self.faults = FaultCounter(name)
         self.shadow = StatusShadow(self.policy.dialect, self.faults)
         self.run_state = RunState.RUNNING
+        self.link = LinkState.UP
         self.stats = DeviceStats()
         self.clock = clock
+        self.events = EventLog(clock)
         self._loop = loop
         self._requested_queues = num_queues
         self._queue_size = queue_size
@@ -173,17 +208,27 @@ class VirtioDevice:
         # backend-side state
         self.backend_caps = Capability.NONE
         self.backend_features = 0
+        #: The backend session was started (features, rings) since the last reset or loss.
         self.started = False
         self.rings_running = False
         self.ring_states: dict[int, RingState] = {}
+        #: Rings handed to the backend session (NUM/BASE sent) and not stopped since.
+        self._live_rings: set[int] = set()
+        #: The backend may hold state from this device's use since its last reset (negotiated
+        #: features, rings, an inflight area kept across a lost session): a guest reset resets it.
+        self._backend_touched = False
+        #: A guest reset completed without resetting the backend (it was away): reset it before
+        #: the next start.
+        self._backend_reset_owed = False
         self._mem_table_sent = False
         #: What :meth:`prestage` sent ahead of the first start (features word, call fds, sizes).
         self._staged: Staged | None = None
-        self._holding_kicks = False
+        #: Rings whose guest notifications are held (a start or stop is under way on them);
+        #: every ring start ends with a kick, so nothing held is lost.
+        self._held_kicks: set[int] = set()
         self._vmm_stop = False
         self._kick_fds: list[int] = []
         self._relay_fds: list[int] = []
-        self._config_relay_fd = -1
         self._ops: deque[Op] = deque()
         self._op_running = False
         self._op_handlers: dict[OpKind, Callable[..., Awaitable[None]]] = {
@@ -192,6 +237,7 @@ class VirtioDevice:
             OpKind.VECTOR: self._op_vector,
             OpKind.QUEUE_RESET: self._op_queue_reset,
             OpKind.QUEUE_START: self._op_queue_start,
+            OpKind.RECONNECT: self._op_reconnect,
         }
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
@@ -200,8 +246,26 @@ class VirtioDevice:
         self.vmm_queues: dict[int, VmmQueue] = {}
         #: The backend logs its writes (migration pre-copy): kept across ring restarts.
         self.dirty_logging = False
+        self._dirty_log: DirtyLog | None = None
         #: Queues the driver may use (net: 2 x active pairs); None = all.
         self.active_queues: int | None = None
+        #: Guest config writes since the reset, replayed to a new backend session.
+        self._config_writes: dict[int, bytes] = {}
+        #: A device-side config change held while the guest has the device suspended (v1.4 §3.4).
+        self._held_config: bytes | None = None
+        #: Why the device last failed (DEVICE_NEEDS_RESET); cleared by the guest's reset.
+        self.failure: BaseException | None = None
+        # backend liveness
+        self._lost_at = 0.0
+        self._lost_error: BaseException | None = None
+        self._fresh_session = False
+        self._retry: asyncio.TimerHandle | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self._link_waiters: list[asyncio.Future[None]] = []
+        self._ledgers: dict[int, SplitLedger] = {}
+        self._tracker: asyncio.Task | None = None
+        #: Rings the lost session had, until they are parked for the next one.
+        self._lost_rings: list[int] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -215,6 +279,7 @@ class VirtioDevice:
         """Connect the backend and build the guest-visible device from it."""
         if self._realized:
             raise DeviceStateError(f"{self.name}: already realized")
+        self.backend.set_event_handler(self._on_backend_event)
         await self.backend.connect()
         self.backend_caps = self.backend.capabilities()
         self.backend_features = int(await self.backend.get_features())
@@ -241,13 +306,14 @@ class VirtioDevice:
         else:
             size_cfg = self.backend.config_size()
             self.config = bytearray(await self.backend.get_config(0, size_cfg)) if size_cfg else bytearray()
-        self.backend.set_config_change_handler(self._backend_config_changed)
         self._wake = asyncio.Event()
         self._worker = self.loop.create_task(self._work(), name=f"{self.name}-worker")
         self._realized = True
 
     async def close(self) -> None:
         """Stop the backend if it runs, close it and release every fd."""
+        self._cancel_timers()
+        await self._stop_tracking()
         if self._worker is not None:
             self._worker.cancel()
             try:
@@ -255,11 +321,19 @@ class VirtioDevice:
             except asyncio.CancelledError:
                 pass
             self._worker = None
+        for op in self._ops:
+            if op.done is not None and not op.done.done():
+                op.done.set_exception(DeviceStateError(f"{self.name}: closed"))
+        self._ops.clear()
+        self._wake_link_waiters()
         try:
-            if self.rings_running:
+            if self.rings_running and self.link is LinkState.UP:
                 await self._stop_rings()
         except BackendError as exc:
             log.warning("%s: stop at close failed: %s", self.name, exc)
+        for vq in self.vmm_queues.values():
+            vq.stop()
+        self.backend.set_event_handler(None)
         await self.backend.close()
         for fd in self._relay_fds:
             self.loop.remove_reader(fd)
@@ -334,14 +408,50 @@ class VirtioDevice:
     def _guest_reset(self) -> None:
         """Guest wrote 0 (v1.4 §2.1): status reads 0 once the backend really stopped.
 
-        While the reset is carried out the registers keep their values (the
-        stop sequence needs the rings' set-up); they are cleared when it completes.
+        The reset is an operation like any other, carried out after every one queued
+        before it (a start still under way is finished, then undone). Only a device
+        whose backend was never touched, with nothing queued, completes at once.
+        While the reset is carried out the registers keep their values (the stop
+        sequence needs the rings' set-up); they are cleared when it completes.
+
+        A reset of a device whose status already reads 0 completes at once too: the
+        driver cannot tell it from a finished one (it goes on as soon as it reads 0), so a
+        backend reset still owed (state of a lost session) is done before the next start.
         """
-        if not self.started:
-            self._clear_guest_registers()
-            self.shadow.reset_done()
+        idle = not self._backend_touched and not self._ops and not self._op_running
+        if (idle and self.link is LinkState.UP) or (self.shadow.guest_status == 0 and not self._lost_rings):
+            if self._backend_touched:
+                self._backend_reset_owed = True
+            self._complete_reset()
             return
         self._submit(Op(OpKind.RECONCILE))
+
+    def _complete_reset(self) -> None:
+        self._forget_started()
+        self.failure = None
+        self._clear_guest_registers()
+        if self.run_state is RunState.FAILED:
+            self.run_state = RunState.STOPPED if self._vmm_stop else RunState.RUNNING
+        self.shadow.reset_done()
+        self.events.emit(DeviceEventKind.RESET)
+
+    def _forget_started(self) -> None:
+        """Drop everything derived from a started device (the one place a reset clears it)."""
+        self.started = False
+        self.rings_running = False
+        self._staged = None
+        self.ring_states.clear()
+        self._live_rings.clear()
+        self._ledgers.clear()
+        for vq in self.vmm_queues.values():
+            vq.stop()
+        self.vmm_queues = {}
+        self.active_queues = None
+        self._held_kicks.clear()
+        self._config_writes.clear()
+        if self._held_config is not None:
+            self._set_config(self._held_config)
+            self._held_config = None
 
     def _clear_guest_registers(self) -> None:
         for q in self.queues:
@@ -452,11 +562,14 @@ class VirtioDevice:
             self.faults(GuestFault.NOTIFY_INVALID, f"queue {index}")
             return
         self.stats.kicks += 1
-        if self._holding_kicks:
-            return      # a stop is draining the rings; the restart kicks every ring (_kick_all)
+        if index in self._held_kicks:
+            return      # a start or stop is under way on this ring; it ends with a kick
         os.eventfd_write(self._kick_fds[index], 1)
 
     # ------------------------------------------------------------------ guest: config and ISR
+
+    def _guest_suspended(self) -> bool:
+        return self.shadow.guest_stopped or self.shadow.guest_stop_requested
 
     def read_config(self, offset: int, width: int) -> int:
         if offset < 0 or offset + width > len(self.config):
@@ -465,12 +578,18 @@ class VirtioDevice:
         return int.from_bytes(self.config[offset:offset + width], "little")
 
     def write_config(self, offset: int, width: int, value: int) -> None:
+        """A driver config write; ignored while the guest has the device suspended or stopped
+        (v1.4 §3.4: the device SHOULD ignore it, the driver MUST NOT do it)."""
         if offset < 0 or offset + width > len(self.config):
             self.faults(GuestFault.CONFIG_RANGE, f"write {offset}+{width}")
+            return
+        if self._guest_suspended():
+            self.faults(GuestFault.CONFIG_WHILE_STOPPED, f"write {offset}+{width}")
             return
         data = (value & ((1 << (8 * width)) - 1)).to_bytes(width, "little")
         self.config[offset:offset + width] = data
         if self.backend_caps & Capability.CONFIG:
+            self._config_writes[offset] = data
             self._submit(Op(OpKind.CONFIG_WRITE, (offset, data)))
 
     def read_isr(self) -> int:
@@ -484,16 +603,31 @@ class VirtioDevice:
         self.isr &= ~bits
 
     def update_config(self, data: bytes) -> None:
-        """A device-side config change: bump config_generation and notify (v1.4 §2.5.1)."""
-        if bytes(data) == bytes(self.config):
+        """A device-side config change: bump config_generation and notify (v1.4 §2.5.1).
+
+        While the guest has the device suspended (or stopped) the change and its
+        notification wait for the resume (v1.4 §3.4: no config change, no notification
+        while suspended); a reset applies it without one.
+        """
+        if bytes(data) == bytes(self.config if self._held_config is None else self._held_config):
             return
-        self.config = bytearray(data)
-        self.config_generation = (self.config_generation + 1) & 0xFF
-        if self.shadow.driver_ok:
+        if self._guest_suspended():
+            self._held_config = bytes(data)
+            return
+        if self._set_config(data) and self.shadow.driver_ok:
             self._config_interrupt()
 
-    def _backend_config_changed(self) -> None:
-        self._submit(Op(OpKind.RECONCILE, ("refresh-config",)))
+    def _set_config(self, data: bytes) -> bool:
+        if bytes(data) == bytes(self.config):
+            return False
+        self.config = bytearray(data)
+        self.config_generation = (self.config_generation + 1) & 0xFF
+        return True
+
+    def _release_held_config(self) -> None:
+        held, self._held_config = self._held_config, None
+        if held is not None:
+            self.update_config(held)
 
     # ------------------------------------------------------------------ interrupts
 
@@ -541,9 +675,10 @@ class VirtioDevice:
         """Stop the backend transparently: the guest keeps reading what it wrote.
 
         Returns the ring states of the started rings (empty if the guest had
-        not started the device).
+        not started the device). A backend being reconnected is waited for first.
         """
         self._require_realized()
+        await self._wait_link()
         if self.run_state is RunState.STOPPED:
             return list(self.ring_states.values())
         if self.run_state is not RunState.RUNNING:
@@ -553,6 +688,8 @@ class VirtioDevice:
         self._vmm_stop = True
         try:
             await self._submit_wait(Op(OpKind.RECONCILE))
+            if self.link is not LinkState.UP:
+                raise BackendDisconnected(f"{self.name}: backend lost during the stop") from self._lost_error
         except BaseException:
             # Not stopped: a failed backend (FAILED) recovers through the guest's reset into
             # a running device, not into a VMM stop nobody will resume.
@@ -576,13 +713,274 @@ class VirtioDevice:
         self.run_state = RunState.RUNNING
         await self._submit_wait(Op(OpKind.RECONCILE))
 
+    def failed(self) -> bool:
+        """The device shows DEVICE_NEEDS_RESET (:attr:`failure` says why)."""
+        return self.run_state is RunState.FAILED
+
     def _require_realized(self) -> None:
         if not self._realized:
             raise DeviceStateError(f"{self.name}: not realized")
 
     async def settle(self) -> None:
-        """Wait until every queued guest-triggered operation has been carried out."""
+        """Wait until every queued guest-triggered operation has been carried out.
+
+        A device that failed shows DEVICE_NEEDS_RESET (:attr:`failure` says why).
+        """
         await self._submit_wait(Op(OpKind.RECONCILE))
+
+    # ------------------------------------------------------------------ VMM: backend liveness
+
+    async def reconnect(self) -> None:
+        """Connect the backend again now, without waiting for the policy's next attempt.
+
+        For a VMM that restarted the backend itself. Within the policy's deadline the
+        rings resume where they stood; a device already showing NEEDS_RESET only gets
+        its session back (the guest's reset then completes at once). Raises the
+        connection error if the backend does not answer.
+        """
+        self._require_realized()
+        if self.link is LinkState.UP:
+            return
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        await self._submit_wait(Op(OpKind.RECONNECT, (True,)))
+
+    def _on_backend_event(self, event: BackendEvent) -> None:
+        if event.kind is BackendEventKind.CONFIG_CHANGED:
+            self._submit(Op(OpKind.RECONCILE, ("refresh-config",)))
+        elif event.kind is BackendEventKind.DISCONNECTED:
+            self._backend_lost(event.error)
+
+    def _backend_lost(self, error: BaseException | None) -> None:
+        """The backend session died: park the rings, then reconnect or tell the guest."""
+        if self.link is not LinkState.UP or not self._realized:
+            return
+        error = error or BackendDisconnected(f"{self.name}: backend session lost")
+        self._lost_at = self.clock()
+        self._lost_error = error
+        self.events.emit(DeviceEventKind.BACKEND_LOST, str(error), error)
+        log.warning("%s: backend lost: %s (reconnect %s)", self.name, error, self.reconnect_policy.describe())
+        handed = sorted(self._live_rings)
+        self._backend_touched = True     # the plugin may keep state across sessions (an inflight area)
+        self.rings_running = False
+        self.started = False
+        self._mem_table_sent = False
+        self._fresh_session = True
+        self._staged = None
+        self._held_kicks.clear()
+        self._live_rings.clear()
+        self._lost_rings = handed
+        reason = self._resumable()
+        if reason is None and self.run_state is not RunState.FAILED:
+            self.link = LinkState.RECONNECTING
+            deadline = self.reconnect_policy.deadline
+            if deadline is not None:
+                self._deadline = self.loop.call_later(deadline, self._deadline_passed)
+            self._schedule_reconnect(0.0)
+        else:
+            self.link = LinkState.DOWN
+            if reason:
+                log.warning("%s: %s", self.name, reason)
+            self._fail(error)
+            if self.shadow.reset_pending:
+                self._schedule_reconnect(0.0)
+        self._wake_link_waiters()
+
+    def _resumable(self) -> str | None:
+        """Why the rings of a lost session cannot resume transparently (None: they may)."""
+        if not self.reconnect_policy.enabled:
+            return "reconnect is off"
+        if not self.backend_caps & Capability.RECONNECT:
+            return f"backend {self.backend.implementation!r} cannot reconnect"
+        if self._lost_rings and self.device_id not in RESUMABLE_TYPES:
+            return f"a {self.device_id.name} backend keeps session state a new session lacks"
+        return None
+
+    async def _session_over(self) -> bool:
+        """Wait until the lost session can no longer write guest memory.
+
+        A peer that closed its socket may still complete the requests it had (qemu-storage-
+        daemon's block-export-del does) and write used entries. Over when its process has no
+        address space any more (:meth:`Backend.lost_peer_alive`), or when the used idx of the
+        rings it had stayed still for :data:`SESSION_QUIET` s; False if they still move after
+        :data:`SESSION_QUIET_TIMEOUT` s (the old session is alive: nothing may restart).
+        """
+        rings = [self.queues[i] for i in self._lost_rings]
+        if not rings or self.backend.lost_peer_alive() is False:
+            return True
+        load = self.memory.load_u16
+        loop = self.loop
+        since = start = loop.time()
+        last = [load(q.device + 2) for q in rings]
+        while True:
+            await asyncio.sleep(DRAIN_POLL * 10)
+            for ledger in self._ledgers.values():
+                ledger.sample()
+            now = loop.time()
+            used = [load(q.device + 2) for q in rings]
+            if used != last:
+                last, since = used, now
+            elif now - since >= SESSION_QUIET or self.backend.lost_peer_alive() is False:
+                return True
+            if now - start >= SESSION_QUIET_TIMEOUT:
+                return False
+
+    def _park_rings(self) -> str | None:
+        """Where each ring the lost session had must resume; a reason if it cannot be exact."""
+        handed, self._lost_rings = self._lost_rings, []
+        bases: dict[int, RingState] = {}
+        packed = bool(self.driver_features & Feature.RING_PACKED)
+        for index in handed:
+            q = self.queues[index]
+            if packed:
+                return f"ring {index}: packed rings resume only from the backend's own state"
+            if self.backend_caps & Capability.INFLIGHT:
+                # The new session resubmits from the inflight area (used idx + in-flight ones).
+                bases[index] = RingState(index, self.memory.load_u16(q.device + 2))
+                continue
+            ledger = self._ledgers.get(index)
+            base = ledger.repack() if ledger is not None else None
+            if base is None:
+                return f"ring {index}: the outstanding requests are not known exactly"
+            bases[index] = RingState(index, base)
+        self.ring_states.update(bases)
+        self._ledgers.clear()          # the tracker task ends by itself with nothing to follow
+        return None
+
+    def _deadline_passed(self) -> None:
+        self._deadline = None
+        error = BackendDisconnected(f"{self.name}: backend not back within {self.reconnect_policy.deadline:g} s")
+        error.__cause__ = self._lost_error
+        self._give_up(error)
+
+    def _give_up(self, error: BaseException) -> None:
+        """Stop trying to resume transparently: the guest is told (NEEDS_RESET)."""
+        if self.link is LinkState.RECONNECTING:
+            self.link = LinkState.DOWN
+            self._fail(error)
+            self._wake_link_waiters()
+
+    def _schedule_reconnect(self, delay: float | None = None) -> None:
+        """Queue a connection attempt (after *delay*, default the policy's interval)."""
+        if self._retry is not None or not self._realized:
+            return
+        delay = self.reconnect_policy.interval if delay is None else delay
+
+        def attempt() -> None:
+            self._retry = None
+            self._submit(Op(OpKind.RECONNECT))
+
+        self._retry = self.loop.call_later(delay, attempt)
+
+    def _cancel_timers(self) -> None:
+        for handle in (self._retry, self._deadline):
+            if handle is not None:
+                handle.cancel()
+        self._retry = self._deadline = None
+
+    async def _op_reconnect(self, explicit: bool = False) -> None:
+        if self.link is LinkState.UP:
+            return
+        if self._lost_rings:
+            # Nothing may touch the rings (repack, restart, a reset reusing their memory)
+            # while the lost session can still write them.
+            if not await self._session_over():
+                self._give_up(BackendDisconnected(f"{self.name}: the lost backend session still completes "
+                                                  f"requests {SESSION_QUIET_TIMEOUT:g} s later"))
+                if self.shadow.reset_pending:
+                    self._schedule_reconnect()
+                return
+            reason = self._park_rings() if self.link is LinkState.RECONNECTING else None
+            self._lost_rings = []
+            self._ledgers.clear()
+            if reason is not None:
+                log.warning("%s: %s", self.name, reason)
+                self._give_up(self._lost_error or BackendDisconnected(reason))
+                if not self.shadow.reset_pending:
+                    return
+        try:
+            await self.backend.connect()
+            await self._check_new_session()
+        except (BackendError, OSError, IncompatibleStateError) as exc:
+            self.events.emit(DeviceEventKind.RECONNECT_ATTEMPT_FAILED, str(exc), exc)
+            if isinstance(exc, IncompatibleStateError):
+                await self.backend.close()
+                if self.link is LinkState.RECONNECTING:
+                    self._deadline_passed()
+                raise
+            if self.link is LinkState.RECONNECTING or self.shadow.reset_pending:
+                self._schedule_reconnect()
+            if explicit:
+                raise
+            return
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self.backend_caps = self.backend.capabilities()
+        self.link = LinkState.UP
+        self.stats.reconnects += 1
+        self.events.emit(DeviceEventKind.RECONNECTED, f"{(self.clock() - self._lost_at) * 1e3:.1f} ms after the loss")
+        self._wake_link_waiters()
+        await self._op_reconcile()
+
+    async def _check_new_session(self) -> None:
+        """Refuse a backend that came back unable to serve what the guest negotiated; a guest
+        that will negotiate again (reset pending, or never got as far) is offered what the
+        new session offers."""
+        features = int(await self.backend.get_features())
+        if self.shadow.reset_pending or not self.shadow.guest_status & Status.FEATURES_OK:
+            self.backend_features = features
+            self.device_features = self.policy.offer(features)
+            return
+        missing = self.driver_features & ~self.policy.offer(features)
+        if missing:
+            raise IncompatibleStateError(f"{self.name}: the backend came back without features {missing:#x} "
+                                         "the guest negotiated")
+
+    async def _wait_link(self) -> None:
+        """Return once the link is not being re-established (UP, or DOWN: the guest was told)."""
+        while self.link is LinkState.RECONNECTING:
+            waiter = self.loop.create_future()
+            self._link_waiters.append(waiter)
+            await waiter
+
+    def _wake_link_waiters(self) -> None:
+        waiters, self._link_waiters = self._link_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # ------------------------------------------------------------------ ring tracking
+
+    def _tracking_wanted(self) -> bool:
+        return (self.reconnect_policy.enabled and bool(self.backend_caps & Capability.RECONNECT)
+                and not self.backend_caps & Capability.INFLIGHT and self.device_id in RESUMABLE_TYPES
+                and not self.driver_features & Feature.RING_PACKED)
+
+    def _track_ring(self, q: QueueRegs, base: int) -> None:
+        if not self._tracking_wanted():
+            return
+        self._ledgers[q.index] = SplitLedger(self.memory, SplitLayout(q.size, q.desc, q.driver, q.device), base)
+        if self._tracker is None:
+            self._tracker = self.loop.create_task(self._track(), name=f"{self.name}-ring-ledger")
+
+    async def _track(self) -> None:
+        interval = self.reconnect_policy.track_interval
+        while self._ledgers:
+            await asyncio.sleep(interval)
+            for ledger in list(self._ledgers.values()):
+                ledger.sample()
+        self._tracker = None
+
+    async def _stop_tracking(self) -> None:
+        task, self._tracker = self._tracker, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
 
     # ------------------------------------------------------------------ worker
 
@@ -598,8 +996,22 @@ class VirtioDevice:
         as through the worker, without the two event-loop hops (worker wake-up, completion)
         that otherwise each wait behind every other ready callback. Cancelling the caller
         then cancels the operation midway, which fails the device (DEVICE_NEEDS_RESET).
+        A reconcile cut short by a backend being reconnected runs again once it is back.
         """
-        if not self._ops and not self._op_running and self._wake is not None:
+        while True:
+            try:
+                await self._carry_out(op)
+                return
+            except BackendError:
+                if op.kind is not OpKind.RECONCILE or self.link is not LinkState.RECONNECTING:
+                    raise
+            await self._wait_link()
+            op = Op(op.kind, op.args)
+
+    async def _carry_out(self, op: Op) -> None:
+        if self._wake is None:
+            raise DeviceStateError(f"{self.name}: not realized")
+        if not self._ops and not self._op_running:
             try:
                 await self._run_op(op)
             except asyncio.CancelledError:
@@ -611,12 +1023,20 @@ class VirtioDevice:
         await op.done
 
     async def _run_op(self, op: Op) -> None:
+        """Run one operation; any error fails the device unless the backend session died
+        under it (then the loss handling owns the recovery)."""
         self._op_running = True
         try:
-            if self.run_state is not RunState.FAILED or op.kind is OpKind.RECONCILE:
+            if self.run_state is not RunState.FAILED or op.kind in (OpKind.RECONCILE, OpKind.RECONNECT):
                 await self._op_handlers[op.kind](*op.args)
-        except (BackendError, RingError, GuestMemoryError, OSError) as exc:
-            self._fail(exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not (isinstance(exc, BackendError) and self.link is not LinkState.UP):
+                if not isinstance(exc, (BackendError, RingError, GuestMemoryError, OSError,
+                                        IncompatibleStateError)):
+                    log.exception("%s: %s failed unexpectedly", self.name, op.kind.value)
+                self._fail(exc)
             raise
         finally:
             self._op_running = False
@@ -633,7 +1053,7 @@ class VirtioDevice:
             op = self._ops.popleft()
             try:
                 await self._run_op(op)
-            except (BackendError, RingError, GuestMemoryError, OSError) as exc:
+            except Exception as exc:
                 if op.done is not None and not op.done.done():
                     op.done.set_exception(exc)
                 continue
@@ -642,33 +1062,37 @@ class VirtioDevice:
 
     def _fail(self, exc: BaseException) -> None:
         """Backend failure: DEVICE_NEEDS_RESET + config interrupt (v1.4 §2.1.2)."""
-        log.error("%s: backend failed: %s", self.name, exc)
+        first = self.run_state is not RunState.FAILED
+        if first:
+            log.error("%s: backend failed: %s", self.name, exc)
+            self.failure = exc
+            self.events.emit(DeviceEventKind.FAILED, str(exc), exc)
         self.run_state = RunState.FAILED
         self.rings_running = False
         self.shadow.needs_reset()
-        if self.shadow.guest_status & Status.DRIVER_OK:
+        if first and self.shadow.guest_status & Status.DRIVER_OK:
             self._config_interrupt()
 
     async def _op_reconcile(self, *why: str) -> None:
+        shadow = self.shadow
+        if self.link is not LinkState.UP:
+            if shadow.reset_pending:
+                self._schedule_reconnect(0.0)   # the reset completes once the backend is back
+            return
         if "refresh-config" in why and self.backend_caps & Capability.CONFIG:
             self.update_config(await self.backend.get_config(0, len(self.config)))
         if "active-queues" in why:
             await self._apply_active_queues()
-        shadow = self.shadow
+        if self._backend_reset_owed and not self.started:
+            await self.backend.reset()
+            self._backend_touched = self._backend_reset_owed = False
         if shadow.reset_pending:
             if self.rings_running:
                 await self._stop_rings()
-            if self.started or self._staged is not None:
+            if self._backend_touched:
                 await self.backend.reset()
-            self.started = False
-            self._staged = None
-            self.ring_states.clear()
-            self.vmm_queues = {}
-            self.active_queues = None
-            if self.run_state is RunState.FAILED:
-                self.run_state = RunState.STOPPED if self._vmm_stop else RunState.RUNNING
-            self._clear_guest_registers()
-            shadow.reset_done()
+                self._backend_touched = self._backend_reset_owed = False
+            self._complete_reset()
             return
         if self.run_state is RunState.FAILED:
             return
@@ -682,26 +1106,33 @@ class VirtioDevice:
             await self._stop_rings()
         if shadow.guest_stop_requested and not self.rings_running and not shadow.guest_stopped:
             shadow.guest_stop_done()
-        elif (not shadow.guest_stop_requested and shadow.guest_stopped and self.rings_running):
+        elif not shadow.guest_stop_requested and shadow.guest_stopped and self.rings_running:
             shadow.guest_resume_done()
+            self._release_held_config()
 
     async def _op_config_write(self, offset: int, data: bytes) -> None:
-        await self.backend.set_config(offset, data)
+        if self.link is LinkState.UP:
+            await self.backend.set_config(offset, data)
 
     async def _op_vector(self, index: int) -> None:
-        if self.started and index not in self.vmm_queues:
+        if self.started and self.link is LinkState.UP and index not in self.vmm_queues:
             await self.backend.set_vring_call(index, self.call_fd(index))
 
     async def _op_queue_start(self, index: int) -> None:
-        if self.rings_running and self.queues[index].set_up:
-            await self._start_ring(index, self._saved_base(index))
-            await self.backend.set_vring_enable(index, True)
+        q = self.queues[index]
+        if self.rings_running and self.link is LinkState.UP and q.set_up and index not in self.vmm_queues:
+            try:
+                await self._program_rings([q])
+            finally:
+                self._release_kicks([q])
 
     async def _op_queue_reset(self, index: int) -> None:
         q = self.queues[index]
-        if self.rings_running and q.set_up:
+        if index in self._live_rings and self.link is LinkState.UP:
             await self.backend.set_vring_enable(index, False)
             await self.backend.get_vring_base(index)
+        self._live_rings.discard(index)
+        self._ledgers.pop(index, None)
         self.ring_states.pop(index, None)
         q.clear()
 
@@ -719,10 +1150,17 @@ class VirtioDevice:
         return self.active_queues is None or q.index < self.active_queues
 
     async def _start(self) -> None:
-        """Device start in QEMU's order (vhost_dev_start)."""
+        """Device start in QEMU's order (vhost_dev_start); after a reconnect, the whole
+        session again: log base, features, calls, memory table, inflight area, config the
+        guest wrote, rings from where they stood, status."""
         b = self.backend
-        self.vmm_queues = {i: VmmQueue(self, i, h) for i, h in vmm_queue_handlers(self).items()}
+        self._backend_touched = True
+        if not self.vmm_queues:
+            self.vmm_queues = {i: VmmQueue(self, i, h) for i, h in vmm_queue_handlers(self).items()}
         staged, self._staged = self._staged or Staged(), None
+        fresh, self._fresh_session = self._fresh_session, False
+        if fresh and self.dirty_logging and self._dirty_log is not None:
+            await b.set_log_base(self._dirty_log.fd, self._dirty_log.size)  # type: ignore[attr-defined]
         word = self.backend_feature_word()
         if staged.features != word:
             await b.set_features(word)
@@ -733,23 +1171,73 @@ class VirtioDevice:
         if not self._mem_table_sent:
             await b.set_mem_table(self.memory)
             self._mem_table_sent = True
-        for q in self._backend_queues():
-            if q.set_up:
-                await self._start_ring(q.index, self._saved_base(q.index),
-                                       num_sent=staged.sizes.get(q.index) == q.size)
-        for q in self._backend_queues():
-            if q.set_up and self._queue_active(q):
+        if self.backend_caps & Capability.INFLIGHT:
+            await b.prepare_inflight(self.num_queues, max(q.max_size for q in self.queues))
+        if fresh:
+            for offset, data in sorted(self._config_writes.items()):
+                await b.set_config(offset, data)
+        rings = [q for q in self._backend_queues() if q.set_up]
+        try:
+            await self._program_rings(rings, send_call=False, sizes=staged.sizes)
+            if self.backend_caps & Capability.STATUS:
+                await b.set_status(self._backend_status())
+            self.started = True
+            self.rings_running = True
+            self._start_vmm_queues()
+        finally:
+            self._release_kicks(rings)
+        if fresh and self.stats.reconnects:
+            self.stats.last_reconnect_seconds = self.clock() - self._lost_at
+            self.events.emit(DeviceEventKind.RESUMED, f"{self.stats.last_reconnect_seconds * 1e3:.1f} ms after the loss")
+
+    async def _program_rings(self, rings: list[QueueRegs], *, send_call: bool = True,
+                             sizes: Mapping[int, int] | None = None) -> None:
+        """Hand *rings* to the backend: the one ring-start routine (module docstring).
+
+        Per ring CALL (unless the caller sent it), NUM (unless staged), BASE, ADDR, KICK,
+        then ENABLE for the active ones. The guest's notifications for these rings are held
+        from the first message on and the ring's kick eventfd is drained before KICK, so
+        the backend sees no kick before its ring is enabled; the caller releases them with
+        :meth:`_release_kicks` (after SET_STATUS on a start).
+        """
+        b = self.backend
+        sizes = sizes or {}
+        self._held_kicks.update(q.index for q in rings)
+        for q in rings:
+            index = q.index
+            base = self._saved_base(index)
+            if send_call:
+                await b.set_vring_call(index, self.call_fd(index))
+            self._live_rings.add(index)
+            if sizes.get(index) != q.size:
+                await b.set_vring_num(index, q.size)
+            await b.set_vring_base(index, base)
+            await b.set_vring_addr(VringAddr(index, q.desc, q.driver, q.device, log=q.device,
+                                             log_enabled=self.dirty_logging))
+            self._track_ring(q, base)
+            self._drain_kick(index)
+            await b.set_vring_kick(index, self._kick_fds[index])
+        for q in rings:
+            if self._queue_active(q):
                 await b.set_vring_enable(q.index, True)
-        if self.backend_caps & Capability.STATUS:
-            await b.set_status(self._backend_status())
-        self.started = True
-        self.rings_running = True
-        self._start_vmm_queues()
-        self._kick_all()
+
+    def _drain_kick(self, index: int) -> None:
+        try:
+            os.eventfd_read(self._kick_fds[index])
+        except BlockingIOError:
+            pass
+
+    def _release_kicks(self, rings: list[QueueRegs]) -> None:
+        """Stop holding the rings' notifications and kick each (spurious kicks are allowed,
+        v1.4 §2.7.13), so what the guest published meanwhile is seen."""
+        for q in rings:
+            self._held_kicks.discard(q.index)
+            if self.rings_running and q.set_up and q.index not in self.vmm_queues:
+                os.eventfd_write(self._kick_fds[q.index], 1)
 
     def _start_vmm_queues(self) -> None:
         for index, vq in self.vmm_queues.items():
-            if self.queues[index].set_up:
+            if self.queues[index].set_up and vq.queue is None:
                 vq.start(self._kick_fds[index], self._saved_base(index))
 
     def _stop_vmm_queues(self) -> dict[int, RingState]:
@@ -781,16 +1269,6 @@ class VirtioDevice:
             return RingState.packed(index, 0, True, 0, True).base
         return 0
 
-    async def _start_ring(self, index: int, base: int, *, num_sent: bool = False) -> None:
-        q = self.queues[index]
-        b = self.backend
-        if not num_sent:
-            await b.set_vring_num(index, q.size)
-        await b.set_vring_base(index, base)
-        await b.set_vring_addr(VringAddr(index, q.desc, q.driver, q.device, log=q.device,
-                                         log_enabled=self.dirty_logging))
-        await b.set_vring_kick(index, self._kick_fds[index])
-
     def _backend_status(self) -> int:
         status = self.shadow.guest_status & ~int(Status.SUSPEND | Status.STOP | Status.NEEDS_RESET)
         if self.shadow.guest_stopped:
@@ -801,8 +1279,9 @@ class VirtioDevice:
         """Stop every started ring and capture its state (vhost order: disable, then bases)."""
         b = self.backend
         vmm_states = self._stop_vmm_queues()
-        running = [q for q in self._backend_queues() if q.set_up]
-        self._holding_kicks = True
+        running = [q for q in self._backend_queues() if q.index in self._live_rings]
+        held = {q.index for q in running} - self._held_kicks
+        self._held_kicks.update(held)
         try:
             if self.backend_caps & Capability.SUSPEND:
                 await b.suspend()
@@ -816,11 +1295,17 @@ class VirtioDevice:
             states = {}
             for q in running:
                 states[q.index] = await b.get_vring_base(q.index)
+                if not self.backend_caps & Capability.SUSPEND:
+                    self._live_rings.discard(q.index)
+                    self._ledgers.pop(q.index, None)
         except BaseException:
-            self._holding_kicks = False
-            self._kick_all()    # the rings may still run: deliver the kicks held meanwhile
+            self._held_kicks -= held
+            if self.link is LinkState.UP:
+                self._kick_all()    # the rings may still run: deliver the kicks held meanwhile
             raise
-        self._holding_kicks = False
+        self._held_kicks -= held
+        if self.backend_caps & Capability.SUSPEND:
+            self._ledgers.clear()
         states.update(vmm_states)
         self.ring_states = dict(sorted(states.items()))
         self.rings_running = False
@@ -860,6 +1345,8 @@ class VirtioDevice:
         target = [(q, avail) for q, avail, _ in rings]
         last = [used for _, _, used in rings]   # quiet since the hold unless it moved since
         while True:
+            if self.link is not LinkState.UP:
+                raise BackendDisconnected(f"{self.name}: backend lost while draining") from self._lost_error
             used = [memory.load_u16(q.device + 2) for q, _ in target]
             now = loop.time()
             if used != last:
@@ -878,26 +1365,28 @@ class VirtioDevice:
     async def _restart_rings(self) -> None:
         b = self.backend
         caps = self.backend_caps
+        rings = [q for q in self._backend_queues() if q.set_up]
         if caps & Capability.RESUME:
+            # The suspended rings continue; a ring the guest reset and set up again meanwhile
+            # is not among them and starts like a new one.
             await b.resume()
-        elif caps & Capability.RING_RESTART:
-            for q in self._backend_queues():
-                if q.set_up:
-                    # The call fd first (QEMU's order): libvhost-user closed it at GET_VRING_BASE,
-                    # and SET_VRING_KICK restarts the ring, which completes pending requests at once.
-                    await b.set_vring_call(q.index, self.call_fd(q.index))
-                    await self._start_ring(q.index, self._saved_base(q.index))
-            for q in self._backend_queues():
-                if q.set_up and self._queue_active(q):
-                    await b.set_vring_enable(q.index, True)
-        else:
+            rings = [q for q in rings if q.index not in self._live_rings]
+        elif not caps & Capability.RING_RESTART:
             await b.reset()
             self.started = False
+            self._live_rings.clear()
             self._mem_table_sent = False
             await self._start()
             return
-        self.rings_running = True
-        self._start_vmm_queues()
+        # RING_RESTART: the call fd first (QEMU's order): libvhost-user closed it at
+        # GET_VRING_BASE, and SET_VRING_KICK restarts the ring, which completes pending
+        # requests at once.
+        try:
+            await self._program_rings(rings)
+            self.rings_running = True
+            self._start_vmm_queues()
+        finally:
+            self._release_kicks(rings)
         self._kick_all()
 
     def _kick_all(self) -> None:
@@ -920,6 +1409,8 @@ class VirtioDevice:
         from .migration.state import (STANDARD_TYPES, DeviceState, OpaquePart, QueueState, RingPart,
                                       TransportState)
         self._require_realized()
+        if self.link is not LinkState.UP:
+            raise DeviceStateError(f"{self.name}: export_state needs the backend session (link {self.link.value})")
         if self.run_state is RunState.STOPPED:
             await self.settle()
         elif self.started or self.shadow.driver_ok:
@@ -1066,6 +1557,7 @@ class VirtioDevice:
         await b.set_log_base(log.fd, log.size)
         await b.set_dirty_logging(True)
         self.dirty_logging = True
+        self._dirty_log = log
         if self.rings_running:
             await self._set_ring_logging(True)
 
@@ -1079,6 +1571,7 @@ class VirtioDevice:
         await self.settle()
         await b.set_dirty_logging(False)
         self.dirty_logging = False
+        self._dirty_log = None
         if self.rings_running:
             await self._set_ring_logging(False)
 
@@ -1129,6 +1622,7 @@ class VirtioDevice:
         b = self.backend
         staged = Staged(self.policy.to_backend(features))
         self._staged = staged
+        self._backend_touched = True
         await b.set_features(staged.features)
         for index, size, vector in entries:
             fd = ints.vector_fds[vector] if msix and vector != NO_VECTOR else self._relay_fds[index]
@@ -1145,6 +1639,7 @@ class VirtioDevice:
         self._staged = None
         self._mem_table_sent = False
         await self.backend.reset()
+        self._backend_touched = False
 
     def set_busy_poll(self, seconds: float) -> float:
         """Let the backend busy-poll its replies for up to *seconds* (a latency-critical phase

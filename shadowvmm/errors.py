@@ -38,6 +38,15 @@ class DeviceStateError(ShadowVmmError):
     """A public operation was called in a state that does not allow it."""
 
 
+class DeviceFailedError(DeviceStateError):
+    """A device failed (DEVICE_NEEDS_RESET shown) while something waited on it; the cause
+    is the backend's error."""
+
+    def __init__(self, device: str, reason: BaseException | None) -> None:
+        super().__init__(f"{device}: device failed (DEVICE_NEEDS_RESET): {reason}")
+        self.device = device
+
+
 class BackendError(ShadowVmmError):
     """A backend failed or answered wrongly."""
 

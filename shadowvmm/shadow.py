@@ -118,6 +118,7 @@ class GuestFault(enum.Enum):
     DEVICE_OWNED_BIT = "driver wrote a device-owned status bit"
     NOTIFY_INVALID = "notification for a queue that is not enabled"
     CONFIG_RANGE = "device config access out of range"
+    CONFIG_WHILE_STOPPED = "device config written while suspended or stopped (v1.4 §3.4)"
 
 
 class FaultCounter:

@@ -183,7 +183,10 @@ class RegisterMachine(RuleBasedStateMachine):
         reset_done = after == 0 and self.device.shadow.reset_pending is False
         needs_reset = after == before | Status.NEEDS_RESET
         dialect_done = self.device.shadow.guest_stop_requested or self.device.shadow.guest_stopped
-        assert after == before or reset_done or needs_reset or dialect_done, (hex(before), hex(after))
+        # a SUSPEND the guest ended (DRIVER_OK written) completes once the VMM lets the rings run
+        resume_done = bool(before & Status.SUSPEND) and \
+            after == (before & ~int(Status.SUSPEND)) | Status.DRIVER_OK
+        assert after == before or reset_done or needs_reset or dialect_done or resume_done, (hex(before), hex(after))
         self.last_status = after
 
     # -------------------------------------------------------------- invariants

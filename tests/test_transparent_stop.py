@@ -172,7 +172,8 @@ async def test_backend_failure_sets_needs_reset_and_spares_other_devices() -> No
     await machine.add_device(DeviceConfig("good", "inproc", {"device": "blk"}))
     bad_guest = machine.guest("bad")
     bad_driver = BlkDriver(bad_guest)
-    await bad_driver.start()
+    with pytest.raises(DeviceStateError, match="NEEDS_RESET|kick fd refused"):
+        await bad_driver.start()        # the guest model's start waits for the backend's
     await bad.settle()
     assert bad.run_state is RunState.FAILED
     assert bad_guest.status() & Status.NEEDS_RESET
@@ -223,7 +224,7 @@ async def test_ring_restart_path_drains_holds_kicks_and_rewires_call_first() -> 
     while not (0 in backend.rings and backend.rings[0].in_flight):   # in flight inside the backend
         await asyncio.sleep(0.0005)
     stopping = asyncio.create_task(device.stop())
-    while not device._holding_kicks:                 # the stop is draining
+    while not device._held_kicks:                    # the stop is draining
         await asyncio.sleep(0.0005)
     second = asyncio.create_task(driver.write(8, b"2" * 512))   # kicked during the drain
     states = await stopping

@@ -11,7 +11,7 @@ import pytest
 import uvloop
 from fakes.vhost_user_fake import CLOSE, FakeBackend, Received, Send
 
-from shadowvmm.backends.base import Backend, Capability, RingState, VringAddr
+from shadowvmm.backends.base import Backend, BackendEvent, BackendEventKind, Capability, RingState, VringAddr
 from shadowvmm.backends.vhost_user import VhostUserBackend
 from shadowvmm.backends.vhost_user import protocol as vu
 from shadowvmm.backends.vhost_user.backend import SUPPORTED_PROTOCOL_FEATURES
@@ -94,7 +94,7 @@ async def test_handshake_follows_qemu_order(env: Env) -> None:
     assert fake.acked_protocol_features == 0x8F2B & SUPPORTED_PROTOCOL_FEATURES == 0x822B
     assert backend.protocol_features == PF(0x822B)
     assert backend.max_mem_slots == 32
-    assert backend.capabilities() == (Capability.RING_RESTART | Capability.CONFIG | Capability.MQ
+    assert backend.capabilities() == (Capability.RING_RESTART | Capability.RECONNECT | Capability.CONFIG | Capability.MQ
                                       | Capability.DIRTY_LOG)
     assert isinstance(backend, Backend)
 
@@ -121,7 +121,7 @@ async def test_features_keep_vhost_bits_internal(env: Env) -> None:
 async def test_backend_without_protocol_features(env: Env) -> None:
     fake, backend = await env.connected(env.fake(features=QSD_FEATURES & ~vu.F_PROTOCOL_FEATURES))
     assert await settle(fake, backend) == [F.GET_FEATURES, F.SET_OWNER]
-    assert backend.capabilities() == Capability.RING_RESTART
+    assert backend.capabilities() == Capability.RING_RESTART | Capability.RECONNECT
     await backend.set_vring_enable(0, True)
     await backend.set_vring_enable(0, False)
     await backend.set_features(Feature.VERSION_1)
@@ -202,10 +202,10 @@ async def test_config_space_and_change_notification(env: Env) -> None:
     assert vu.Config.unpack(sent(fake, F.SET_CONFIG)[0].payload).flags == vu.ConfigFlags.WRITABLE
     with pytest.raises(RequestFailed):
         await backend.get_config(56, 8)
-    changes: list[None] = []
-    backend.set_config_change_handler(lambda: changes.append(None))
+    changes: list[BackendEvent] = []
+    backend.set_event_handler(changes.append)
     reply = await asyncio.to_thread(fake.backend_request, vu.BackendRequest.CONFIG_CHANGE_MSG)
-    assert reply == (2, 0x5, vu.U64(0).pack(), 0) and changes == [None]
+    assert reply == (2, 0x5, vu.U64(0).pack(), 0) and changes == [BackendEvent(BackendEventKind.CONFIG_CHANGED)]
 
 
 async def test_status_only_with_status_feature(env: Env) -> None:

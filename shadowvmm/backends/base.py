@@ -40,8 +40,9 @@ class Capability(enum.Flag):
     RESET_DEVICE = enum.auto()  #: reset() resets the device and keeps the session (vhost-user RESET_DEVICE)
     DEVICE_STATE = enum.auto()  #: save_state/load_state carry opaque implementation state
     DIRTY_LOG = enum.auto()     #: the backend marks the dirty log it is given
-    INFLIGHT = enum.auto()      #: in-flight descriptor tracking (vhost-user INFLIGHT_SHMFD)
+    INFLIGHT = enum.auto()      #: in-flight descriptor tracking (vhost-user INFLIGHT_SHMFD): see prepare_inflight
     MQ = enum.auto()            #: get_queue_num reports the queue count
+    RECONNECT = enum.auto()     #: connect() again after a lost session opens a fresh session to the same backend
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +80,22 @@ class RingState:
         return b & 0x7FFF, bool(b >> 15 & 1), b >> 16 & 0x7FFF, bool(b >> 31 & 1)
 
 
-ConfigChangeHandler = Callable[[], None]
+class BackendEventKind(enum.Enum):
+    """What a backend reports on its own, outside any request (see :meth:`Backend.set_event_handler`)."""
+
+    CONFIG_CHANGED = "config changed"   #: the device changed its config space (v1.4 §2.5.1)
+    DISCONNECTED = "disconnected"       #: the session is gone: peer closed, crashed, or stopped answering
+
+
+@dataclass(frozen=True, slots=True)
+class BackendEvent:
+    """One event; ``error`` says why a session was lost."""
+
+    kind: BackendEventKind
+    error: BaseException | None = None
+
+
+BackendEventHandler = Callable[[BackendEvent], None]
 
 
 @runtime_checkable
@@ -145,8 +161,27 @@ class Backend(Protocol):
 
     async def load_state(self, blob: bytes) -> None: ...
 
-    def set_config_change_handler(self, handler: ConfigChangeHandler | None) -> None:
-        """Called when the backend changes its config space on its own."""
+    async def prepare_inflight(self, num_queues: int, queue_size: int) -> None:
+        """Share an in-flight tracking area before the rings start (only with :attr:`Capability.INFLIGHT`).
+
+        The area outlives the session: after a lost session and :meth:`connect`, the same
+        area is handed to the new session so it resubmits what was in flight (vhost-user
+        GET/SET_INFLIGHT_FD). :meth:`reset` discards it.
+        """
+
+    def lost_peer_alive(self) -> bool | None:
+        """After ``DISCONNECTED``: whether whoever served the lost session can still write guest
+        memory (a process that closed its socket but keeps running). None: cannot tell; the
+        device then waits for the rings to go quiet before reusing them."""
+
+    def set_event_handler(self, handler: BackendEventHandler | None) -> None:
+        """Install the callback for :class:`BackendEvent` s.
+
+        A backend whose session can die (a socket, a process) must report
+        ``DISCONNECTED`` as soon as it notices (hang-up, error, timeout, a message
+        nobody asked for), without waiting for the next request; the device layer
+        does not poll.
+        """
 
 
 class BackendFactory(Protocol):

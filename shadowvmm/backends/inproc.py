@@ -27,7 +27,7 @@ from ..virtio.constants import (BLK_ID_BYTES, BLK_SECTOR_SIZE, BlkFeature, BlkRe
                                 BlkStatus, DeviceId, Feature)
 from ..virtio.packed import PackedDeviceQueue, PackedLayout
 from ..virtio.split import DescChain, SplitDeviceQueue, SplitLayout
-from .base import Capability, ConfigChangeHandler, RingState, VringAddr
+from .base import BackendEvent, BackendEventHandler, BackendEventKind, Capability, RingState, VringAddr
 
 BLK_REQ_HEADER = struct.Struct("<IIQ")   #: virtio_blk_req header (v1.4 §5.2.6)
 BLK_CONFIG = struct.Struct("<QIIHBBIBBHIBBH")  #: virtio_blk_config up to num_queues (v1.4 §5.2.4)
@@ -251,7 +251,7 @@ class InProcBackend:
         self.status = 0
         self.suspended = False
         self.rings: dict[int, Ring] = {}
-        self._config_handler: ConfigChangeHandler | None = None
+        self._events: BackendEventHandler | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.requests = 0
         self.broken_rings: set[int] = set()
@@ -419,15 +419,22 @@ class InProcBackend:
             raise IncompatibleStateError(f"state of inproc-{kind} cannot load into {self.implementation}")
         self.model.load(state)
 
-    def set_config_change_handler(self, handler: ConfigChangeHandler | None) -> None:
-        self._config_handler = handler
+    async def prepare_inflight(self, num_queues: int, queue_size: int) -> None:
+        raise BackendError("inproc keeps no inflight area (no INFLIGHT capability)")
+
+    def lost_peer_alive(self) -> bool | None:
+        return False
+
+    def set_event_handler(self, handler: BackendEventHandler | None) -> None:
+        """Config changes only: an in-process model has no session to lose."""
+        self._events = handler
 
     def change_config(self, **changes: Any) -> None:
         """Device-side config change (e.g. a resize), as a real device would do."""
         for key, value in changes.items():
             setattr(self.model, key, value)
-        if self._config_handler is not None:
-            self._config_handler()
+        if self._events is not None:
+            self._events(BackendEvent(BackendEventKind.CONFIG_CHANGED))
 
     # ------------------------------------------------------------------ data path
 

@@ -6,19 +6,19 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 from ..device import VirtioDevice
-from ..shadow import RunState
+from ..errors import DeviceFailedError
+from ..lifecycle import unless_failed
 
 
 async def guarded(device: VirtioDevice, log_tail: Callable[[], str], *coros: Awaitable[object]) -> None:
-    """Run *coros* concurrently; fail at once (not at the timeout) if the backend fails."""
-    async def watchdog() -> None:
-        while device.run_state is not RunState.FAILED:
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"{device.name}: backend failed; peer log:\n{log_tail()}")
+    """Run *coros* concurrently; fail at once (not at the timeout) if the device fails,
+    with the peer's log tail in the message."""
+    async def together() -> None:
+        async with asyncio.TaskGroup() as group:
+            for coro in coros:
+                group.create_task(coro)  # type: ignore[arg-type]
 
-    async with asyncio.TaskGroup() as group:
-        dog = group.create_task(watchdog())
-        try:
-            await asyncio.gather(*(group.create_task(c) for c in coros))  # type: ignore[arg-type]
-        finally:
-            dog.cancel()
+    try:
+        await unless_failed(device, together())
+    except DeviceFailedError as exc:
+        raise AssertionError(f"{device.name}: backend failed ({exc.__cause__}); peer log:\n{log_tail()}") from exc

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 from ...errors import ConfigError, DeviceStateError, UnsupportedError
 from ...memory import GuestMemory
 from ...virtio.constants import DeviceId, Feature, Status
-from ..base import Capability, ConfigChangeHandler, RingState, VringAddr
+from ..base import BackendEvent, BackendEventHandler, BackendEventKind, Capability, RingState, VringAddr
 from .ioctl import (
     U8,
     U64,
@@ -102,7 +102,7 @@ class VdpaBackend:
         self._config_size = 0
         self._maps: dict[int, tuple[int, int]] = {}
         self._suspended = False
-        self._config_handler: ConfigChangeHandler | None = None
+        self._config_handler: BackendEventHandler | None = None
         self._config_efd: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -376,8 +376,17 @@ class VdpaBackend:
 
     # ----------------------------------------------------------- config change
 
-    def set_config_change_handler(self, handler: ConfigChangeHandler | None) -> None:
-        """Route VHOST_VDPA_SET_CONFIG_CALL's eventfd to *handler* on the connect() loop."""
+    async def prepare_inflight(self, num_queues: int, queue_size: int) -> None:
+        raise UnsupportedError("vhost-vdpa has no inflight area")
+
+    def lost_peer_alive(self) -> bool | None:
+        return None
+
+    def set_event_handler(self, handler: BackendEventHandler | None) -> None:
+        """Route VHOST_VDPA_SET_CONFIG_CALL's eventfd to *handler* on the connect() loop.
+
+        Config changes only: the char device stays open for the life of the backend, and an
+        ioctl that fails reports its own error (the device then shows NEEDS_RESET)."""
         self._config_handler = handler
         if self._fd is None:
             return
@@ -419,4 +428,4 @@ class VdpaBackend:
         except BlockingIOError:
             return
         if self._config_handler is not None:
-            self._config_handler()
+            self._config_handler(BackendEvent(BackendEventKind.CONFIG_CHANGED))

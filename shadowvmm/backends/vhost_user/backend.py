@@ -28,6 +28,7 @@ what it means.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from collections.abc import Mapping
@@ -36,7 +37,7 @@ from typing import Any
 from ...errors import BackendDisconnected, ConfigError, DeviceStateError, ProtocolError, UnsupportedError
 from ...memory import GuestMemory
 from ...virtio.constants import DeviceId, Feature
-from ..base import Capability, ConfigChangeHandler, RingState, VringAddr
+from ..base import BackendEvent, BackendEventHandler, BackendEventKind, Capability, RingState, VringAddr
 from . import protocol as vu
 from .connection import (
     DEFAULT_TIMEOUT,
@@ -47,6 +48,7 @@ from .connection import (
     RequestFailed,
     Runstate,
     close_fds,
+    process_has_memory,
     unix_connector,
     wait_fd,
 )
@@ -142,7 +144,9 @@ class VhostUserBackend:
         self._connector = connector or unix_connector(self.socket_path)
         self.busy_poll = (_int_option(config, "busy_poll_us", 0, 100_000) or 0) / 1e6
         self._conn: Connection | None = None
-        self._config_change: ConfigChangeHandler | None = None
+        self._events: BackendEventHandler | None = None
+        #: The inflight area (GET_INFLIGHT_FD) and its fd: kept across sessions, dropped by reset().
+        self._inflight: tuple[vu.Inflight, int] | None = None
         self._reset_session()
 
     def _reset_session(self) -> None:
@@ -189,7 +193,7 @@ class VhostUserBackend:
         return self._max_mem_slots
 
     def capabilities(self) -> Capability:
-        caps = Capability.RING_RESTART
+        caps = Capability.RING_RESTART | Capability.RECONNECT
         protocol = self.protocol_features
         for feature, cap in ((PF.CONFIG, Capability.CONFIG), (PF.STATUS, Capability.STATUS),
                              (PF.RESET_DEVICE, Capability.RESET_DEVICE), (PF.DEVICE_STATE, Capability.DEVICE_STATE),
@@ -223,6 +227,11 @@ class VhostUserBackend:
             await conn.disconnect()
             raise
         self._conn = conn
+        conn.on_lost = functools.partial(self._on_lost, conn)
+
+    def _on_lost(self, conn: Connection, error: BaseException) -> None:
+        if conn is self._conn and self._events is not None:
+            self._events(BackendEvent(BackendEventKind.DISCONNECTED, error))
 
     async def _handshake(self, conn: Connection) -> None:
         self._offered = await self._u64(conn, FR.GET_FEATURES)
@@ -252,6 +261,12 @@ class VhostUserBackend:
         if self._conn is not None:
             await self._conn.disconnect()
             self._conn = None
+        self._drop_inflight()
+
+    def _drop_inflight(self) -> None:
+        if self._inflight is not None:
+            os.close(self._inflight[1])
+            self._inflight = None
 
     async def get_features(self) -> int:
         """Virtio features of the back-end (vhost-only bits and ACCESS_PLATFORM removed)."""
@@ -423,6 +438,7 @@ class VhostUserBackend:
                 await conn.request(FR.SET_STATUS, vu.U64(0))
         self._enabled.clear()
         self._kicked.clear()
+        self._drop_inflight()
 
     async def suspend(self) -> None:
         raise UnsupportedError("vhost-user has no device suspend; rings stop with GET_VRING_BASE")
@@ -522,13 +538,34 @@ class VhostUserBackend:
             except BlockingIOError:
                 await self._wait_fd(fd, writable=True)
 
-    def set_config_change_handler(self, handler: ConfigChangeHandler | None) -> None:
-        self._config_change = handler
+    def set_event_handler(self, handler: BackendEventHandler | None) -> None:
+        """CONFIG_CHANGE_MSG from the back-end channel, and the session's loss (hang-up,
+        error, reply timeout, unsolicited message) the moment the connection sees it."""
+        self._events = handler
 
     def _on_config_change(self, message: BackendMessage) -> int:
-        if self._config_change is not None:
-            self._config_change()
+        if self._events is not None:
+            self._events(BackendEvent(BackendEventKind.CONFIG_CHANGED))
         return 0
+
+    def lost_peer_alive(self) -> bool | None:
+        """Whether the process behind the last session (SO_PEERCRED) can still write guest memory."""
+        pid = self._conn.peer_pid if self._conn is not None else None
+        return None if pid is None else process_has_memory(pid)
+
+    async def prepare_inflight(self, num_queues: int, queue_size: int) -> None:
+        """GET_INFLIGHT_FD once, then SET_INFLIGHT_FD on every session ("Inflight I/O tracking").
+
+        The area survives the back-end: after a crash the new session gets it back and
+        resubmits the descriptors still marked in flight (QEMU vhost-user-blk does the same).
+        """
+        if self._inflight is None:
+            info, fd = await self.get_inflight_fd(num_queues, queue_size)
+            if fd is None:
+                return
+            self._inflight = (info, fd)
+        info, fd = self._inflight
+        await self.set_inflight_fd(fd, info)
 
     async def set_log_base(self, log_fd: int, size: int, offset: int = 0) -> None:
         """SET_LOG_BASE with LOG_SHMFD: the dirty log is *size* bytes of *log_fd* at *offset*."""

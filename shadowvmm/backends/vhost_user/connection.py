@@ -25,6 +25,7 @@ import inspect
 import logging
 import os
 import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -140,6 +141,31 @@ def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
             items.frombytes(data[:len(data) - len(data) % _FD_ITEM])
             fds.extend(items)
     return fds
+
+
+_PEERCRED = struct.Struct("3i")     #: struct ucred: pid, uid, gid
+
+
+def _peer_pid(sock: socket.socket) -> int | None:
+    if sock.family != socket.AF_UNIX:
+        return None
+    try:
+        pid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))[0]
+    except OSError:
+        return None
+    return pid if pid > 0 and pid != os.getpid() else None
+
+
+def process_has_memory(pid: int) -> bool | None:
+    """Whether process *pid* still has an address space: False once it is exiting (its memory
+    released before its fds closed), a zombie, or gone; None if that cannot be told."""
+    try:
+        with open(f"/proc/{pid}/maps", "rb") as maps:
+            return bool(maps.read(1))
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
 
 
 class _Framer:
@@ -426,6 +452,11 @@ class Connection:
         self._error: BaseException | None = None
         #: Seconds to busy-poll for each reply before sleeping (0: never); see :meth:`_poll`.
         self.busy_poll = 0.0
+        #: Called with the error when the session dies on its own (hang-up, receive or send
+        #: error, reply timeout, an unsolicited or malformed message), never on :meth:`disconnect`.
+        self.on_lost: Callable[[BaseException], None] | None = None
+        #: The pid SO_PEERCRED reports for the peer (whoever called listen()), if any.
+        self.peer_pid: int | None = None
         self._reset_negotiation()
 
     def _reset_negotiation(self) -> None:
@@ -484,6 +515,7 @@ class Connection:
             raise
         sock.setblocking(False)
         self._sock = sock
+        self.peer_pid = _peer_pid(sock)
         self._framer = _Framer(sock, self._on_message, self._teardown)
         self._lock = asyncio.Lock()
         loop.add_reader(sock.fileno(), self._framer.on_readable)
@@ -504,7 +536,8 @@ class Connection:
         """Drop the socket after *exc*; fail the request in flight with it."""
         if self._runstate is Runstate.DISCONNECTED:
             return
-        if self._runstate is not Runstate.DISCONNECTING:
+        lost = self._runstate is not Runstate.DISCONNECTING
+        if lost:
             log.warning("%s: connection lost: %s", self.name, exc)
         self._error = exc
         self._runstate = Runstate.DISCONNECTED
@@ -522,6 +555,8 @@ class Connection:
         if pending is not None and not pending.done():
             pending.set_exception(exc)
             pending.exception()
+        if lost and self.on_lost is not None:
+            self.on_lost(exc)
 
     def _poll(self, pending: asyncio.Future[Message]) -> None:
         """Spin on the socket for the reply for up to :attr:`busy_poll` seconds.
