@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test setup peers bench clean
+.PHONY: run test setup peers bench soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ bench: setup peers
 	$(PY) benchmarks/register_access.py
 	$(PY) benchmarks/vhost_user_blk.py
 	$(PY) benchmarks/migration.py
+	$(PY) benchmarks/reconnect.py --ref
+
+# The model-based lifecycle test (shadowvmm.testing.chaos) for SOAK_MINUTES against qsd, the
+# reference back-end and in-process; prints one line per seed and a JSON summary at the end.
+SOAK_MINUTES ?= 30
+soak: setup peers
+	$(PY) -m shadowvmm.testing.chaos --minutes $(SOAK_MINUTES) --steps 60
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

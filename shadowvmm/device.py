@@ -72,6 +72,9 @@ DRAIN_POLL = 0.0002
 #: A lost session whose rings' used idx stayed still this long no longer writes them.
 SESSION_QUIET = 0.02
 SESSION_QUIET_TIMEOUT = 1.0
+#: After the backend's endpoint reappeared, a failed attempt is retried this soon, this often.
+QUICK_RETRY = 0.002
+QUICK_RETRIES = 5
 
 #: Device types whose backend keeps nothing a new session could not be given again: their rings
 #: resume transparently after a reconnect. virtio-fs is not among them: a FUSE session (looked-up
@@ -259,7 +262,8 @@ class VirtioDevice:
         self._lost_at = 0.0
         self._lost_error: BaseException | None = None
         self._fresh_session = False
-        self._retry: asyncio.TimerHandle | None = None
+        self._retry: asyncio.Task[None] | None = None
+        self._quick_retries = 0
         self._deadline: asyncio.TimerHandle | None = None
         self._link_waiters: list[asyncio.Future[None]] = []
         self._ledgers: dict[int, SplitLedger] = {}
@@ -312,7 +316,10 @@ class VirtioDevice:
 
     async def close(self) -> None:
         """Stop the backend if it runs, close it and release every fd."""
+        retry = self._retry
         self._cancel_timers()
+        if retry is not None:
+            await asyncio.gather(retry, return_exceptions=True)
         await self._stop_tracking()
         if self._worker is not None:
             self._worker.cancel()
@@ -862,16 +869,24 @@ class VirtioDevice:
             self._wake_link_waiters()
 
     def _schedule_reconnect(self, delay: float | None = None) -> None:
-        """Queue a connection attempt (after *delay*, default the policy's interval)."""
+        """Queue a connection attempt after *delay* (default: the policy's interval), or as soon
+        as the backend's endpoint shows up again (:meth:`Backend.wait_for_endpoint`)."""
         if self._retry is not None or not self._realized:
             return
-        delay = self.reconnect_policy.interval if delay is None else delay
+        if delay is None:
+            delay = self.reconnect_policy.interval
+            if self._quick_retries:
+                # the endpoint just appeared: its server may bind before it listens
+                self._quick_retries -= 1
+                delay = min(delay, QUICK_RETRY)
 
-        def attempt() -> None:
+        async def attempt() -> None:
+            if delay and await self.backend.wait_for_endpoint(delay):
+                self._quick_retries = QUICK_RETRIES
             self._retry = None
             self._submit(Op(OpKind.RECONNECT))
 
-        self._retry = self.loop.call_later(delay, attempt)
+        self._retry = self.loop.create_task(attempt(), name=f"{self.name}-reconnect")
 
     def _cancel_timers(self) -> None:
         for handle in (self._retry, self._deadline):

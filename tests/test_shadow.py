@@ -76,7 +76,7 @@ async def test_suspend_offered_but_not_negotiated_is_ignored() -> None:
 
 
 async def test_suspend_dialect_v14() -> None:
-    """virtio 1.4 §2.4: SUSPEND set -> device presents SUSPEND=1, DRIVER_OK=0; DRIVER_OK resumes."""
+    """virtio 1.4 §3.4: SUSPEND set -> device presents SUSPEND=1, DRIVER_OK=0; DRIVER_OK resumes."""
     machine, device, guest, driver = await setup(StopDialect.SUSPEND)
     backend = device.backend
     assert not backend.features & Feature.SUSPEND, "the VMM-owned bit reached the backend"

@@ -169,6 +169,10 @@ class Backend(Protocol):
         GET/SET_INFLIGHT_FD). :meth:`reset` discards it.
         """
 
+    async def wait_for_endpoint(self, timeout: float) -> bool:
+        """Between reconnect attempts: return early (True) when the backend's endpoint shows up
+        again (a restarted daemon's socket), else after *timeout* seconds."""
+
     def lost_peer_alive(self) -> bool | None:
         """After ``DISCONNECTED``: whether whoever served the lost session can still write guest
         memory (a process that closed its socket but keeps running). None: cannot tell; the

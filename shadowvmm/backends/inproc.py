@@ -422,6 +422,10 @@ class InProcBackend:
     async def prepare_inflight(self, num_queues: int, queue_size: int) -> None:
         raise BackendError("inproc keeps no inflight area (no INFLIGHT capability)")
 
+    async def wait_for_endpoint(self, timeout: float) -> bool:
+        await asyncio.sleep(timeout)
+        return False
+
     def lost_peer_alive(self) -> bool | None:
         return False
 

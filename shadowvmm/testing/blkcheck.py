@@ -101,7 +101,10 @@ class Writers:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
 
-    async def bounded(self, awaitable: "asyncio.Future[list[bytes]] | object", what: str) -> list[bytes]:
+    async def bounded(self, awaitable: "asyncio.Future[list[bytes]] | object", what: str, *,
+                      needs_reset_ends: bool = True) -> list[bytes]:
+        """Await *awaitable* at most :attr:`bound` s; :class:`NeedsReset` when the device shows
+        DEVICE_NEEDS_RESET first (unless *needs_reset_ends* is False: a reset, which clears it)."""
         task = asyncio.ensure_future(awaitable)  # type: ignore[arg-type]
         deadline = time.monotonic() + self.bound
         try:
@@ -109,7 +112,7 @@ class Writers:
                 done, _ = await asyncio.wait({task}, timeout=0.005)
                 if done:
                     return task.result()
-                if self.needs_reset():
+                if needs_reset_ends and self.needs_reset():
                     raise NeedsReset(what)
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{what} waited more than {self.bound:g} s without DEVICE_NEEDS_RESET")

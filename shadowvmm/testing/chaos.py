@@ -254,13 +254,16 @@ class Resources:
     fds: int
     tasks: int
     maps: int
+    task_names: tuple[str, ...] = ()
 
     @classmethod
     def now(cls) -> "Resources":
         gc.collect()
         with open("/proc/self/maps") as maps:
             count = sum(1 for _ in maps)
-        return cls(len(os.listdir("/proc/self/fd")), len(asyncio.all_tasks()), count)
+        tasks = asyncio.all_tasks()
+        names = tuple(sorted(f"{t.get_name()}:{t.get_coro().__qualname__}" for t in tasks))  # type: ignore[union-attr]
+        return cls(len(os.listdir("/proc/self/fd")), len(tasks), count, names)
 
 
 class Run:
@@ -366,11 +369,16 @@ class Run:
 
     # ------------------------------------------------------------------ guest workers
 
-    async def bounded(self, awaitable: Awaitable[T], what: str, *, vmm: bool = False) -> T:
-        """Await *awaitable* at most :data:`BOUND` s, unless DEVICE_NEEDS_RESET shows up."""
+    async def bounded(self, awaitable: Awaitable[T], what: str, *, vmm: bool = False,
+                      needs_reset_ends: bool = True) -> T:
+        """Await *awaitable* at most :data:`BOUND` s, unless DEVICE_NEEDS_RESET shows up.
+
+        A reset is what clears DEVICE_NEEDS_RESET, so it is waited for (``needs_reset_ends``
+        False): the run has brought the backend back, so the reset must complete in time.
+        """
         assert self.writers is not None
         try:
-            return await self.writers.bounded(awaitable, what)  # type: ignore[return-value]
+            return await self.writers.bounded(awaitable, what, needs_reset_ends=needs_reset_ends)  # type: ignore
         except TimeoutError as exc:
             raise self.violation(f"{'VMM' if vmm else 'guest'} operation: {exc}") from None
 
@@ -432,7 +440,7 @@ class Run:
         try:
             await self.bounded(self.driver.start(queue_size=QUEUE_SIZE,
                                                  extra_features=int(Feature.RING_RESET) | dialect_bit),
-                               "reset and initialisation")
+                               "reset and initialisation", needs_reset_ends=False)
         finally:
             self.guest._settle = hook
         self.note(f"initialised ({'waited for' if wait else 'did not wait for'} the backend start), "
@@ -444,7 +452,7 @@ class Run:
         assert self.guest is not None
         self.pause_guest()
         guest, t = self.guest, self.guest.transport
-        await self.bounded(guest.reset(), "reset")
+        await self.bounded(guest.reset(), "reset", needs_reset_ends=False)
         stage = self.rnd.randrange(4)
         t.set_status(Status.ACKNOWLEDGE)
         if stage >= 1:
@@ -462,7 +470,7 @@ class Run:
     async def act_reset(self) -> None:
         assert self.guest is not None
         self.pause_guest()
-        await self.bounded(self.guest.reset(), "reset")
+        await self.bounded(self.guest.reset(), "reset", needs_reset_ends=False)
         self.note("reset (requests in flight dropped)")
         self.phase = Phase.RESET
 
@@ -627,6 +635,7 @@ class Run:
         await self.setup()
         try:
             await self.act_init()
+            await self.settled()
             warm = Resources.now()
             for step in range(self.plan.steps):
                 name, action = self.choose()
@@ -642,9 +651,11 @@ class Run:
                 self.check_status()
                 await asyncio.sleep(self.rnd.random() * 0.01)
             await self.finish()
+            await self.settled()
             end = Resources.now()
             if end.fds > warm.fds + 2 or end.tasks > warm.tasks or end.maps > warm.maps + 32:
-                raise self.violation(f"resources grew over the run: {warm} -> {end}")
+                extra = sorted(set(end.task_names) - set(warm.task_names))
+                raise self.violation(f"resources grew over the run: {warm} -> {end}; new tasks {extra}")
         finally:
             await self.teardown()
         self.verify_image()
@@ -654,6 +665,11 @@ class Run:
         assert self.writers is not None
         return {"seed": self.plan.seed, "plan": self.plan.describe(), "completed": self.writers.completed,
                 "failed_requests": self.writers.failed, "actions": self.counts}
+
+    async def settled(self) -> None:
+        """Every operation the device has queued carried out (its tasks are what they will be)."""
+        assert self.device is not None
+        await self.bounded(self.device.settle(), "settle", vmm=True)
 
     async def finish(self) -> None:
         """Back to a live device, every block read back through the guest, then the image file

@@ -17,7 +17,7 @@ class Status(enum.IntFlag):
     DRIVER = 0x02        #: v1.0 §2.1: guest knows how to drive it
     DRIVER_OK = 0x04     #: v1.0 §2.1: driver is set up, device is live
     FEATURES_OK = 0x08   #: v1.0 §2.1: feature negotiation complete
-    SUSPEND = 0x10       #: v1.4 §2.1 / §2.4 "Device Suspend" (with VIRTIO_F_SUSPEND)
+    SUSPEND = 0x10       #: v1.4 §2.1 / §3.4 "Device Suspend" (with VIRTIO_F_SUSPEND)
     STOP = 0x20          #: 2021 STOP proposal (Eugenio's prototype: DEVICE_STOPPED = 32); unassigned in every published spec
     NEEDS_RESET = 0x40   #: v1.0 §2.1: device hit an error, driver must reset
     FAILED = 0x80        #: v1.0 §2.1: driver gave up on the device
@@ -46,7 +46,7 @@ class Feature(enum.IntFlag):
     NOTIF_CONFIG_DATA = 1 << 39    #: v1.2 §6 queue_notif_config_data in notifications
     RING_RESET = 1 << 40           #: v1.2 §2.6.1 per-queue reset
     ADMIN_VQ = 1 << 41             #: v1.3 §2.12 administration virtqueues (PCI only)
-    SUSPEND = 1 << 43              #: v1.4 §2.4 device suspend (status SUSPEND 0x10)
+    SUSPEND = 1 << 43              #: v1.4 §3.4 device suspend (status SUSPEND 0x10)
 
 
 #: Every transport bit, with the spec version that introduced it (v1.4 §6).

@@ -379,6 +379,10 @@ class VdpaBackend:
     async def prepare_inflight(self, num_queues: int, queue_size: int) -> None:
         raise UnsupportedError("vhost-vdpa has no inflight area")
 
+    async def wait_for_endpoint(self, timeout: float) -> bool:
+        await asyncio.sleep(timeout)
+        return False
+
     def lost_peer_alive(self) -> bool | None:
         return None
 

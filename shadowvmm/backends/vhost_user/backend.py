@@ -51,6 +51,7 @@ from .connection import (
     process_has_memory,
     unix_connector,
     wait_fd,
+    wait_for_path,
 )
 
 log = logging.getLogger(__name__)
@@ -547,6 +548,10 @@ class VhostUserBackend:
         if self._events is not None:
             self._events(BackendEvent(BackendEventKind.CONFIG_CHANGED))
         return 0
+
+    async def wait_for_endpoint(self, timeout: float) -> bool:
+        """Wait (at most *timeout* s) for the socket to be created again: a restarted daemon."""
+        return await wait_for_path(self.socket_path, timeout)
 
     def lost_peer_alive(self) -> bool | None:
         """Whether the process behind the last session (SO_PEERCRED) can still write guest memory."""
