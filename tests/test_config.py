@@ -9,6 +9,7 @@ import pytest
 
 from shadowvmm.config import DeviceConfig, MachineConfig, RunConfig, load, parse
 from shadowvmm.errors import ConfigError, ShadowVmmError
+from shadowvmm.lifecycle import ReconnectPolicy
 from shadowvmm.shadow import StopDialect
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -251,3 +252,33 @@ def test_file_errors_name_the_nested_key(tmp_path):
     with pytest.raises(ConfigError) as info:
         load(path)
     assert info.value.key == "device[1].queue_size"
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("off", ReconnectPolicy.off()),
+    ("unbounded", ReconnectPolicy.unbounded()),
+    ({"interval_ms": 20, "deadline_ms": 1500}, ReconnectPolicy(True, 0.02, 1.5)),
+    ({"interval_ms": 5}, ReconnectPolicy(True, 0.005, None)),
+    ({"interval_ms": 5, "track_interval_ms": 2}, ReconnectPolicy(True, 0.005, None, 0.002)),
+])
+def test_reconnect_policy(value, expected):
+    doc = base()
+    doc["device"][0]["reconnect"] = value
+    assert parse(doc).devices[0].reconnect == expected
+    assert parse(base()).devices[0].reconnect == ReconnectPolicy.off()
+
+
+@pytest.mark.parametrize("value,key", [
+    ("sometimes", "device[0].reconnect"),
+    (3, "device[0].reconnect"),
+    ({"interval_ms": 0}, "device[0].reconnect.interval_ms"),
+    ({"interval_ms": "fast"}, "device[0].reconnect.interval_ms"),
+    ({"deadline_ms": -1}, "device[0].reconnect.deadline_ms"),
+    ({"retries": 3}, "device[0].reconnect.retries"),
+])
+def test_bad_reconnect_policy(value, key):
+    doc = base()
+    doc["device"][0]["reconnect"] = value
+    with pytest.raises(ConfigError) as info:
+        parse(doc)
+    assert info.value.key == key

@@ -7,6 +7,7 @@ by a backend, exceptions inside the device worker, and the §3.4 rules while sus
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import signal
 import time
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from shadowvmm import cli
+from shadowvmm import config as configmod
 from shadowvmm.backends.base import Backend
 from shadowvmm.backends.inproc import InProcBackend
 from shadowvmm.backends.vhost_user import VhostUserBackend
@@ -28,6 +31,7 @@ from shadowvmm.machine import Machine
 from shadowvmm.migration.harness import machine_sharing, move_guest
 from shadowvmm.shadow import GuestFault, RunState, StopDialect
 from shadowvmm.testing.blkcheck import BLOCK, Writers, pattern
+from shadowvmm.testing.guards import guarded
 from shadowvmm.testing.peers import QsdBlk, RefBlk
 from shadowvmm.testing.plugin import require_peer
 from shadowvmm.virtio.constants import Feature, Status
@@ -506,3 +510,47 @@ async def test_config_change_and_config_write_while_suspended(dialect: StopDiale
     finally:
         await rig.close()
 
+
+
+# ---------------------------------------------------------------------- who notices a dead backend
+
+
+@pytest.mark.peer
+async def test_guarded_fails_at_once_when_the_backend_dies(tmp_path: Path) -> None:
+    with qsd_peer(tmp_path, 2) as qsd:
+        rig = await make_rig(vhost_blk(qsd.socket_path, 2))
+        try:
+            await rig.driver.start(queue_size=64)
+            writers = rig.start_writers(6, needs_reset=lambda: False)
+            await wait_for(lambda: writers.writes > 100, 10, "writes")
+            asyncio.get_running_loop().call_later(0.05, qsd.kill)
+            t0 = time.monotonic()
+            with pytest.raises(AssertionError, match="backend failed"):
+                await guarded(rig.device, qsd.log_tail, asyncio.sleep(30))
+            assert time.monotonic() - t0 < 1.0
+        finally:
+            await rig.close()
+
+
+@pytest.mark.peer
+async def test_cli_run_reports_a_dead_backend_instead_of_hanging(tmp_path: Path) -> None:
+    with qsd_peer(tmp_path, 2) as qsd:
+        config = tmp_path / "run.toml"
+        config.write_text(f"""
+[[device]]
+name = "blk0"
+backend = "vhost-user"
+queue_size = 64
+[device.backend_config]
+socket = "{qsd.socket_path}"
+device = "blk"
+queues = 2
+[run]
+requests = 200000
+stop_after = 100
+""")
+        out = io.StringIO()
+        asyncio.get_running_loop().call_later(0.5, qsd.kill)
+        rc = await asyncio.wait_for(cli.run(configmod.load(config), out), 30)
+        assert rc == 1
+        assert "FAILED: the backend of blk0 failed" in out.getvalue() and "RESULT: FAIL" in out.getvalue()
