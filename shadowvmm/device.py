@@ -1142,10 +1142,21 @@ class VirtioDevice:
                 self._release_kicks([q])
 
     async def _op_queue_reset(self, index: int) -> None:
+        """Stop one ring the way a device stop does (kicks held, disabled, in-flight requests
+        drained, then GET_VRING_BASE): the guest frees the ring's memory once the reset reads
+        done, and libvhost-user would otherwise complete late requests into it."""
         q = self.queues[index]
         if index in self._live_rings and self.link is LinkState.UP:
-            await self.backend.set_vring_enable(index, False)
-            await self.backend.get_vring_base(index)
+            held = index not in self._held_kicks
+            self._held_kicks.add(index)
+            try:
+                target = self._drain_target([q])
+                await self.backend.set_vring_enable(index, False)
+                await self._drain(target)
+                await self.backend.get_vring_base(index)
+            finally:
+                if held:
+                    self._held_kicks.discard(index)
         self._live_rings.discard(index)
         self._ledgers.pop(index, None)
         self.ring_states.pop(index, None)

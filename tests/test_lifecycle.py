@@ -43,10 +43,10 @@ LIVE = int(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIV
 RECONNECT = ReconnectPolicy.bounded(interval=0.01, deadline=3.0)
 
 
-def qsd_peer(tmp_path: Path, queues: int, *, exports: int = 1, qmp: bool = False) -> QsdBlk:
+def qsd_peer(tmp_path: Path, queues: int, *, exports: int = 1, qmp: bool = False, iops: int | None = None) -> QsdBlk:
     binary = require_peer("qemu-storage-daemon")
     return QsdBlk(tmp_path, image=tmp_path / "disk.img", size=IMAGE_BYTES, create=True, num_queues=queues,
-                  exports=exports, qmp=qmp, binary=binary)
+                  exports=exports, qmp=qmp, iops=iops, binary=binary)
 
 
 def vhost_blk(path: Path, queues: int) -> VhostUserBackend:
@@ -360,6 +360,34 @@ async def test_qsd_queue_reset_on_every_interrupt_routing(tmp_path: Path, routin
                 assert await asyncio.wait_for(rig.driver.read(round_ * 8, BLOCK, queue=1), 5) == pattern(round_, 1)
                 await asyncio.wait_for(rig.driver.write(100 + round_, pattern(100 + round_, 1), queue=0), 5)
             assert rig.device.run_state is RunState.RUNNING and not needs_reset(rig.guest)
+        finally:
+            await rig.close()
+        assert qsd.running and "panic" not in qsd.log_tail(50)
+
+
+@pytest.mark.peer
+async def test_qsd_queue_reset_with_requests_in_flight(tmp_path: Path) -> None:
+    """Chaos seed 490: qemu-storage-daemon answers GET_VRING_BASE before its requests in flight
+    complete, then completes them into the ring. The guest frees that ring once the reset reads
+    done and sets up a new one in the same memory, so the device must drain the ring first.
+    A throttled disk (50 IOPS) keeps the writes in flight across the reset."""
+    with qsd_peer(tmp_path, 2, iops=50) as qsd:
+        rig = await make_rig(vhost_blk(qsd.socket_path, 2), transport="mmio")
+        try:
+            await rig.driver.start(queue_size=64, extra_features=int(Feature.RING_RESET))
+            for block in range(8):              # empty the throttle's burst bucket
+                await rig.driver.write(4096 + block * 8, pattern(block, 0), queue=1)
+            for round_ in range(3):
+                writes = [asyncio.ensure_future(rig.driver.write((round_ * 8 + i) * 8, pattern(i, round_), queue=0))
+                          for i in range(4)]
+                await asyncio.sleep(0.005)
+                assert rig.guest.queues[0].ring.in_flight, "the throttled writes should still be in flight"
+                await rig.guest.reset_queue(0)
+                assert all(w.done() for w in writes), "the queue reset read done with writes in flight"
+                await asyncio.gather(*writes, return_exceptions=True)
+                await rig.guest.restart_queue(0, 64)
+                await asyncio.wait_for(rig.driver.write(round_ * 8, pattern(round_, 9), queue=0), 5)
+                assert not rig.guest.violations, f"round {round_}: {rig.guest.violations}"
         finally:
             await rig.close()
         assert qsd.running and "panic" not in qsd.log_tail(50)

@@ -21,6 +21,7 @@ REGRESSIONS = [
     (110, "ref", 4, 50),    # same
     (118, "qsd", 2, 50),    # same
     (143, "ref", 2, 50),    # same
+    (490, "qsd", 2, 60),    # a queue reset did not drain: qsd completed late requests into the freed ring
 ]
 
 #: A sample of seeds, chosen once and kept (reproducible), over every backend and queue count.

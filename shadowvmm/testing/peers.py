@@ -540,7 +540,9 @@ class QsdBlk(_Peer):
     ``exports=N`` exports the same node N times (ids ``exp0``..), one socket each.
     ``qmp=True`` adds a QMP monitor on ``NAME.qmp.sock`` (``--chardev socket``
     + ``--monitor mode=control``), used by :meth:`qmp`, :meth:`close_export`
-    and :meth:`add_export`.
+    and :meth:`add_export`. ``iops=N`` puts a throttle node (a throttle group of
+    ``x-iops-total=N``) in front of the image: a slow disk, whose requests stay in
+    flight long enough for a test to act on them.
     """
 
     kind = "qemu-storage-daemon"
@@ -559,6 +561,7 @@ class QsdBlk(_Peer):
         logical_block_size: int | None = None,
         exports: int = 1,
         qmp: bool = False,
+        iops: int | None = None,
         name: str = "qsd-blk",
         binary: str | None = None,
         start_timeout: float = 10.0,
@@ -585,6 +588,7 @@ class QsdBlk(_Peer):
         for path in [*self.socket_paths, *([self.qmp_path] if self.qmp_path else [])]:
             _check_socket_path(path)
         self.command_timeout = command_timeout
+        self.iops = iops
         self._qmp: _Qmp | None = None
         self._created = False
 
@@ -604,7 +608,13 @@ class QsdBlk(_Peer):
                 f"driver=qcow2,node-name={self.node_name},file.driver=file,"
                 f"file.filename={_qemu_opt(self.image)},file.cache.direct=off"
             )
-        argv = [self.binary, "--blockdev", node]
+        argv = [self.binary]
+        if self.iops is not None:
+            # a slow disk: the exported node throttles the image node to *iops* requests/s
+            base = node.replace(f"node-name={self.node_name}", f"node-name={self.node_name}-disk", 1)
+            argv += ["--object", f"throttle-group,id=tg0,x-iops-total={self.iops}", "--blockdev", base]
+            node = f"driver=throttle,node-name={self.node_name},throttle-group=tg0,file={self.node_name}-disk"
+        argv += ["--blockdev", node]
         for i in range(len(self.socket_paths)):
             argv += ["--export", _keyval(self.export_options(i))]
         if self.qmp_path is not None:
