@@ -68,6 +68,9 @@ log = logging.getLogger(__name__)
 #: Transparent stop: how long to wait for in-flight requests before GET_VRING_BASE (see _drain).
 DRAIN_TIMEOUT = 5.0
 DRAIN_QUIET = 0.001
+#: A used idx that has not moved for this long will not: the backend fetched no more (it honours
+#: the disable) and what it fetched is done.
+DRAIN_STALL = 0.05
 DRAIN_POLL = 0.0002
 #: A lost session whose rings' used idx stayed still this long no longer writes them.
 SESSION_QUIET = 0.02
@@ -256,6 +259,7 @@ class VirtioDevice:
         self._config_writes: dict[int, bytes] = {}
         #: A device-side config change held while the guest has the device suspended (v1.4 §3.4).
         self._held_config: bytes | None = None
+        self._config_refresh_queued = False
         #: Why the device last failed (DEVICE_NEEDS_RESET); cleared by the guest's reset.
         self.failure: BaseException | None = None
         # backend liveness
@@ -755,7 +759,11 @@ class VirtioDevice:
 
     def _on_backend_event(self, event: BackendEvent) -> None:
         if event.kind is BackendEventKind.CONFIG_CHANGED:
-            self._submit(Op(OpKind.RECONCILE, ("refresh-config",)))
+            # Coalesced: one refresh reads the config as it is then, whatever the number of
+            # notifications before it (a back-end storm queues one GET_CONFIG, not thousands).
+            if not self._config_refresh_queued:
+                self._config_refresh_queued = True
+                self._submit(Op(OpKind.RECONCILE, ("refresh-config",)))
         elif event.kind is BackendEventKind.DISCONNECTED:
             self._backend_lost(event.error)
 
@@ -1094,8 +1102,10 @@ class VirtioDevice:
             if shadow.reset_pending:
                 self._schedule_reconnect(0.0)   # the reset completes once the backend is back
             return
-        if "refresh-config" in why and self.backend_caps & Capability.CONFIG:
-            self.update_config(await self.backend.get_config(0, len(self.config)))
+        if "refresh-config" in why:
+            self._config_refresh_queued = False
+            if self.backend_caps & Capability.CONFIG:
+                self.update_config(await self.backend.get_config(0, len(self.config)))
         if "active-queues" in why:
             await self._apply_active_queues()
         if self._backend_reset_owed and not self.started:
@@ -1150,7 +1160,8 @@ class VirtioDevice:
             held = index not in self._held_kicks
             self._held_kicks.add(index)
             try:
-                target = self._drain_target([q])
+                # A SUSPEND-capable backend's GET_VRING_BASE completes the ring's requests itself.
+                target = self._drain_target([q]) if not self.backend_caps & Capability.SUSPEND else (0.0, [])
                 await self.backend.set_vring_enable(index, False)
                 await self._drain(target)
                 await self.backend.get_vring_base(index)
@@ -1358,9 +1369,11 @@ class VirtioDevice:
         libvhost-user (qemu-storage-daemon 7.2) answers at once and closes its call fd there:
         a request completing afterwards hits ``eventfd_write(-1)`` and ``vu_panic`` kills the
         device. Guest kicks are held (see :meth:`notify`); wait until each split ring's used
-        idx reached the avail idx published when the hold began, then (only if the guest published
-        more since) for the used idx to stay quiet for DRAIN_QUIET s; at most DRAIN_TIMEOUT s. Not for virtio-net (receive buffers
-        are used only when traffic arrives) nor packed rings (no single used idx to compare).
+        idx reached the avail idx published when the hold began, then (only if the guest
+        published more since) for the used idx to stay quiet for DRAIN_QUIET s. A back-end that
+        honours the disable never takes what it had not fetched yet: a used idx still for
+        DRAIN_STALL s ends the wait too; at most DRAIN_TIMEOUT s. Not for virtio-net (receive
+        buffers are used only when traffic arrives) nor packed rings (no single used idx to compare).
         """
         quiet_since, rings = hold
         if not rings:
@@ -1380,7 +1393,7 @@ class VirtioDevice:
             reached = all((u - avail) & 0xFFFF < 0x8000 for u, (_, avail) in zip(used, target))
             if reached and all(memory.load_u16(q.driver + 2) == avail for q, avail in target):
                 return      # nothing published since the hold: nothing else can be in flight
-            if reached and now - quiet_since >= DRAIN_QUIET:
+            if (reached and now - quiet_since >= DRAIN_QUIET) or now - quiet_since >= DRAIN_STALL:
                 return
             if now >= deadline:
                 log.warning("%s: requests still in flight %.1f s into a stop; stopping anyway",

@@ -1,11 +1,42 @@
-"""Typed exception tree for shadowvmm.
+"""Typed exception tree for shadowvmm: every error the package raises is defined here.
 
-Every error raised by the project derives from :class:`ShadowVmmError`. Each
-class says whether the condition is worth a reconnect (``should_reconnect``)
-and may carry a root cause (``__cause__`` via ``raise ... from``).
+Every error derives from :class:`ShadowVmmError`. Each class says whether the
+condition is worth a reconnect (``should_reconnect``) and may carry a root
+cause (``__cause__`` via ``raise ... from``). Messages name what was wrong:
+the key path of a config value, the vhost-user request and socket, the device
+and queue, the value and its limit.
+
+::
+
+    ShadowVmmError
+    ├── ConfigError                 a config file or value (``key``: the full key path)
+    ├── ArgumentError (ValueError)  a caller passed a value the API refuses
+    │   └── ArgumentTypeError (TypeError)
+    ├── GuestMemoryError            a guest-physical access outside guest memory
+    ├── GuestAccessError            a guest register access refused (counted)
+    ├── RingError                   a malformed virtqueue in guest memory
+    ├── DeviceStateError            an operation in a state that does not allow it
+    │   └── DeviceFailedError       the device failed (NEEDS_RESET) while waited on
+    ├── BackendError                a backend failed or answered wrongly
+    │   ├── BackendTimeout, BackendDisconnected   (should_reconnect)
+    │   ├── ProtocolError           a reply breaks the wire protocol
+    │   ├── UnsupportedError        a capability the operation needs is missing
+    │   ├── RequestFailed           vhost-user: a request answered with a non-zero status
+    │   └── VdpaError               vhost-vdpa: VdpaIoctlError, VdpaNetlinkError, VdpaMappingError
+    ├── PluginError                 a backend plugin cannot be found or loaded
+    ├── MigrationError              a migration failed; the source keeps running
+    │   ├── StreamError             a truncated, corrupt or unknown stream
+    │   └── IncompatibleStateError  a state this destination cannot load
+    ├── GuestDriverError            a guest driver model's request failed:
+    │   BlkIOError, FuseError, NetCtrlError
+    └── PeerError                   a test peer launcher: PeerMissing, PeerStartError,
+        PeerCommandError; VmLaneError: KitBuildError, ToolMissingError, BootError
 """
 
 from __future__ import annotations
+
+import errno as _errno
+import os
 
 
 class ShadowVmmError(Exception):
@@ -20,6 +51,15 @@ class ConfigError(ShadowVmmError):
     def __init__(self, key: str, message: str) -> None:
         super().__init__(f"{key}: {message}")
         self.key = key
+
+
+class ArgumentError(ShadowVmmError, ValueError):
+    """A caller passed a value the API refuses (a programming error, not an input the
+    VMM serves: guest and backend inputs are counted or fail the device instead)."""
+
+
+class ArgumentTypeError(ArgumentError, TypeError):
+    """A caller passed a value of the wrong type."""
 
 
 class GuestMemoryError(ShadowVmmError):
@@ -71,6 +111,46 @@ class UnsupportedError(BackendError):
     """The backend lacks a capability the operation needs."""
 
 
+class RequestFailed(BackendError):
+    """The vhost-user back-end answered a request with a non-zero status (REPLY_ACK or a
+    status reply); ``request`` is the request code."""
+
+    def __init__(self, request: object, status: int, detail: str = "") -> None:
+        name = getattr(request, "name", str(request))
+        super().__init__(f"{name} failed: back-end status {status:#x}{detail}")
+        self.request = request
+        self.status = status
+
+
+class VdpaError(BackendError):
+    """A vhost-vdpa operation failed."""
+
+
+class VdpaIoctlError(VdpaError):
+    """An ioctl or IOTLB write on ``/dev/vhost-vdpa-N`` failed; ``errno`` is the kernel's."""
+
+    def __init__(self, operation: str, err: int, detail: str = "") -> None:
+        self.operation = operation
+        self.errno = err
+        name = _errno.errorcode.get(err, str(err))
+        super().__init__(f"{operation}: {name} ({os.strerror(err)}){': ' + detail if detail else ''}")
+
+
+class VdpaNetlinkError(VdpaError):
+    """The kernel refused a vdpa netlink request; ``errno`` is the kernel's."""
+
+    def __init__(self, command: str, err: int, message: str = "") -> None:
+        self.command = command
+        self.errno = err
+        self.message = message
+        name = _errno.errorcode.get(err, str(err))
+        super().__init__(f"vdpa {command}: {name} ({message or os.strerror(err)})")
+
+
+class VdpaMappingError(VdpaError):
+    """Guest memory cannot be mapped into the device (not shared, outside the IOVA range)."""
+
+
 class PluginError(ShadowVmmError):
     """A backend plugin could not be found or loaded."""
 
@@ -85,3 +165,80 @@ class StreamError(MigrationError):
 
 class IncompatibleStateError(MigrationError):
     """Device state cannot be loaded into this implementation."""
+
+
+class GuestDriverError(ShadowVmmError):
+    """A guest driver model's request failed (the device answered it with an error)."""
+
+
+class BlkIOError(GuestDriverError):
+    """The device completed a virtio-blk request with a non-OK status (v1.4 §5.2.6)."""
+
+    def __init__(self, status: int, what: str) -> None:
+        super().__init__(f"{what}: virtio-blk status {status}")
+        self.status = status
+
+
+class FuseError(GuestDriverError):
+    """A FUSE request failed: the device answered with ``-errno`` in ``fuse_out_header.error``."""
+
+    def __init__(self, err: int, opcode: object | None = None, what: str = "") -> None:
+        self.errno = err
+        self.opcode = opcode
+        name = _errno.errorcode.get(err, f"errno {err}")
+        op_name = getattr(opcode, "name", None)
+        op = op_name if op_name is not None else (f"opcode {opcode}" if opcode else "request")
+        where = f" {what}" if what else ""
+        super().__init__(f"FUSE {op}{where}: {name} ({os.strerror(err)})")
+
+
+class NetCtrlError(GuestDriverError):
+    """The device answered a virtio-net control command with VIRTIO_NET_ERR (or garbage)."""
+
+    def __init__(self, cls: int, cmd: int, ack: int) -> None:
+        from .virtio.devcfg import CtrlClass
+        name = CtrlClass(cls).name if cls in CtrlClass._value2member_map_ else str(cls)
+        super().__init__(f"virtio-net control command {name}/{cmd}: ack {ack}")
+        self.ack = ack
+
+
+class PeerError(ShadowVmmError):
+    """Base of the errors raised by the test peer launchers (shadowvmm.testing)."""
+
+
+class PeerMissing(PeerError):
+    """The peer's executable is not installed."""
+
+    def __init__(self, name: str, tried: "list[str] | tuple[str, ...]") -> None:
+        super().__init__(f"{name} not found (tried {', '.join(tried)}); run scripts/install-peers.sh as root")
+        self.name = name
+
+
+class PeerStartError(PeerError):
+    """The peer exited or did not become ready in time; carries its log tail."""
+
+    def __init__(self, name: str, reason: str, log_tail: str) -> None:
+        super().__init__(f"{name}: {reason}\n--- log tail ---\n{log_tail}")
+        self.name = name
+        self.reason = reason
+        self.log_tail = log_tail
+
+
+class PeerCommandError(PeerError):
+    """A command to a running peer failed or timed out."""
+
+
+class VmLaneError(PeerError):
+    """The vDPA VM lane could not provide a result."""
+
+
+class KitBuildError(VmLaneError):
+    """The kit (kernel, modules, initramfs) could not be built."""
+
+
+class ToolMissingError(KitBuildError):
+    """A host tool the lane needs is missing and could not be installed."""
+
+
+class BootError(VmLaneError):
+    """The guest died or timed out before the command started."""

@@ -255,6 +255,20 @@ async def test_msix_table_is_read_write(rig):
         assert rig.t.read(Space.BAR, 0x5000, 8) == 0                    # PBA: nothing pending
 
 
+
+async def test_out_of_width_values_are_truncated_at_the_intercept(rig):
+    """A write carries its width's bytes: a value over 32 bits (or negative) in a 4-byte write to
+    the MSI-X table, common cfg or device config neither raises nor leaks into the next field."""
+    with no_faults(rig.dev):
+        rig.t.write(Space.BAR, 0x4000 + 16 + 8, 4, 0xAB_1234_5678)        # used to raise OverflowError
+        assert rig.t.read(Space.BAR, 0x4000 + 16 + 8, 4) == 0x1234_5678
+        assert rig.t.read(Space.BAR, 0x4000 + 16 + 12, 4) == 0
+        rig.t.write(Space.BAR, 0x4000, 4, -1)
+        assert rig.t.read(Space.BAR, 0x4000, 4) == 0xFFFF_FFFF
+        rig.t.write(Space.CONFIG, 0x04, 2, 0x1_0006)
+        assert rig.t.read(Space.CONFIG, 0x04, 2) & 0xFFFF == 0x0006
+
+
 # ---------------------------------------------------------------------------- common cfg: features
 
 

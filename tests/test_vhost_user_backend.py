@@ -372,3 +372,45 @@ def test_runs_under_uvloop() -> None:
     assert requests[:7] == [F.GET_FEATURES, F.GET_PROTOCOL_FEATURES, F.SET_PROTOCOL_FEATURES, F.GET_QUEUE_NUM,
                             F.GET_MAX_MEM_SLOTS, F.SET_BACKEND_REQ_FD, F.SET_OWNER]
     assert requests[-2:] == [F.GET_VRING_BASE, F.GET_VRING_BASE]
+
+
+async def test_config_change_storm_is_coalesced_and_bounded(env: Env) -> None:
+    """20,000 CONFIG_CHANGE_MSG from a hostile back-end: one GET_CONFIG per batch (coalesced),
+    at most MAX_PENDING requests queued (the channel stops reading), the loop stays responsive
+    and a stop is prompt."""
+    from shadowvmm.config import DeviceConfig
+    from shadowvmm.machine import Machine
+    from shadowvmm.guest.blk import BlkDriver
+    import threading
+    import time
+
+    fake = env.fake(config=bytearray(60))
+    backend = env.backend(fake, queues=2)
+    machine = Machine(16 << 20)
+    try:
+        device = await machine.add_device(DeviceConfig("blk0", "vhost-user", {}, queue_size=64), backend)
+        driver = BlkDriver(machine.guest("blk0"))
+        await driver.start(queue_size=64)
+        channel = backend.connection.backend_channel
+        assert channel is not None
+        storm = threading.Thread(target=lambda: [fake.backend_request(vu.BackendRequest.CONFIG_CHANGE_MSG,
+                                                                     need_reply=False, timeout=30)
+                                                for _ in range(20_000)], daemon=True)
+        lags: list[float] = []
+        storm.start()
+        while storm.is_alive():
+            t0 = time.perf_counter()
+            await asyncio.sleep(0.001)
+            lags.append(time.perf_counter() - t0)
+            assert channel._queue.qsize() <= 64         # connection.MAX_PENDING
+        storm.join()
+        await device.settle()
+        t0 = time.perf_counter()
+        await device.stop()
+        stop_s = time.perf_counter() - t0
+        get_configs = sum(1 for m in fake.received if m.request == F.GET_CONFIG)
+        assert get_configs < 2_000, f"{get_configs} GET_CONFIG for 20,000 notifications"
+        assert max(lags) < 0.2, f"event loop lagged {max(lags):.3f} s"
+        assert stop_s < 0.3, f"stop took {stop_s:.3f} s"
+    finally:
+        await machine.close()

@@ -485,3 +485,12 @@ async def test_busy_poll_leaves_a_late_reply_to_the_reader(env: Env) -> None:
     assert (await conn.request(F.GET_QUEUE_NUM)).payload == vu.U64(9)
     assert time.monotonic() - start >= 0.05
     assert conn.runstate is Runstate.RUNNING
+
+
+async def test_a_request_on_a_dead_connection_names_the_request_and_socket() -> None:
+    """The error names the vhost-user request and the socket, not a Python method."""
+    conn = Connection(unix_connector("/nonexistent.sock"), name="vhost-user /run/x.sock")
+    with pytest.raises(BackendDisconnected) as info:
+        conn._runstate = Runstate.DISCONNECTED
+        await conn.request(F.SET_VRING_KICK)
+    assert "vhost-user /run/x.sock: SET_VRING_KICK" in str(info.value)

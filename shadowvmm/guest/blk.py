@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import islice
 
-from ..errors import DeviceStateError, RingError, ShadowVmmError
+from ..errors import BlkIOError, DeviceStateError, RingError
 from ..memory import GuestMemory
 from ..virtio.constants import (BLK_ID_BYTES, BLK_SECTOR_SIZE, BlkFeature, BlkRequestType,
                                 BlkStatus, Feature)
@@ -33,14 +33,6 @@ _CACHED_LENGTHS = 16
 WANTED = int(BlkFeature.SEG_MAX | BlkFeature.SIZE_MAX | BlkFeature.BLK_SIZE | BlkFeature.FLUSH
              | BlkFeature.CONFIG_WCE | BlkFeature.MQ | BlkFeature.RO | BlkFeature.TOPOLOGY
              | Feature.INDIRECT_DESC | Feature.EVENT_IDX)
-
-
-class BlkIOError(ShadowVmmError):
-    """The device completed a request with a non-OK status."""
-
-    def __init__(self, status: int, what: str) -> None:
-        super().__init__(f"{what}: virtio-blk status {status}")
-        self.status = status
 
 
 @dataclass

@@ -23,7 +23,7 @@ import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ..errors import DeviceStateError, ProtocolError
+from ..errors import ArgumentError, DeviceStateError, ProtocolError
 from ..virtio.constants import Feature
 from ..virtio.devcfg import FS_CONFIG_BASE_SIZE, FsConfig
 from . import fuse
@@ -86,7 +86,7 @@ class FsDriver:
                  hiprio_slots: int = 16, request_timeout: float | None = 30.0, uid: int | None = None,
                  gid: int | None = None, pid: int | None = None) -> None:
         if max_payload < fuse.FUSE_MIN_READ_BUFFER:
-            raise ValueError(f"max_payload must be at least {fuse.FUSE_MIN_READ_BUFFER}")
+            raise ArgumentError(f"max_payload must be at least {fuse.FUSE_MIN_READ_BUFFER}")
         self.dev = device
         self.max_payload = max_payload
         self.slots_per_queue = slots_per_queue
@@ -181,7 +181,7 @@ class FsDriver:
     def _encode(self, request: FuseRequest) -> tuple[bytes, int, int]:
         """(request bytes, reply room, unique), validated before anything touches a ring."""
         if len(request.payload) > self.max_payload or request.data_size > self.max_payload:
-            raise ValueError(f"{request.opcode.name}: more than {self.max_payload} bytes of data")
+            raise ArgumentError(f"{request.opcode.name}: more than {self.max_payload} bytes of data")
         unique = self._next_unique()
         raw = fuse.encode_request(request.opcode, unique, request.nodeid, request.args, request.names,
                                   request.payload, uid=self.uid, gid=self.gid, pid=self.pid)
@@ -315,7 +315,7 @@ class FsDriver:
     async def write(self, nodeid: int, fh: int, offset: int, data: bytes) -> int:
         """WRITE (at most ``max_write`` bytes); returns what the device wrote."""
         if len(data) > self.max_write:
-            raise ValueError(f"WRITE of {len(data)} bytes exceeds max_write {self.max_write}")
+            raise ArgumentError(f"WRITE of {len(data)} bytes exceeds max_write {self.max_write}")
         body = await self.call(FuseRequest(Opcode.WRITE, nodeid, WriteIn(fh, offset, len(data)), payload=data))
         return WriteOut.unpack(body).size
 
@@ -443,7 +443,7 @@ class FsDriver:
     async def _resolve_parent(self, path: str | bytes, held: list[int]) -> tuple[int, bytes]:
         parts = _split(path)
         if not parts:
-            raise ValueError(f"path {path!r} names the root")
+            raise ArgumentError(f"path {path!r} names the root")
         return await self._walk(parts[:-1], held), parts[-1]
 
     async def stat(self, path: str | bytes) -> fuse.Attr:

@@ -13,15 +13,13 @@ carries and what its reply is. Errors come back as a negative errno in
 from __future__ import annotations
 
 import enum
-import errno as _errno
-import os
 import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from types import MappingProxyType
 from typing import Any, ClassVar, Self
 
-from ..errors import ProtocolError, ShadowVmmError
+from ..errors import ArgumentError, ArgumentTypeError, FuseError, ProtocolError
 
 FUSE_KERNEL_VERSION = 7
 #: The minor version this driver speaks (the fuse_init_in/out layout with flags2 is 7.36's).
@@ -148,18 +146,6 @@ RENAME_EXCHANGE = 1 << 1
 RENAME_WHITEOUT = 1 << 2
 
 
-class FuseError(ShadowVmmError):
-    """A FUSE request failed: the device answered with ``-errno`` in ``fuse_out_header.error``."""
-
-    def __init__(self, err: int, opcode: Opcode | int | None = None, what: str = "") -> None:
-        self.errno = err
-        self.opcode = opcode
-        name = _errno.errorcode.get(err, f"errno {err}")
-        op = opcode.name if isinstance(opcode, Opcode) else (f"opcode {opcode}" if opcode else "request")
-        where = f" {what}" if what else ""
-        super().__init__(f"FUSE {op}{where}: {name} ({os.strerror(err)})")
-
-
 class Wire:
     """Mixin: a frozen dataclass laid out by one little-endian :class:`struct.Struct`.
 
@@ -208,7 +194,7 @@ class Wire:
     @classmethod
     def unpack(cls, data: bytes | bytearray | memoryview, offset: int = 0) -> Self:
         if len(data) - offset < cls.SIZE:
-            raise ValueError(f"{cls.__name__} needs {cls.SIZE} bytes, got {len(data) - offset}")
+            raise ArgumentError(f"{cls.__name__} needs {cls.SIZE} bytes, got {len(data) - offset}")
         return cls._build(iter(cls.STRUCT.unpack_from(data, offset)))
 
 
@@ -553,7 +539,7 @@ OPS: Mapping[Opcode, OpSpec] = MappingProxyType({
 def check_name(name: bytes) -> bytes:
     """A path component as FUSE carries it: 1..FUSE_NAME_MAX bytes, no NUL, no ``/``."""
     if not name or len(name) > FUSE_NAME_MAX or b"\0" in name or b"/" in name:
-        raise ValueError(f"invalid FUSE name {name!r}")
+        raise ArgumentError(f"invalid FUSE name {name!r}")
     return name
 
 
@@ -563,15 +549,15 @@ def encode_request(opcode: Opcode, unique: int, nodeid: int, args: Wire | None =
     """``fuse_in_header`` + args + names + payload, checked against :data:`OPS`."""
     spec = OPS.get(opcode)
     if spec is None:
-        raise ValueError(f"no wire spec for {opcode!r}")
+        raise ArgumentError(f"no wire spec for {opcode!r}")
     if spec.args is not None and type(args) is not spec.args:
-        raise TypeError(f"{opcode.name} takes {spec.args.__name__}, not {type(args).__name__}")
+        raise ArgumentTypeError(f"{opcode.name} takes {spec.args.__name__}, not {type(args).__name__}")
     if spec.args is None and args is not None:
-        raise TypeError(f"{opcode.name} takes no argument struct")
+        raise ArgumentTypeError(f"{opcode.name} takes no argument struct")
     if len(names) != spec.names:
-        raise ValueError(f"{opcode.name} takes {spec.names} name(s), got {len(names)}")
+        raise ArgumentError(f"{opcode.name} takes {spec.names} name(s), got {len(names)}")
     if payload and not spec.payload:
-        raise ValueError(f"{opcode.name} carries no payload")
+        raise ArgumentError(f"{opcode.name} carries no payload")
     body = (args.pack() if args is not None else b"") + b"".join(check_name(n) + b"\0" for n in names)
     length = InHeader.SIZE + len(body) + len(payload)
     return InHeader(length, int(opcode), unique, nodeid, uid, gid, pid).pack() + body + bytes(payload)

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import astuple, dataclass, field
 
-from ..errors import DeviceStateError, ShadowVmmError
+from ..errors import ArgumentError, DeviceStateError, NetCtrlError
 from ..virtio.constants import Feature, NetFeature
 from ..virtio.devcfg import (CTRL_HEADER, CTRL_MQ, CTRL_MQ_PAIRS_MAX, CTRL_OK,
                              NET_CONFIG_BASE_SIZE, CtrlClass, CtrlMq, NetConfig, NetStatus)
@@ -73,15 +73,6 @@ def _consume(future: asyncio.Future) -> None:
     """Retrieve an abandoned future's outcome (a reset fails it later)."""
     if not future.cancelled():
         future.exception()
-
-
-class NetCtrlError(ShadowVmmError):
-    """The device answered a control command with VIRTIO_NET_ERR (or garbage)."""
-
-    def __init__(self, cls: int, cmd: int, ack: int) -> None:
-        name = CtrlClass(cls).name if cls in CtrlClass._value2member_map_ else str(cls)
-        super().__init__(f"virtio-net control command {name}/{cmd}: ack {ack}")
-        self.ack = ack
 
 
 @dataclass
@@ -318,7 +309,7 @@ class NetDriver:
             raise DeviceStateError(f"queue pair {pair} is not active ({self.active_pairs} active)")
         for frame in frames:
             if not 0 < len(frame) <= self.max_frame:
-                raise ValueError(f"frame of {len(frame)} bytes; 1..{self.max_frame} fit a buffer")
+                raise ArgumentError(f"frame of {len(frame)} bytes; 1..{self.max_frame} fit a buffer")
         tx = self.tx[pair]
         header = NetHeader().pack()
         memory = self.dev.memory
@@ -353,7 +344,7 @@ class NetDriver:
             raise DeviceStateError("the control queue has an unanswered command")
         ack_at = CTRL_BUFFER - 1
         if CTRL_HEADER.size + len(data) > ack_at:
-            raise ValueError(f"control command data of {len(data)} bytes does not fit")
+            raise ArgumentError(f"control command data of {len(data)} bytes does not fit")
         memory = self.dev.memory
         buf = self._ctrl_buffer
         async with self._ctrl_lock:
@@ -377,7 +368,7 @@ class NetDriver:
         if not self.features & NetFeature.MQ:
             raise DeviceStateError("VIRTIO_NET_F_MQ is not negotiated")
         if not 1 <= pairs <= self.config.max_virtqueue_pairs:
-            raise ValueError(f"queue pairs must be 1..{self.config.max_virtqueue_pairs}, not {pairs}")
+            raise ArgumentError(f"queue pairs must be 1..{self.config.max_virtqueue_pairs}, not {pairs}")
         await self.ctrl(CtrlClass.MQ, CtrlMq.VQ_PAIRS_SET, CTRL_MQ.pack(pairs))
         self.active_pairs = pairs
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from ..errors import ArgumentError
 from ..transport.mmio import MmioTransport
 from ..transport.pci import (BAR_INDEX, DEVICE_OFF, MSIX_CTRL_ENABLE, PCI_CAP_ID_MSIX,
                              PCI_CAP_ID_VNDR, CapType, PciTransport, Space)
@@ -85,7 +86,7 @@ class PciGuestTransport:
             pos = nxt
         for needed in (CapType.COMMON, CapType.NOTIFY, CapType.ISR):
             if needed not in self.caps:
-                raise ValueError(f"virtio-pci capability {needed.name} missing")
+                raise ArgumentError(f"virtio-pci capability {needed.name} missing")
         self.common = self.caps[CapType.COMMON][1]
         self.notify_base = self.caps[CapType.NOTIFY][1]
         self.isr_off = self.caps[CapType.ISR][1]
@@ -198,7 +199,7 @@ class MmioGuestTransport:
         self.uses_msix = False
         magic, version = self.t.read(0x000, 4), self.t.read(0x004, 4)
         if magic != 0x74726976 or version != 2:
-            raise ValueError(f"not a virtio-mmio v2 device (magic {magic:#x}, version {version})")
+            raise ArgumentError(f"not a virtio-mmio v2 device (magic {magic:#x}, version {version})")
 
     def get_status(self) -> int:
         value = self.t.read(0x070, 4)

@@ -38,7 +38,7 @@ from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import IO, Any, Final, Self
 
-from shadowvmm.errors import ShadowVmmError
+from shadowvmm.errors import ArgumentError, PeerCommandError, PeerError, PeerMissing, PeerStartError
 
 __all__ = [
     "DpdkTestpmd",
@@ -78,32 +78,6 @@ _PROMPT: Final = b"testpmd> "
 _ASYNC_LOG_LINE: Final = re.compile(r"^(?:testpmd> )?VHOST_(?:CONFIG|DATA): ")
 
 
-class PeerError(ShadowVmmError):
-    """Base of the errors raised by the peer launchers."""
-
-
-class PeerMissing(PeerError):
-    """The peer's executable is not installed."""
-
-    def __init__(self, name: str, tried: Sequence[str]) -> None:
-        super().__init__(f"{name} not found (tried {', '.join(tried)}); run scripts/install-peers.sh as root")
-        self.name = name
-
-
-class PeerStartError(PeerError):
-    """The peer exited or did not become ready in time; carries its log tail."""
-
-    def __init__(self, name: str, reason: str, log_tail: str) -> None:
-        super().__init__(f"{name}: {reason}\n--- log tail ---\n{log_tail}")
-        self.name = name
-        self.reason = reason
-        self.log_tail = log_tail
-
-
-class PeerCommandError(PeerError):
-    """A command to a running peer failed or timed out."""
-
-
 def find_peer(name: str) -> str:
     """Return the executable path of peer *name*, or raise :class:`PeerMissing`.
 
@@ -112,7 +86,7 @@ def find_peer(name: str) -> str:
     try:
         candidates = PEER_CANDIDATES[name]
     except KeyError:
-        raise ValueError(f"unknown peer {name!r}; known: {', '.join(PEER_CANDIDATES)}") from None
+        raise ArgumentError(f"unknown peer {name!r}; known: {', '.join(PEER_CANDIDATES)}") from None
     for cand in candidates:
         if os.path.isabs(cand):
             if os.path.isfile(cand) and os.access(cand, os.X_OK):
@@ -206,7 +180,7 @@ def _listening(path: Path, timeout: float) -> bool:
 
 def _check_socket_path(path: Path) -> None:
     if len(os.fsencode(path)) > _SUN_PATH_MAX:
-        raise ValueError(f"unix socket path longer than {_SUN_PATH_MAX} bytes: {path}")
+        raise ArgumentError(f"unix socket path longer than {_SUN_PATH_MAX} bytes: {path}")
 
 
 def _clear_stale_socket(path: Path) -> None:
@@ -569,13 +543,13 @@ class QsdBlk(_Peer):
     ) -> None:
         super().__init__(workdir, name, binary, start_timeout)
         if image is None and (create or fmt != "raw"):
-            raise ValueError("create/fmt need an image path")
+            raise ArgumentError("create/fmt need an image path")
         if create and size is None:
-            raise ValueError("create=True needs a size")
+            raise ArgumentError("create=True needs a size")
         if exports < 1 or num_queues < 1:
-            raise ValueError("exports and num_queues must be >= 1")
+            raise ArgumentError("exports and num_queues must be >= 1")
         if fmt not in ("raw", "qcow2"):
-            raise ValueError(f"unsupported image format {fmt!r}")
+            raise ArgumentError(f"unsupported image format {fmt!r}")
         self.image = None if image is None else Path(image)
         self.size = size if size is not None or image is not None else 1 << 30
         self.create = create
@@ -751,7 +725,7 @@ class RefBlk(_Peer):
     ) -> None:
         super().__init__(workdir, name, python if python is not None else sys.executable, start_timeout)
         if queues < 1 or size <= 0 or latency_us < 0:
-            raise ValueError("queues and size must be >= 1, latency_us >= 0")
+            raise ArgumentError("queues and size must be >= 1, latency_us >= 0")
         self.image = Path(image) if image is not None else self.workdir / f"{name}.img"
         self.size = size
         self.create = create
@@ -836,7 +810,7 @@ class Virtiofsd(_Peer):
         super().__init__(workdir, unique, binary, start_timeout)
         self.source = Path(source) if source is not None else self.workdir / f"{unique}-share"
         if "," in os.fspath(self.source):
-            raise ValueError(f"virtiofsd -o options cannot carry a ',' in the source path: {self.source}")
+            raise ArgumentError(f"virtiofsd -o options cannot carry a ',' in the source path: {self.source}")
         self.cache = cache
         self.sandbox = sandbox
         self.extra_args = tuple(extra_args)
@@ -916,7 +890,7 @@ class DpdkTestpmd(_Peer):
     ) -> None:
         super().__init__(workdir, name, binary, start_timeout)
         if forward_mode not in TESTPMD_FORWARD_MODES:
-            raise ValueError(f"unknown forward mode {forward_mode!r}; known: {sorted(TESTPMD_FORWARD_MODES)}")
+            raise ArgumentError(f"unknown forward mode {forward_mode!r}; known: {sorted(TESTPMD_FORWARD_MODES)}")
         self.forward_mode = forward_mode
         self.queues = queues
         self.lcores = lcores if lcores is not None else _default_lcores()
@@ -930,7 +904,7 @@ class DpdkTestpmd(_Peer):
         self.socket_path = self.workdir / f"{name}.sock"
         _check_socket_path(self.socket_path)
         if "," in os.fspath(self.socket_path):
-            raise ValueError(f"DPDK devargs cannot carry a ',' in the socket path: {self.socket_path}")
+            raise ArgumentError(f"DPDK devargs cannot carry a ',' in the socket path: {self.socket_path}")
 
     def argv(self) -> list[str]:
         """The command line :meth:`start` runs."""
@@ -1008,7 +982,7 @@ class DpdkTestpmd(_Peer):
     def command(self, text: str, timeout: float | None = None) -> str:
         """Run one testpmd command; return its output (without echo and async vhost log lines)."""
         if "\n" in text:
-            raise ValueError("one command per call")
+            raise ArgumentError("one command per call")
         proc = self._proc
         if proc is None or proc.poll() is not None or proc.stdin is None or proc.stdin.closed:
             raise PeerCommandError(f"{self.name} is not running")

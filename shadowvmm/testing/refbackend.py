@@ -46,7 +46,7 @@ import msgpack
 
 from ..backends.inproc import BlkModel
 from ..backends.vhost_user import protocol as vu
-from ..errors import GuestMemoryError, ProtocolError, RingError, ShadowVmmError
+from ..errors import ArgumentError, GuestMemoryError, IncompatibleStateError, ProtocolError, RingError, ShadowVmmError
 from ..memory import DirtyLog, GuestMemory, MemoryRegion
 from ..virtio.constants import BlkRequestType, Feature
 from ..virtio.split import DescChain, SplitDeviceQueue, SplitLayout
@@ -248,7 +248,7 @@ class RefBlkServer:
                  size: int = 16 << 20, image: str | None = None, serial: str = "refblk",
                  latency_us: int = 0, latency_data_only: bool = False) -> None:
         if latency_us < 0:
-            raise ValueError(f"latency_us {latency_us} is negative")
+            raise ArgumentError(f"latency_us {latency_us} is negative")
         self.path = path
         self.implementation = implementation
         self.queues = queues
@@ -790,9 +790,10 @@ class RefBlkServer:
         data = msgpack.unpackb(blob, raw=False)
         theirs = data.get("implementation")
         if theirs != self.implementation:
-            raise ValueError(f"state of implementation {theirs!r} cannot be loaded into {self.implementation!r}")
+            raise IncompatibleStateError(f"state of implementation {theirs!r} cannot be loaded into "
+                                         f"{self.implementation!r}")
         if data.get("version", 0) > STATE_VERSION:
-            raise ValueError(f"state version {data.get('version')} is newer than {STATE_VERSION}")
+            raise IncompatibleStateError(f"state version {data.get('version')} is newer than {STATE_VERSION}")
         self.model.writeback = int(data["writeback"])
         self.requests = int(data["requests"])
         self.loaded_from = theirs
@@ -841,7 +842,7 @@ class RefBlkServer:
             os.close(fd)
         try:
             self.load_blob(b"".join(chunks))
-        except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
+        except (ShadowVmmError, ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
             s.transfer_error = str(exc)
             self.last_error = str(exc)
 

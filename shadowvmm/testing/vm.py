@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
-from ..errors import ShadowVmmError
+from ..errors import BootError, KitBuildError, ToolMissingError, VmLaneError
 
 ENV_IN_VM = "SHADOWVMM_VDPA_VM"
 ENV_KREL = "SHADOWVMM_VDPA_VM_KREL"
@@ -118,22 +118,6 @@ echo $? > "$R/rc"
 sync; umount "$R"
 poweroff -f
 """
-
-
-class VmLaneError(ShadowVmmError):
-    """The VM lane could not provide a result."""
-
-
-class KitBuildError(VmLaneError):
-    """The kit (kernel, modules, initramfs) could not be built."""
-
-
-class ToolMissingError(KitBuildError):
-    """A host tool the lane needs is missing and could not be installed."""
-
-
-class BootError(VmLaneError):
-    """The guest died or timed out before the command started."""
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ InterruptStatus and raises the single interrupt line (``intx_fd``).
 
 from __future__ import annotations
 
+from ..errors import ArgumentError
 from ..device import VirtioDevice
 from ..shadow import GuestFault
 from .registers import Access, Register, RegisterFile
@@ -23,7 +24,7 @@ class MmioTransport:
 
     def __init__(self, device: VirtioDevice) -> None:
         if device.interrupts is None:
-            raise ValueError("realize the device before building its transport")
+            raise ArgumentError("realize the device before building its transport")
         self.device = device
         self.faults = device.faults
         device.interrupts.msix_enabled = False
@@ -94,7 +95,9 @@ class MmioTransport:
         return self.regs.read(offset, width)
 
     def write(self, offset: int, width: int, value: int) -> None:
-        """Every guest write enters here."""
+        """Every guest write enters here; the value is truncated to the access *width*."""
+        if width in (1, 2, 4, 8):
+            value = int(value) & ((1 << (8 * width)) - 1)
         if offset >= CONFIG_OFF:
             if width not in (1, 2, 4):
                 self.faults(GuestFault.BAD_WIDTH, f"config write width {width}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import enum
 import struct
 
+from ..errors import ArgumentError
 from ..device import VirtioDevice
 from ..shadow import GuestFault
 from ..virtio.constants import DeviceId
@@ -77,7 +78,7 @@ class PciTransport:
 
     def __init__(self, device: VirtioDevice) -> None:
         if device.interrupts is None:
-            raise ValueError("realize the device before building its transport")
+            raise ArgumentError("realize the device before building its transport")
         self.device = device
         self.faults = device.faults
         self.config_space = bytearray(CONFIG_SPACE_SIZE)
@@ -196,7 +197,10 @@ class PciTransport:
         return self.config_read(offset, width)
 
     def write(self, space: Space, offset: int, width: int, value: int) -> None:
-        """Every guest write enters here."""
+        """Every guest write enters here; a write carries *width* bytes, so the value is
+        truncated to them (a bus cannot deliver more)."""
+        if width in (1, 2, 4, 8):
+            value = int(value) & ((1 << (8 * width)) - 1)
         if space is Space.BAR:
             self.bar_write(offset, width, value)
         else:

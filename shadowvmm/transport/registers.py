@@ -13,6 +13,7 @@ import enum
 from dataclasses import dataclass
 from typing import Callable
 
+from ..errors import ArgumentError
 from ..shadow import FaultCounter, GuestFault
 
 Reader = Callable[[], int]
@@ -45,9 +46,9 @@ class RegisterFile:
         self.by_offset: dict[int, Register] = {}
         for reg in table:
             if reg.offset in self.by_offset:
-                raise ValueError(f"{name}: two registers at {reg.offset:#x}")
+                raise ArgumentError(f"{name}: two registers at {reg.offset:#x}")
             if reg.access & Access.R and reg.read is None or reg.access & Access.W and reg.write is None:
-                raise ValueError(f"{name}.{reg.name}: handler missing for its access")
+                raise ArgumentError(f"{name}.{reg.name}: handler missing for its access")
             self.by_offset[reg.offset] = reg
 
     def read(self, offset: int, width: int) -> int:

@@ -17,6 +17,8 @@ import struct
 from dataclasses import dataclass, fields
 from typing import ClassVar, Self
 
+from ..errors import ArgumentError
+
 
 class _Layout:
     """Mixin: a frozen dataclass whose fields are laid out by ``TABLE``.
@@ -62,7 +64,7 @@ class _Layout:
         if size is None:
             return out
         if size not in {off + item.size for off, item in self._OFFSETS.values()}:
-            raise ValueError(f"{type(self).__name__}: {size} does not end a field of the layout")
+            raise ArgumentError(f"{type(self).__name__}: {size} does not end a field of the layout")
         return out[:size]
 
     @classmethod
@@ -100,11 +102,11 @@ class FsConfig(_Layout):
     def __post_init__(self) -> None:
         raw = self.tag.encode()
         if not raw or len(raw) > FS_TAG_BYTES or b"\0" in raw:
-            raise ValueError(f"virtio-fs tag must be 1..{FS_TAG_BYTES} UTF-8 bytes without NUL: {self.tag!r}")
+            raise ArgumentError(f"virtio-fs tag must be 1..{FS_TAG_BYTES} UTF-8 bytes without NUL: {self.tag!r}")
         if not 1 <= self.num_request_queues <= 0xFFFFFFFF:
-            raise ValueError(f"num_request_queues must be 1..2**32-1, not {self.num_request_queues}")
+            raise ArgumentError(f"num_request_queues must be 1..2**32-1, not {self.num_request_queues}")
         if not 0 <= self.notify_buf_size <= 0xFFFFFFFF:
-            raise ValueError(f"notify_buf_size out of range: {self.notify_buf_size}")
+            raise ArgumentError(f"notify_buf_size out of range: {self.notify_buf_size}")
 
     def _wire(self) -> dict[str, object]:
         return {**super()._wire(), "tag": self.tag.encode()}
@@ -159,13 +161,13 @@ class NetConfig(_Layout):
 
     def __post_init__(self) -> None:
         if len(self.mac) != 6:
-            raise ValueError(f"a MAC address is 6 bytes, not {len(self.mac)}")
+            raise ArgumentError(f"a MAC address is 6 bytes, not {len(self.mac)}")
         if not 1 <= self.max_virtqueue_pairs <= 0x8000:
-            raise ValueError(f"max_virtqueue_pairs must be 1..0x8000, not {self.max_virtqueue_pairs}")
+            raise ArgumentError(f"max_virtqueue_pairs must be 1..0x8000, not {self.max_virtqueue_pairs}")
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, int) and value < 0:
-                raise ValueError(f"{f.name} must not be negative")
+                raise ArgumentError(f"{f.name} must not be negative")
 
     @property
     def mac_str(self) -> str:
@@ -176,7 +178,7 @@ class NetConfig(_Layout):
         """``"52:54:00:12:34:56"`` -> 6 bytes."""
         parts = text.split(":")
         if len(parts) != 6:
-            raise ValueError(f"not a MAC address: {text!r}")
+            raise ArgumentError(f"not a MAC address: {text!r}")
         return bytes(int(p, 16) for p in parts)
 
 

@@ -20,7 +20,7 @@ import errno
 import os
 from typing import Any, Mapping
 
-from ...errors import ConfigError, DeviceStateError, UnsupportedError
+from ...errors import ConfigError, DeviceStateError, UnsupportedError, VdpaError, VdpaIoctlError, VdpaMappingError
 from ...memory import GuestMemory
 from ...virtio.constants import DeviceId, Feature, Status
 from ..base import BackendEvent, BackendEventHandler, BackendEventKind, Capability, RingState, VringAddr
@@ -33,8 +33,6 @@ from .ioctl import (
     IotlbMsgV2,
     IovaRange,
     VdpaConfig,
-    VdpaError,
-    VdpaIoctlError,
     VringAddrArg,
     VringFile,
     VringState,
@@ -51,10 +49,6 @@ WANTED_BACKEND_FEATURES = (
 
 
 _ACK_DRIVER = Status.ACKNOWLEDGE | Status.DRIVER
-
-
-class VdpaMappingError(VdpaError):
-    """Guest memory cannot be mapped into the device (not shared, outside the IOVA range)."""
 
 
 def _shared_file_mappings() -> list[tuple[int, int]]:

@@ -20,7 +20,7 @@ import struct
 from dataclasses import astuple, dataclass
 from typing import ClassVar, TypeVar
 
-from ...errors import BackendError
+from ...errors import ArgumentError, ArgumentTypeError, VdpaIoctlError
 
 VHOST_VIRTIO = 0xAF
 
@@ -42,22 +42,8 @@ class IocDir(enum.IntEnum):
 def ioc(direction: IocDir, magic: int, nr: int, size: int) -> int:
     """``_IOC(dir, type, nr, size)``."""
     if not 0 <= size < 1 << _IOC_SIZEBITS:
-        raise ValueError(f"ioctl argument size {size} does not fit {_IOC_SIZEBITS} bits")
+        raise ArgumentError(f"ioctl argument size {size} does not fit {_IOC_SIZEBITS} bits")
     return direction << _IOC_DIRSHIFT | size << _IOC_SIZESHIFT | magic << _IOC_TYPESHIFT | nr
-
-
-class VdpaError(BackendError):
-    """A vhost-vdpa operation failed."""
-
-
-class VdpaIoctlError(VdpaError):
-    """An ioctl or IOTLB write on ``/dev/vhost-vdpa-N`` failed; ``errno`` is the kernel's."""
-
-    def __init__(self, operation: str, err: int, detail: str = "") -> None:
-        self.operation = operation
-        self.errno = err
-        name = errno.errorcode.get(err, str(err))
-        super().__init__(f"{operation}: {name} ({os.strerror(err)}){': ' + detail if detail else ''}")
 
 
 L = TypeVar("L", bound="Layout")
@@ -241,10 +227,10 @@ class Ioctl(enum.Enum):
                 return None
             if arg is None:
                 if self.direction != IocDir.READ:
-                    raise TypeError(f"{self.name} needs a {self.arg.__name__} argument")
+                    raise ArgumentTypeError(f"{self.name} needs a {self.arg.__name__} argument")
                 arg = self.arg.unpack(bytes(self.arg.struct_size()))
             elif not isinstance(arg, self.arg):
-                raise TypeError(f"{self.name} takes {self.arg.__name__}, not {type(arg).__name__}")
+                raise ArgumentTypeError(f"{self.name} takes {self.arg.__name__}, not {type(arg).__name__}")
             buf = bytearray(arg.pack())
             fcntl.ioctl(fd, self.number, buf, True)
         except OSError as exc:

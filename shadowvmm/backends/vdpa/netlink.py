@@ -20,8 +20,6 @@ replies are filtered by message class, never by ``cmd``.
 from __future__ import annotations
 
 import enum
-import errno
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +29,7 @@ from pyroute2.netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, genlmsg
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic import AsyncGenericNetlinkSocket
 
-from .ioctl import VdpaError
+from ...errors import VdpaError, VdpaNetlinkError
 
 VDPA_GENL_NAME = "vdpa"
 VDPA_GENL_VERSION = 1
@@ -110,17 +108,6 @@ class VdpaMessage(genlmsg):
 
     prefix = "VDPA_ATTR_"
     nla_map = ATTRS
-
-
-class VdpaNetlinkError(VdpaError):
-    """The kernel refused a vdpa netlink request; ``errno`` is the kernel's."""
-
-    def __init__(self, command: str, err: int, message: str = "") -> None:
-        self.command = command
-        self.errno = err
-        self.message = message
-        name = errno.errorcode.get(err, str(err))
-        super().__init__(f"vdpa {command}: {name} ({message or os.strerror(err)})")
 
 
 @dataclass(frozen=True, slots=True)

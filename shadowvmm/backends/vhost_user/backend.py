@@ -34,7 +34,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from ...errors import BackendDisconnected, ConfigError, DeviceStateError, ProtocolError, UnsupportedError
+from ...errors import ArgumentError, BackendDisconnected, ConfigError, DeviceStateError, ProtocolError, UnsupportedError
 from ...memory import GuestMemory
 from ...virtio.constants import DeviceId, Feature
 from ..base import BackendEvent, BackendEventHandler, BackendEventKind, Capability, RingState, VringAddr
@@ -317,7 +317,7 @@ class VhostUserBackend:
         conn = self.connection
         wanted = {vu.MemRegion(r.gpa, r.size, r.host_addr, r.fd_offset): r.fd for r in memory}
         if not wanted:
-            raise ValueError("guest memory has no regions")
+            raise ArgumentError("guest memory has no regions")
         if PF.CONFIGURE_MEM_SLOTS in conn.protocol_features:
             assert self._max_mem_slots is not None
             if len(wanted) > self._max_mem_slots:
@@ -580,7 +580,7 @@ class VhostUserBackend:
     async def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[vu.Inflight, int | None]:
         """GET_INFLIGHT_FD: the back-end's inflight area and its fd (caller closes; None if empty)."""
         if not (num_queues and queue_size):
-            raise ValueError("num_queues and queue_size must be non-zero")
+            raise ArgumentError("num_queues and queue_size must be non-zero")
         reply = await self.connection.request(FR.GET_INFLIGHT_FD, vu.Inflight(0, 0, num_queues, queue_size))
         assert isinstance(reply.payload, vu.Inflight)
         return reply.payload, (reply.fds[0] if reply.fds else None)
@@ -592,7 +592,7 @@ class VhostUserBackend:
     async def send_rarp(self, mac: bytes) -> None:
         """SEND_RARP: the first 6 payload bytes are the guest MAC."""
         if len(mac) != 6:
-            raise ValueError("a MAC address is 6 bytes")
+            raise ArgumentError("a MAC address is 6 bytes")
         await self.connection.request(FR.SEND_RARP, vu.U64(int.from_bytes(mac + bytes(2), "little")))
 
     async def net_set_mtu(self, mtu: int) -> None:

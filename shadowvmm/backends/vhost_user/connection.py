@@ -33,6 +33,9 @@ from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from ...errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    RequestFailed,
     BackendDisconnected,
     BackendError,
     BackendTimeout,
@@ -62,6 +65,8 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 5.0
 #: u64 answered to a back-end request that is refused (unknown, not negotiated, malformed, failed).
 BACKEND_ERROR = 1
+#: Back-end requests queued for handling before the channel stops reading (see BackendChannel).
+MAX_PENDING = 64
 
 _FD_ITEM = array.array("i").itemsize
 _ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * _FD_ITEM)
@@ -77,15 +82,6 @@ class Runstate(enum.Enum):
     RUNNING = "running"
     DISCONNECTING = "disconnecting"
     DISCONNECTED = "disconnected"
-
-
-class RequestFailed(BackendError):
-    """The back-end answered a request with a non-zero status (REPLY_ACK or status reply)."""
-
-    def __init__(self, request: FrontendRequest, status: int, detail: str = "") -> None:
-        super().__init__(f"{request.name} failed: back-end status {status:#x}{detail}")
-        self.request = request
-        self.status = status
 
 
 def close_fds(fds: Sequence[int]) -> None:
@@ -226,7 +222,11 @@ def process_has_memory(pid: int) -> bool | None:
 
 
 class _Framer:
-    """Assembles messages from a non-blocking socket; call :meth:`on_readable` when readable."""
+    """Assembles messages from a non-blocking socket; call :meth:`on_readable` when readable.
+
+    A consumer that cannot keep up sets :attr:`paused`: reading stops after the current
+    message (the socket buffer, then the peer, absorb the rest).
+    """
 
     def __init__(self, sock: socket.socket, on_message: Callable[[Message], None],
                  on_error: Callable[[BackendError], None]) -> None:
@@ -237,6 +237,7 @@ class _Framer:
         self._buf = bytearray()
         self._fds: list[int] = []
         self._closed = False
+        self.paused = False
 
     def close(self) -> None:
         self._closed = True
@@ -248,7 +249,7 @@ class _Framer:
         self._on_error(exc)
 
     def on_readable(self) -> None:
-        while not self._closed:
+        while not self._closed and not self.paused:
             size = Header.STRUCT.size if self._header is None else self._header.size
             try:
                 data, ancdata, flags, _ = self._sock.recvmsg(size - len(self._buf), _ANC_SPACE,
@@ -346,6 +347,10 @@ class BackendChannel:
     :data:`BACKEND_ERROR` when the back-end asked for a reply (NEED_REPLY, or
     a request with a defined reply), and otherwise only logged. A framing
     error closes this channel; the front-end channel carries on.
+
+    At most :data:`MAX_PENDING` requests wait to be handled: past that the channel stops
+    reading until the handler caught up, so a back-end that floods it is slowed down by its
+    own socket buffer instead of growing the front-end's memory and event-loop lag.
     """
 
     def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop,
@@ -357,13 +362,19 @@ class BackendChannel:
         self._negotiated = negotiated
         self._name = name
         self._queue: asyncio.Queue[Message] = asyncio.Queue()
-        self._framer = _Framer(sock, self._queue.put_nowait, self._on_error)
+        self._framer = _Framer(sock, self._enqueue, self._on_error)
         self._worker: asyncio.Task[None] | None = None
         self.closed = False
 
     def start(self) -> None:
         self._loop.add_reader(self._sock.fileno(), self._framer.on_readable)
         self._worker = self._loop.create_task(self._work(), name=f"{self._name}-backend-channel")
+
+    def _enqueue(self, message: Message) -> None:
+        self._queue.put_nowait(message)
+        if self._queue.qsize() >= MAX_PENDING and not self._framer.paused:
+            self._framer.paused = True
+            self._loop.remove_reader(self._sock.fileno())
 
     def _on_error(self, exc: BackendError) -> None:
         log.warning("%s: back-end channel closed: %s", self._name, exc)
@@ -396,6 +407,9 @@ class BackendChannel:
                 await self._handle(message)
             finally:
                 message.close_fds()
+            if self._framer.paused and self._queue.qsize() <= MAX_PENDING // 2 and not self.closed:
+                self._framer.paused = False
+                self._loop.add_reader(self._sock.fileno(), self._framer.on_readable)
 
     def _refusal(self, message: Message) -> tuple[BackendRequest | None, MessageSpec | None, Payload | None, str]:
         """Decode and gate-check *message*; a non-empty string says why it is refused."""
@@ -439,7 +453,7 @@ class BackendChannel:
                     result = await result
                 status, out_fds = (result, ()) if isinstance(result, int) else (result[0], tuple(result[1]))
                 if not 0 <= status < 1 << 64:
-                    raise ValueError(f"status {status} does not fit a u64")
+                    raise ArgumentError(f"status {status} does not fit a u64")
             except Exception:
                 log.exception("%s: handler for back-end request %s failed", self._name, label)
                 status, out_fds = BACKEND_ERROR, ()
@@ -649,13 +663,13 @@ class Connection:
                        fds: Sequence[int]) -> None:
         if spec.request is None:
             if payload is not None:
-                raise TypeError(f"{request.name} takes no payload")
+                raise ArgumentTypeError(f"{request.name} takes no payload")
         elif not isinstance(payload, spec.request):
-            raise TypeError(f"{request.name} takes a {spec.request.__name__} payload, not {payload!r}")
+            raise ArgumentTypeError(f"{request.name} takes a {spec.request.__name__} payload, not {payload!r}")
         if payload is not None:
             payload.validate()
         if len(fds) != spec.request_fds(payload):
-            raise ValueError(f"{request.name} carries {spec.request_fds(payload)} fds, not {len(fds)}")
+            raise ArgumentError(f"{request.name} carries {spec.request_fds(payload)} fds, not {len(fds)}")
         if missing := int(spec.gate) & ~int(self.protocol_features):
             raise UnsupportedError(f"{self.name}: {request.name} needs protocol feature {ProtocolFeature(missing)!r}, "
                                    "which was not negotiated")
@@ -669,7 +683,6 @@ class Connection:
         if pending is not None and pending.done() and not pending.cancelled() and pending.exception() is None:
             pending.result().close_fds()
 
-    @require(Runstate.RUNNING)
     async def request(self, request: FrontendRequest, payload: Payload | None = None, fds: Sequence[int] = (),
                       *, timeout: float | None = None) -> Reply:
         """Send *request* and return its checked reply.
@@ -679,6 +692,7 @@ class Connection:
         (non-zero: :class:`RequestFailed`, connection kept). Returns a
         :class:`Reply` whose payload is ``None`` for requests without a body.
         """
+        self._require((Runstate.RUNNING,), request.name)
         spec = FRONTEND_SPECS.get(request)
         if spec is None:
             raise UnsupportedError(f"{self.name}: {request.name} has no specified wire format")
