@@ -1,4 +1,10 @@
-"""Command line: ``shadowvmm run | probe | bench``."""
+"""Command line: ``shadowvmm run | probe | migrate``.
+
+Every :class:`~shadowvmm.errors.ShadowVmmError` (a bad config above all: the
+file, the key path and what was expected) ends the command with one line,
+``shadowvmm: error: ...``, on stderr and exit code 2; an OS error outside
+them (out of file descriptors) with one line and exit code 1.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +17,14 @@ import time
 from dataclasses import dataclass, field
 
 from . import config as configmod
-from .errors import DeviceFailedError, ShadowVmmError
-from .lifecycle import unless_failed
+from .backends.base import load_backend
+from .device import VirtioDevice
+from .errors import ConfigError, DeviceFailedError, GuestMemoryError, ShadowVmmError
 from .guest.blk import BlkDriver
 from .guest.rng import RngDriver
+from .lifecycle import unless_failed
 from .machine import Machine
-from .virtio.constants import DeviceId, Status, feature_names, BlkFeature
+from .virtio.constants import BlkFeature, DeviceId, Status, feature_names
 from .workload import StatusWatcher, blk_write_verify
 
 
@@ -51,13 +59,32 @@ def _status_text(values: set[int]) -> str:
                      for v in sorted(values))
 
 
+def _machine(cfg: configmod.MachineConfig) -> Machine:
+    try:
+        return Machine(cfg.memory_mib << 20)
+    except OSError as exc:
+        raise cfg.error("machine.memory_mib", f"cannot map {cfg.memory_mib} MiB of guest memory: "
+                                              f"{exc.strerror or exc}") from exc
+
+
+async def _add_device(machine: Machine, cfg: configmod.MachineConfig, index: int) -> VirtioDevice:
+    """Build device *index*. A ConfigError from its backend (refusing an option when built, or
+    when it connects: a queue count the back-end lacks) names the file and the full key path."""
+    dev_cfg = cfg.devices[index]
+    factory = load_backend(dev_cfg.backend)
+    try:
+        return await machine.add_device(dev_cfg, factory(dev_cfg.backend_config))
+    except ConfigError as exc:
+        raise cfg.backend_error(index, exc) from exc
+
+
 async def run(cfg: configmod.MachineConfig, out=sys.stdout) -> int:
     """The main job: bring up every device, drive I/O, stop transparently mid-I/O."""
-    machine = Machine(cfg.memory_mib << 20)
+    machine = _machine(cfg)
     failures = 0
     try:
-        for dev_cfg in cfg.devices:
-            device = await machine.add_device(dev_cfg)
+        for index, dev_cfg in enumerate(cfg.devices):
+            device = await _add_device(machine, cfg, index)
             guest = machine.guest(dev_cfg.name)
             print(f"== {dev_cfg.name}: {device.device_id.name} over {dev_cfg.transport}, "
                   f"backend {dev_cfg.backend} ({device.backend.implementation})", file=out)
@@ -71,6 +98,9 @@ async def run(cfg: configmod.MachineConfig, out=sys.stdout) -> int:
             except DeviceFailedError as exc:
                 failures += 1
                 print(f"   FAILED: the backend of {dev_cfg.name} failed: {exc.__cause__ or exc}", file=out)
+            except GuestMemoryError as exc:
+                raise cfg.error("machine.memory_mib", f"{cfg.memory_mib} MiB of guest memory does not hold "
+                                                      f"{dev_cfg.name}'s rings and buffers ({exc})") from exc
             guest.close()
             print(f"   guest faults counted: {device.faults.total}", file=out)
     finally:
@@ -87,10 +117,23 @@ async def _run_rng(dev_cfg, guest, out) -> int:
     return int(len(data) != 64)
 
 
+def _check_run(cfg: configmod.MachineConfig, dev_cfg: configmod.DeviceConfig, driver: BlkDriver) -> None:
+    """The [run] table against what the started disk offers (its size, its request slots)."""
+    slots = min(min(queue.size, driver.slots_per_queue) for queue in driver.dev.queues)
+    if cfg.run.queue_depth > slots:
+        raise cfg.error("run.queue_depth", f"{cfg.run.queue_depth} is more than the {slots} requests "
+                                           f"{dev_cfg.name} takes per queue (its queue_size, at most "
+                                           f"{driver.slots_per_queue})")
+    if cfg.run.request_bytes > driver.capacity_bytes:
+        raise cfg.error("run.request_bytes", f"{cfg.run.request_bytes} is larger than {dev_cfg.name}'s "
+                                             f"disk ({driver.capacity_bytes} bytes)")
+
+
 async def _run_blk(cfg, dev_cfg, device, guest, out) -> int:
     run_cfg = cfg.run
     driver = BlkDriver(guest)
     features = await driver.start(packed=dev_cfg.packed, queue_size=dev_cfg.queue_size)
+    _check_run(cfg, dev_cfg, driver)
     c = driver.config
     print(f"   negotiated: {', '.join(feature_names(features, BlkFeature))}", file=out)
     print(f"   capacity {driver.capacity_bytes >> 20} MiB, {c.num_queues} queue(s), "
@@ -133,12 +176,28 @@ async def probe(socket: str, as_json: bool, timeout: float, out=sys.stdout) -> i
     return 0
 
 
-def _use_uvloop() -> None:
+def _runner() -> asyncio.Runner:
+    """An event loop for one command, on uvloop when it is installed."""
     try:
         import uvloop
     except ImportError:
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        return asyncio.Runner()
+    return asyncio.Runner(loop_factory=uvloop.new_event_loop)
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).splitlines()) or type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,23 +209,29 @@ def main(argv: list[str] | None = None) -> int:
     p_probe = sub.add_parser("probe", help="probe a vhost-user backend socket")
     p_probe.add_argument("socket")
     p_probe.add_argument("--json", action="store_true")
-    p_probe.add_argument("--timeout", type=float, default=5.0)
+    p_probe.add_argument("--timeout", type=_seconds, default=5.0)
     from .migration import cli as migration_cli
     migration_cli.add_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
                         format="%(levelname)s %(name)s: %(message)s")
-    _use_uvloop()
     try:
         if args.command == "run":
-            return asyncio.run(run(configmod.load(args.config)))
+            cfg = configmod.load(args.config)
+            with _runner() as runner:
+                return runner.run(run(cfg, sys.stdout))
         if args.command == "probe":
-            return asyncio.run(probe(args.socket, args.json, args.timeout))
+            with _runner() as runner:
+                return runner.run(probe(args.socket, args.json, args.timeout, sys.stdout))
         if args.command == "migrate":
-            return asyncio.run(migration_cli.run(args))
+            with _runner() as runner:
+                return runner.run(migration_cli.run(args))
     except ShadowVmmError as exc:
-        print(f"shadowvmm: error: {exc}", file=sys.stderr)
+        print(f"shadowvmm: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"shadowvmm: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,21 +1,43 @@
 """TOML configuration (stdlib ``tomllib``), validated into frozen dataclasses.
 
 Every error is a :class:`~shadowvmm.errors.ConfigError` naming the bad key
-with its full path (``device[0].queue_size``).
+with its full path (``device[0].queue_size``) and what was expected. The
+tables are :class:`~shadowvmm.options.OptionSchema` s (``DOCUMENT``,
+``MACHINE``, ``DEVICE``, ``RUN``); a device's ``backend_config`` is validated
+by its plugin's ``OPTIONS``. :func:`load` prefixes every message with the file
+(``configs/x.toml: device[0].backend_config.size: expected int, got str``)
+and names the file alone when it is not a readable UTF-8 TOML file.
 """
 
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .backends import base as plugins
+from .errors import ConfigError, PluginError
 from .lifecycle import ReconnectPolicy
-from .shadow import STOP_FEATURE_BITS, StopDialect
+from .options import MAX_QUEUES, REQUIRED, Option, OptionSchema
+from .shadow import STOP_FEATURE_BITS, FeaturePolicy, StopDialect
+from .virtio.constants import MAX_QUEUE_SIZE, Feature
 
 TRANSPORTS = ("pci", "mmio")
+#: Guest memory a machine may have (one memfd, mapped lazily).
+MAX_MEMORY_MIB = 65536
+#: A config file is read up to this size (a larger one is not a config: /dev/zero, an image).
+MAX_CONFIG_BYTES = 1 << 20
+#: Feature bits a config may name (the 64 the transports here negotiate).
+FEATURE_BITS = 64
+#: Device-type feature bits (v1.4 §6: 0-23 and 50-127; the transports here negotiate 64).
+DEVICE_FEATURE_MASK = ((1 << 24) - 1) | (((1 << FEATURE_BITS) - 1) & ~((1 << 50) - 1))
+#: What ``vmm_features`` may hold: device-type bits the VMM serves over a config it
+#: synthesises, and the transport bits the device layer emulates itself
+#: (:attr:`FeaturePolicy.vmm_emulated`: RING_RESET). Every other transport bit is the
+#: transport's and the backend's (VERSION_1, rings, IN_ORDER...): owning one would keep it
+#: from the backend, whose rings then stall; the stop bits come from ``stop_dialect``.
+VMM_FEATURES_ALLOWED = DEVICE_FEATURE_MASK | FeaturePolicy().vmm_emulated
 
 
 @dataclass(frozen=True)
@@ -51,103 +73,177 @@ class MachineConfig:
     memory_mib: int = 64
     devices: tuple[DeviceConfig, ...] = ()
     run: RunConfig = field(default_factory=RunConfig)
+    #: The file it was read from: errors found later (a backend refusing its options,
+    #: guest memory too small for the run) name it too.
+    source: str | None = field(default=None, compare=False)
+
+    def error(self, key: str, message: str) -> ConfigError:
+        """A ConfigError about *key* of this config, naming its file."""
+        return in_file(ConfigError(key, message), self.source)
+
+    def backend_error(self, index: int, exc: ConfigError) -> ConfigError:
+        """*exc*, raised by device *index*'s backend about one of its options (its key
+        relative to ``backend_config``), with the full key path and the file."""
+        return self.error(f"device[{index}].backend_config.{exc.key}", message_of(exc))
 
 
-def _take(table: dict, key: str, path: str, kind: type | tuple, default: Any = ...) -> Any:
-    if key not in table:
-        if default is ...:
-            raise ConfigError(f"{path}.{key}" if path else key, "missing")
-        return default
-    value = table[key]
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if isinstance(value, bool) and bool not in kinds:
-        raise ConfigError(f"{path}.{key}" if path else key, f"expected {kinds[0].__name__}, got bool")
-    if not isinstance(value, kinds):
-        raise ConfigError(f"{path}.{key}" if path else key,
-                          f"expected {kinds[0].__name__}, got {type(value).__name__}")
-    return value
+def message_of(exc: ConfigError) -> str:
+    """What *exc* says about its key."""
+    return str(exc).removeprefix(f"{exc.key}: ")
 
 
-def _no_unknown(table: dict, known: set[str], path: str) -> None:
-    for key in table:
-        if key not in known:
-            raise ConfigError(f"{path}.{key}" if path else key,
-                              f"unknown key (known: {', '.join(sorted(known))})")
+def in_file(exc: ConfigError, source: str | None) -> ConfigError:
+    """*exc* (same ``key``) with its message prefixed by *source*, the file the key is in."""
+    located = ConfigError(exc.key, message_of(exc))
+    if source is not None:
+        located.args = (f"{source}: {located}",)
+    return located
 
 
-def _positive(value: int, key: str) -> int:
-    if value <= 0:
-        raise ConfigError(key, f"must be positive, got {value}")
-    return value
+def _power_of_2(value: int) -> str | None:
+    return None if value & (value - 1) == 0 else "must be a power of 2"
 
 
-def parse(data: dict) -> MachineConfig:
+def _sectors(value: int) -> str | None:
+    return None if value % 512 == 0 else "must be a multiple of 512"
+
+
+def _non_empty(value: str) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
+def _bit_names(mask: int) -> str:
+    names = {int(f): f.name for f in Feature}
+    return ", ".join(f"{bit} ({names[1 << bit]})" if 1 << bit in names else str(bit)
+                     for bit in range(mask.bit_length()) if mask >> bit & 1)
+
+
+def _vmm_features(value: int) -> str | None:
+    if not 0 <= value < 1 << FEATURE_BITS:
+        return f"expected a {FEATURE_BITS}-bit feature mask (0..{(1 << FEATURE_BITS) - 1:#x}), got {value}"
+    if value & ~VMM_FEATURES_ALLOWED:
+        return (f"bit(s) {_bit_names(value & ~VMM_FEATURES_ALLOWED)} are transport bits the VMM does "
+                f"not emulate; give device-type bits (0-23, 50-63) or RING_RESET (40); "
+                f"SUSPEND and the STOP bits come from stop_dialect")
+    return None
+
+
+DOCUMENT = OptionSchema(
+    Option("machine", dict, {}, "the machine ([machine])"),
+    Option("device", list, [], "the devices ([[device]])"),
+    Option("run", dict, {}, "the main job ([run])"),
+)
+
+MACHINE = OptionSchema(
+    Option("memory_mib", int, MachineConfig.memory_mib, "guest memory in MiB",
+           min=1, max=MAX_MEMORY_MIB),
+)
+
+DEVICE = OptionSchema(
+    Option("name", str, REQUIRED, "device name, unique in the machine", check=_non_empty),
+    Option("backend", str, REQUIRED, "backend plugin (shadowvmm.backends entry point)"),
+    Option("backend_config", dict, {}, "the plugin's options (its OPTIONS)"),
+    Option("transport", str, DeviceConfig.transport, "guest transport", choices=TRANSPORTS),
+    Option("queue_size", int, DeviceConfig.queue_size, "ring size, a power of 2",
+           min=1, max=MAX_QUEUE_SIZE, check=_power_of_2),
+    Option("num_queues", int, None, "queues (default: the backend's count)", min=1, max=MAX_QUEUES),
+    Option("stop_dialect", str, DeviceConfig.stop_dialect.value, "stop offered to the guest",
+           choices=tuple(d.value for d in StopDialect)),
+    Option("stop_feature_bit", int, DeviceConfig.stop_feature_bit,
+           "feature bit of the stop dialect (reserved bits, no published meaning)",
+           min=STOP_FEATURE_BITS.start, max=STOP_FEATURE_BITS.stop - 1),
+    Option("packed", bool, DeviceConfig.packed, "packed rings"),
+    Option("vmm_features", int, DeviceConfig.vmm_features,
+           "device feature bits the VMM serves itself", check=_vmm_features),
+    Option("reconnect", object, "off", 'backend loss policy: "off", "unbounded" or a table'),
+)
+
+_RUN = RunConfig()
+RUN = OptionSchema(
+    Option("requests", int, _RUN.requests, "random writes of the main job", min=1, max=10**9),
+    Option("queue_depth", int, _RUN.queue_depth, "requests in flight per queue", min=1, max=MAX_QUEUE_SIZE),
+    Option("request_bytes", int, _RUN.request_bytes, "bytes per request, a multiple of 512",
+           min=512, max=64 << 10, check=_sectors),
+    Option("stop_after", int, _RUN.stop_after, "completions before the transparent stop", min=0),
+    Option("stop_hold_ms", float, _RUN.stop_hold_ms, "how long the backend stays stopped",
+           min=0, max=60_000),
+    Option("seed", int, _RUN.seed, "workload seed", min=-(1 << 63), max=(1 << 63) - 1),
+)
+
+
+def plugin_options(name: str, key: str) -> OptionSchema | None:
+    """The options backend *name* declares (``OPTIONS`` on its factory); None if it declares
+    none or fails to load (running the config reports why). An unregistered name is a
+    ConfigError for *key*."""
+    registered = plugins.available_backends()
+    if name not in registered:
+        raise ConfigError(key, f"no backend named {name!r} (registered: {', '.join(sorted(registered)) or 'none'})")
+    try:
+        factory = plugins.load_backend(name)
+    except PluginError:
+        return None
+    options = getattr(factory, "OPTIONS", None)
+    return options if isinstance(options, OptionSchema) else None
+
+
+def _device(table: Any, path: str) -> DeviceConfig:
+    values = DEVICE.validate(table, path)
+    schema = plugin_options(values["backend"], f"{path}.backend")
+    if schema is not None:
+        schema.validate(values["backend_config"], f"{path}.backend_config")
+    return DeviceConfig(
+        name=values["name"], backend=values["backend"], backend_config=dict(values["backend_config"]),
+        transport=values["transport"], queue_size=values["queue_size"], num_queues=values["num_queues"],
+        stop_dialect=StopDialect(values["stop_dialect"]), stop_feature_bit=values["stop_feature_bit"],
+        packed=values["packed"], vmm_features=values["vmm_features"],
+        reconnect=ReconnectPolicy.parse(values["reconnect"], f"{path}.reconnect"))
+
+
+def parse(data: Any) -> MachineConfig:
     """Validate a decoded TOML document."""
-    _no_unknown(data, {"machine", "device", "run"}, "")
-    machine = _take(data, "machine", "", dict, {})
-    _no_unknown(machine, {"memory_mib"}, "machine")
-    memory = _positive(_take(machine, "memory_mib", "machine", int, 64), "machine.memory_mib")
-    devices = []
-    names = set()
-    for i, dev in enumerate(_take(data, "device", "", list, [])):
-        path = f"device[{i}]"
-        if not isinstance(dev, dict):
-            raise ConfigError(path, "must be a table")
-        _no_unknown(dev, {"name", "backend", "backend_config", "transport", "queue_size",
-                          "num_queues", "stop_dialect", "stop_feature_bit", "packed",
-                          "vmm_features", "reconnect"}, path)
-        name = _take(dev, "name", path, str)
-        if name in names:
-            raise ConfigError(f"{path}.name", f"duplicate device name {name!r}")
-        names.add(name)
-        transport = _take(dev, "transport", path, str, "pci")
-        if transport not in TRANSPORTS:
-            raise ConfigError(f"{path}.transport", f"{transport!r} is not one of {TRANSPORTS}")
-        qsize = _take(dev, "queue_size", path, int, 256)
-        if not 0 < qsize <= 32768 or qsize & (qsize - 1):
-            raise ConfigError(f"{path}.queue_size", f"{qsize} is not a power of 2 in 1..32768")
-        dialect_name = _take(dev, "stop_dialect", path, str, "none")
-        try:
-            dialect = StopDialect(dialect_name)
-        except ValueError:
-            raise ConfigError(f"{path}.stop_dialect",
-                              f"{dialect_name!r} is not one of {[d.value for d in StopDialect]}") from None
-        stop_bit = _take(dev, "stop_feature_bit", path, int, 44)
-        if stop_bit not in STOP_FEATURE_BITS:
-            raise ConfigError(f"{path}.stop_feature_bit",
-                              f"{stop_bit} collides with a published feature bit; use 44..49")
-        num_queues = _take(dev, "num_queues", path, int, None)
-        if num_queues is not None:
-            _positive(num_queues, f"{path}.num_queues")
-        devices.append(DeviceConfig(
-            name=name, backend=_take(dev, "backend", path, str),
-            backend_config=dict(_take(dev, "backend_config", path, dict, {})),
-            transport=transport, queue_size=qsize, num_queues=num_queues, stop_dialect=dialect,
-            stop_feature_bit=stop_bit,
-            vmm_features=_take(dev, "vmm_features", path, int, 0),
-            packed=_take(dev, "packed", path, bool, False),
-            reconnect=ReconnectPolicy.parse(dev.get("reconnect", "off"), f"{path}.reconnect")))
-    run = _take(data, "run", "", dict, {})
-    _no_unknown(run, set(RunConfig.__dataclass_fields__), "run")
-    defaults = RunConfig()
-    run_cfg = RunConfig(**{
-        key: _take(run, key, "run", (int, float) if isinstance(getattr(defaults, key), float) else int,
-                   getattr(defaults, key))
-        for key in RunConfig.__dataclass_fields__})
-    for key in ("requests", "queue_depth", "request_bytes"):
-        _positive(getattr(run_cfg, key), f"run.{key}")
-    if run_cfg.request_bytes % 512:
-        raise ConfigError("run.request_bytes", "must be a multiple of 512")
-    return MachineConfig(memory_mib=memory, devices=tuple(devices), run=run_cfg)
+    top = DOCUMENT.validate(data)
+    machine = MACHINE.validate(top["machine"], "machine")
+    devices: list[DeviceConfig] = []
+    for index, table in enumerate(top["device"]):
+        device = _device(table, f"device[{index}]")
+        if any(d.name == device.name for d in devices):
+            raise ConfigError(f"device[{index}].name", f"duplicate device name {device.name!r}")
+        devices.append(device)
+    return MachineConfig(memory_mib=machine["memory_mib"], devices=tuple(devices),
+                         run=RunConfig(**RUN.validate(top["run"], "run")))
+
+
+def _read(source: str) -> str:
+    try:
+        with open(source, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(source, "file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(source, "is a directory, not a TOML file") from None
+    except OSError as exc:
+        raise ConfigError(source, f"cannot read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(source, f"larger than {MAX_CONFIG_BYTES >> 10} KiB: not a config file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, f"not a UTF-8 text file (byte {raw[exc.start]:#04x} at offset "
+                                  f"{exc.start})") from None
 
 
 def load(path: str | Path) -> MachineConfig:
-    """Read and validate a TOML config file."""
+    """Read and validate a TOML config file; every error names the file."""
+    source = str(path)
+    text = _read(source)
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(str(path), "file not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(str(path), f"invalid TOML: {exc}") from exc
-    return parse(data)
+        data = tomllib.loads(text)
+    except ValueError as exc:           # TOMLDecodeError, or an integer past Python's digit limit
+        raise ConfigError(source, f"invalid TOML: {exc}") from exc
+    except RecursionError as exc:
+        raise ConfigError(source, "invalid TOML: nested too deeply") from exc
+    try:
+        cfg = parse(data)
+    except ConfigError as exc:
+        raise in_file(exc, source) from None
+    return replace(cfg, source=source)

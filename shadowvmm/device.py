@@ -66,6 +66,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Transparent stop: how long to wait for in-flight requests before GET_VRING_BASE (see _drain).
+#: Queues a device may have (the virtio-pci common cfg addresses 16 bits of them; a VMM gives far
+#: fewer: QEMU's VIRTIO_QUEUE_MAX is 1024).
+MAX_QUEUES = 1024
+
 DRAIN_TIMEOUT = 5.0
 DRAIN_QUIET = 0.001
 #: A used idx that has not moved for this long will not: the backend fetched no more (it honours
@@ -263,6 +267,9 @@ class VirtioDevice:
         #: Why the device last failed (DEVICE_NEEDS_RESET); cleared by the guest's reset.
         self.failure: BaseException | None = None
         # backend liveness
+        #: Bumped on every lost session: state learnt across an await is recorded only if the
+        #: session it was learnt from is still the one (see :meth:`_same_session`).
+        self._session = 0
         self._lost_at = 0.0
         self._lost_error: BaseException | None = None
         self._fresh_session = False
@@ -284,11 +291,30 @@ class VirtioDevice:
         return self._loop
 
     async def realize(self) -> None:
-        """Connect the backend and build the guest-visible device from it."""
+        """Connect the backend and build the guest-visible device from it.
+
+        A failure at any step leaves nothing behind: the backend is closed, every eventfd
+        and reader is released, and the device can be realized again.
+        """
         if self._realized:
             raise DeviceStateError(f"{self.name}: already realized")
+        size = self._queue_size
+        if not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
+            raise DeviceStateError(f"{self.name}: queue size {size} is not a power of 2 up to {MAX_QUEUE_SIZE}")
         self.backend.set_event_handler(self._on_backend_event)
-        await self.backend.connect()
+        try:
+            await self.backend.connect()
+            await self._build()
+        except BaseException:
+            self._release_fds()
+            self.backend.set_event_handler(None)
+            await self.backend.close()
+            raise
+        self._wake = asyncio.Event()
+        self._worker = self.loop.create_task(self._work(), name=f"{self.name}-worker")
+        self._realized = True
+
+    async def _build(self) -> None:
         self.backend_caps = self.backend.capabilities()
         self.backend_features = int(await self.backend.get_features())
         policy = self.policy
@@ -300,9 +326,9 @@ class VirtioDevice:
         count = self._requested_queues
         if count is None:
             count = await self.backend.get_queue_num()
+        if not 0 < count <= MAX_QUEUES:
+            raise DeviceStateError(f"{self.name}: {count} queues; a device has 1..{MAX_QUEUES}")
         size = self._queue_size
-        if not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
-            raise DeviceStateError(f"{self.name}: queue size {size} is not a power of 2")
         self.queues = [QueueRegs(i, size, notify_off=i) for i in range(count)]
         self.interrupts = Interrupts(count + 1)
         self._kick_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(count)]
@@ -314,9 +340,17 @@ class VirtioDevice:
         else:
             size_cfg = self.backend.config_size()
             self.config = bytearray(await self.backend.get_config(0, size_cfg)) if size_cfg else bytearray()
-        self._wake = asyncio.Event()
-        self._worker = self.loop.create_task(self._work(), name=f"{self.name}-worker")
-        self._realized = True
+
+    def _release_fds(self) -> None:
+        for fd in self._relay_fds:
+            self.loop.remove_reader(fd)
+        for fd in self._kick_fds + self._relay_fds:
+            os.close(fd)
+        self._kick_fds = []
+        self._relay_fds = []
+        if self.interrupts is not None:
+            self.interrupts.close()
+            self.interrupts = None
 
     async def close(self) -> None:
         """Stop the backend if it runs, close it and release every fd."""
@@ -346,15 +380,7 @@ class VirtioDevice:
             vq.stop()
         self.backend.set_event_handler(None)
         await self.backend.close()
-        for fd in self._relay_fds:
-            self.loop.remove_reader(fd)
-        for fd in self._kick_fds + self._relay_fds:
-            os.close(fd)
-        self._kick_fds = []
-        self._relay_fds = []
-        if self.interrupts is not None:
-            self.interrupts.close()
-            self.interrupts = None
+        self._release_fds()
         self._realized = False
 
     # ------------------------------------------------------------------ guest: features
@@ -735,9 +761,14 @@ class VirtioDevice:
     async def settle(self) -> None:
         """Wait until every queued guest-triggered operation has been carried out.
 
-        A device that failed shows DEVICE_NEEDS_RESET (:attr:`failure` says why).
+        A backend being reconnected is waited for (what it takes is carried out once it is
+        back). A device that failed shows DEVICE_NEEDS_RESET (:attr:`failure` says why).
         """
-        await self._submit_wait(Op(OpKind.RECONCILE))
+        while True:
+            await self._submit_wait(Op(OpKind.RECONCILE))
+            if self.link is not LinkState.RECONNECTING:
+                return
+            await self._wait_link()
 
     # ------------------------------------------------------------------ VMM: backend liveness
 
@@ -766,12 +797,15 @@ class VirtioDevice:
                 self._submit(Op(OpKind.RECONCILE, ("refresh-config",)))
         elif event.kind is BackendEventKind.DISCONNECTED:
             self._backend_lost(event.error)
+        elif event.kind is BackendEventKind.ERROR:
+            self._fail(event.error or BackendError(f"{self.name}: the device reported an error"))
 
     def _backend_lost(self, error: BaseException | None) -> None:
         """The backend session died: park the rings, then reconnect or tell the guest."""
         if self.link is not LinkState.UP or not self._realized:
             return
         error = error or BackendDisconnected(f"{self.name}: backend session lost")
+        self._session += 1
         self._lost_at = self.clock()
         self._lost_error = error
         self.events.emit(DeviceEventKind.BACKEND_LOST, str(error), error)
@@ -1108,14 +1142,17 @@ class VirtioDevice:
                 self.update_config(await self.backend.get_config(0, len(self.config)))
         if "active-queues" in why:
             await self._apply_active_queues()
+        session = self._session
         if self._backend_reset_owed and not self.started:
             await self.backend.reset()
+            self._same_session(session)
             self._backend_touched = self._backend_reset_owed = False
         if shadow.reset_pending:
             if self.rings_running:
                 await self._stop_rings()
             if self._backend_touched:
                 await self.backend.reset()
+                self._same_session(session)
                 self._backend_touched = self._backend_reset_owed = False
             self._complete_reset()
             return
@@ -1191,6 +1228,7 @@ class VirtioDevice:
         session again: log base, features, calls, memory table, inflight area, config the
         guest wrote, rings from where they stood, status."""
         b = self.backend
+        session = self._session
         self._backend_touched = True
         if not self.vmm_queues:
             self.vmm_queues = {i: VmmQueue(self, i, h) for i, h in vmm_queue_handlers(self).items()}
@@ -1207,6 +1245,7 @@ class VirtioDevice:
                 await b.set_vring_call(q.index, fd)
         if not self._mem_table_sent:
             await b.set_mem_table(self.memory)
+            self._same_session(session)
             self._mem_table_sent = True
         if self.backend_caps & Capability.INFLIGHT:
             await b.prepare_inflight(self.num_queues, max(q.max_size for q in self.queues))
@@ -1218,6 +1257,7 @@ class VirtioDevice:
             await self._program_rings(rings, send_call=False, sizes=staged.sizes)
             if self.backend_caps & Capability.STATUS:
                 await b.set_status(self._backend_status())
+            self._same_session(session)
             self.started = True
             self.rings_running = True
             self._start_vmm_queues()
@@ -1239,24 +1279,36 @@ class VirtioDevice:
         """
         b = self.backend
         sizes = sizes or {}
+        session = self._session
         self._held_kicks.update(q.index for q in rings)
         for q in rings:
             index = q.index
             base = self._saved_base(index)
             if send_call:
                 await b.set_vring_call(index, self.call_fd(index))
+            self._same_session(session)
             self._live_rings.add(index)
             if sizes.get(index) != q.size:
                 await b.set_vring_num(index, q.size)
             await b.set_vring_base(index, base)
             await b.set_vring_addr(VringAddr(index, q.desc, q.driver, q.device, log=q.device,
                                              log_enabled=self.dirty_logging))
+            self._same_session(session)
             self._track_ring(q, base)
             self._drain_kick(index)
             await b.set_vring_kick(index, self._kick_fds[index])
         for q in rings:
             if self._queue_active(q):
                 await b.set_vring_enable(q.index, True)
+        self._same_session(session)
+
+    def _same_session(self, session: int) -> None:
+        """Raise if the backend session was lost since *session* was read: a reply can arrive
+        and the loss be seen before the awaiting coroutine resumes, and nothing learnt from
+        the old session may be recorded as true of the new one."""
+        if session != self._session:
+            raise BackendDisconnected(f"{self.name}: backend session lost during the operation") \
+                from self._lost_error
 
     def _drain_kick(self, index: int) -> None:
         try:
@@ -1315,6 +1367,7 @@ class VirtioDevice:
     async def _stop_rings(self) -> None:
         """Stop every started ring and capture its state (vhost order: disable, then bases)."""
         b = self.backend
+        session = self._session
         vmm_states = self._stop_vmm_queues()
         running = [q for q in self._backend_queues() if q.index in self._live_rings]
         held = {q.index for q in running} - self._held_kicks
@@ -1332,6 +1385,7 @@ class VirtioDevice:
             states = {}
             for q in running:
                 states[q.index] = await b.get_vring_base(q.index)
+                self._same_session(session)
                 if not self.backend_caps & Capability.SUSPEND:
                     self._live_rings.discard(q.index)
                     self._ledgers.pop(q.index, None)
@@ -1408,7 +1462,9 @@ class VirtioDevice:
         if caps & Capability.RESUME:
             # The suspended rings continue; a ring the guest reset and set up again meanwhile
             # is not among them and starts like a new one.
+            session = self._session
             await b.resume()
+            self._same_session(session)
             rings = [q for q in rings if q.index not in self._live_rings]
         elif not caps & Capability.RING_RESTART:
             await b.reset()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from .backends.base import Backend, load_backend
 from .config import DeviceConfig
+from .errors import ArgumentError
 from .device import VirtioDevice
 from .guest.driver import GuestDevice
 from .guest.transport import GuestTransport, MmioGuestTransport, PciGuestTransport
@@ -43,6 +44,8 @@ class Machine:
                          config_override: bytes | None = None) -> VirtioDevice:
         """Build, realize and attach a device; *config_override* supplies the device
         config space when the backend does not serve one (vhost-user without CONFIG)."""
+        if config.name in self.slots:
+            raise ArgumentError(f"machine already has a device named {config.name!r}")
         if backend is None:
             backend = load_backend(config.backend)(config.backend_config)
         base = FeaturePolicy()
@@ -52,7 +55,11 @@ class Machine:
                               queue_size=config.queue_size, policy=policy,
                               config_override=config_override, reconnect=config.reconnect)
         await device.realize()
-        transport = PciTransport(device) if config.transport == "pci" else MmioTransport(device)
+        try:
+            transport = PciTransport(device) if config.transport == "pci" else MmioTransport(device)
+        except BaseException:
+            await device.close()
+            raise
         self.slots[config.name] = Slot(config, device, transport)
         return device
 

@@ -2,7 +2,8 @@
 
 Every region is a memfd mapped ``MAP_SHARED`` so it can be handed to an
 out-of-process backend (vhost-user SET_MEM_TABLE, vhost-vdpa IOTLB) and both
-sides see the same pages. All guest-physical accesses go through
+sides see the same pages; its size is sealed, so no backend can truncate it
+under the VMM's mappings (SIGBUS). All guest-physical accesses go through
 :meth:`GuestMemory.translate`, which refuses anything that is not wholly
 inside one region: a descriptor pointing outside guest memory raises
 :class:`~shadowvmm.errors.GuestMemoryError`, it never reads or writes out of
@@ -18,6 +19,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import ctypes.util
+import fcntl
 import functools
 import mmap
 import os
@@ -32,6 +34,23 @@ PAGE_SHIFT = 12
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+
+
+#: Seals every memfd shared with a backend gets once sized: nobody (a backend included) can
+#: shrink it, which would SIGBUS every process mapping it, or grow it, or change the seals.
+_MEMFD_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+def sealed_memfd(name: str, size: int) -> int:
+    """A memfd of *size* bytes whose size is sealed (as QEMU's memfd backend seals guest RAM)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _MEMFD_SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _host_address(buf: mmap.mmap) -> int:
@@ -109,9 +128,8 @@ class DirtyLog:
     def __init__(self, span: int) -> None:
         pages = (span + PAGE_SIZE - 1) >> PAGE_SHIFT
         size = max(8, ((pages + 63) // 64) * 8)
-        fd = os.memfd_create("shadowvmm-dirty-log", os.MFD_CLOEXEC)
+        fd = sealed_memfd("shadowvmm-dirty-log", size)
         try:
-            os.ftruncate(fd, size)
             buf = mmap.mmap(fd, size, mmap.MAP_SHARED)
         except BaseException:
             os.close(fd)
@@ -201,17 +219,21 @@ class GuestMemory:
 
     @classmethod
     def create(cls, layout: Iterable[tuple[int, int]], name: str = "guest") -> "GuestMemory":
-        """Allocate one memfd per ``(gpa, size)`` entry of *layout*."""
+        """Allocate one memfd per ``(gpa, size)`` entry of *layout*, its size sealed
+        (:func:`sealed_memfd`): a backend that truncates it fails with EPERM."""
         regions = []
         try:
             for index, (gpa, size) in enumerate(layout):
                 if size <= 0 or size % PAGE_SIZE or gpa % PAGE_SIZE:
                     raise GuestMemoryError(
                         f"region {index}: gpa {gpa:#x} and size {size:#x} must be page multiples")
-                fd = os.memfd_create(f"shadowvmm-{name}-{index}", os.MFD_CLOEXEC)
-                os.ftruncate(fd, size)
-                regions.append(MemoryRegion(gpa, size, fd, mmap.mmap(fd, size, mmap.MAP_SHARED),
-                                            name=f"{name}-{index}"))
+                fd = sealed_memfd(f"shadowvmm-{name}-{index}", size)
+                try:
+                    buf = mmap.mmap(fd, size, mmap.MAP_SHARED)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                regions.append(MemoryRegion(gpa, size, fd, buf, name=f"{name}-{index}"))
             return cls(regions)
         except BaseException:
             for region in regions:

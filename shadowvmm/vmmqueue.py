@@ -16,24 +16,34 @@ from typing import TYPE_CHECKING, Protocol
 
 from .backends.base import RingState
 from .errors import GuestMemoryError, RingError
+from .memory import GuestMemory
 from .virtio.constants import DeviceId, Feature, NetFeature
 from .virtio.devcfg import CTRL_ERR, CTRL_HEADER, CTRL_MQ, CTRL_OK, CtrlClass, CtrlMq, NetConfig
 from .virtio.packed import PackedDeviceQueue, PackedLayout
-from .virtio.split import SplitDeviceQueue, SplitLayout
+from .virtio.split import DescChain, SplitDeviceQueue, SplitLayout
 
 if TYPE_CHECKING:
     from .device import VirtioDevice
 
 log = logging.getLogger(__name__)
 
+#: Device-readable bytes a VMM-served request may have: virtio-net control commands take a
+#: few bytes to a few KiB (a MAC filter table); a longer request is refused unread.
+VMM_REQUEST_MAX = 64 << 10
+
 
 class QueueHandler(Protocol):
+    #: Status byte of a request refused before it is read (over :data:`VMM_REQUEST_MAX`).
+    error: int
+
     def handle(self, request: bytes) -> int:
         """Carry out one request; returns the status byte written back."""
 
 
 class NetControl:
     """virtio-net control queue commands answered by the VMM (v1.4 §5.1.6.5)."""
+
+    error = CTRL_ERR
 
     def __init__(self, device: "VirtioDevice", max_pairs: int) -> None:
         self.device = device
@@ -115,15 +125,31 @@ class VmmQueue:
             return
         try:
             while (chain := queue.pop()) is not None:
-                status = self.handler.handle(chain.read(memory))
-                queue.push(chain.head, chain.write(memory, bytes([status]),
-                                                   skip=max(0, chain.writable_len - 1)))
+                queue.push(chain.head, self._serve(memory, chain))
         except (RingError, GuestMemoryError) as exc:
             log.error("%s: VMM queue %d broken: %s", self.device.name, self.index, exc)
             self.stop()
             return
         if queue.should_notify():
             os.eventfd_write(self.device.call_fd(self.index), 1)
+
+    def _serve(self, memory: GuestMemory, chain: DescChain) -> int:
+        """One request; returns bytes written (the status byte, v1.4 §5.1.6.5).
+
+        The status goes into the last byte of the last device-writable buffer; without one
+        of at least a byte the request is used unprocessed, with 0 bytes written. A request
+        longer than :data:`VMM_REQUEST_MAX` gets the handler's error status unread.
+        """
+        writable = chain.writable
+        if not writable or writable[-1][1] == 0:
+            return 0
+        if chain.readable_len > VMM_REQUEST_MAX:
+            status = self.handler.error
+        else:
+            status = self.handler.handle(chain.read(memory))
+        gpa, length = writable[-1]
+        memory.write(gpa + length - 1, bytes([status]))
+        return 1
 
 
 def vmm_queue_handlers(device: "VirtioDevice") -> dict[int, QueueHandler]:

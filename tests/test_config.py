@@ -87,11 +87,11 @@ def test_parse_defaults():
 
 def test_parse_all_device_fields():
     doc = with_change(("device", 0), {
-        "name": "d", "backend": "vhost-user", "backend_config": {"socket": "/tmp/x"},
+        "name": "d", "backend": "vhost-user", "backend_config": {"socket": "/tmp/x", "device": "blk"},
         "transport": "mmio", "queue_size": 1, "num_queues": 3, "stop_dialect": "stop",
         "stop_feature_bit": 45, "packed": True})
     dev = parse(doc).devices[0]
-    assert dev == DeviceConfig("d", "vhost-user", {"socket": "/tmp/x"}, "mmio", 1, 3,
+    assert dev == DeviceConfig("d", "vhost-user", {"socket": "/tmp/x", "device": "blk"}, "mmio", 1, 3,
                                StopDialect.STOP, 45, True)
     doc = with_change(("device", 0, "stop_dialect"), "suspend")
     assert parse(doc).devices[0].stop_dialect is StopDialect.SUSPEND

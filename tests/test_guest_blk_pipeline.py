@@ -19,6 +19,14 @@ SECTOR = 512
 DISK = 8 << 20
 
 
+@pytest.fixture
+def memories():
+    made: list[GuestMemory] = []
+    yield made
+    for memory in made:
+        memory.close()
+
+
 def ring_pair(size: int = 16) -> tuple[GuestMemory, SplitDriverQueue, SplitDeviceQueue]:
     memory = GuestMemory.create([(0, 1 << 20)])
     d, a, _ = SplitLayout.area_sizes(size)
@@ -26,8 +34,9 @@ def ring_pair(size: int = 16) -> tuple[GuestMemory, SplitDriverQueue, SplitDevic
     return memory, SplitDriverQueue(memory, layout), SplitDeviceQueue(memory, layout)
 
 
-def test_reserved_chain_is_reused_without_touching_the_free_list() -> None:
+def test_reserved_chain_is_reused_without_touching_the_free_list(memories: list[GuestMemory]) -> None:
     memory, drv, dev = ring_pair()
+    memories.append(memory)
     chain = drv.reserve([(0x80000, 16)], [(0x81000, 4096), (0x80010, 1)])
     assert len(chain) == 3 and drv.num_free == 13
     for round_ in range(40):                    # wraps the 16-entry avail ring twice
@@ -53,8 +62,9 @@ def test_reserved_chain_is_reused_without_touching_the_free_list() -> None:
     assert drv.num_free == 16
 
 
-def test_reserved_and_dynamic_chains_share_a_ring() -> None:
+def test_reserved_and_dynamic_chains_share_a_ring(memories: list[GuestMemory]) -> None:
     memory, drv, dev = ring_pair()
+    memories.append(memory)
     chain = drv.reserve([(0x80000, 16)], [(0x80010, 1)])
     drv.add([(0x82000, 8)], [(0x83000, 8)], "dynamic")
     drv.post([chain[0]], ["reserved"])
@@ -67,8 +77,9 @@ def test_reserved_and_dynamic_chains_share_a_ring() -> None:
     assert drv.num_free == 14          # the dynamic chain is free again, the reserved one is kept
 
 
-def test_reserved_chain_misuse_is_refused() -> None:
-    _, drv, _ = ring_pair(4)
+def test_reserved_chain_misuse_is_refused(memories: list[GuestMemory]) -> None:
+    memory, drv, _ = ring_pair(4)
+    memories.append(memory)
     chain = drv.reserve([(0x80000, 16)], [(0x80010, 1)])
     drv.post([chain[0]], ["once"])
     with pytest.raises(RingError, match="already available"):

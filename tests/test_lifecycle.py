@@ -23,7 +23,7 @@ from shadowvmm.backends.inproc import InProcBackend
 from shadowvmm.backends.vhost_user import VhostUserBackend
 from shadowvmm.config import DeviceConfig
 from shadowvmm.device import VirtioDevice
-from shadowvmm.errors import DeviceStateError
+from shadowvmm.errors import ArgumentError, BackendError, DeviceStateError
 from shadowvmm.guest.blk import WANTED, BlkDriver
 from shadowvmm.guest.driver import GuestDevice
 from shadowvmm.lifecycle import DeviceEventKind, LinkState, ReconnectPolicy
@@ -582,3 +582,49 @@ stop_after = 100
         rc = await asyncio.wait_for(cli.run(configmod.load(config), out), 30)
         assert rc == 1
         assert "FAILED: the backend of blk0 failed" in out.getvalue() and "RESULT: FAIL" in out.getvalue()
+
+
+class FailsAtConfig(InProcBackend):
+    async def get_config(self, offset: int, size: int) -> bytes:
+        raise BackendError("injected: GET_CONFIG refused")
+
+
+async def test_a_failed_realize_releases_everything() -> None:
+    """realize() failing after the backend connected and the eventfds were made leaves no fd,
+    reader or connection behind (the conftest fd check), and the machine stays usable."""
+    machine = Machine(16 << 20)
+    try:
+        with pytest.raises(BackendError, match="GET_CONFIG"):
+            await machine.add_device(DeviceConfig("blk0", "inproc", {}), FailsAtConfig({"device": "blk"}))
+        assert "blk0" not in machine.slots
+        with pytest.raises(DeviceStateError, match="queues"):
+            await machine.add_device(DeviceConfig("blk0", "inproc", {}, num_queues=100_000),
+                                     InProcBackend({"device": "blk"}))
+        await machine.add_device(DeviceConfig("blk0", "inproc", {}), InProcBackend({"device": "blk"}))
+        with pytest.raises(ArgumentError, match="already has a device"):
+            await machine.add_device(DeviceConfig("blk0", "inproc", {}), InProcBackend({"device": "blk"}))
+    finally:
+        await machine.close()
+
+
+async def test_a_session_lost_right_after_a_reply_records_nothing_for_the_next() -> None:
+    """The back-end acks the memory table and hangs up at once: the connection reads the ack
+    and the EOF in one go, so the loss is handled before the start resumes. The start must not
+    then record 'memory table sent' (nor 'started') for the new session, which would skip
+    ADD_MEM_REG there and fail at SET_VRING_ADDR."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from fakes.vhost_user_fake import REPLY, FakeBackend, Send, U64
+
+    fake = FakeBackend()
+    fake.on(37, Send(37, U64.pack(0), flags=REPLY, hangup=True))        # ADD_MEM_REG: ack, then EOF
+    backend = VhostUserBackend({"socket": "/nonexistent", "device": "blk", "queues": 2}, connector=fake.connector)
+    rig = await make_rig(backend, reconnect=ReconnectPolicy.bounded(interval=0.01, deadline=2.0))
+    try:
+        await asyncio.wait_for(rig.driver.start(queue_size=64), 5)
+        assert rig.device.stats.reconnects == 1 and rig.device.rings_running
+        assert [m.request for m in fake.received].count(37) == 2, "the new session got its memory table"
+        assert not needs_reset(rig.guest)
+    finally:
+        await rig.close()
+        fake.stop()

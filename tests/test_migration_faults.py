@@ -81,12 +81,13 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     driver = BlkDriver(guest)
     await driver.start(queue_size=64)
     load = BlkLoad(driver, blocks_per_queue=128, depth=8, seed=3).start()
+    rig = Rig(tmp_path, src, dst, load)
     try:
-        yield Rig(tmp_path, src, dst, load)
+        yield rig
     finally:
         await load.stop()
         guest.close()
-        await dst.close()
+        await rig.dst.close()
         await src.close()
 
 

@@ -11,9 +11,19 @@ from shadowvmm.memory import GuestAllocator, GuestMemory
 from shadowvmm.virtio.ledger import SplitLedger
 from shadowvmm.virtio.split import SplitDeviceQueue, SplitDriverQueue, SplitLayout
 
+MEMORIES: list[GuestMemory] = []
+
+
+@pytest.fixture(autouse=True)
+def close_memories():
+    yield
+    while MEMORIES:
+        MEMORIES.pop().close()
+
 
 def ring(size: int):
     memory = GuestMemory.create([(0, 1 << 20)])
+    MEMORIES.append(memory)
     alloc = GuestAllocator(memory, start=0x1000)
     d, a, u = SplitLayout.area_sizes(size)
     layout = SplitLayout(size, alloc.alloc(d, 16), alloc.alloc(a, 2), alloc.alloc(u, 4))

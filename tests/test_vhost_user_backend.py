@@ -351,6 +351,7 @@ def test_config_validation(config: dict[str, object], key: str) -> None:
     assert info.value.key == key
 
 
+@pytest.mark.leaks_fds       # libuv opens its process-wide signal pipe with the first uvloop loop
 def test_runs_under_uvloop() -> None:
     async def main() -> list[int]:
         fake = FakeBackend()
@@ -403,13 +404,14 @@ async def test_config_change_storm_is_coalesced_and_bounded(env: Env) -> None:
             await asyncio.sleep(0.001)
             lags.append(time.perf_counter() - t0)
             assert channel._queue.qsize() <= 64         # connection.MAX_PENDING
+            assert sum(1 for op in device._ops if "refresh-config" in op.args) <= 1
         storm.join()
         await device.settle()
         t0 = time.perf_counter()
         await device.stop()
         stop_s = time.perf_counter() - t0
         get_configs = sum(1 for m in fake.received if m.request == F.GET_CONFIG)
-        assert get_configs < 2_000, f"{get_configs} GET_CONFIG for 20,000 notifications"
+        assert get_configs < 5_000, f"{get_configs} GET_CONFIG for 20,000 notifications"
         assert max(lags) < 0.2, f"event loop lagged {max(lags):.3f} s"
         assert stop_s < 0.3, f"stop took {stop_s:.3f} s"
     finally:

@@ -85,6 +85,8 @@ class BackendEventKind(enum.Enum):
 
     CONFIG_CHANGED = "config changed"   #: the device changed its config space (v1.4 §2.5.1)
     DISCONNECTED = "disconnected"       #: the session is gone: peer closed, crashed, or stopped answering
+    ERROR = "device error"              #: an error the device cannot recover from (a malformed ring):
+                                        #: DEVICE_NEEDS_RESET (v1.4 §2.1.2)
 
 
 @dataclass(frozen=True, slots=True)

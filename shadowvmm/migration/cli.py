@@ -1,11 +1,14 @@
 """``shadowvmm migrate``: migrate a machine under guest load and report.
 
 ``--role both`` (default) runs source and destination in this process: the
-destination listens on ``--to`` (or reads the file the source wrote). With
+destination listens on ``--to``, or reads the file once the source has
+written and closed it (its report is the source's confirmation). With
 ``--role source`` / ``--role destination`` each side runs alone, e.g. in two
 network namespaces over TCP. The local memory model (shared memfds) needs
 both roles in one process; the guest then moves to the destination and
-keeps doing I/O, and every block it wrote is read back at the end.
+keeps doing I/O, and every block it wrote is read back at the end: ``ok``
+is false if any read (during the load or the read-back) returned other
+data than the last write, and ``mismatches`` counts them all.
 """
 
 from __future__ import annotations
@@ -156,11 +159,16 @@ async def _source(src_cfg: configmod.MachineConfig, dst_cfg: configmod.MachineCo
                 for name, guest in guests.guests:
                     move_guest(guest, src.device(name), dst.device(name), dst.slots[name].transport)
 
-        confirm = None
-        if dst is not None and endpoint.kind == "file":
-            async def confirm() -> dict[str, Any]:
-                channel = await (await endpoint.listen()).accept()
-                return (await migrate_in(dst, channel, digest=options.digest)).as_dict()
+        async def read_file() -> dict[str, Any]:
+            """Called once the source closed the file: read it into the destination."""
+            assert dst is not None
+            reader = await endpoint.listen()
+            try:
+                channel = await reader.accept()
+            finally:
+                await reader.close()
+            return (await migrate_in(dst, channel, digest=options.digest)).as_dict()
+        confirm = read_file if dst is not None and endpoint.kind == "file" else None
         hooks = MigrationHooks(pause_guest=guests.pause if options.mode == "copy" else None,
                                resume_guest=guests.resume, switch_over=switch_over, progress=_progress(err))
         report = await migrate_out(src, await endpoint.connect(), options, hooks, confirm=confirm)
@@ -175,8 +183,9 @@ async def _source(src_cfg: configmod.MachineConfig, dst_cfg: configmod.MachineCo
             bad = [b for load in guests.loads for b in await load.verify()]
             result["guest_io_total"] = sum(load.completed for load in guests.loads)
             result["verified_blocks"] = sum(len(load.expected) for load in guests.loads)
-            result["mismatches"] = len(bad) + sum(len(load.stats.read_mismatches) for load in guests.loads)
-            result["ok"] = not bad and not any(load.stats.errors for load in guests.loads)
+            mismatches = len(bad) + sum(len(load.stats.read_mismatches) for load in guests.loads)
+            result["mismatches"] = mismatches
+            result["ok"] = report.ok and mismatches == 0 and not any(load.stats.errors for load in guests.loads)
         if options.digest and report.destination:
             result["memory_identical"] = report.destination.get("memory_digest") == report.memory_digest
             result["ok"] = result.get("ok", True) and result["memory_identical"]

@@ -44,8 +44,9 @@ from ..errors import (DeviceStateError, IncompatibleStateError, MigrationError,
                       ShadowVmmError, StreamError)
 from ..memory import PAGE_SHIFT, PAGE_SIZE, DirtyLog, GuestMemory
 from ..shadow import RunState
+from ..transport.pci import PCI_CAP_ID_MSIX
 from ..virtio.constants import DeviceId
-from .state import DeviceState
+from .state import Destination, DeviceState, shown
 from .stream import (Channel, PageBatch, Record, RecordType, StreamReader, StreamWriter)
 
 log = logging.getLogger(__name__)
@@ -171,10 +172,12 @@ class MigrationReport:
     round_info: list[RoundInfo] = field(default_factory=list)
     memory_digest: str = ""
     destination: dict[str, Any] = field(default_factory=dict)
+    #: The destination confirmed what it applied (False: a one-way channel without ``confirm``).
+    confirmed: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "ok": self.ok, "mode": self.mode, "total_ms": round(self.total_s * 1e3, 3),
+            "ok": self.ok, "confirmed": self.confirmed, "mode": self.mode, "total_ms": round(self.total_s * 1e3, 3),
             "setup_ms": round(self.setup_s * 1e3, 3), "precopy_ms": round(self.precopy_s * 1e3, 3),
             "downtime_ms": round(self.downtime_s * 1e3, 3), "stop_ms": round(self.stop_s * 1e3, 3),
             "rounds": self.rounds, "pages_sent": self.pages_sent, "bytes_sent": self.bytes_sent,
@@ -187,6 +190,8 @@ class MigrationReport:
 
 @dataclass
 class DestinationReport:
+    """What the destination measured; ``applied`` is its confirmation (:func:`applied`)."""
+
     mode: str = ""
     devices: list[str] = field(default_factory=list)
     pages_received: int = 0
@@ -195,12 +200,35 @@ class DestinationReport:
     device_state_bytes: int = 0
     memory_digest: str = ""
     apply_s: float = 0.0
+    applied: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "devices": self.devices, "pages_received": self.pages_received,
                 "rounds": self.rounds, "bytes_received": self.bytes_received,
                 "device_state_bytes": self.device_state_bytes, "memory_digest": self.memory_digest,
-                "apply_ms": round(self.apply_s * 1e3, 3)}
+                "apply_ms": round(self.apply_s * 1e3, 3), "applied": self.applied}
+
+
+def applied(states: Iterable[DeviceState], pages: int) -> dict[str, Any]:
+    """The confirmation a destination sends in RESULT, and the source expects: each device
+    state's :meth:`~DeviceState.digest` by name, and the pages written (copy model)."""
+    return {"devices": {state.name: state.digest() for state in states}, "pages": pages}
+
+
+def check_confirmation(confirmed: Any, expected: dict[str, Any]) -> None:
+    """Refuse (:class:`DestinationRefused`) a confirmation that is missing or differs from what was sent."""
+    if not isinstance(confirmed, dict) or not isinstance(confirmed.get("devices"), dict):
+        raise DestinationRefused("the destination did not confirm what it applied (no device digests in "
+                                 "its answer); the migration is not complete, source resumed")
+    theirs, ours = confirmed["devices"], expected["devices"]
+    for name in sorted(set(ours) | set(map(str, theirs))):
+        if theirs.get(name) != ours.get(name):
+            raise DestinationRefused(f"the destination confirmed device {shown(name)!r} with digest "
+                                     f"{str(theirs.get(name))[:16]}, the source sent "
+                                     f"{str(ours.get(name))[:16]}; source resumed")
+    if confirmed.get("pages") != expected["pages"]:
+        raise DestinationRefused(f"the destination confirmed {confirmed.get('pages')!r} pages applied, the "
+                                 f"source sent {expected['pages']}; source resumed")
 
 
 class StopTimeoutError(MigrationError):
@@ -446,9 +474,16 @@ async def migrate_out(machine: MachineLike, channel: Channel, options: Migration
                       clock: Callable[[], float] = time.perf_counter) -> MigrationReport:
     """Migrate *machine*'s devices (and memory in the copy model) over *channel*.
 
-    On a one-way channel (a file) *confirm* is awaited after END in place of
-    the destination's RESULT; it raises to refuse. Any failure resumes the
-    source and raises :class:`MigrationError` (the cause chained).
+    The migration is complete only once the destination confirmed what it
+    applied: its RESULT carries each device state's digest and the pages it
+    wrote (:func:`applied`), compared with what was sent
+    (:func:`check_confirmation`); a RESULT before END, a missing or a
+    different confirmation is a refusal. On a one-way channel (a file) the
+    stream is closed after END and *confirm* is awaited in place of RESULT:
+    it returns the destination's report (whose ``applied`` is checked the
+    same way) or raises to refuse; without *confirm* the report says
+    ``confirmed=False``. Any failure resumes the source and raises
+    :class:`MigrationError` (the cause chained).
     """
     options.validate()
     hooks = hooks or MigrationHooks()
@@ -474,8 +509,9 @@ async def migrate_out(machine: MachineLike, channel: Channel, options: Migration
         if reply is not None:
             async with asyncio.timeout(options.ready_timeout):
                 await reply.start()
-                ready = (await reply.expect(RecordType.READY, RecordType.RESULT)).decode()
-            if not ready.get("ok"):
+                first = await reply.expect(RecordType.READY, RecordType.RESULT)
+                ready = first.decode()
+            if first.type is not RecordType.READY or not ready.get("ok"):
                 raise DestinationRefused(f"destination refused at setup: {ready.get('error')}")
             outcome = asyncio.ensure_future(_read_result(reply))
         pending: set[int] = set()
@@ -509,21 +545,35 @@ async def migrate_out(machine: MachineLike, channel: Channel, options: Migration
         states = await asyncio.gather(*(slot.device.export_state(slot.transport,
                                                                  include_opaque=options.include_opaque)
                                         for slot in machine.slots.values()))
+        _check_outcome(outcome)
         await _send_pages(writer, final, options.batch_pages)
         report.pages_sent += len(final)
+        sent: dict[str, str] = {}
         for state in states:
             blob = state.pack()
+            sent[state.name] = hashlib.sha256(blob).hexdigest()    # = state.digest(): packed at its format
             report.device_state_bytes += len(blob)
             await writer.write(RecordType.DEVICE, blob)
+        _check_outcome(outcome)
         await writer.end()
+        expected = {"devices": sent, "pages": report.pages_sent if options.mode == "copy" else 0}
         if outcome is not None:
             async with asyncio.timeout(options.result_timeout):
                 result = await asyncio.shield(outcome)
             if not result.get("ok"):
                 raise DestinationRefused(f"destination refused: {result.get('error')}")
-            report.destination = dict(result.get("report") or {})
+            destination = result.get("report")
+            report.destination = dict(destination) if isinstance(destination, dict) else {}
+            check_confirmation(report.destination.get("applied"), expected)
+            report.confirmed = True
         elif confirm is not None:
-            report.destination = dict(await confirm() or {})
+            await channel.close()
+            destination = await confirm()
+            report.destination = dict(destination) if isinstance(destination, dict) else {}
+            check_confirmation(report.destination.get("applied"), expected)
+            report.confirmed = True
+        else:
+            await channel.close()
         report.downtime_s = clock() - t_stop
         await _call(hooks.switch_over)
     except BaseException as exc:
@@ -550,7 +600,8 @@ async def migrate_out(machine: MachineLike, channel: Channel, options: Migration
     report.bytes_sent = writer.bytes
     report.ok = True
     report.total_s = clock() - t0
-    await channel.close()
+    if channel.duplex:
+        await channel.close()
     return report
 
 
@@ -591,7 +642,7 @@ async def _read_result(reply: StreamReader) -> dict[str, Any]:
 
 
 def _check_outcome(outcome: asyncio.Future[dict[str, Any]] | None) -> None:
-    """Give up before stopping anything once the destination has refused."""
+    """Before END the destination has nothing to answer: a RESULT now is a refusal, even an ok one."""
     if outcome is None or not outcome.done():
         return
     exc = outcome.exception()
@@ -600,6 +651,7 @@ def _check_outcome(outcome: asyncio.Future[dict[str, Any]] | None) -> None:
     result = outcome.result()
     if not result.get("ok"):
         raise DestinationRefused(f"destination refused: {result.get('error')}")
+    raise DestinationRefused("destination answered RESULT ok before the stream ended; nothing was confirmed")
 
 
 async def _destination_reason(outcome: asyncio.Future[dict[str, Any]] | None) -> str | None:
@@ -644,10 +696,13 @@ async def migrate_in(machine: MachineLike, channel: Channel, *, digest: bool = F
     """Receive a migration into *machine*, whose devices are realized and never touched by a guest.
 
     Pages (copy model) are written into this machine's memory as they come
-    (no guest runs on it yet). Device records are buffered; after END every
-    state is decoded and checked against its device before any is applied.
-    Refusals raise (StreamError, IncompatibleStateError, MigrationError) and
-    are reported to the source in RESULT.
+    (no guest runs on it yet). Each device record is decoded and checked
+    against its device as it arrives (:func:`check_state`: one per device,
+    no unknown or repeated one); after END the states are applied, and
+    RESULT confirms them (:func:`applied`). Refusals raise (StreamError,
+    IncompatibleStateError, MigrationError) and are reported to the source
+    in RESULT; nothing was applied then, the pages written are zeroed again
+    and the machine can take another attempt.
     """
     reader = StreamReader(channel)
     answer = StreamWriter(channel) if channel.duplex else None
@@ -661,6 +716,7 @@ async def migrate_in(machine: MachineLike, channel: Channel, *, digest: bool = F
 async def _migrate_in(machine: MachineLike, channel: Channel, reader: StreamReader, answer: StreamWriter | None,
                       report: DestinationReport, digest: bool, timeout: float | None,
                       clock: Callable[[], float]) -> DestinationReport:
+    written = PageSet(machine.memory)
     try:
         async with asyncio.timeout(timeout):
             await reader.start()
@@ -672,33 +728,70 @@ async def _migrate_in(machine: MachineLike, channel: Channel, reader: StreamRead
             if answer is not None:
                 await answer.start()
                 await answer.write_map(RecordType.READY, {"ok": True})
-            blobs = await _receive(machine, reader, report)
+            states = await _receive(machine, reader, report, written)
             t_apply = clock()
-            states = _decode_states(machine, blobs)
+            _check_complete(machine, states)
             if digest:
                 report.memory_digest = memory_digest(machine.memory)
             await asyncio.gather(*(machine.slots[name].device.import_state(state, machine.slots[name].transport)
                                    for name, state in states.items()))
             report.apply_s = clock() - t_apply
             report.bytes_received = reader.bytes
+            report.applied = applied(states.values(), report.pages_received)
     except BaseException as exc:
-        if answer is not None and isinstance(exc, (ShadowVmmError, OSError, TimeoutError)):
-            try:
-                async with asyncio.timeout(1.0):
-                    if not answer.records and not _header_sent(answer):
-                        await answer.start()
-                    await answer.write_map(RecordType.RESULT, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
-            except (StreamError, TimeoutError, OSError):
-                pass
+        error: BaseException = exc
+        if isinstance(exc, Exception) and not isinstance(exc, (ShadowVmmError, OSError, TimeoutError)):
+            log.exception("incoming migration failed unexpectedly")
+            error = MigrationError(f"destination failed: {type(exc).__name__}: {exc}")
+        if answer is not None and isinstance(exc, Exception):
+            await _refuse(answer, error)
         await channel.close()
         await _unstage_all(machine)
+        if not _touched(machine):
+            written.zero()
         if isinstance(exc, TimeoutError):
             raise StreamError(f"migration stream stalled for {timeout} s") from exc
+        if error is not exc:
+            raise error from exc
         raise
     if answer is not None:
         await answer.write_map(RecordType.RESULT, {"ok": True, "report": report.as_dict()})
     await channel.close()
     return report
+
+
+async def _refuse(answer: StreamWriter, exc: BaseException) -> None:
+    """Tell the source why (RESULT not ok), as far as the stream still goes."""
+    try:
+        async with asyncio.timeout(1.0):
+            if not answer.records and not _header_sent(answer):
+                await answer.start()
+            await answer.write_map(RecordType.RESULT, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+    except (StreamError, TimeoutError, OSError):
+        pass
+
+
+class PageSet:
+    """Pages of *memory* an incoming migration wrote (a bitmap over its span), to zero them
+    again when the attempt fails: the next attempt's first round skips the source's zero pages."""
+
+    def __init__(self, memory: GuestMemory) -> None:
+        self.memory = memory
+        self._bits = bytearray((memory.span // PAGE_SIZE + 7) // 8)
+
+    def add(self, gpa: int) -> None:
+        page = gpa >> PAGE_SHIFT
+        self._bits[page >> 3] |= 1 << (page & 7)
+
+    def zero(self) -> None:
+        bits = self._bits
+        for index, byte in enumerate(bits):
+            if not byte:
+                continue
+            for bit in range(8):
+                if byte >> bit & 1:
+                    self.memory.view(((index << 3) | bit) << PAGE_SHIFT, PAGE_SIZE)[:] = _ZERO_PAGE
+            bits[index] = 0
 
 
 def _header_sent(writer: StreamWriter) -> bool:
@@ -756,10 +849,11 @@ async def _unstage_all(machine: MachineLike) -> None:
     await asyncio.gather(*(one(name, slot.device) for name, slot in machine.slots.items()))
 
 
-async def _receive(machine: MachineLike, reader: StreamReader, report: DestinationReport) -> dict[str, bytes]:
+async def _receive(machine: MachineLike, reader: StreamReader, report: DestinationReport,
+                   written: PageSet) -> dict[str, DeviceState]:
+    """Read to END: pages written as they come, each device state decoded and checked as it comes."""
     memory = machine.memory
-    blobs: dict[str, bytes] = {}
-    order: list[bytes] = []
+    states: dict[str, DeviceState] = {}
     while True:
         record: Record = await reader.read()
         if record.type is RecordType.PAGES:
@@ -770,41 +864,79 @@ async def _receive(machine: MachineLike, reader: StreamReader, report: Destinati
                     memory.view(gpa, PAGE_SIZE)[:] = data
                 except ShadowVmmError as exc:
                     raise StreamError(f"page {gpa:#x} is outside destination memory") from exc
+                written.add(gpa)
                 report.pages_received += 1
         elif record.type is RecordType.ROUND:
             report.rounds += 1
         elif record.type is RecordType.DEVICE:
-            order.append(record.payload)
+            state = DeviceState.unpack(record.payload)
+            slot = machine.slots.get(state.name)
+            if slot is None:
+                raise MigrationError(f"stream carries state for device {shown(state.name)!r}, which the "
+                                     f"destination does not have ({sorted(machine.slots)})")
+            if state.name in states:
+                raise StreamError(f"device {state.name!r} sent twice")
+            check_state(state, slot.device, slot.transport)
+            states[state.name] = state
             report.device_state_bytes += len(record.payload)
         elif record.type is RecordType.ABORT:
             raise MigrationError(f"the source abandoned the migration: {record.decode().get('reason')}")
         elif record.type is RecordType.END:
-            break
+            return states
         else:
             raise StreamError(f"unexpected {record.type.name} record")
-    for blob in order:
-        name = DeviceState.unpack(blob).name
-        if name in blobs:
-            raise StreamError(f"device {name!r} sent twice")
-        blobs[name] = blob
-    return blobs
 
 
-def _decode_states(machine: MachineLike, blobs: dict[str, bytes]) -> dict[str, DeviceState]:
-    if set(blobs) != set(machine.slots):
-        raise MigrationError(f"stream carries state for {sorted(blobs)}, destination has {sorted(machine.slots)}")
-    states = {name: DeviceState.unpack(blob) for name, blob in blobs.items()}
-    for name, state in states.items():
-        slot = machine.slots[name]
-        device = slot.device
-        if device.started or device.shadow.guest_status:
-            raise DeviceStateError(f"{name}: destination device was touched before the state arrived")
-        device.check_import(state, slot.transport)
-    return states
+def destination_of(device: VirtioDevice, transport: object | None) -> Destination:
+    """*device* (behind *transport*) as the :class:`Destination` a state is checked against."""
+    ints = device.interrupts
+    assert ints is not None
+    config_space = getattr(transport, "config_space", None)
+    msix_table = getattr(transport, "msix_table", None)
+    kind = "none" if transport is None else ("pci" if config_space is not None else "mmio")
+    dialect = device.policy.dialect
+    return Destination(
+        device.name, int(device.device_id), kind, tuple(q.max_size for q in device.queues), ints.vectors, device.device_features,
+        bytes(device.config), device.memory, dialect.status, dialect.feature,
+        bytes(config_space) if config_space is not None else None,
+        bytes(getattr(transport, "wmask", b"")) if config_space is not None else None,
+        _msix_control(config_space) if config_space is not None else None,
+        len(msix_table) if msix_table is not None else None)
+
+
+def _msix_control(config_space: bytes | bytearray) -> int | None:
+    """Offset of the MSI-X Message Control word: the capability list walked from 0x34 (PCI 3.0 §6.7)."""
+    pointer, seen = config_space[0x34] & ~3, set()
+    while pointer and pointer not in seen and pointer + 4 <= len(config_space):
+        if config_space[pointer] == PCI_CAP_ID_MSIX:
+            return pointer + 2
+        seen.add(pointer)
+        pointer = config_space[pointer + 1] & ~3
+    return None
+
+
+def check_state(state: DeviceState, device: VirtioDevice, transport: object | None) -> None:
+    """Everything a destination checks of a state before applying any of it: the state against
+    the device (:meth:`Destination.check`), then the device's own :meth:`~VirtioDevice.check_import`."""
+    destination_of(device, transport).check(state)
+    device.check_import(state, transport)
+
+
+def _touched(machine: MachineLike) -> list[str]:
+    """Destination devices something was applied to (started, or a guest status set)."""
+    return [name for name, slot in machine.slots.items() if slot.device.started or slot.device.shadow.guest_status]
+
+
+def _check_complete(machine: MachineLike, states: dict[str, DeviceState]) -> None:
+    if set(states) != set(machine.slots):
+        raise MigrationError(f"stream carries state for {sorted(states)}, destination has {sorted(machine.slots)}")
+    touched = _touched(machine)
+    if touched:
+        raise DeviceStateError(f"{touched[0]}: destination device was touched before the state arrived")
 
 
 __all__ = [
     "DestinationRefused", "DestinationReport", "MachineLike", "MigrationHooks", "MigrationOptions",
-    "MigrationReport", "RoundInfo", "StopTimeoutError", "blockers", "memory_digest", "migrate_in",
-    "migrate_out", "open_file_handles", "peer_pid",
+    "MigrationReport", "PageSet", "RoundInfo", "StopTimeoutError", "applied", "blockers", "check_confirmation",
+    "check_state", "destination_of", "memory_digest", "migrate_in", "migrate_out", "open_file_handles", "peer_pid",
 ]

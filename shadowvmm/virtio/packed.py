@@ -27,7 +27,7 @@ from ..backends.base import RingState
 from ..errors import RingError
 from ..memory import GuestMemory
 from .constants import MAX_QUEUE_SIZE
-from .split import DescChain, RingAreas, need_event
+from .split import INDIRECT_MAX, DescChain, RingAreas, need_event
 
 PACKED_DESC = struct.Struct("<QIHH")  #: pvirtq_desc: addr, len, id, flags (v1.4 §2.8.13)
 #: pvirtq_event_suppress: le16 desc {off:15, wrap:1}, le16 flags (v1.4 §2.8.14)
@@ -274,9 +274,16 @@ class PackedDeviceQueue:
 
     def _walk_indirect(self, addr: int, length: int, readable: list[tuple[int, int]],
                        writable: list[tuple[int, int]]) -> None:
-        """Indirect table (v1.4 §2.8.7): entries are sequential, only WRITE is meaningful."""
+        """Indirect table (v1.4 §2.8.7): entries are sequential, only WRITE is meaningful.
+
+        It holds the whole descriptor list: one longer than the queue size (v1.4 §2.8.17)
+        or :data:`~shadowvmm.virtio.split.INDIRECT_MAX` is refused before it is read.
+        """
         if length == 0 or length % DESC_SIZE:
             raise RingError(f"indirect table length {length} is not a multiple of 16")
+        if length // DESC_SIZE > max(self.size, INDIRECT_MAX):
+            raise RingError(f"indirect table of {length // DESC_SIZE} descriptors is longer "
+                            f"than {max(self.size, INDIRECT_MAX)}")
         data = self.memory.read(addr, length)
         for gpa, size, _, flags in PACKED_DESC.iter_unpack(data):
             self.memory.translate(gpa, size)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
-from typing import ClassVar, Iterable
+from typing import ClassVar, Iterable, Iterator
 
 from ..errors import RingError
 from ..memory import GuestMemory
@@ -33,6 +33,11 @@ class DescFlags(enum.IntFlag):
 
 
 _NEXT, _WRITE, _INDIRECT = int(DescFlags.NEXT), int(DescFlags.WRITE), int(DescFlags.INDIRECT)
+
+#: Buffers a chain may have through an indirect table when the queue is smaller. The spec
+#: bounds a chain by the queue size (v1.4 §2.7.5.3.1, §2.8.17), but Linux does not check
+#: that for indirect chains; QEMU (VIRTQUEUE_MAX_SIZE) and vhost (UIO_MAXIOV) take 1024.
+INDIRECT_MAX = 1024
 
 AVAIL_F_NO_INTERRUPT = 1  #: v1.4 §2.7.6
 USED_F_NO_NOTIFY = 1      #: v1.4 §2.7.8
@@ -106,24 +111,60 @@ class SplitLayout(RingAreas):
         self.check_alignment()
 
 
+def _pieces(bufs: list[tuple[int, int]], skip: int, length: int | None) -> Iterator[tuple[int, int]]:
+    """``(gpa, bytes)`` of *bufs* covering *length* bytes (None: all) after the first *skip*;
+    empty pieces are left out."""
+    for gpa, size in bufs:
+        if skip >= size:
+            skip -= size
+            continue
+        gpa, size, skip = gpa + skip, size - skip, 0
+        if length is not None:
+            if length <= 0:
+                return
+            size = min(size, length)
+            length -= size
+        yield gpa, size
+
+
 @dataclass(slots=True)
 class DescChain:
-    """One available buffer as the device sees it (v1.4 §2.7.5.2)."""
+    """One available buffer as the device sees it (v1.4 §2.7.5.2).
+
+    The walk bounds how many buffers a chain has (:func:`walk_descriptors`), not how many
+    bytes they span: a guest can point every descriptor at the same large buffer. A chain
+    past 2^32 bytes (which drivers MUST NOT make, v1.4 §2.7.5.2) is not a broken ring here:
+    the sums are exact, and every device limit is far below 2^32. Device code checks
+    :attr:`readable_len` / :attr:`writable_len` against its own limits before it touches
+    the buffers, and streams them (:meth:`segments`, guest memory views) instead of
+    copying the chain whole.
+    """
 
     head: int
     readable: list[tuple[int, int]]
     writable: list[tuple[int, int]]
 
     @property
+    def readable_len(self) -> int:
+        return sum(length for _, length in self.readable)
+
+    @property
     def writable_len(self) -> int:
         return sum(length for _, length in self.writable)
 
-    def read(self, memory: GuestMemory) -> bytes:
-        """Concatenate the device-readable buffers."""
-        if len(self.readable) == 1:
-            gpa, length = self.readable[0]
-            return memory.read(gpa, length)
-        return b"".join(memory.read(gpa, length) for gpa, length in self.readable)
+    def segments(self, writable: bool, skip: int = 0,
+                 length: int | None = None) -> list[tuple[int, int]]:
+        """``(gpa, bytes)`` of the readable (or writable) buffers covering *length* bytes
+        (None: to the end) after the first *skip*, without empty pieces."""
+        return list(_pieces(self.writable if writable else self.readable, skip, length))
+
+    def read(self, memory: GuestMemory, length: int | None = None) -> bytes:
+        """The device-readable bytes (the first *length* if given), concatenated: a copy,
+        so the caller bounds :attr:`readable_len` or *length* first."""
+        if len(self.readable) == 1 and length is None:
+            gpa, size = self.readable[0]
+            return memory.read(gpa, size)
+        return b"".join(memory.read(gpa, size) for gpa, size in _pieces(self.readable, 0, length))
 
     def write(self, memory: GuestMemory, data: bytes | memoryview, skip: int = 0) -> int:
         """Scatter *data* into the writable buffers after *skip* bytes; returns bytes written."""
@@ -144,8 +185,18 @@ class DescChain:
 
 
 def walk_descriptors(memory: GuestMemory, table: int, table_size: int, head: int,
-                     indirect_ok: bool, readable: list, writable: list) -> None:
-    """Follow a descriptor chain from *head* (v1.4 §2.7.5.3 rules enforced)."""
+                     indirect_ok: bool, readable: list, writable: list,
+                     limit: int | None = None) -> None:
+    """Follow a descriptor chain from *head* (v1.4 §2.7.5.3 rules enforced).
+
+    At most *limit* buffers (default: the queue size *table_size*, or :data:`INDIRECT_MAX`
+    if larger) end up in *readable* and *writable* together, direct and indirect ones
+    alike, so an indirect table claiming thousands of entries is refused once past the
+    limit, before any buffer is read.
+    """
+    if limit is None:
+        limit = max(table_size, INDIRECT_MAX)
+    count = len(readable) + len(writable)
     region, base = memory.translate(table, DESC_SIZE * table_size)
     tmap, unpack, translate = region.mmap, DESC.unpack_from, memory.translate
     rgpa, rsize = region.gpa, region.size
@@ -165,8 +216,11 @@ def walk_descriptors(memory: GuestMemory, table: int, table_size: int, head: int
                 raise RingError("INDIRECT and NEXT both set")
             if length == 0 or length % DESC_SIZE:
                 raise RingError(f"indirect table length {length} is not a multiple of 16")
-            walk_descriptors(memory, addr, length // DESC_SIZE, 0, False, readable, writable)
+            walk_descriptors(memory, addr, length // DESC_SIZE, 0, False, readable, writable, limit)
             return
+        if count >= limit:
+            raise RingError(f"descriptor chain longer than {limit} buffers")
+        count += 1
         off = addr - rgpa
         if off < 0 or off + length > rsize:     # not in the table's region: search (or refuse)
             translate(addr, length)

@@ -18,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+from pathlib import Path
 from typing import Any, Mapping
 
 from ...errors import ConfigError, DeviceStateError, UnsupportedError, VdpaError, VdpaIoctlError, VdpaMappingError
 from ...memory import GuestMemory
+from ...options import REQUIRED, Option, OptionSchema
 from ...virtio.constants import DeviceId, Feature, Status
 from ..base import BackendEvent, BackendEventHandler, BackendEventKind, Capability, RingState, VringAddr
 from .ioctl import (
@@ -70,22 +72,27 @@ class VdpaBackend:
     ``"blk"``, required: the device layer reads :attr:`device_id` before
     :meth:`connect`, which checks it against VHOST_VDPA_GET_DEVICE_ID), optional
     ``backend_features`` (a mask ANDed into :data:`WANTED_BACKEND_FEATURES`,
-    e.g. to run without RESUME) and ``asid`` (IOTLB address space, default 0).
+    e.g. to run without RESUME; a negative value is a complement, ``~RESUME``) and
+    ``asid`` (IOTLB address space, default 0). Other keys are refused (:attr:`OPTIONS`).
     """
 
     implementation = "vhost-vdpa"
     implementation_version = 1
+    OPTIONS = OptionSchema(
+        Option("path", Path, REQUIRED, "the /dev/vhost-vdpa-N node"),
+        Option("device", str, REQUIRED, "virtio device type", choices=tuple(sorted(DEVICE_NAMES))),
+        Option("backend_features", int, None, "mask ANDed into the backend features asked for "
+               "(negative: a complement, ~bits)", min=-(1 << 64), max=(1 << 64) - 1),
+        Option("asid", int, 0, "IOTLB address space", min=0, max=(1 << 32) - 1),
+    )
 
     def __init__(self, config: Mapping[str, Any]) -> None:
-        if "path" not in config:
-            raise ConfigError("path", "vhost-vdpa backend needs the /dev/vhost-vdpa-N path")
-        self.path = str(config["path"])
-        device = config.get("device")
-        if not isinstance(device, str) or device not in DEVICE_NAMES:
-            raise ConfigError("device", f"expected one of {sorted(DEVICE_NAMES)}, got {device!r}")
-        self.device_id: DeviceId = DEVICE_NAMES[device]
-        self._wanted = WANTED_BACKEND_FEATURES & int(config.get("backend_features", ~0))
-        self.asid = int(config.get("asid", 0))
+        options = self.OPTIONS.validate(config)
+        self.path = options["path"]
+        self.device_id: DeviceId = DEVICE_NAMES[options["device"]]
+        mask = options["backend_features"]
+        self._wanted = WANTED_BACKEND_FEATURES & (mask if mask is not None else ~0)
+        self.asid = options["asid"]
         self._fd: int | None = None
         self.offered_backend_features = 0
         self.backend_features = 0

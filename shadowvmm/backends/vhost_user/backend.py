@@ -32,10 +32,12 @@ import functools
 import logging
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from ...errors import ArgumentError, BackendDisconnected, ConfigError, DeviceStateError, ProtocolError, UnsupportedError
 from ...memory import GuestMemory
+from ...options import MAX_QUEUES, REQUIRED, Option, OptionSchema
 from ...virtio.constants import DeviceId, Feature
 from ..base import BackendEvent, BackendEventHandler, BackendEventKind, Capability, RingState, VringAddr
 from . import protocol as vu
@@ -98,15 +100,6 @@ MAX_STATE_BYTES = 1 << 30
 _CHUNK = 1 << 16
 
 
-def _int_option(config: Mapping[str, Any], key: str, low: int, high: int) -> int | None:
-    value = config.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(key, f"must be an integer in [{low}, {high}], not {value!r}")
-    return value
-
-
 class VhostUserBackend:
     """A vhost-user back-end reached over a unix socket.
 
@@ -117,33 +110,38 @@ class VhostUserBackend:
     ``protocol_features`` (mask further restricting what is acknowledged) and
     ``busy_poll_us`` (spin up to this long for each reply before sleeping, default 0;
     :meth:`set_busy_poll` changes it at run time, as migration does for its downtime).
-    Other keys are ignored. *connector* replaces the unix-socket connector.
+    Other keys are refused (:attr:`OPTIONS`). *connector* replaces the unix-socket connector.
     """
 
     implementation = "vhost-user"
     implementation_version = 1
+    OPTIONS = OptionSchema(
+        Option("socket", Path, REQUIRED, "the back-end's unix socket"),
+        Option("device", str, REQUIRED, "virtio device type", choices=tuple(sorted(DEVICES))),
+        Option("timeout", float, DEFAULT_TIMEOUT, "seconds per request", max=86_400,
+               check=lambda value: None if value > 0 else "must be a positive number of seconds"),
+        Option("queues", int, None, "queues (default: the device type's minimum, else GET_QUEUE_NUM)",
+               min=1, max=MAX_QUEUES),
+        Option("config_size", int, None, "config bytes served (default: per device type)",
+               min=0, max=vu.MAX_CONFIG_SIZE),
+        Option("protocol_features", int, None, "mask restricting the protocol features acknowledged",
+               min=0, max=(1 << 64) - 1),
+        Option("busy_poll_us", int, 0, "spin this long for each reply before sleeping", min=0, max=100_000),
+    )
 
     def __init__(self, config: Mapping[str, Any], *, loop: asyncio.AbstractEventLoop | None = None,
                  connector: Connector | None = None) -> None:
-        socket_path = config.get("socket")
-        if not isinstance(socket_path, (str, os.PathLike)) or not os.fspath(socket_path):
-            raise ConfigError("socket", "a unix socket path is required")
-        device = config.get("device")
-        if device not in DEVICES:
-            raise ConfigError("device", f"must be one of {', '.join(sorted(DEVICES))}, not {device!r}")
-        timeout = config.get("timeout", DEFAULT_TIMEOUT)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ConfigError("timeout", f"must be a positive number of seconds, not {timeout!r}")
-        self.socket_path = os.fspath(socket_path)
-        self.device_id = DEVICES[str(device)]
-        self.timeout = float(timeout)
-        self._queues = _int_option(config, "queues", 1, 0x8000)
-        self._config_size = _int_option(config, "config_size", 0, vu.MAX_CONFIG_SIZE)
-        mask = _int_option(config, "protocol_features", 0, (1 << 64) - 1)
+        options = self.OPTIONS.validate(config)
+        self.socket_path = options["socket"]
+        self.device_id = DEVICES[options["device"]]
+        self.timeout = options["timeout"]
+        self._queues = options["queues"]
+        self._config_size = options["config_size"]
+        mask = options["protocol_features"]
         self._protocol_mask = PF(int(SUPPORTED_PROTOCOL_FEATURES) & (mask if mask is not None else -1))
         self._loop = loop
         self._connector = connector or unix_connector(self.socket_path)
-        self.busy_poll = (_int_option(config, "busy_poll_us", 0, 100_000) or 0) / 1e6
+        self.busy_poll = options["busy_poll_us"] / 1e6
         self._conn: Connection | None = None
         self._events: BackendEventHandler | None = None
         #: The inflight area (GET_INFLIGHT_FD) and its fd: kept across sessions, dropped by reset().
