@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test setup peers bench soak clean
+.PHONY: run test setup peers bench soak fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ bench: setup peers
 	$(PY) benchmarks/vhost_user_blk.py
 	$(PY) benchmarks/migration.py
 	$(PY) benchmarks/reconnect.py --ref
+
+# Every fuzz target (fuzz/targets.py) under atheris, about 1.1 M inputs in all (FUZZ_RUNS: per target).
+FUZZ_RUNS ?=
+fuzz: setup
+	$(PY) -m pip install -q 'atheris>=2.3'
+	$(PY) fuzz/run.py $(if $(FUZZ_RUNS),--runs $(FUZZ_RUNS))
 
 # The model-based lifecycle test (shadowvmm.testing.chaos) for SOAK_MINUTES against qsd, the
 # reference back-end and in-process; prints one line per seed and a JSON summary at the end.

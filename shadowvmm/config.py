@@ -79,25 +79,12 @@ class MachineConfig:
 
     def error(self, key: str, message: str) -> ConfigError:
         """A ConfigError about *key* of this config, naming its file."""
-        return in_file(ConfigError(key, message), self.source)
+        return ConfigError(key, message, self.source)
 
     def backend_error(self, index: int, exc: ConfigError) -> ConfigError:
         """*exc*, raised by device *index*'s backend about one of its options (its key
         relative to ``backend_config``), with the full key path and the file."""
-        return self.error(f"device[{index}].backend_config.{exc.key}", message_of(exc))
-
-
-def message_of(exc: ConfigError) -> str:
-    """What *exc* says about its key."""
-    return str(exc).removeprefix(f"{exc.key}: ")
-
-
-def in_file(exc: ConfigError, source: str | None) -> ConfigError:
-    """*exc* (same ``key``) with its message prefixed by *source*, the file the key is in."""
-    located = ConfigError(exc.key, message_of(exc))
-    if source is not None:
-        located.args = (f"{source}: {located}",)
-    return located
+        return self.error(f"device[{index}].backend_config.{exc.key}", exc.message)
 
 
 def _power_of_2(value: int) -> str | None:
@@ -245,5 +232,5 @@ def load(path: str | Path) -> MachineConfig:
     try:
         cfg = parse(data)
     except ConfigError as exc:
-        raise in_file(exc, source) from None
+        raise exc.located(source) from None
     return replace(cfg, source=source)

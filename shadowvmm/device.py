@@ -673,7 +673,7 @@ class VirtioDevice:
         q = self.queues[index]
         ints = self.interrupts
         assert ints is not None
-        if ints.msix_enabled and q.msix_vector != NO_VECTOR:
+        if ints.msix_enabled and q.msix_vector < ints.vectors:
             return ints.vector_fds[q.msix_vector]
         return self._relay_fds[index]
 
@@ -700,7 +700,7 @@ class VirtioDevice:
         if ints is None:
             return
         if ints.msix_enabled:
-            if self.config_msix_vector != NO_VECTOR:
+            if self.config_msix_vector < ints.vectors:      # NO_VECTOR (0xffff) included
                 os.eventfd_write(ints.vector_fds[self.config_msix_vector], 1)
             return
         self.isr |= ISR_CONFIG

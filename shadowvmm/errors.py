@@ -26,11 +26,17 @@ and queue, the value and its limit.
     ├── PluginError                 a backend plugin cannot be found or loaded
     ├── MigrationError              a migration failed; the source keeps running
     │   ├── StreamError             a truncated, corrupt or unknown stream
-    │   └── IncompatibleStateError  a state this destination cannot load
+    │   │   └── StateFormatError    a malformed device state
+    │   ├── IncompatibleStateError  a state this destination cannot load
+    │   │   └── UnknownRequiredFieldError
+    │   ├── StopTimeoutError        a device did not stop within the bound
+    │   └── DestinationRefused      the destination refused, or did not confirm, what it loaded
     ├── GuestDriverError            a guest driver model's request failed:
-    │   BlkIOError, FuseError, NetCtrlError
+    │   BlkIOError, FuseError, NetCtrlError, NeedsResetShown
     └── PeerError                   a test peer launcher: PeerMissing, PeerStartError,
         PeerCommandError; VmLaneError: KitBuildError, ToolMissingError, BootError
+
+Test harnesses report a broken invariant as an ``AssertionError`` (pytest's failure).
 """
 
 from __future__ import annotations
@@ -46,11 +52,18 @@ class ShadowVmmError(Exception):
 
 
 class ConfigError(ShadowVmmError):
-    """A configuration file or value is invalid; ``key`` names the bad key."""
+    """A configuration file or value is invalid: ``key`` is the full key path, ``message``
+    what was expected, ``source`` the file (when the value came from one)."""
 
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
+    def __init__(self, key: str, message: str, source: str | None = None) -> None:
+        super().__init__(f"{source}: {key}: {message}" if source else f"{key}: {message}")
         self.key = key
+        self.message = message
+        self.source = source
+
+    def located(self, source: str | None) -> "ConfigError":
+        """The same error, said of the file *source*."""
+        return ConfigError(self.key, self.message, source)
 
 
 class ArgumentError(ShadowVmmError, ValueError):
@@ -167,6 +180,30 @@ class IncompatibleStateError(MigrationError):
     """Device state cannot be loaded into this implementation."""
 
 
+class StateFormatError(StreamError):
+    """A serialized device state is malformed (wrong type, missing field, inconsistent value)."""
+
+
+class UnknownRequiredFieldError(IncompatibleStateError):
+    """A state carries a required field this reader does not know."""
+
+
+class StopTimeoutError(MigrationError):
+    """A device did not stop within the bound; the migration was abandoned."""
+
+    def __init__(self, slow: dict[str, float], bound: float) -> None:
+        names = ", ".join(f"{name} ({seconds * 1e3:.1f} ms)" for name, seconds in slow.items())
+        super().__init__(f"device(s) did not stop within {bound * 1e3:.0f} ms: {names}; "
+                         "migration abandoned, every source device resumed")
+        self.slow = slow
+        self.bound = bound
+
+
+class DestinationRefused(MigrationError):
+    """The destination refused the stream or the state, or did not confirm what it loaded;
+    the source resumed."""
+
+
 class GuestDriverError(ShadowVmmError):
     """A guest driver model's request failed (the device answered it with an error)."""
 
@@ -200,6 +237,11 @@ class NetCtrlError(GuestDriverError):
         name = CtrlClass(cls).name if cls in CtrlClass._value2member_map_ else str(cls)
         super().__init__(f"virtio-net control command {name}/{cmd}: ack {ack}")
         self.ack = ack
+
+
+class NeedsResetShown(GuestDriverError):
+    """The device showed DEVICE_NEEDS_RESET while the guest waited for a request: the request
+    will not complete until the guest resets the device."""
 
 
 class PeerError(ShadowVmmError):

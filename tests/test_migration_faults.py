@@ -55,6 +55,9 @@ class FaultChannel:
     async def close(self) -> None:
         await self.inner.close()
 
+    async def abort(self) -> None:
+        await self.inner.abort()
+
 
 @dataclass
 class Rig:

@@ -6,6 +6,7 @@ the next attempt and the source running."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
 import socket
@@ -108,6 +109,9 @@ class TamperChannel:
 
     async def close(self) -> None:
         await self.inner.close()
+
+    async def abort(self) -> None:
+        await self.inner.abort()
 
 
 async def migrate(rig: Rig, edit: Callable[[dict[str, Any]], None] | None = None, *, digest: bool = False):
@@ -599,3 +603,34 @@ async def test_listener_takes_one_connection(tmp_path: Path) -> None:
         await first.close()
     finally:
         await listener.close()
+
+
+async def test_a_destination_that_stops_reading_cannot_keep_the_source_stopped(rig: Rig) -> None:
+    """After READY the fake destination reads nothing more: the source's sends fill the socket
+    buffer. Each send is bounded (MigrationOptions.send_timeout): the migration fails and the
+    source resumes instead of staying stopped for good."""
+    endpoint = rig.endpoint()
+    listener = await endpoint.listen()
+    stalled = asyncio.Event()
+
+    async def stalling_destination() -> None:
+        channel = await listener.accept(5)
+        reader, writer = StreamReader(channel), StreamWriter(channel)
+        await reader.start()
+        await reader.expect(RecordType.HELLO)
+        await writer.start()
+        await writer.write_map(RecordType.READY, {"ok": True})
+        await stalled.wait()
+        await channel.close()
+
+    try:
+        fake = asyncio.ensure_future(stalling_destination())
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(MigrationError, match="stopped reading|did not answer in time"):
+            await migrate_out(rig.src, await endpoint.connect(), dataclasses.replace(OPTIONS, send_timeout=0.3))
+        assert asyncio.get_running_loop().time() - t0 < 10
+        stalled.set()
+        await fake
+    finally:
+        await listener.close()
+    await assert_source_running(rig)

@@ -40,7 +40,7 @@ from typing import Any, Awaitable, Callable, Iterable, Iterator, Mapping, Protoc
 
 from ..backends.base import Capability
 from ..device import VirtioDevice
-from ..errors import (DeviceStateError, IncompatibleStateError, MigrationError,
+from ..errors import (DestinationRefused, DeviceStateError, IncompatibleStateError, MigrationError, StopTimeoutError,
                       ShadowVmmError, StreamError)
 from ..memory import PAGE_SHIFT, PAGE_SIZE, DirtyLog, GuestMemory
 from ..shadow import RunState
@@ -92,6 +92,8 @@ class MigrationOptions:
     batch_pages: int = 256
     ready_timeout: float = 30.0
     result_timeout: float = 30.0
+    #: Seconds the destination may take to accept one send (a stalled reader fails the migration).
+    send_timeout: float = 10.0
     include_opaque: bool = True
     digest: bool = False
     busy_poll_us: int | None = None
@@ -107,6 +109,8 @@ class MigrationOptions:
             raise MigrationError(f"memory model {self.mode!r} is not one of {MODES}")
         if not self.stop_timeout > 0 or self.max_rounds < 1 or self.batch_pages < 1:
             raise MigrationError("stop_timeout must be > 0, max_rounds and batch_pages >= 1")
+        if not self.send_timeout > 0:
+            raise MigrationError(f"send_timeout must be > 0, not {self.send_timeout}")
         if self.fs_session not in FS_SESSION_POLICIES:
             raise MigrationError(f"fs_session must be one of {FS_SESSION_POLICIES}, not {self.fs_session!r}")
         if self.busy_poll_us is not None and not 0 <= self.busy_poll_us <= 100_000:
@@ -229,21 +233,6 @@ def check_confirmation(confirmed: Any, expected: dict[str, Any]) -> None:
     if confirmed.get("pages") != expected["pages"]:
         raise DestinationRefused(f"the destination confirmed {confirmed.get('pages')!r} pages applied, the "
                                  f"source sent {expected['pages']}; source resumed")
-
-
-class StopTimeoutError(MigrationError):
-    """A device did not stop within the bound; the migration was abandoned."""
-
-    def __init__(self, slow: dict[str, float], bound: float) -> None:
-        names = ", ".join(f"{name} ({seconds * 1e3:.1f} ms)" for name, seconds in slow.items())
-        super().__init__(f"device(s) did not stop within {bound * 1e3:.0f} ms: {names}; "
-                         "migration abandoned, every source device resumed")
-        self.slow = slow
-        self.bound = bound
-
-
-class DestinationRefused(MigrationError):
-    """The destination refused the stream or the state; the source resumed."""
 
 
 # ---------------------------------------------------------------------- blockers
@@ -492,7 +481,7 @@ async def migrate_out(machine: MachineLike, channel: Channel, options: Migration
     devices = {name: slot.device for name, slot in machine.slots.items()}
     await _refuse_if_blocked(devices, options)
     t0 = clock()
-    writer = StreamWriter(channel)
+    writer = StreamWriter(channel, send_timeout=options.send_timeout)
     reply = StreamReader(channel) if channel.duplex else None
     outcome: asyncio.Future[dict[str, Any]] | None = None
     logging_on = False
@@ -682,7 +671,7 @@ async def _abandon(writer: StreamWriter, channel: Channel, devices: Mapping[str,
     except (StreamError, TimeoutError, OSError):
         pass
     try:
-        await channel.close()
+        await channel.abort()
     except OSError:
         pass
 

@@ -45,7 +45,7 @@ from typing import Any, ClassVar, Self
 import msgpack
 
 from ..backends.base import RingState
-from ..errors import GuestMemoryError, IncompatibleStateError, StreamError
+from ..errors import GuestMemoryError, IncompatibleStateError, StateFormatError, UnknownRequiredFieldError
 from ..memory import GuestMemory
 from ..virtio.constants import ISR_CONFIG, ISR_QUEUE, MAX_QUEUE_SIZE, NO_VECTOR, DeviceId, Feature, Status
 from ..virtio.packed import PackedLayout
@@ -58,16 +58,6 @@ FORMAT_VERSION = 1
 MIN_FORMAT_VERSION = 1
 #: Wire-key prefix of a field the reader must understand.
 REQUIRED = "!"
-
-
-class StateFormatError(StreamError):
-    """A serialized device state is malformed (wrong type, missing field, inconsistent value)."""
-
-
-class UnknownRequiredFieldError(IncompatibleStateError):
-    """A state carries a required field this reader does not know."""
-
-
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from typing import Any, ClassVar, Protocol, Self
 
 import msgpack
 
-from ..errors import StreamError
+from ..errors import ArgumentError, StreamError
 from ..memory import PAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -215,6 +215,9 @@ class Channel(Protocol):
 
     async def close(self) -> None: ...
 
+    async def abort(self) -> None:
+        """Close without waiting for the peer to take what is unsent (a failed migration)."""
+
 
 class SocketChannel:
     """A connected stream socket (TCP or unix), through asyncio streams."""
@@ -247,6 +250,15 @@ class SocketChannel:
         except (ConnectionError, OSError):
             pass
 
+    async def abort(self) -> None:
+        """Close at once, dropping what the peer has not taken (a peer that stopped reading
+        would otherwise hold the socket open until it reads)."""
+        self.writer.transport.abort()
+        try:
+            await self.writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
 
 class FileChannel:
     """A file: written by the source, read by the destination (one-way)."""
@@ -255,7 +267,7 @@ class FileChannel:
 
     def __init__(self, path: str, mode: str) -> None:
         if mode not in ("rb", "wb"):
-            raise ValueError(f"file channel mode {mode!r}")
+            raise ArgumentError(f"file channel mode {mode!r}")
         self.path = path
         self._file = open(path, mode)
 
@@ -274,6 +286,9 @@ class FileChannel:
         if len(data) != size:
             raise StreamError(f"{self.path}: migration stream truncated: {len(data)} of {size} bytes")
         return data
+
+    async def abort(self) -> None:
+        await self.close()
 
     async def close(self) -> None:
         if not self._file.closed:
@@ -530,10 +545,15 @@ def _file_kind(mode: int) -> str:
 
 
 class StreamWriter:
-    """Writes the header, then records, then END."""
+    """Writes the header, then records, then END.
 
-    def __init__(self, channel: Channel) -> None:
+    Each send must be taken by the peer within *send_timeout* seconds: a destination that
+    stops reading (a full socket buffer) must not keep a source stopped for good.
+    """
+
+    def __init__(self, channel: Channel, *, send_timeout: float | None = None) -> None:
         self.channel = channel
+        self.send_timeout = send_timeout
         self.records = 0
         self.bytes = 0
         self._started = False
@@ -555,7 +575,12 @@ class StreamWriter:
         await self.write_map(RecordType.END, {"records": self.records})
 
     async def _send(self, data: bytes) -> None:
-        await self.channel.send(data)
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                await self.channel.send(data)
+        except TimeoutError:
+            raise StreamError(f"the peer took none of {len(data)} bytes within {self.send_timeout:g} s "
+                              "(it stopped reading)") from None
         self.bytes += len(data)
 
 

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..errors import ShadowVmmError
+from ..errors import NeedsResetShown, ShadowVmmError
 from ..guest.blk import BlkDriver, BlkOp
 from ..virtio.constants import BlkRequestType
 
@@ -42,9 +42,7 @@ class Block:
     possible: set[bytes] = field(default_factory=lambda: {bytes(BLOCK)})
 
 
-class NeedsReset(Exception):
-    """The device showed DEVICE_NEEDS_RESET while a request waited."""
-
+NeedsReset = NeedsResetShown
 
 class Writers:
     """*writers* concurrent writers spread over *queues* queues of *driver* (module docstring)."""
