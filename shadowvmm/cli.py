@@ -148,12 +148,15 @@ async def _run_blk(cfg, dev_cfg, device, guest, out) -> int:
         res = await blk_write_verify(driver, requests=run_cfg.requests,
                                      queue_depth=run_cfg.queue_depth,
                                      block_bytes=run_cfg.request_bytes, seed=run_cfg.seed)
-    finally:
         finished.set()
         await stopper
-    elapsed = time.perf_counter() - t0
-    await driver.flush()
-    await watcher.stop()
+        elapsed = time.perf_counter() - t0
+        await driver.flush()
+    finally:
+        if not stopper.done():      # the run failed: the stop/resume cycle has nothing to finish
+            stopper.cancel()
+            await asyncio.gather(stopper, return_exceptions=True)
+        await watcher.stop()
     ok = not res.mismatches and watcher.values == {int(Status.ACKNOWLEDGE | Status.DRIVER
                                                        | Status.FEATURES_OK | Status.DRIVER_OK)}
     print(f"   I/O: {res.writes} writes + {res.reads} read-back of {run_cfg.request_bytes} B "
