@@ -67,7 +67,7 @@ class Stopwatch:
         self.peer_pid = peer_pid
         self.wall = self.cpu_self = self.cpu_peer = 0.0
 
-    def __enter__(self) -> "Stopwatch":
+    def __enter__(self) -> Stopwatch:
         self._t = time.perf_counter()
         self._c = time.process_time()
         self._p = cpu_seconds(self.peer_pid) if self.peer_pid else 0.0

@@ -57,7 +57,7 @@ class SocketWatch:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> "SocketWatch":
+    def start(self) -> SocketWatch:
         self._thread.start()
         return self
 

@@ -35,8 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (Stopwatch, machine_info, pin_threads, profile_table, profiled, run_checked,  # noqa: E402
-                     run_loop)
+from _common import Stopwatch, machine_info, pin_threads, profile_table, profiled, run_checked, run_loop  # noqa: E402
 
 from shadowvmm.backends.vhost_user import VhostUserBackend  # noqa: E402
 from shadowvmm.config import DeviceConfig  # noqa: E402

@@ -82,7 +82,7 @@ class Data:
 class World:
     """What the targets share within one process: an event loop, guest memory, a device."""
 
-    _instance: "World | None" = None
+    _instance: World | None = None
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
@@ -91,7 +91,7 @@ class World:
         self.machine: Machine | None = None
 
     @classmethod
-    def get(cls) -> "World":
+    def get(cls) -> World:
         if cls._instance is None:
             cls._instance = cls()
         return cls._instance

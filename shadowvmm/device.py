@@ -42,18 +42,23 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from .backends.base import Backend, BackendEvent, BackendEventKind, Capability, RingState, VringAddr
-from .errors import (BackendDisconnected, BackendError, DeviceStateError, GuestMemoryError,
-                     IncompatibleStateError, RingError)
+from .errors import (
+    BackendDisconnected,
+    BackendError,
+    DeviceStateError,
+    GuestMemoryError,
+    IncompatibleStateError,
+    RingError,
+)
 from .lifecycle import DeviceEventKind, EventLog, LinkState, ReconnectPolicy
 from .memory import GuestMemory
-from .shadow import (FaultCounter, FeaturePolicy, GuestFault, GuestStatusAction, RunState,
-                     StatusShadow)
-from .virtio.constants import (ISR_CONFIG, ISR_QUEUE, MAX_QUEUE_SIZE, NO_VECTOR, DeviceId,
-                               Feature, Status)
+from .shadow import FaultCounter, FeaturePolicy, GuestFault, GuestStatusAction, RunState, StatusShadow
+from .virtio.constants import ISR_CONFIG, ISR_QUEUE, MAX_QUEUE_SIZE, NO_VECTOR, DeviceId, Feature, Status
 from .virtio.ledger import SplitLedger
 from .virtio.packed import PackedLayout
 from .virtio.split import SplitLayout
@@ -1493,7 +1498,7 @@ class VirtioDevice:
     # ---- migration
 
     async def export_state(self, transport: object | None = None, *,
-                           include_opaque: bool = True) -> "DeviceState":
+                           include_opaque: bool = True) -> DeviceState:
         """The device's migratable state; the device must be STOPPED (or never started).
 
         *transport* (a PCI or MMIO transport of this device) adds its own
@@ -1501,8 +1506,7 @@ class VirtioDevice:
         backend's :meth:`~shadowvmm.backends.base.Backend.save_state` when it
         has :attr:`Capability.DEVICE_STATE` and *include_opaque* is set.
         """
-        from .migration.state import (STANDARD_TYPES, DeviceState, OpaquePart, QueueState, RingPart,
-                                      TransportState)
+        from .migration.state import STANDARD_TYPES, DeviceState, OpaquePart, QueueState, RingPart, TransportState
         self._require_realized()
         if self.link is not LinkState.UP:
             raise DeviceStateError(f"{self.name}: export_state needs the backend session (link {self.link.value})")
@@ -1537,7 +1541,7 @@ class VirtioDevice:
                 opaque = OpaquePart(self.backend.implementation, self.backend.implementation_version, bytes(blob))
         return DeviceState(self.name, int(self.device_id), regs, rings, standard, opaque)
 
-    def check_import(self, state: "DeviceState", transport: object | None = None) -> None:
+    def check_import(self, state: DeviceState, transport: object | None = None) -> None:
         """Refuse (IncompatibleStateError) a state this device cannot take; changes nothing."""
         from .errors import IncompatibleStateError
         regs = state.transport
@@ -1577,7 +1581,7 @@ class VirtioDevice:
                 raise IncompatibleStateError(f"{self.name}: destination backend "
                                              f"{self.backend.implementation!r} cannot load opaque state")
 
-    async def import_state(self, state: "DeviceState", transport: object | None = None) -> None:
+    async def import_state(self, state: DeviceState, transport: object | None = None) -> None:
         """Apply a migrated state to a freshly realized device, then settle.
 
         Registers, status shadow, config and ring bases are applied as they
@@ -1634,7 +1638,7 @@ class VirtioDevice:
             self.run_state = RunState.FAILED
         await self.settle()
 
-    async def start_dirty_log(self, log: "DirtyLog") -> None:
+    async def start_dirty_log(self, log: DirtyLog) -> None:
         """Make the backend mark its guest-memory writes in *log* (QEMU vhost_migration_log order).
 
         vhost-user: SET_LOG_BASE (LOG_SHMFD, the log's memfd), SET_FEATURES

@@ -61,7 +61,7 @@ class ConfigError(ShadowVmmError):
         self.message = message
         self.source = source
 
-    def located(self, source: str | None) -> "ConfigError":
+    def located(self, source: str | None) -> ConfigError:
         """The same error, said of the file *source*."""
         return ConfigError(self.key, self.message, source)
 
@@ -251,7 +251,7 @@ class PeerError(ShadowVmmError):
 class PeerMissing(PeerError):
     """The peer's executable is not installed."""
 
-    def __init__(self, name: str, tried: "list[str] | tuple[str, ...]") -> None:
+    def __init__(self, name: str, tried: list[str] | tuple[str, ...]) -> None:
         super().__init__(f"{name} not found (tried {', '.join(tried)}); run scripts/install-peers.sh as root")
         self.name = name
 

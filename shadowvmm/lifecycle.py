@@ -27,8 +27,9 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Mapping, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from .errors import ConfigError, DeviceFailedError
 
@@ -46,19 +47,19 @@ class ReconnectPolicy:
     track_interval: float = 0.001
 
     @classmethod
-    def off(cls, interval: float = 0.05) -> "ReconnectPolicy":
+    def off(cls, interval: float = 0.05) -> ReconnectPolicy:
         return cls(False, interval, 0.0)
 
     @classmethod
-    def bounded(cls, interval: float = 0.05, deadline: float = 2.0) -> "ReconnectPolicy":
+    def bounded(cls, interval: float = 0.05, deadline: float = 2.0) -> ReconnectPolicy:
         return cls(True, interval, deadline)
 
     @classmethod
-    def unbounded(cls, interval: float = 0.05) -> "ReconnectPolicy":
+    def unbounded(cls, interval: float = 0.05) -> ReconnectPolicy:
         return cls(True, interval, None)
 
     @classmethod
-    def parse(cls, value: Any, key: str = "reconnect") -> "ReconnectPolicy":
+    def parse(cls, value: Any, key: str = "reconnect") -> ReconnectPolicy:
         """From a config value: ``"off"``, ``"unbounded"``, or a table with ``interval_ms``,
         ``deadline_ms`` (omitted or 0: unbounded) and ``track_interval_ms``."""
         if value == "off" or value is False or value is None:

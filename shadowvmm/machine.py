@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from .backends.base import Backend, load_backend
 from .config import DeviceConfig
-from .errors import ArgumentError
 from .device import VirtioDevice
+from .errors import ArgumentError
 from .guest.driver import GuestDevice
 from .guest.transport import GuestTransport, MmioGuestTransport, PciGuestTransport
 from .memory import GuestAllocator, GuestMemory

@@ -24,8 +24,9 @@ import functools
 import mmap
 import os
 import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from .errors import GuestMemoryError
 
@@ -137,7 +138,7 @@ class DirtyLog:
         self._setup(buf, size, pages, fd)
 
     @classmethod
-    def over(cls, buf: mmap.mmap, size: int) -> "DirtyLog":
+    def over(cls, buf: mmap.mmap, size: int) -> DirtyLog:
         """A log over a mapping someone else owns (a backend given SET_LOG_BASE); not closed here."""
         log = cls.__new__(cls)
         log._setup(buf, size, size * 8, -1)
@@ -218,7 +219,7 @@ class GuestMemory:
         self.dirty_log: DirtyLog | None = None
 
     @classmethod
-    def create(cls, layout: Iterable[tuple[int, int]], name: str = "guest") -> "GuestMemory":
+    def create(cls, layout: Iterable[tuple[int, int]], name: str = "guest") -> GuestMemory:
         """Allocate one memfd per ``(gpa, size)`` entry of *layout*, its size sealed
         (:func:`sealed_memfd`): a backend that truncates it fails with EPERM."""
         regions = []

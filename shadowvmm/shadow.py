@@ -59,7 +59,7 @@ class DialectSpec:
     status: int = 0
 
     @classmethod
-    def make(cls, dialect: StopDialect, stop_feature_bit: int = 44) -> "DialectSpec":
+    def make(cls, dialect: StopDialect, stop_feature_bit: int = 44) -> DialectSpec:
         if dialect is StopDialect.SUSPEND:
             return cls(dialect, int(Feature.SUSPEND), int(Status.SUSPEND))
         if dialect is StopDialect.STOP:

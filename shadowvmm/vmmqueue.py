@@ -14,13 +14,13 @@ import logging
 import os
 from typing import TYPE_CHECKING, Protocol
 
-from .backends.base import RingState
 from .errors import GuestMemoryError, RingError
 from .memory import GuestMemory
 from .virtio.constants import DeviceId, Feature, NetFeature
 from .virtio.devcfg import CTRL_ERR, CTRL_HEADER, CTRL_MQ, CTRL_OK, CtrlClass, CtrlMq, NetConfig
 from .virtio.packed import PackedDeviceQueue, PackedLayout
 from .virtio.split import DescChain, SplitDeviceQueue, SplitLayout
+from .virtio.vring import RingState
 
 if TYPE_CHECKING:
     from .device import VirtioDevice
@@ -45,7 +45,7 @@ class NetControl:
 
     error = CTRL_ERR
 
-    def __init__(self, device: "VirtioDevice", max_pairs: int) -> None:
+    def __init__(self, device: VirtioDevice, max_pairs: int) -> None:
         self.device = device
         self.max_pairs = max_pairs
         self.active_pairs = 1
@@ -79,7 +79,7 @@ class NetControl:
 class VmmQueue:
     """One queue served in the VMM: pop, handle, push, interrupt."""
 
-    def __init__(self, device: "VirtioDevice", index: int, handler: QueueHandler) -> None:
+    def __init__(self, device: VirtioDevice, index: int, handler: QueueHandler) -> None:
         self.device = device
         self.index = index
         self.handler = handler
@@ -152,7 +152,7 @@ class VmmQueue:
         return 1
 
 
-def vmm_queue_handlers(device: "VirtioDevice") -> dict[int, QueueHandler]:
+def vmm_queue_handlers(device: VirtioDevice) -> dict[int, QueueHandler]:
     """The queues the VMM serves for this device with the negotiated features."""
     if device.device_id == DeviceId.NET and device.driver_features & NetFeature.CTRL_VQ:
         max_pairs = 1

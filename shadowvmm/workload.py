@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import random
 import struct
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
 
 from .guest.blk import BlkDriver, BlkOp
 from .virtio.constants import BlkRequestType
@@ -106,7 +106,7 @@ class StatusWatcher:
         self.reads = 0
         self._task: asyncio.Task | None = None
 
-    def start(self) -> "StatusWatcher":
+    def start(self) -> StatusWatcher:
         self._task = asyncio.get_running_loop().create_task(self._run())
         return self
 

@@ -18,8 +18,22 @@ from shadowvmm.config import DeviceConfig
 from shadowvmm.errors import ProtocolError, ShadowVmmError
 from shadowvmm.guest import fuse
 from shadowvmm.guest.fs import FsDriver, FuseRequest
-from shadowvmm.guest.fuse import (Attr, CreateOut, Dirent, EntryOut, FuseError, InHeader, InitIn, InitOut,
-                                  Opcode, OutHeader, ReadIn, RenameIn, Wire, WriteIn)
+from shadowvmm.guest.fuse import (
+    Attr,
+    CreateOut,
+    Dirent,
+    EntryOut,
+    FuseError,
+    InHeader,
+    InitIn,
+    InitOut,
+    Opcode,
+    OutHeader,
+    ReadIn,
+    RenameIn,
+    Wire,
+    WriteIn,
+)
 from shadowvmm.machine import Machine
 from shadowvmm.testing.peers import Virtiofsd
 from shadowvmm.virtio.devcfg import FS_CONFIG_BASE_SIZE, FsConfig

@@ -14,14 +14,12 @@ from shadowvmm.backends.base import Capability
 from shadowvmm.backends.vhost_user.backend import VhostUserBackend
 from shadowvmm.config import DeviceConfig
 from shadowvmm.errors import DeviceStateError
-from shadowvmm.guest.net import (CTRL_HEADER, NET_HDR_SIZE, CtrlClass, CtrlMq, NetDriver,
-                                 NetHeader)
+from shadowvmm.guest.net import CTRL_HEADER, NET_HDR_SIZE, CtrlClass, CtrlMq, NetDriver, NetHeader
 from shadowvmm.machine import Machine
 from shadowvmm.testing.peers import DpdkTestpmd
 from shadowvmm.testing.plugin import require_peer
 from shadowvmm.virtio.constants import NetFeature
-from shadowvmm.virtio.devcfg import (NET_CONFIG_BASE_SIZE, NET_DUPLEX_UNKNOWN, NET_SPEED_UNKNOWN, NetConfig,
-                                     NetStatus)
+from shadowvmm.virtio.devcfg import NET_CONFIG_BASE_SIZE, NET_DUPLEX_UNKNOWN, NET_SPEED_UNKNOWN, NetConfig, NetStatus
 
 MAC = NetConfig.parse_mac("52:54:00:12:34:56")
 

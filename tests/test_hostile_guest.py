@@ -37,8 +37,15 @@ from shadowvmm.shadow import RunState
 from shadowvmm.virtio.constants import BlkRequestType, BlkStatus, Status
 from shadowvmm.virtio.devcfg import CTRL_ERR, CTRL_HEADER, CTRL_OK, CtrlClass
 from shadowvmm.virtio.packed import PackedDeviceQueue, PackedDriverQueue, PackedLayout
-from shadowvmm.virtio.split import (DESC, INDIRECT_MAX, DescChain, DescFlags, SplitDeviceQueue,
-                                    SplitDriverQueue, SplitLayout)
+from shadowvmm.virtio.split import (
+    DESC,
+    INDIRECT_MAX,
+    DescChain,
+    DescFlags,
+    SplitDeviceQueue,
+    SplitDriverQueue,
+    SplitLayout,
+)
 from shadowvmm.vmmqueue import NetControl, VmmQueue
 
 MiB = 1 << 20

@@ -15,8 +15,7 @@ from shadowvmm.errors import MigrationError, StreamError
 from shadowvmm.guest.blk import BlkDriver
 from shadowvmm.machine import Machine
 from shadowvmm.migration.harness import BlkLoad
-from shadowvmm.migration.migrate import (MigrationHooks, MigrationOptions, StopTimeoutError, migrate_in,
-                                         migrate_out)
+from shadowvmm.migration.migrate import MigrationHooks, MigrationOptions, StopTimeoutError, migrate_in, migrate_out
 from shadowvmm.migration.stream import Channel, Endpoint, RecordType, StreamHeader
 
 MEMORY = 16 << 20

@@ -27,11 +27,17 @@ from shadowvmm.guest.blk import BlkDriver, BlkOp
 from shadowvmm.guest.driver import GuestDevice
 from shadowvmm.machine import Machine
 from shadowvmm.memory import PAGE_SIZE
-from shadowvmm.migration.migrate import (DestinationRefused, MigrationOptions, memory_layout, migrate_in,
-                                         migrate_out)
+from shadowvmm.migration.migrate import DestinationRefused, MigrationOptions, memory_layout, migrate_in, migrate_out
 from shadowvmm.migration.state import DeviceState, RingPart, StateFormatError
-from shadowvmm.migration.stream import (Channel, Endpoint, PageBatch, RecordHeader, RecordType, StreamReader,
-                                        StreamWriter)
+from shadowvmm.migration.stream import (
+    Channel,
+    Endpoint,
+    PageBatch,
+    RecordHeader,
+    RecordType,
+    StreamReader,
+    StreamWriter,
+)
 from shadowvmm.shadow import RunState, StopDialect
 from shadowvmm.virtio.constants import BlkRequestType, Feature, Status
 

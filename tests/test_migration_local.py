@@ -15,13 +15,12 @@ from shadowvmm.backends.inproc import InProcBackend
 from shadowvmm.backends.vhost_user import VhostUserBackend
 from shadowvmm.config import DeviceConfig
 from shadowvmm.device import VirtioDevice
+from shadowvmm.errors import DeviceStateError, MigrationError
 from shadowvmm.guest.blk import WANTED, BlkDriver
 from shadowvmm.guest.driver import GuestDevice
 from shadowvmm.machine import Machine
 from shadowvmm.migration.harness import BlkLoad, machine_sharing, move_guest
-from shadowvmm.errors import DeviceStateError, MigrationError
-from shadowvmm.migration.migrate import (AUTO_BUSY_POLL_US, MigrationHooks, MigrationOptions, migrate_in,
-                                         migrate_out)
+from shadowvmm.migration.migrate import AUTO_BUSY_POLL_US, MigrationHooks, MigrationOptions, migrate_in, migrate_out
 from shadowvmm.migration.stream import Endpoint
 from shadowvmm.testing.peers import QsdBlk
 from shadowvmm.testing.plugin import require_peer

@@ -10,11 +10,29 @@ import pytest
 
 from shadowvmm.backends.base import RingState
 from shadowvmm.errors import IncompatibleStateError, StreamError
-from shadowvmm.migration.state import (FORMAT_VERSION, BlkStandard, DeviceState, FsStandard, NetStandard,
-                                       OpaquePart, QueueState, RingPart, StateFormatError, TransportState,
-                                       UnknownRequiredFieldError)
-from shadowvmm.migration.stream import (Endpoint, FileChannel, PageBatch, RecordHeader, RecordType, StreamHeader,
-                                        StreamReader, StreamWriter)
+from shadowvmm.migration.state import (
+    FORMAT_VERSION,
+    BlkStandard,
+    DeviceState,
+    FsStandard,
+    NetStandard,
+    OpaquePart,
+    QueueState,
+    RingPart,
+    StateFormatError,
+    TransportState,
+    UnknownRequiredFieldError,
+)
+from shadowvmm.migration.stream import (
+    Endpoint,
+    FileChannel,
+    PageBatch,
+    RecordHeader,
+    RecordType,
+    StreamHeader,
+    StreamReader,
+    StreamWriter,
+)
 from shadowvmm.virtio.constants import DeviceId, Feature
 
 

@@ -24,8 +24,13 @@ from shadowvmm.backends.vhost_user import protocol as vu
 from shadowvmm.backends.vhost_user.connection import Connection, Runstate, unix_connector
 from shadowvmm.memory import GuestMemory
 from shadowvmm.testing.peers import RefBlk
-from shadowvmm.testing.refbackend import (INFLIGHT_DESC, INFLIGHT_HEADER, InflightQueue, RefBlkServer,
-                                          inflight_queue_bytes)
+from shadowvmm.testing.refbackend import (
+    INFLIGHT_DESC,
+    INFLIGHT_HEADER,
+    InflightQueue,
+    RefBlkServer,
+    inflight_queue_bytes,
+)
 from shadowvmm.virtio.constants import BlkRequestType, BlkStatus, Feature
 from shadowvmm.virtio.split import USED_ELEM, SplitDriverQueue, SplitLayout
 

@@ -14,15 +14,14 @@ import asyncio
 import os
 
 import pytest
-
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from shadowvmm.backends.inproc import InProcBackend
 from shadowvmm.config import DeviceConfig
-from shadowvmm.machine import Machine
 from shadowvmm.errors import DeviceStateError
+from shadowvmm.machine import Machine
 from shadowvmm.shadow import RunState, StopDialect
 from shadowvmm.transport.pci import BAR_SIZE, COMMON_OFF, DEVICE_OFF, NOTIFY_OFF, Space
 from shadowvmm.virtio.constants import Feature, Status

@@ -19,8 +19,7 @@ from shadowvmm.guest.transport import PciGuestTransport
 from shadowvmm.machine import Machine
 from shadowvmm.shadow import GuestFault
 from shadowvmm.transport.pci import CapType, PciTransport, Space
-from shadowvmm.virtio.constants import (ISR_CONFIG, ISR_QUEUE, NO_VECTOR, BlkFeature, DeviceId,
-                                        Feature, Status)
+from shadowvmm.virtio.constants import ISR_CONFIG, ISR_QUEUE, NO_VECTOR, BlkFeature, DeviceId, Feature, Status
 from shadowvmm.virtio.split import SplitDriverQueue, SplitLayout
 
 # ---------------------------------------------------------------------------- offsets (v1.4 §4.1.4.3)

@@ -379,11 +379,12 @@ async def test_config_change_storm_is_coalesced_and_bounded(env: Env) -> None:
     """20,000 CONFIG_CHANGE_MSG from a hostile back-end: one GET_CONFIG per batch (coalesced),
     at most MAX_PENDING requests queued (the channel stops reading), the loop stays responsive
     and a stop is prompt."""
-    from shadowvmm.config import DeviceConfig
-    from shadowvmm.machine import Machine
-    from shadowvmm.guest.blk import BlkDriver
     import threading
     import time
+
+    from shadowvmm.config import DeviceConfig
+    from shadowvmm.guest.blk import BlkDriver
+    from shadowvmm.machine import Machine
 
     fake = env.fake(config=bytearray(60))
     backend = env.backend(fake, queues=2)

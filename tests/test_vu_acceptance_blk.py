@@ -28,8 +28,8 @@ from shadowvmm.device import VirtioDevice
 from shadowvmm.guest.blk import BlkDriver, BlkOp
 from shadowvmm.machine import Machine
 from shadowvmm.shadow import RunState
-from shadowvmm.testing.peers import QsdBlk
 from shadowvmm.testing.guards import guarded
+from shadowvmm.testing.peers import QsdBlk
 from shadowvmm.testing.plugin import require_peer
 from shadowvmm.virtio.constants import BlkFeature, BlkRequestType, Status
 from shadowvmm.workload import StatusWatcher, block_pattern

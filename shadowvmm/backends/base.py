@@ -16,14 +16,24 @@ chained to the original error.
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Callable, Mapping, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-from ..errors import PluginError
+from ..errors import PluginError, UnsupportedError
 from ..memory import GuestMemory
 from ..virtio.constants import DeviceId
+from ..virtio.vring import RingState, VringAddr
+
+__all__ = [
+    "ENTRY_POINT_GROUP", "Backend", "BackendBase", "BackendEvent", "BackendEventHandler",
+    "BackendEventKind", "BackendFactory", "Capability", "PeerIdentity", "RingState", "VringAddr",
+    "available_backends", "check_backend", "load_backend", "MANDATORY", "OPTIONAL",
+]
 
 ENTRY_POINT_GROUP = "shadowvmm.backends"
 
@@ -43,41 +53,14 @@ class Capability(enum.Flag):
     INFLIGHT = enum.auto()      #: in-flight descriptor tracking (vhost-user INFLIGHT_SHMFD): see prepare_inflight
     MQ = enum.auto()            #: get_queue_num reports the queue count
     RECONNECT = enum.auto()     #: connect() again after a lost session opens a fresh session to the same backend
-
-
-@dataclass(frozen=True, slots=True)
-class VringAddr:
-    """Guest-physical ring addresses (vhost ``vhost_vring_addr``, GPAs here)."""
-
-    index: int
-    desc: int
-    driver: int
-    device: int
-    log: int = 0
-    log_enabled: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class RingState:
-    """A stopped ring's position in the vhost base encoding.
-
-    Split rings carry the next avail index in bits 0-15. Packed rings carry
-    avail index (bits 0-14) + avail wrap (bit 15), used index (bits 16-30) +
-    used wrap (bit 31) (vhost-user.rst "VHOST_USER_SET_VRING_BASE").
-    """
-
-    index: int
-    base: int
-
-    @classmethod
-    def packed(cls, index: int, avail_idx: int, avail_wrap: bool, used_idx: int,
-               used_wrap: bool) -> "RingState":
-        return cls(index, (avail_idx & 0x7FFF) | int(avail_wrap) << 15
-                   | (used_idx & 0x7FFF) << 16 | int(used_wrap) << 31)
-
-    def unpack_packed(self) -> tuple[int, bool, int, bool]:
-        b = self.base
-        return b & 0x7FFF, bool(b >> 15 & 1), b >> 16 & 0x7FFF, bool(b >> 31 & 1)
+    EVENTS = enum.auto()        #: reports BackendEvents on its own (set_event_handler): a lost session,
+                                #: a config change, a device error; without it the device learns of
+                                #: failures only from the next request
+    BUSY_POLL = enum.auto()     #: set_busy_poll(): replies are busy-polled in latency-critical phases
+    PEER_IDENTITY = enum.auto() #: peer_identity() names the process that serves the device
+    SHARED_MEMORY = enum.auto() #: the backend reads and writes guest memory through the VMM's own
+                                #: GuestMemory (in-process), so its writes are logged by the VMM and
+                                #: a dirty log needs nothing from the backend
 
 
 class BackendEventKind(enum.Enum):
@@ -98,6 +81,15 @@ class BackendEvent:
 
 
 BackendEventHandler = Callable[[BackendEvent], None]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerIdentity:
+    """The process serving a backend (:attr:`Capability.PEER_IDENTITY`), e.g. from SO_PEERCRED."""
+
+    pid: int
+    uid: int | None = None
+    description: str = ""
 
 
 @runtime_checkable
@@ -189,6 +181,145 @@ class Backend(Protocol):
         does not poll.
         """
 
+    async def set_log_base(self, log_fd: int, size: int) -> None:
+        """Hand over the dirty log (only with :attr:`Capability.DIRTY_LOG`; vhost SET_LOG_BASE)."""
+
+    async def set_dirty_logging(self, enabled: bool) -> None:
+        """Start or stop marking guest-memory writes in the log (vhost ``VHOST_F_LOG_ALL``)."""
+
+    def set_busy_poll(self, seconds: float) -> float:
+        """Busy-poll replies for up to *seconds*; returns the previous value (:attr:`Capability.BUSY_POLL`)."""
+
+    def peer_identity(self) -> PeerIdentity | None:
+        """Who serves the device, when known (:attr:`Capability.PEER_IDENTITY`)."""
+
+    def migration_blockers(self) -> list[str]:
+        """Why this backend's device cannot migrate now, beyond what its capabilities say
+        (empty: nothing)."""
+
+
+class BackendBase:
+    """Defaults for every optional part of :class:`Backend`: subclass it and implement the
+    mandatory operations (:data:`MANDATORY`).
+
+    The defaults are those of a backend with none of the optional capabilities: one queue,
+    no config space, status not forwarded, no suspend/resume/state/inflight/dirty log, no
+    events (the handler is stored and never called), no peer to name. An operation that only
+    makes sense with a capability raises :class:`~shadowvmm.errors.UnsupportedError`.
+    """
+
+    implementation: str = "unnamed"
+    implementation_version: int = 1
+    device_id: DeviceId
+    _event_handler: BackendEventHandler | None = None
+
+    def capabilities(self) -> Capability:
+        return Capability.NONE
+
+    def _unsupported(self, what: str, capability: Capability) -> UnsupportedError:
+        return UnsupportedError(f"backend {self.implementation!r} does not offer {what} "
+                                f"(no Capability.{capability.name})")
+
+    async def close(self) -> None:
+        return None
+
+    async def get_queue_num(self) -> int:
+        return 1
+
+    def config_size(self) -> int:
+        return 0
+
+    async def get_config(self, offset: int, size: int) -> bytes:
+        return bytes(size)
+
+    async def set_config(self, offset: int, data: bytes) -> None:
+        raise self._unsupported("config writes", Capability.CONFIG)
+
+    async def set_status(self, status: int) -> None:
+        return None
+
+    async def suspend(self) -> None:
+        raise self._unsupported("suspend", Capability.SUSPEND)
+
+    async def resume(self) -> None:
+        raise self._unsupported("resume", Capability.RESUME)
+
+    async def save_state(self) -> bytes | None:
+        return None
+
+    async def load_state(self, blob: bytes) -> None:
+        if blob:
+            raise self._unsupported("opaque device state", Capability.DEVICE_STATE)
+
+    async def prepare_inflight(self, num_queues: int, queue_size: int) -> None:
+        raise self._unsupported("in-flight tracking", Capability.INFLIGHT)
+
+    async def wait_for_endpoint(self, timeout: float) -> bool:
+        await asyncio.sleep(timeout)
+        return False
+
+    def lost_peer_alive(self) -> bool | None:
+        return None
+
+    def set_event_handler(self, handler: BackendEventHandler | None) -> None:
+        self._event_handler = handler
+
+    def emit(self, event: BackendEvent) -> None:
+        """Report *event* to the device (for subclasses with :attr:`Capability.EVENTS`)."""
+        if self._event_handler is not None:
+            self._event_handler(event)
+
+    async def set_log_base(self, log_fd: int, size: int) -> None:
+        raise self._unsupported("dirty logging", Capability.DIRTY_LOG)
+
+    async def set_dirty_logging(self, enabled: bool) -> None:
+        raise self._unsupported("dirty logging", Capability.DIRTY_LOG)
+
+    def set_busy_poll(self, seconds: float) -> float:
+        return 0.0
+
+    def peer_identity(self) -> PeerIdentity | None:
+        return None
+
+    def migration_blockers(self) -> list[str]:
+        return []
+
+
+#: Operations with no default: every backend implements them.
+MANDATORY: tuple[str, ...] = (
+    "capabilities", "connect", "get_features", "set_features", "set_mem_table", "set_vring_num",
+    "set_vring_addr", "set_vring_base", "get_vring_base", "set_vring_kick", "set_vring_call",
+    "set_vring_enable", "reset",
+)
+#: Operations :class:`BackendBase` gives a default for.
+OPTIONAL: tuple[str, ...] = (
+    "close", "get_queue_num", "config_size", "get_config", "set_config", "set_status", "suspend",
+    "resume", "save_state", "load_state", "prepare_inflight", "wait_for_endpoint",
+    "lost_peer_alive", "set_event_handler", "set_log_base", "set_dirty_logging", "set_busy_poll",
+    "peer_identity", "migration_blockers",
+)
+_ATTRIBUTES = ("implementation", "implementation_version")
+
+
+def check_backend(candidate: object) -> list[str]:
+    """Everything *candidate* (a backend class or instance) lacks to honour :class:`Backend`:
+    one line per missing method or attribute, or a method that should be a coroutine and is not.
+    Empty when it conforms."""
+    problems = []
+    for name in MANDATORY + OPTIONAL:
+        member = getattr(candidate, name, None)
+        if member is None or not callable(member):
+            problems.append(f"missing method {name}()")
+            continue
+        wanted = inspect.iscoroutinefunction(getattr(Backend, name))
+        if wanted != inspect.iscoroutinefunction(member):
+            kind = "a coroutine (async def)" if wanted else "a plain method (not async)"
+            problems.append(f"{name}() must be {kind}")
+    for name in _ATTRIBUTES:
+        if not hasattr(candidate, name):
+            problems.append(f"missing attribute {name}")
+    return problems
+
 
 class BackendFactory(Protocol):
     """What an entry point resolves to: a callable building a backend from config."""
@@ -208,6 +339,12 @@ def load_backend(name: str) -> BackendFactory:
         known = ", ".join(sorted(eps)) or "none"
         raise PluginError(f"no backend named {name!r} (registered: {known})")
     try:
-        return eps[name].load()
+        factory = eps[name].load()
     except Exception as exc:
         raise PluginError(f"backend {name!r} failed to load: {exc}") from exc
+    if isinstance(factory, type):
+        problems = check_backend(factory)
+        if problems:
+            raise PluginError(f"backend {name!r} ({factory.__module__}.{factory.__qualname__}) does not "
+                              f"honour the backend contract: {'; '.join(problems)}")
+    return factory

@@ -22,20 +22,20 @@ import logging
 import os
 import stat
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Protocol
 
 import msgpack
 
-from ..errors import BackendError, ConfigError, IncompatibleStateError, RingError, GuestMemoryError
+from ..errors import BackendError, ConfigError, GuestMemoryError, IncompatibleStateError, RingError
 from ..memory import GuestMemory
 from ..options import MAX_QUEUES, Option, OptionSchema
-from ..virtio.constants import (BLK_ID_BYTES, BLK_SECTOR_SIZE, BlkFeature, BlkRequestType,
-                                BlkStatus, DeviceId, Feature)
+from ..virtio.constants import BLK_ID_BYTES, BLK_SECTOR_SIZE, BlkFeature, BlkRequestType, BlkStatus, DeviceId, Feature
 from ..virtio.packed import PackedDeviceQueue, PackedLayout
 from ..virtio.split import DescChain, SplitDeviceQueue, SplitLayout
-from .base import BackendEvent, BackendEventHandler, BackendEventKind, Capability, RingState, VringAddr
+from .base import BackendBase, BackendEvent, BackendEventHandler, BackendEventKind, Capability, RingState, VringAddr
 
 BLK_REQ_HEADER = struct.Struct("<IIQ")   #: virtio_blk_req header (v1.4 §5.2.6)
 BLK_CONFIG = struct.Struct("<QIIHBBIBBHIBBH")  #: virtio_blk_config up to num_queues (v1.4 §5.2.4)
@@ -349,7 +349,7 @@ class Ring:
     drained: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-class InProcBackend:
+class InProcBackend(BackendBase):
     """The embedded reference backend (entry point ``inproc``)."""
 
     implementation = "inproc"

@@ -20,8 +20,7 @@ from itertools import islice
 
 from ..errors import BlkIOError, DeviceStateError, RingError
 from ..memory import GuestMemory
-from ..virtio.constants import (BLK_ID_BYTES, BLK_SECTOR_SIZE, BlkFeature, BlkRequestType,
-                                BlkStatus, Feature)
+from ..virtio.constants import BLK_ID_BYTES, BLK_SECTOR_SIZE, BlkFeature, BlkRequestType, BlkStatus, Feature
 from ..virtio.split import DescFlags, SplitDriverQueue
 from .driver import GuestDevice, GuestQueue
 

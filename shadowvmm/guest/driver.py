@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from ..device import Interrupts
 from ..errors import DeviceStateError, RingError, ShadowVmmError
@@ -63,7 +63,7 @@ class DeviceArena:
 class GuestQueue:
     """One virtqueue as the guest driver runs it."""
 
-    def __init__(self, device: "GuestDevice", index: int, ring, vector: int) -> None:
+    def __init__(self, device: GuestDevice, index: int, ring, vector: int) -> None:
         self.device = device
         self.index = index
         self.ring = ring

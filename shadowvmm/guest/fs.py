@@ -28,9 +28,34 @@ from ..virtio.constants import Feature
 from ..virtio.devcfg import FS_CONFIG_BASE_SIZE, FsConfig
 from . import fuse
 from .driver import GuestDevice, GuestQueue
-from .fuse import (FUSE_ROOT_ID, AttrOut, CreateIn, CreateOut, Dirent, EntryOut, FlushIn, ForgetIn,
-                   FsyncIn, FuseError, GetattrIn, InitFlag, InitIn, InitOut, MkdirIn, Opcode, OpenIn,
-                   OpenOut, ReadIn, ReleaseIn, Rename2In, RenameIn, StatfsOut, Wire, WriteIn, WriteOut)
+from .fuse import (
+    FUSE_ROOT_ID,
+    AttrOut,
+    CreateIn,
+    CreateOut,
+    Dirent,
+    EntryOut,
+    FlushIn,
+    ForgetIn,
+    FsyncIn,
+    FuseError,
+    GetattrIn,
+    InitFlag,
+    InitIn,
+    InitOut,
+    MkdirIn,
+    Opcode,
+    OpenIn,
+    OpenOut,
+    ReadIn,
+    ReleaseIn,
+    Rename2In,
+    RenameIn,
+    StatfsOut,
+    Wire,
+    WriteIn,
+    WriteOut,
+)
 
 HIPRIO_QUEUE = 0
 FIRST_REQUEST_QUEUE = 1

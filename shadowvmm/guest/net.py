@@ -26,8 +26,17 @@ from dataclasses import astuple, dataclass, field
 
 from ..errors import ArgumentError, DeviceStateError, NetCtrlError
 from ..virtio.constants import Feature, NetFeature
-from ..virtio.devcfg import (CTRL_HEADER, CTRL_MQ, CTRL_MQ_PAIRS_MAX, CTRL_OK,
-                             NET_CONFIG_BASE_SIZE, CtrlClass, CtrlMq, NetConfig, NetStatus)
+from ..virtio.devcfg import (
+    CTRL_HEADER,
+    CTRL_MQ,
+    CTRL_MQ_PAIRS_MAX,
+    CTRL_OK,
+    NET_CONFIG_BASE_SIZE,
+    CtrlClass,
+    CtrlMq,
+    NetConfig,
+    NetStatus,
+)
 from .driver import GuestDevice, GuestQueue
 
 #: Features the model asks for by default. EVENT_IDX is optional (``start(event_idx=True)``):

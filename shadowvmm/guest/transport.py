@@ -13,8 +13,16 @@ from typing import Protocol
 
 from ..errors import ArgumentError
 from ..transport.mmio import MmioTransport
-from ..transport.pci import (BAR_INDEX, DEVICE_OFF, MSIX_CTRL_ENABLE, PCI_CAP_ID_MSIX,
-                             PCI_CAP_ID_VNDR, CapType, PciTransport, Space)
+from ..transport.pci import (
+    BAR_INDEX,
+    DEVICE_OFF,
+    MSIX_CTRL_ENABLE,
+    PCI_CAP_ID_MSIX,
+    PCI_CAP_ID_VNDR,
+    CapType,
+    PciTransport,
+    Space,
+)
 
 
 class StatusLog:

@@ -88,7 +88,7 @@ class BlkLoad:
         self._stop = False
         self._tasks: list[asyncio.Task] = []
 
-    def start(self) -> "BlkLoad":
+    def start(self) -> BlkLoad:
         queues = len(self.driver.dev.queues)
         self._idle = [asyncio.Event() for _ in range(queues)]
         self._tasks = [asyncio.get_running_loop().create_task(self._queue_loop(q)) for q in range(queues)]

@@ -35,19 +35,27 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Iterable, Iterator, Mapping, Protocol
+from typing import Any, Protocol
 
 from ..backends.base import Capability
 from ..device import VirtioDevice
-from ..errors import (DestinationRefused, DeviceStateError, IncompatibleStateError, MigrationError, StopTimeoutError,
-                      ShadowVmmError, StreamError)
+from ..errors import (
+    DestinationRefused,
+    DeviceStateError,
+    IncompatibleStateError,
+    MigrationError,
+    ShadowVmmError,
+    StopTimeoutError,
+    StreamError,
+)
 from ..memory import PAGE_SHIFT, PAGE_SIZE, DirtyLog, GuestMemory
 from ..shadow import RunState
 from ..transport.pci import PCI_CAP_ID_MSIX
 from ..virtio.constants import DeviceId
 from .state import Destination, DeviceState, shown
-from .stream import (Channel, PageBatch, Record, RecordType, StreamReader, StreamWriter)
+from .stream import Channel, PageBatch, Record, RecordType, StreamReader, StreamWriter
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +154,7 @@ class MigrationHooks:
     pause_guest: Callable[[], Awaitable[None] | None] | None = None
     resume_guest: Callable[[], Awaitable[None] | None] | None = None
     switch_over: Callable[[], Awaitable[None] | None] | None = None
-    progress: Callable[["RoundInfo"], None] | None = None
+    progress: Callable[[RoundInfo], None] | None = None
 
 
 @dataclass(frozen=True)

@@ -44,12 +44,12 @@ from typing import Any, ClassVar, Self
 
 import msgpack
 
-from ..backends.base import RingState
 from ..errors import GuestMemoryError, IncompatibleStateError, StateFormatError, UnknownRequiredFieldError
 from ..memory import GuestMemory
 from ..virtio.constants import ISR_CONFIG, ISR_QUEUE, MAX_QUEUE_SIZE, NO_VECTOR, DeviceId, Feature, Status
 from ..virtio.packed import PackedLayout
 from ..virtio.split import SplitLayout
+from ..virtio.vring import RingState
 
 #: Current state format. Bump when a field is added (a reader refuses formats newer than its
 #: own); mark it required only if a reader must refuse a state that carries it unknown.
@@ -323,7 +323,7 @@ class RingPart(Section):
         _check_range(f"ring {self.index}.base", self.base, 0, 0xFFFF if self.layout == "split" else 0xFFFFFFFF)
 
     @classmethod
-    def from_ring_state(cls, state: RingState, packed: bool) -> "RingPart":
+    def from_ring_state(cls, state: RingState, packed: bool) -> RingPart:
         return cls(state.index, "packed" if packed else "split", state.base)
 
     def ring_state(self) -> RingState:
@@ -379,7 +379,7 @@ class BlkStandard(Standard):
     SCHEMA: ClassVar = (FieldSpec("capacity", int), FieldSpec("writeback", int))
 
     @classmethod
-    def capture(cls, config: bytes, transport: TransportState) -> "BlkStandard":
+    def capture(cls, config: bytes, transport: TransportState) -> BlkStandard:
         wce = config[cls.WRITEBACK_OFFSET] if len(config) > cls.WRITEBACK_OFFSET else 1
         return cls(_field(config, _U64, 0), wce & 1)
 
@@ -413,7 +413,7 @@ class NetStandard(Standard):
             raise StateFormatError(f"net.mac: {len(self.mac)} bytes, not 6")
 
     @classmethod
-    def capture(cls, config: bytes, transport: TransportState) -> "NetStandard":
+    def capture(cls, config: bytes, transport: TransportState) -> NetStandard:
         queues = transport.queues
         pairs = sum(1 for i in range(0, len(queues) - 1, 2) if queues[i].enabled and queues[i + 1].enabled)
         return cls(bytes(config[:6]).ljust(6, b"\0"), _field(config, _U16, 6), pairs)
@@ -432,7 +432,7 @@ class FsStandard(Standard):
     SCHEMA: ClassVar = (FieldSpec("tag", str), FieldSpec("num_request_queues", int))
 
     @classmethod
-    def capture(cls, config: bytes, transport: TransportState) -> "FsStandard":
+    def capture(cls, config: bytes, transport: TransportState) -> FsStandard:
         tag = bytes(config[:cls.TAG_BYTES]).split(b"\0", 1)[0].decode(errors="replace")
         return cls(tag, _field(config, _U32, cls.TAG_BYTES))
 
@@ -451,7 +451,7 @@ class RngStandard(Standard):
     SCHEMA: ClassVar = ()
 
     @classmethod
-    def capture(cls, config: bytes, transport: TransportState) -> "RngStandard":
+    def capture(cls, config: bytes, transport: TransportState) -> RngStandard:
         return cls()
 
 
@@ -533,7 +533,7 @@ class DeviceState(Section):
         return out
 
     @classmethod
-    def from_wire(cls, data: Any, version: int, where: str) -> "DeviceState":
+    def from_wire(cls, data: Any, version: int, where: str) -> DeviceState:
         if not isinstance(data, dict):
             raise StateFormatError(f"{where}: expected a map, got {type(data).__name__}")
         rest = dict(data)
@@ -569,7 +569,7 @@ class DeviceState(Section):
         return hashlib.sha256(self.encode(self.format)).hexdigest()
 
     @classmethod
-    def unpack(cls, blob: bytes) -> "DeviceState":
+    def unpack(cls, blob: bytes) -> DeviceState:
         """Decode and validate; raises :class:`StateFormatError` or :class:`IncompatibleStateError`,
         the message prefixed with the device's name when the blob carries one."""
         try:
@@ -587,7 +587,7 @@ class DeviceState(Section):
             raise type(exc)(f"{where}: {exc}") from None
 
     @classmethod
-    def _unpack(cls, data: dict[Any, Any], body: Any) -> "DeviceState":
+    def _unpack(cls, data: dict[Any, Any], body: Any) -> DeviceState:
         version = data.get(REQUIRED + "format")
         if isinstance(version, bool) or not isinstance(version, int):
             raise StateFormatError(f"bad format version {version!r}")

@@ -357,7 +357,7 @@ class Endpoint:
                 raise StreamError(f"{self}: the listening process is {refusal}; not sending the migration to it")
         return channel
 
-    async def listen(self, *, peer_uid: int | None = None) -> "Listener":
+    async def listen(self, *, peer_uid: int | None = None) -> Listener:
         """The destination side: listen (sockets) or open the file.
 
         ``unix:``: only a peer of uid *peer_uid* (default: ours) is accepted.

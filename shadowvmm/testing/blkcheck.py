@@ -71,7 +71,7 @@ class Writers:
         self._busy = [False] * writers
         self._tasks: list[asyncio.Task[None]] = []
 
-    def start(self) -> "Writers":
+    def start(self) -> Writers:
         self._gate.set()
         self._tasks = [asyncio.get_running_loop().create_task(self._run(i)) for i in range(self.writers)]
         return self
@@ -99,7 +99,7 @@ class Writers:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
 
-    async def bounded(self, awaitable: "asyncio.Future[list[bytes]] | object", what: str, *,
+    async def bounded(self, awaitable: asyncio.Future[list[bytes]] | object, what: str, *,
                       needs_reset_ends: bool = True) -> list[bytes]:
         """Await *awaitable* at most :attr:`bound` s; :class:`NeedsReset` when the device shows
         DEVICE_NEEDS_RESET first (unless *needs_reset_ends* is False: a reset, which clears it)."""

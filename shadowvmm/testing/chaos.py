@@ -63,7 +63,7 @@ from ..lifecycle import ReconnectPolicy
 from ..machine import Machine
 from ..memory import GuestAllocator, GuestMemory
 from ..migration.harness import move_guest
-from ..migration.migrate import MigrationOptions, migrate_in, migrate_out, MigrationHooks
+from ..migration.migrate import MigrationHooks, MigrationOptions, migrate_in, migrate_out
 from ..migration.stream import Endpoint
 from ..shadow import StopDialect
 from ..virtio.constants import Feature, Status
@@ -110,7 +110,7 @@ class Plan:
     seed: int
 
     @classmethod
-    def from_seed(cls, seed: int, backend: str, queues: int, steps: int) -> "Plan":
+    def from_seed(cls, seed: int, backend: str, queues: int, steps: int) -> Plan:
         rnd = random.Random(seed)
         transport = rnd.choice(["pci-msix", "pci-msix", "pci-intx", "mmio"])
         dialect = rnd.choice([StopDialect.NONE, StopDialect.SUSPEND, StopDialect.STOP])
@@ -257,7 +257,7 @@ class Resources:
     task_names: tuple[str, ...] = ()
 
     @classmethod
-    def now(cls) -> "Resources":
+    def now(cls) -> Resources:
         gc.collect()
         with open("/proc/self/maps") as maps:
             count = sum(1 for _ in maps)

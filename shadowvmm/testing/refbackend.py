@@ -272,7 +272,7 @@ class RefBlkServer:
 
     # ------------------------------------------------------------------ server
 
-    async def start(self) -> "RefBlkServer":
+    async def start(self) -> RefBlkServer:
         self._loop = asyncio.get_running_loop()
         if os.path.exists(self.path):
             os.unlink(self.path)
@@ -306,7 +306,7 @@ class RefBlkServer:
         """Whether a front-end session is open."""
         return self._session is not None
 
-    async def __aenter__(self) -> "RefBlkServer":
+    async def __aenter__(self) -> RefBlkServer:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:

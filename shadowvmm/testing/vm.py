@@ -39,9 +39,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
 
 from ..errors import BootError, KitBuildError, ToolMissingError, VmLaneError
 
@@ -146,7 +146,7 @@ class Kit:
         return self.path / "include" / "linux"
 
     @classmethod
-    def load(cls, path: Path) -> "Kit | None":
+    def load(cls, path: Path) -> Kit | None:
         """The kit in *path*, or ``None`` when it is missing or incomplete."""
         try:
             meta = json.loads((path / "kit.json").read_text())

@@ -7,8 +7,8 @@ InterruptStatus and raises the single interrupt line (``intx_fd``).
 
 from __future__ import annotations
 
-from ..errors import ArgumentError
 from ..device import VirtioDevice
+from ..errors import ArgumentError
 from ..shadow import GuestFault
 from .registers import Access, Register, RegisterFile
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 import enum
 import struct
 
-from ..errors import ArgumentError
 from ..device import VirtioDevice
+from ..errors import ArgumentError
 from ..shadow import GuestFault
 from ..virtio.constants import DeviceId
 from .registers import Access, Register, RegisterFile

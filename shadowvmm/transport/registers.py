@@ -10,8 +10,8 @@ of refused accesses return 0. Nothing a guest does raises.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ..errors import ArgumentError
 from ..shadow import FaultCounter, GuestFault

@@ -23,11 +23,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..backends.base import RingState
 from ..errors import RingError
 from ..memory import GuestMemory
 from .constants import MAX_QUEUE_SIZE
 from .split import INDIRECT_MAX, DescChain, RingAreas, need_event
+from .vring import RingState
 
 PACKED_DESC = struct.Struct("<QIHH")  #: pvirtq_desc: addr, len, id, flags (v1.4 §2.8.13)
 #: pvirtq_event_suppress: le16 desc {off:15, wrap:1}, le16 flags (v1.4 §2.8.14)

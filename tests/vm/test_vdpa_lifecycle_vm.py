@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from test_vdpa_device_vm import MODES, backend_config, check_mode
 
 from shadowvmm.backends.vdpa import VdpaBackend
 from shadowvmm.config import DeviceConfig
@@ -21,8 +22,6 @@ from shadowvmm.machine import Machine
 from shadowvmm.migration.harness import machine_sharing, move_guest
 from shadowvmm.shadow import StopDialect
 from shadowvmm.virtio.constants import Status
-
-from test_vdpa_device_vm import MODES, backend_config, check_mode
 
 LIVE = int(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK)
 BLOCK = bytes(range(256)) * 16

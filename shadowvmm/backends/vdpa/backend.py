@@ -18,14 +18,15 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ...errors import ConfigError, DeviceStateError, UnsupportedError, VdpaError, VdpaIoctlError, VdpaMappingError
 from ...memory import GuestMemory
 from ...options import REQUIRED, Option, OptionSchema
 from ...virtio.constants import DeviceId, Feature, Status
-from ..base import BackendEvent, BackendEventHandler, BackendEventKind, Capability, RingState, VringAddr
+from ..base import BackendBase, BackendEvent, BackendEventHandler, BackendEventKind, Capability, RingState, VringAddr
 from .ioctl import (
     U8,
     U64,
@@ -65,7 +66,7 @@ def _shared_file_mappings() -> list[tuple[int, int]]:
     return spans
 
 
-class VdpaBackend:
+class VdpaBackend(BackendBase):
     """A vhost-vdpa device (``/dev/vhost-vdpa-N``) behind the :class:`~..base.Backend` protocol.
 
     Config keys: ``path`` (the vhost-vdpa node), ``device`` (``"net"`` or

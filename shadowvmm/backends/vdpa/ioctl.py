@@ -166,7 +166,7 @@ class VdpaConfig(Layout):
         return self.STRUCT.pack(self.off, self.len) + self.buf.ljust(self.len, b"\0")[:self.len]
 
     @classmethod
-    def unpack(cls, data: bytes | bytearray | memoryview) -> "VdpaConfig":
+    def unpack(cls, data: bytes | bytearray | memoryview) -> VdpaConfig:
         off, length = cls.STRUCT.unpack_from(data)
         return cls(off, length, bytes(data[cls.STRUCT.size:cls.STRUCT.size + length]))
 
@@ -308,19 +308,19 @@ class IotlbMsgV2(Layout):
 
     @classmethod
     def update(cls, iova: int, size: int, uaddr: int, perm: Access = Access.RW,
-               asid: int = 0) -> "IotlbMsgV2":
+               asid: int = 0) -> IotlbMsgV2:
         return cls(VHOST_IOTLB_MSG_V2, asid, iova, size, uaddr, perm, IotlbType.UPDATE)
 
     @classmethod
-    def invalidate(cls, iova: int, size: int, asid: int = 0) -> "IotlbMsgV2":
+    def invalidate(cls, iova: int, size: int, asid: int = 0) -> IotlbMsgV2:
         return cls(VHOST_IOTLB_MSG_V2, asid, iova, size, 0, 0, IotlbType.INVALIDATE)
 
     @classmethod
-    def batch_begin(cls, asid: int = 0) -> "IotlbMsgV2":
+    def batch_begin(cls, asid: int = 0) -> IotlbMsgV2:
         return cls(VHOST_IOTLB_MSG_V2, asid, 0, 0, 0, 0, IotlbType.BATCH_BEGIN)
 
     @classmethod
-    def batch_end(cls, asid: int = 0) -> "IotlbMsgV2":
+    def batch_end(cls, asid: int = 0) -> IotlbMsgV2:
         return cls(VHOST_IOTLB_MSG_V2, asid, 0, 0, 0, 0, IotlbType.BATCH_END)
 
     def write(self, fd: int) -> None:

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from pyroute2.netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, genlmsg
 from pyroute2.netlink.exceptions import NetlinkError
@@ -188,7 +189,7 @@ class VdpaNetlink:
     def __init__(self) -> None:
         self._sock: _VdpaSocket | None = None
 
-    async def __aenter__(self) -> "VdpaNetlink":
+    async def __aenter__(self) -> VdpaNetlink:
         await self.open()
         return self
 

@@ -39,7 +39,7 @@ from ...errors import ArgumentError, BackendDisconnected, ConfigError, DeviceSta
 from ...memory import GuestMemory
 from ...options import MAX_QUEUES, REQUIRED, Option, OptionSchema
 from ...virtio.constants import DeviceId, Feature
-from ..base import BackendEvent, BackendEventHandler, BackendEventKind, Capability, RingState, VringAddr
+from ..base import BackendBase, BackendEvent, BackendEventHandler, BackendEventKind, Capability, RingState, VringAddr
 from . import protocol as vu
 from .connection import (
     DEFAULT_TIMEOUT,
@@ -100,7 +100,7 @@ MAX_STATE_BYTES = 1 << 30
 _CHUNK = 1 << 16
 
 
-class VhostUserBackend:
+class VhostUserBackend(BackendBase):
     """A vhost-user back-end reached over a unix socket.
 
     *config* keys: ``socket`` (path, required), ``device`` (one of

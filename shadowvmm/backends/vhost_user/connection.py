@@ -35,12 +35,12 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from ...errors import (
     ArgumentError,
     ArgumentTypeError,
-    RequestFailed,
     BackendDisconnected,
     BackendError,
     BackendTimeout,
     DeviceStateError,
     ProtocolError,
+    RequestFailed,
     UnsupportedError,
 )
 from .protocol import (
