@@ -6,10 +6,10 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test setup peers bench soak fuzz clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml plugins/vhost-user/pyproject.toml plugins/vdpa/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test]' -e plugins/vhost-user -e plugins/vdpa
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -3,7 +3,7 @@
 
 Path measured: the guest driver model (:class:`~shadowvmm.guest.blk.BlkDriver`, split ring,
 PCI with MSI-X) -> the device layer (notify register -> kick eventfd; call eventfd ->
-MSI-X vector) -> :class:`~shadowvmm.backends.vhost_user.VhostUserBackend` -> a real
+MSI-X vector) -> :class:`~shadowvmm_vhost_user.VhostUserBackend` -> a real
 ``qemu-storage-daemon`` exporting ``null-co`` (``read-zeroes=off``: no data is produced, so
 the figure is the cost of the request path itself). Depth N means N requests in flight:
 :meth:`BlkDriver.pipeline` adds the first N with one kick and, after each wake-up, replaces
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import Stopwatch, machine_info, pin_threads, profile_table, profiled, run_checked, run_loop  # noqa: E402
 
-from shadowvmm.backends.vhost_user import VhostUserBackend  # noqa: E402
+from shadowvmm_vhost_user import VhostUserBackend  # noqa: E402
 from shadowvmm.config import DeviceConfig  # noqa: E402
 from shadowvmm.guest.blk import BlkDriver, BlkOp  # noqa: E402
 from shadowvmm.machine import Machine  # noqa: E402

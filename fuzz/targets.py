@@ -27,8 +27,8 @@ import msgpack
 
 from shadowvmm import config as configmod
 from shadowvmm.backends.inproc import BlkModel, RngModel
-from shadowvmm.backends.vhost_user import protocol as vu
-from shadowvmm.backends.vhost_user.connection import BackendChannel, Connection
+from shadowvmm_vhost_user import protocol as vu
+from shadowvmm_vhost_user.connection import BackendChannel, Connection
 from shadowvmm.config import DeviceConfig
 from shadowvmm.errors import ShadowVmmError
 from shadowvmm.machine import Machine

@@ -1,4 +1,8 @@
-"""Command line: ``shadowvmm run | probe | migrate``.
+"""Command line: ``shadowvmm run | migrate`` plus the commands plugins add (``probe``).
+
+Plugins add subcommands through the ``shadowvmm.commands`` entry-point group: each entry
+resolves to a :class:`Command`. ``-v`` (INFO: lifecycle transitions) and ``--trace`` (DEBUG:
+every backend message) work before or after the subcommand.
 
 Every :class:`~shadowvmm.errors.ShadowVmmError` (a bad config above all: the
 file, the key path and what was expected) ends the command with one line,
@@ -10,20 +14,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import sys
 import time
 from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Protocol, TextIO
 
 from . import config as configmod
 from .backends.base import load_backend
 from .device import VirtioDevice
-from .errors import ConfigError, DeviceFailedError, GuestMemoryError, ShadowVmmError
+from .errors import ConfigError, DeviceFailedError, GuestMemoryError, PluginError, ShadowVmmError
 from .guest.blk import BlkDriver
 from .guest.rng import RngDriver
 from .lifecycle import unless_failed
 from .machine import Machine
+from .migration import cli as migration_cli
 from .virtio.constants import BlkFeature, DeviceId, Status, feature_names
 from .workload import StatusWatcher, blk_write_verify
 
@@ -171,12 +177,28 @@ async def _run_blk(cfg, dev_cfg, device, guest, out) -> int:
     return 0 if ok else 1
 
 
-async def probe(socket: str, as_json: bool, timeout: float, out=sys.stdout) -> int:
-    from .backends.vhost_user.probe import format_probe
-    from .backends.vhost_user.probe import probe as do_probe
-    info = await do_probe(socket, timeout)
-    print(json.dumps(info, indent=2) if as_json else format_probe(info), file=out)
-    return 0
+COMMANDS_GROUP = "shadowvmm.commands"
+
+
+class Command(Protocol):
+    """A subcommand a plugin adds (entry-point group ``shadowvmm.commands``)."""
+
+    help: str
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
+
+    async def run(self, args: argparse.Namespace, out: TextIO) -> int: ...
+
+
+def plugin_commands() -> dict[str, Command]:
+    """The registered plugin commands; an entry point that fails to import raises PluginError."""
+    found: dict[str, Command] = {}
+    for ep in metadata.entry_points(group=COMMANDS_GROUP):
+        try:
+            found[ep.name] = ep.load()
+        except Exception as exc:
+            raise PluginError(f"command {ep.name!r} ({ep.value}) failed to load: {exc}") from exc
+    return found
 
 
 def _runner() -> asyncio.Runner:
@@ -188,44 +210,50 @@ def _runner() -> asyncio.Runner:
     return asyncio.Runner(loop_factory=uvloop.new_event_loop)
 
 
-def _seconds(text: str) -> float:
-    """An argparse type: a positive, finite number of seconds."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
-    return value
-
-
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).splitlines()) or type(exc).__name__
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="shadowvmm", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
+def _verbosity() -> argparse.ArgumentParser:
+    """The logging options, accepted before and after the subcommand."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log lifecycle transitions (INFO)")
+    common.add_argument("--trace", action="store_true", default=argparse.SUPPRESS,
+                        help="log every backend message in both directions (DEBUG)")
+    return common
+
+
+def build_parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
+    common = _verbosity()
+    parser = argparse.ArgumentParser(prog="shadowvmm", description=__doc__, parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
-    p_run = sub.add_parser("run", help="run the configured machine's main job")
+    p_run = sub.add_parser("run", help="run the configured machine's main job", parents=[common])
     p_run.add_argument("config")
-    p_probe = sub.add_parser("probe", help="probe a vhost-user backend socket")
-    p_probe.add_argument("socket")
-    p_probe.add_argument("--json", action="store_true")
-    p_probe.add_argument("--timeout", type=_seconds, default=5.0)
-    from .migration import cli as migration_cli
-    migration_cli.add_parser(sub)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
-                        format="%(levelname)s %(name)s: %(message)s")
+    migration_cli.add_parser(sub, parents=[common])
+    for name, command in sorted(commands.items()):
+        command.add_arguments(sub.add_parser(name, help=command.help, parents=[common]))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        commands = plugin_commands()
+    except ShadowVmmError as exc:
+        print(f"shadowvmm: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    args = build_parser(commands).parse_args(argv)
+    level = logging.DEBUG if getattr(args, "trace", False) else \
+        logging.INFO if getattr(args, "verbose", False) else logging.ERROR
+    logging.basicConfig(level=level, format="%(relativeCreated)9.3f %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "run":
             cfg = configmod.load(args.config)
             with _runner() as runner:
                 return runner.run(run(cfg, sys.stdout))
-        if args.command == "probe":
+        if args.command in commands:
             with _runner() as runner:
-                return runner.run(probe(args.socket, args.json, args.timeout, sys.stdout))
+                return runner.run(commands[args.command].run(args, sys.stdout))
         if args.command == "migrate":
             with _runner() as runner:
                 return runner.run(migration_cli.run(args))

@@ -20,9 +20,9 @@ import pytest
 from shadowvmm import cli
 from shadowvmm.backends import base
 from shadowvmm.backends.inproc import BlkModel, InProcBackend, RngModel
-from shadowvmm.backends.vdpa.backend import VdpaBackend
-from shadowvmm.backends.vdpa.ioctl import BackendFeature
-from shadowvmm.backends.vhost_user.backend import VhostUserBackend
+from shadowvmm_vdpa.backend import VdpaBackend
+from shadowvmm_vdpa.ioctl import BackendFeature
+from shadowvmm_vhost_user.backend import VhostUserBackend
 from shadowvmm.config import (
     DEVICE,
     MACHINE,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from shadowvmm.backends.vhost_user.backend import VhostUserBackend
+from shadowvmm_vhost_user.backend import VhostUserBackend
 from shadowvmm.config import DeviceConfig
 from shadowvmm.errors import ProtocolError, ShadowVmmError
 from shadowvmm.guest import fuse

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from shadowvmm.backends.base import Capability
-from shadowvmm.backends.vhost_user.backend import VhostUserBackend
+from shadowvmm_vhost_user.backend import VhostUserBackend
 from shadowvmm.config import DeviceConfig
 from shadowvmm.errors import DeviceStateError
 from shadowvmm.guest.net import CTRL_HEADER, NET_HDR_SIZE, CtrlClass, CtrlMq, NetDriver, NetHeader

@@ -20,7 +20,7 @@ from shadowvmm import cli
 from shadowvmm import config as configmod
 from shadowvmm.backends.base import Backend
 from shadowvmm.backends.inproc import InProcBackend
-from shadowvmm.backends.vhost_user import VhostUserBackend
+from shadowvmm_vhost_user import VhostUserBackend
 from shadowvmm.config import DeviceConfig
 from shadowvmm.device import VirtioDevice
 from shadowvmm.errors import ArgumentError, BackendError, DeviceStateError

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from shadowvmm.backends.vhost_user import VhostUserBackend
+from shadowvmm_vhost_user import VhostUserBackend
 from shadowvmm.config import DeviceConfig
 from shadowvmm.errors import IncompatibleStateError, MigrationError
 from shadowvmm.guest.blk import BlkDriver
@@ -18,7 +18,7 @@ from shadowvmm.machine import Machine
 from shadowvmm.migration.harness import machine_sharing, move_guest
 from shadowvmm.migration.migrate import MigrationHooks, MigrationOptions, migrate_in, migrate_out
 from shadowvmm.migration.stream import Endpoint
-from shadowvmm.testing.refbackend import RefBlkServer
+from shadowvmm_vhost_user.refbackend import RefBlkServer
 from shadowvmm.virtio.constants import Status
 
 IMPL = "shadowvmm-refblk"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from shadowvmm.backends.base import Capability
-from shadowvmm.backends.vhost_user import VhostUserBackend
+from shadowvmm_vhost_user import VhostUserBackend
 from shadowvmm.config import DeviceConfig
 from shadowvmm.errors import MigrationError
 from shadowvmm.guest.fs import FsDriver

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from shadowvmm.backends.inproc import InProcBackend
-from shadowvmm.backends.vhost_user import VhostUserBackend
+from shadowvmm_vhost_user import VhostUserBackend
 from shadowvmm.config import DeviceConfig
 from shadowvmm.device import VirtioDevice
 from shadowvmm.errors import DeviceStateError, MigrationError

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shadowvmm.backends.vhost_user import protocol as vu
+from shadowvmm_vhost_user import protocol as vu
 from shadowvmm.testing.peers import PeerCommandError, QsdBlk, probe_features
 from shadowvmm.testing.plugin import require_peer
 

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from shadowvmm.backends.vhost_user import protocol as vu
-from shadowvmm.backends.vhost_user.connection import Connection, Runstate, unix_connector
+from shadowvmm_vhost_user import protocol as vu
+from shadowvmm_vhost_user.connection import Connection, Runstate, unix_connector
 from shadowvmm.memory import GuestMemory
 from shadowvmm.testing.peers import RefBlk
-from shadowvmm.testing.refbackend import (
+from shadowvmm_vhost_user.refbackend import (
     INFLIGHT_DESC,
     INFLIGHT_HEADER,
     InflightQueue,

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from shadowvmm.backends.base import Capability
-from shadowvmm.backends.vdpa.backend import VdpaBackend, _shared_file_mappings
-from shadowvmm.backends.vdpa.ioctl import (
+from shadowvmm_vdpa.backend import VdpaBackend, _shared_file_mappings
+from shadowvmm_vdpa.ioctl import (
     U64,
     Access,
     BackendFeature,
@@ -34,7 +34,7 @@ from shadowvmm.backends.vdpa.ioctl import (
     VringFile,
     VringState,
 )
-from shadowvmm.backends.vdpa.netlink import (
+from shadowvmm_vdpa.netlink import (
     ATTRS,
     Attr21,
     VdpaCmd,
@@ -44,7 +44,7 @@ from shadowvmm.backends.vdpa.netlink import (
 )
 from shadowvmm.errors import BackendError, ConfigError
 from shadowvmm.memory import GuestMemory
-from shadowvmm.testing.vm import DEFAULT_CACHE_DIR, ENV_KIT_DIR, Kit
+from shadowvmm_vdpa.vm import DEFAULT_CACHE_DIR, ENV_KIT_DIR, Kit
 
 #: Numbers as the fact sheet lists them (section 3).
 FACT_SHEET = {

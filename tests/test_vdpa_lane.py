@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from shadowvmm.testing.vm import (
+from shadowvmm_vdpa.vm import (
     ENV_IN_VM,
     Kit,
     VdpaVmLane,

@@ -12,10 +12,10 @@ import uvloop
 from fakes.vhost_user_fake import CLOSE, FakeBackend, Received, Send
 
 from shadowvmm.backends.base import Backend, BackendEvent, BackendEventKind, Capability, RingState, VringAddr
-from shadowvmm.backends.vhost_user import VhostUserBackend
-from shadowvmm.backends.vhost_user import protocol as vu
-from shadowvmm.backends.vhost_user.backend import SUPPORTED_PROTOCOL_FEATURES
-from shadowvmm.backends.vhost_user.connection import RequestFailed
+from shadowvmm_vhost_user import VhostUserBackend
+from shadowvmm_vhost_user import protocol as vu
+from shadowvmm_vhost_user.backend import SUPPORTED_PROTOCOL_FEATURES
+from shadowvmm_vhost_user.connection import RequestFailed
 from shadowvmm.errors import BackendDisconnected, ConfigError, DeviceStateError, GuestMemoryError, UnsupportedError
 from shadowvmm.memory import GuestMemory
 from shadowvmm.virtio.constants import BlkFeature, Feature

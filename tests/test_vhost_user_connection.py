@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from fakes.vhost_user_fake import CLOSE, SILENT, U64, Action, FakeBackend, Received, Send
 
-from shadowvmm.backends.vhost_user import protocol as vu
-from shadowvmm.backends.vhost_user.connection import BackendMessage, Connection, RequestFailed, Runstate, unix_connector
+from shadowvmm_vhost_user import protocol as vu
+from shadowvmm_vhost_user.connection import BackendMessage, Connection, RequestFailed, Runstate, unix_connector
 from shadowvmm.errors import (
     BackendDisconnected,
     BackendError,

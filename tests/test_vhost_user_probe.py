@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from fakes.vhost_user_fake import SILENT, FakeBackend
 
-from shadowvmm.backends.vhost_user import format_probe, probe
-from shadowvmm.backends.vhost_user import protocol as vu
+from shadowvmm_vhost_user import format_probe, probe
+from shadowvmm_vhost_user import protocol as vu
 from shadowvmm.errors import BackendDisconnected, BackendTimeout
 from shadowvmm.testing.peers import QsdBlk
 from shadowvmm.testing.plugin import require_peer

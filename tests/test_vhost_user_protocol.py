@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shadowvmm.backends.vhost_user import protocol as vu
+from shadowvmm_vhost_user import protocol as vu
 from shadowvmm.errors import ProtocolError
 
 u8 = st.integers(0, 0xFF)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from shadowvmm.backends.base import Capability, RingState, VringAddr
-from shadowvmm.backends.vhost_user import VhostUserBackend
-from shadowvmm.backends.vhost_user.connection import wait_fd
+from shadowvmm_vhost_user import VhostUserBackend
+from shadowvmm_vhost_user.connection import wait_fd
 from shadowvmm.config import DeviceConfig
 from shadowvmm.guest.blk import BlkDriver
 from shadowvmm.machine import Machine

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from shadowvmm.backends.base import RingState
-from shadowvmm.backends.vhost_user import VhostUserBackend
-from shadowvmm.backends.vhost_user.probe import probe
+from shadowvmm_vhost_user import VhostUserBackend
+from shadowvmm_vhost_user.probe import probe
 from shadowvmm.config import DeviceConfig
 from shadowvmm.device import VirtioDevice
 from shadowvmm.guest.blk import BlkDriver, BlkOp

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from shadowvmm.backends.base import Capability
-from shadowvmm.backends.vhost_user.backend import VhostUserBackend
+from shadowvmm_vhost_user.backend import VhostUserBackend
 from shadowvmm.config import DeviceConfig
 from shadowvmm.device import VirtioDevice
 from shadowvmm.guest.net import NetDriver

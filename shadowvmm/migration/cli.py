@@ -31,8 +31,9 @@ from .migrate import MigrationHooks, MigrationOptions, RoundInfo, migrate_in, mi
 from .stream import Endpoint
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("migrate", help="live-migrate a machine's devices (and memory) under guest load")
+def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser] | None = None) -> None:
+    p = sub.add_parser("migrate", help="live-migrate a machine's devices (and memory) under guest load",
+                       parents=parents or [])
     p.add_argument("source_config")
     p.add_argument("dest_config")
     p.add_argument("--to", required=True, help="tcp:HOST:PORT, unix:PATH or file:PATH")

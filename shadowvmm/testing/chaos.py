@@ -51,9 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..backends.base import Backend
+from ..backends.base import Backend, load_backend
 from ..backends.inproc import InProcBackend
-from ..backends.vhost_user import VhostUserBackend
 from ..config import DeviceConfig
 from ..device import VirtioDevice
 from ..errors import ShadowVmmError
@@ -180,7 +179,7 @@ class QsdHost(Host):
         self.peer.stop()
 
     def backend(self, index: int) -> Backend:
-        return VhostUserBackend({"socket": str(self.peer.socket_paths[index]), "device": "blk",
+        return load_backend("vhost-user")({"socket": str(self.peer.socket_paths[index]), "device": "blk",
                                  "queues": self.queues, "timeout": 3.0})
 
     def kill(self, sig: int) -> None:
@@ -217,7 +216,7 @@ class RefHost(Host):
             peer.stop()
 
     def backend(self, index: int) -> Backend:
-        return VhostUserBackend({"socket": str(self.peers[index].socket_path), "device": "blk",
+        return load_backend("vhost-user")({"socket": str(self.peers[index].socket_path), "device": "blk",
                                  "queues": self.queues, "timeout": 3.0})
 
     def kill(self, sig: int) -> None:

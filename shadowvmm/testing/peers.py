@@ -8,7 +8,7 @@ Three backends come from Debian bookworm packages (see
 * :class:`Virtiofsd` - the C ``virtiofsd`` of QEMU 7.2 (one session per process);
 * :class:`DpdkTestpmd` - ``dpdk-testpmd`` with the ``net_vhost`` PMD, no hugepages;
 * :class:`RefBlk` - the Python reference vhost-user-blk back-end
-  (:mod:`shadowvmm.testing.refbackend`) in its own process.
+  (:mod:`shadowvmm_vhost_user.refbackend`) in its own process.
 
 Every launcher owns exactly one child process, writes its log into the work
 directory, and is a context manager (``with QsdBlk(...) as qsd: ...``).
@@ -693,7 +693,7 @@ class QsdBlk(_Peer):
 
 
 class RefBlk(_Peer):
-    """The reference vhost-user-blk back-end (:mod:`shadowvmm.testing.refbackend`) as a process.
+    """The reference vhost-user-blk back-end (:mod:`shadowvmm_vhost_user.refbackend`) as a process.
 
     It offers what no Debian peer does (INFLIGHT_SHMFD, RESET_DEVICE, STATUS,
     DEVICE_STATE) and serves one front-end at a time, the next waiting in the
@@ -703,7 +703,7 @@ class RefBlk(_Peer):
     (``latency_data_only``: only reads and writes, so a FLUSH is used ahead of
     them, out of order); :meth:`drop_session` makes it close the session and
     wait for the next front-end. The child runs ``sys.executable -m
-    shadowvmm.testing.refbackend`` on the shadowvmm package the parent imported.
+    shadowvmm_vhost_user.refbackend`` on the shadowvmm package the parent imported.
     """
 
     kind = "refblk"
@@ -742,7 +742,7 @@ class RefBlk(_Peer):
         return [
             self.binary,
             "-m",
-            "shadowvmm.testing.refbackend",
+            "shadowvmm_vhost_user.refbackend",
             os.fspath(self.socket_path),
             "--image",
             os.fspath(self.image),

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from shadowvmm.backends.vdpa import VdpaNetlink, vhost_vdpa_path
-from shadowvmm.testing.vm import ENV_IN_VM, in_vm
+from shadowvmm_vdpa import VdpaNetlink, vhost_vdpa_path
+from shadowvmm_vdpa.vm import ENV_IN_VM, in_vm
 
 HERE = Path(__file__).parent
 

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from shadowvmm.backends.base import Capability
-from shadowvmm.backends.vdpa import VdpaBackend
-from shadowvmm.backends.vdpa.ioctl import BackendFeature
+from shadowvmm_vdpa import VdpaBackend
+from shadowvmm_vdpa.ioctl import BackendFeature
 from shadowvmm.config import DeviceConfig
 from shadowvmm.guest.blk import BlkDriver
 from shadowvmm.machine import Machine

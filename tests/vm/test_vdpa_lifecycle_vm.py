@@ -15,7 +15,7 @@ import asyncio
 import pytest
 from test_vdpa_device_vm import MODES, backend_config, check_mode
 
-from shadowvmm.backends.vdpa import VdpaBackend
+from shadowvmm_vdpa import VdpaBackend
 from shadowvmm.config import DeviceConfig
 from shadowvmm.guest.blk import BlkDriver
 from shadowvmm.machine import Machine

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 
-from shadowvmm.backends.vdpa import VdpaBackend
+from shadowvmm_vdpa import VdpaBackend
 from shadowvmm.config import DeviceConfig
 from shadowvmm.machine import Machine
 from shadowvmm.migration.harness import machine_sharing, move_guest

@@ -14,9 +14,9 @@ import struct
 import pytest
 
 from shadowvmm.backends.base import Capability, VringAddr
-from shadowvmm.backends.vdpa import VdpaBackend, VdpaNetlink, VdpaNetlinkError
-from shadowvmm.backends.vdpa.ioctl import BackendFeature
-from shadowvmm.backends.vdpa.netlink import Attr21
+from shadowvmm_vdpa import VdpaBackend, VdpaNetlink, VdpaNetlinkError
+from shadowvmm_vdpa.ioctl import BackendFeature
+from shadowvmm_vdpa.netlink import Attr21
 from shadowvmm.errors import ConfigError, UnsupportedError
 from shadowvmm.memory import GuestAllocator, GuestMemory
 from shadowvmm.virtio.constants import DeviceId, Feature, NetFeature, Status

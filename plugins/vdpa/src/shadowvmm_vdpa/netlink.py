@@ -30,7 +30,7 @@ from pyroute2.netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, genlmsg
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic import AsyncGenericNetlinkSocket
 
-from ...errors import VdpaError, VdpaNetlinkError
+from shadowvmm.errors import VdpaError, VdpaNetlinkError
 
 VDPA_GENL_NAME = "vdpa"
 VDPA_GENL_VERSION = 1

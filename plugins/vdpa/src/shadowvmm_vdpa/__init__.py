@@ -1,7 +1,8 @@
 """vhost-vdpa backend: ioctls and IOTLB (:mod:`.ioctl`), the backend (:mod:`.backend`),
 device management over the ``vdpa`` generic-netlink family (:mod:`.netlink`)."""
 
-from ...errors import VdpaError, VdpaIoctlError, VdpaMappingError, VdpaNetlinkError
+from shadowvmm.errors import VdpaError, VdpaIoctlError, VdpaMappingError, VdpaNetlinkError
+
 from .backend import VdpaBackend
 from .ioctl import BackendFeature, Ioctl
 from .netlink import VdpaNetlink, vhost_vdpa_path

@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from ...errors import (
+from shadowvmm.errors import (
     ArgumentError,
     ArgumentTypeError,
     BackendDisconnected,
@@ -43,6 +43,7 @@ from ...errors import (
     RequestFailed,
     UnsupportedError,
 )
+
 from .protocol import (
     BACKEND_SPECS,
     FRONTEND_SPECS,

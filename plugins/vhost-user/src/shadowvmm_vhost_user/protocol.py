@@ -22,7 +22,7 @@ from types import MappingProxyType
 from typing import ClassVar, Self
 from uuid import UUID
 
-from ...errors import ProtocolError
+from shadowvmm.errors import ProtocolError
 
 #: "Header": the lower two flag bits carry the protocol version, currently 1.
 VERSION = 0x1

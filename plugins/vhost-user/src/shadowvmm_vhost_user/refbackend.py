@@ -5,7 +5,7 @@ It exists to test the paths no packaged back-end offers (lab trace
 end through a real unix socket. It serves one front-end session at a time
 on an asyncio unix server (:class:`RefBlkServer`); further clients wait in
 the listen backlog. It runs in the test's process or its own
-(``python -m shadowvmm.testing.refbackend SOCKET``, launcher
+(``python -m shadowvmm_vhost_user.refbackend SOCKET``, launcher
 :class:`shadowvmm.testing.peers.RefBlk`), where SIGUSR1 drops the session
 (:meth:`RefBlkServer.drop_session`) and SIGTERM exits.
 
@@ -44,12 +44,20 @@ from typing import Any, NamedTuple
 
 import msgpack
 
-from ..backends.inproc import BlkModel
-from ..backends.vhost_user import protocol as vu
-from ..errors import ArgumentError, GuestMemoryError, IncompatibleStateError, ProtocolError, RingError, ShadowVmmError
-from ..memory import DirtyLog, GuestMemory, MemoryRegion
-from ..virtio.constants import BlkRequestType, Feature
-from ..virtio.split import DescChain, SplitDeviceQueue, SplitLayout
+from shadowvmm.backends.inproc import BlkModel
+from shadowvmm.errors import (
+    ArgumentError,
+    GuestMemoryError,
+    IncompatibleStateError,
+    ProtocolError,
+    RingError,
+    ShadowVmmError,
+)
+from shadowvmm.memory import DirtyLog, GuestMemory, MemoryRegion
+from shadowvmm.virtio.constants import BlkRequestType, Feature
+from shadowvmm.virtio.split import DescChain, SplitDeviceQueue, SplitLayout
+
+from . import protocol as vu
 
 log = logging.getLogger(__name__)
 

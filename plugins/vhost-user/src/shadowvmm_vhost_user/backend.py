@@ -35,11 +35,27 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ...errors import ArgumentError, BackendDisconnected, ConfigError, DeviceStateError, ProtocolError, UnsupportedError
-from ...memory import GuestMemory
-from ...options import MAX_QUEUES, REQUIRED, Option, OptionSchema
-from ...virtio.constants import DeviceId, Feature
-from ..base import BackendBase, BackendEvent, BackendEventHandler, BackendEventKind, Capability, RingState, VringAddr
+from shadowvmm.backends.base import (
+    BackendBase,
+    BackendEvent,
+    BackendEventHandler,
+    BackendEventKind,
+    Capability,
+    RingState,
+    VringAddr,
+)
+from shadowvmm.errors import (
+    ArgumentError,
+    BackendDisconnected,
+    ConfigError,
+    DeviceStateError,
+    ProtocolError,
+    UnsupportedError,
+)
+from shadowvmm.memory import GuestMemory
+from shadowvmm.options import MAX_QUEUES, REQUIRED, Option, OptionSchema
+from shadowvmm.virtio.constants import DeviceId, Feature
+
 from . import protocol as vu
 from .connection import (
     DEFAULT_TIMEOUT,

@@ -22,11 +22,27 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ...errors import ConfigError, DeviceStateError, UnsupportedError, VdpaError, VdpaIoctlError, VdpaMappingError
-from ...memory import GuestMemory
-from ...options import REQUIRED, Option, OptionSchema
-from ...virtio.constants import DeviceId, Feature, Status
-from ..base import BackendBase, BackendEvent, BackendEventHandler, BackendEventKind, Capability, RingState, VringAddr
+from shadowvmm.backends.base import (
+    BackendBase,
+    BackendEvent,
+    BackendEventHandler,
+    BackendEventKind,
+    Capability,
+    RingState,
+    VringAddr,
+)
+from shadowvmm.errors import (
+    ConfigError,
+    DeviceStateError,
+    UnsupportedError,
+    VdpaError,
+    VdpaIoctlError,
+    VdpaMappingError,
+)
+from shadowvmm.memory import GuestMemory
+from shadowvmm.options import REQUIRED, Option, OptionSchema
+from shadowvmm.virtio.constants import DeviceId, Feature, Status
+
 from .ioctl import (
     U8,
     U64,

@@ -20,7 +20,7 @@ import struct
 from dataclasses import astuple, dataclass
 from typing import ClassVar, TypeVar
 
-from ...errors import ArgumentError, ArgumentTypeError, VdpaIoctlError
+from shadowvmm.errors import ArgumentError, ArgumentTypeError, VdpaIoctlError
 
 VHOST_VIRTIO = 0xAF
 

@@ -9,11 +9,14 @@ disconnects: the probe *is* its session.
 
 from __future__ import annotations
 
+import argparse
 import enum
+import json
 import os
-from typing import Any
+from typing import Any, TextIO
 
-from ...virtio.constants import BlkFeature, DeviceId, FsFeature, NetFeature, feature_names
+from shadowvmm.virtio.constants import BlkFeature, DeviceId, FsFeature, NetFeature, feature_names
+
 from . import protocol as vu
 from .backend import DEFAULT_CONFIG_SIZE, DEVICES, SUPPORTED_PROTOCOL_FEATURES
 from .connection import DEFAULT_TIMEOUT, Connection, Connector, RequestFailed, unix_connector
@@ -137,3 +140,33 @@ def format_probe(info: dict[str, Any]) -> str:
             chunk = data[start:start + 32]
             lines.append(f"    {start // 2:04x}  {' '.join(chunk[i:i + 2] for i in range(0, len(chunk), 2))}")
     return "\n".join(lines)
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
+
+
+class ProbeCommand:
+    """``shadowvmm probe SOCKET``: the control-plane probe as a CLI command (``shadowvmm.commands``)."""
+
+    help = "probe a vhost-user backend socket"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("socket")
+        parser.add_argument("--json", action="store_true")
+        parser.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT)
+
+    async def run(self, args: argparse.Namespace, out: TextIO) -> int:
+        info = await probe(args.socket, args.timeout)
+        print(json.dumps(info, indent=2) if args.json else format_probe(info), file=out)
+        return 0
+
+
+COMMAND = ProbeCommand()
