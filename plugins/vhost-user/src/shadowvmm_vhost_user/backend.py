@@ -41,6 +41,7 @@ from shadowvmm.backends.base import (
     BackendEventHandler,
     BackendEventKind,
     Capability,
+    PeerIdentity,
     RingState,
     VringAddr,
 )
@@ -54,9 +55,10 @@ from shadowvmm.errors import (
 )
 from shadowvmm.memory import GuestMemory
 from shadowvmm.options import MAX_QUEUES, REQUIRED, Option, OptionSchema
-from shadowvmm.virtio.constants import DeviceId, Feature
+from shadowvmm.virtio.constants import Feature
 
 from . import protocol as vu
+from . import transfer
 from .connection import (
     DEFAULT_TIMEOUT,
     BackendMessage,
@@ -68,52 +70,27 @@ from .connection import (
     close_fds,
     process_has_memory,
     unix_connector,
-    wait_fd,
     wait_for_path,
 )
+from .devices import DEFAULT_CONFIG_SIZE, DEFAULT_QUEUES, DEVICES, HIDDEN_FEATURES, SUPPORTED_PROTOCOL_FEATURES
+from .peer import identify
+
+__all__ = ["DEFAULT_CONFIG_SIZE", "DEFAULT_QUEUES", "DEVICES", "HIDDEN_FEATURES", "SUPPORTED_PROTOCOL_FEATURES",
+           "VhostUserBackend"]
 
 log = logging.getLogger(__name__)
 
 FR = vu.FrontendRequest
 PF = vu.ProtocolFeature
 
-#: Protocol features shadowvmm implements (and so acknowledges when offered).
-SUPPORTED_PROTOCOL_FEATURES = (
-    PF.MQ | PF.LOG_SHMFD | PF.RARP | PF.REPLY_ACK | PF.NET_MTU | PF.BACKEND_REQ | PF.CONFIG
-    | PF.INFLIGHT_SHMFD | PF.RESET_DEVICE | PF.CONFIGURE_MEM_SLOTS | PF.STATUS | PF.DEVICE_STATE
+#: Capabilities of every session, whatever was negotiated.
+BASE_CAPABILITIES = (Capability.RING_RESTART | Capability.RECONNECT | Capability.EVENTS | Capability.BUSY_POLL
+                     | Capability.PEER_IDENTITY)
+#: Protocol features and the capability each one brings.
+PROTOCOL_CAPABILITIES: tuple[tuple[vu.ProtocolFeature, Capability], ...] = (
+    (PF.CONFIG, Capability.CONFIG), (PF.STATUS, Capability.STATUS), (PF.RESET_DEVICE, Capability.RESET_DEVICE),
+    (PF.DEVICE_STATE, Capability.DEVICE_STATE), (PF.INFLIGHT_SHMFD, Capability.INFLIGHT), (PF.MQ, Capability.MQ),
 )
-
-#: Feature bits never reported to the device layer (vhost-only, or needing a vIOMMU).
-HIDDEN_FEATURES = vu.VHOST_ONLY_FEATURES | vu.F_ACCESS_PLATFORM
-
-DEVICES: Mapping[str, DeviceId] = {
-    "net": DeviceId.NET, "blk": DeviceId.BLOCK, "block": DeviceId.BLOCK, "console": DeviceId.CONSOLE,
-    "rng": DeviceId.RNG, "scsi": DeviceId.SCSI, "gpu": DeviceId.GPU, "input": DeviceId.INPUT,
-    "vsock": DeviceId.VSOCK, "crypto": DeviceId.CRYPTO, "sound": DeviceId.SOUND, "fs": DeviceId.FS,
-}
-
-#: Device config bytes up to the last field every driver knows (v1.4 §5.x config layouts).
-DEFAULT_CONFIG_SIZE: Mapping[DeviceId, int] = {
-    DeviceId.NET: 12,       # mac, status, max_virtqueue_pairs, mtu
-    DeviceId.BLOCK: 60,     # capacity .. write_zeroes_may_unmap + unused1[3]
-    DeviceId.CONSOLE: 12,   # cols, rows, max_nr_ports, emerg_wr
-    DeviceId.RNG: 0,
-    DeviceId.SCSI: 36,      # num_queues .. max_lun
-    DeviceId.GPU: 16,       # events_read, events_clear, num_scanouts, num_capsets
-    DeviceId.INPUT: 136,    # select, subsel, size, reserved[5], u[128]
-    DeviceId.VSOCK: 8,      # guest_cid
-    DeviceId.FS: 40,        # tag[36], num_request_queues
-}
-
-#: Minimum queue count of each device type (v1.4 §5.x "Virtqueues").
-DEFAULT_QUEUES: Mapping[DeviceId, int] = {
-    DeviceId.NET: 2, DeviceId.BLOCK: 1, DeviceId.CONSOLE: 2, DeviceId.RNG: 1, DeviceId.SCSI: 3,
-    DeviceId.GPU: 2, DeviceId.INPUT: 2, DeviceId.VSOCK: 3, DeviceId.FS: 2,
-}
-
-#: Upper bound of an opaque DEVICE_STATE stream read by :meth:`VhostUserBackend.save_state`.
-MAX_STATE_BYTES = 1 << 30
-_CHUNK = 1 << 16
 
 
 class VhostUserBackend(BackendBase):
@@ -159,7 +136,6 @@ class VhostUserBackend(BackendBase):
         self._connector = connector or unix_connector(self.socket_path)
         self.busy_poll = options["busy_poll_us"] / 1e6
         self._conn: Connection | None = None
-        self._events: BackendEventHandler | None = None
         #: The inflight area (GET_INFLIGHT_FD) and its fd: kept across sessions, dropped by reset().
         self._inflight: tuple[vu.Inflight, int] | None = None
         self._reset_session()
@@ -208,11 +184,11 @@ class VhostUserBackend(BackendBase):
         return self._max_mem_slots
 
     def capabilities(self) -> Capability:
-        caps = Capability.RING_RESTART | Capability.RECONNECT
+        """:data:`BASE_CAPABILITIES`, those of the negotiated protocol features
+        (:data:`PROTOCOL_CAPABILITIES`), and DIRTY_LOG with LOG_SHMFD and LOG_ALL offered."""
+        caps = BASE_CAPABILITIES
         protocol = self.protocol_features
-        for feature, cap in ((PF.CONFIG, Capability.CONFIG), (PF.STATUS, Capability.STATUS),
-                             (PF.RESET_DEVICE, Capability.RESET_DEVICE), (PF.DEVICE_STATE, Capability.DEVICE_STATE),
-                             (PF.INFLIGHT_SHMFD, Capability.INFLIGHT), (PF.MQ, Capability.MQ)):
+        for feature, cap in PROTOCOL_CAPABILITIES:
             if feature in protocol:
                 caps |= cap
         if PF.LOG_SHMFD in protocol and self._offered & vu.F_LOG_ALL:
@@ -243,10 +219,12 @@ class VhostUserBackend(BackendBase):
             raise
         self._conn = conn
         conn.on_lost = functools.partial(self._on_lost, conn)
+        log.info("%s: realized: features %#x, protocol features %#x, queues %s, memory slots %s", conn.name,
+                 self._offered, int(conn.protocol_features), self._queue_num, self._max_mem_slots)
 
     def _on_lost(self, conn: Connection, error: BaseException) -> None:
-        if conn is self._conn and self._events is not None:
-            self._events(BackendEvent(BackendEventKind.DISCONNECTED, error))
+        if conn is self._conn:
+            self.emit(BackendEvent(BackendEventKind.DISCONNECTED, error))
 
     async def _handshake(self, conn: Connection) -> None:
         self._offered = await self._u64(conn, FR.GET_FEATURES)
@@ -463,32 +441,11 @@ class VhostUserBackend(BackendBase):
 
     async def save_state(self) -> bytes | None:
         """The back-end's opaque state ("Migrating back-end state", SAVE); rings must be stopped."""
-        conn = self._state_transfer_connection()
-        read_end, write_end = os.pipe2(os.O_CLOEXEC)
-        try:
-            read_end = await self._open_transfer(conn, vu.TransferDirection.SAVE, read_end, write_end)
-        finally:
-            os.close(write_end)
-        try:
-            blob = await self._read_all(read_end)
-        finally:
-            os.close(read_end)
-        await self._check_device_state(conn)
-        return blob
+        return await transfer.save(self._state_transfer_connection(), self.timeout)
 
     async def load_state(self, blob: bytes) -> None:
         """Hand *blob* to the back-end ("Migrating back-end state", LOAD); rings must be stopped."""
-        conn = self._state_transfer_connection()
-        read_end, write_end = os.pipe2(os.O_CLOEXEC)
-        try:
-            write_end = await self._open_transfer(conn, vu.TransferDirection.LOAD, write_end, read_end)
-        finally:
-            os.close(read_end)
-        try:
-            await self._write_all(write_end, blob)
-        finally:
-            os.close(write_end)
-        await self._check_device_state(conn)
+        await transfer.load(self._state_transfer_connection(), blob, self.timeout)
 
     def _state_transfer_connection(self) -> Connection:
         conn = self.connection
@@ -498,74 +455,25 @@ class VhostUserBackend(BackendBase):
             raise DeviceStateError(f"device state transfer needs every ring stopped; started: {sorted(self._kicked)}")
         return conn
 
-    async def _open_transfer(self, conn: Connection, direction: vu.TransferDirection, ours: int, theirs: int) -> int:
-        """SET_DEVICE_STATE_FD with *theirs*; returns our end (the back-end's own fd if it sent one)."""
-        try:
-            reply = await conn.request(FR.SET_DEVICE_STATE_FD,
-                                       vu.DeviceStateTransfer(direction, vu.TransferPhase.STOPPED), [theirs])
-        except BaseException:
-            os.close(ours)
-            raise
-        result = reply.payload
-        assert isinstance(result, vu.DeviceStateResult)
-        if result.error:
-            os.close(ours)
-            raise RequestFailed(FR.SET_DEVICE_STATE_FD, result.error)
-        if result.has_fd:
-            os.close(ours)
-            return reply.fds[0]
-        return ours
-
-    async def _check_device_state(self, conn: Connection) -> None:
-        if status := await self._u64(conn, FR.CHECK_DEVICE_STATE):
-            raise RequestFailed(FR.CHECK_DEVICE_STATE, status)
-
-    async def _wait_fd(self, fd: int, writable: bool) -> None:
-        try:
-            async with asyncio.timeout(self.timeout):
-                await wait_fd(fd, writable=writable)
-        except TimeoutError:
-            raise ProtocolError(f"device state transfer stalled for {self.timeout:g} s") from None
-
-    async def _read_all(self, fd: int) -> bytes:
-        os.set_blocking(fd, False)
-        chunks: list[bytes] = []
-        total = 0
-        while True:
-            try:
-                chunk = os.read(fd, _CHUNK)
-            except BlockingIOError:
-                await self._wait_fd(fd, writable=False)
-                continue
-            if not chunk:
-                return b"".join(chunks)
-            total += len(chunk)
-            if total > MAX_STATE_BYTES:
-                raise ProtocolError(f"back-end state exceeds {MAX_STATE_BYTES} bytes")
-            chunks.append(chunk)
-
-    async def _write_all(self, fd: int, blob: bytes) -> None:
-        os.set_blocking(fd, False)
-        view = memoryview(blob)
-        while view:
-            try:
-                view = view[os.write(fd, view[:_CHUNK]):]
-            except BlockingIOError:
-                await self._wait_fd(fd, writable=True)
-
     def set_event_handler(self, handler: BackendEventHandler | None) -> None:
         """CONFIG_CHANGE_MSG from the back-end channel, and the session's loss (hang-up,
         error, reply timeout, unsolicited message) the moment the connection sees it."""
-        self._events = handler
+        super().set_event_handler(handler)
 
     def _on_config_change(self, message: BackendMessage) -> int:
-        if self._events is not None:
-            self._events(BackendEvent(BackendEventKind.CONFIG_CHANGED))
+        self.emit(BackendEvent(BackendEventKind.CONFIG_CHANGED))
         return 0
 
     async def wait_for_endpoint(self, timeout: float) -> bool:
         """Wait (at most *timeout* s) for the socket to be created again: a restarted daemon."""
         return await wait_for_path(self.socket_path, timeout)
+
+    def peer_identity(self) -> PeerIdentity | None:
+        """The process holding the other end of the session's socket, found with sock_diag and
+        ``/proc`` (not SO_PEERCRED, which names whoever called listen(): a launcher passing the
+        socket on); None when not connected or not found. It walks ``/proc``: call it in a thread."""
+        sock = self._conn.socket if self._conn is not None else None
+        return None if sock is None else identify(sock, f"vhost-user {self.socket_path}")
 
     def lost_peer_alive(self) -> bool | None:
         """Whether the process behind the last session (SO_PEERCRED) can still write guest memory."""

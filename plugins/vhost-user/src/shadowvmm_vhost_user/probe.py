@@ -18,8 +18,8 @@ from typing import Any, TextIO
 from shadowvmm.virtio.constants import BlkFeature, DeviceId, FsFeature, NetFeature, feature_names
 
 from . import protocol as vu
-from .backend import DEFAULT_CONFIG_SIZE, DEVICES, SUPPORTED_PROTOCOL_FEATURES
 from .connection import DEFAULT_TIMEOUT, Connection, Connector, RequestFailed, unix_connector
+from .devices import DEFAULT_CONFIG_SIZE, DEVICES, SUPPORTED_PROTOCOL_FEATURES
 
 #: Config sizes tried, largest first, when neither the device nor a size is given.
 CONFIG_SIZE_CANDIDATES = (vu.MAX_CONFIG_SIZE, 128, 64, 60, 44, 40, 36, 24, 16, 12, 8, 4)

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shadowvmm_vhost_user import protocol as vu
 from shadowvmm.errors import ProtocolError
+from shadowvmm_vhost_user import protocol as vu
 
 u8 = st.integers(0, 0xFF)
 u16 = st.integers(0, 0xFFFF)

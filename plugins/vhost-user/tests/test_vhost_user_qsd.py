@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 
 from shadowvmm.backends.base import Capability, RingState, VringAddr
-from shadowvmm_vhost_user import VhostUserBackend
-from shadowvmm_vhost_user.connection import wait_fd
 from shadowvmm.config import DeviceConfig
 from shadowvmm.guest.blk import BlkDriver
 from shadowvmm.machine import Machine
@@ -21,6 +19,8 @@ from shadowvmm.testing.peers import QsdBlk
 from shadowvmm.testing.plugin import require_peer
 from shadowvmm.virtio.constants import BLK_ID_BYTES, BlkRequestType, BlkStatus, Feature
 from shadowvmm.workload import blk_write_verify
+from shadowvmm_vhost_user import VhostUserBackend
+from shadowvmm_vhost_user.connection import wait_fd
 
 DESC = struct.Struct("<QIHH")
 VIRTQ_DESC_F_NEXT = 1

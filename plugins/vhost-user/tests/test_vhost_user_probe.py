@@ -7,14 +7,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fakes.vhost_user_fake import SILENT, FakeBackend
 
-from shadowvmm_vhost_user import format_probe, probe
-from shadowvmm_vhost_user import protocol as vu
 from shadowvmm.errors import BackendDisconnected, BackendTimeout
 from shadowvmm.testing.peers import QsdBlk
 from shadowvmm.testing.plugin import require_peer
 from shadowvmm.virtio.constants import Feature
+from shadowvmm_vhost_user import format_probe, probe
+from shadowvmm_vhost_user import protocol as vu
+from shadowvmm_vhost_user.fake import SILENT, FakeBackend
 
 QSD_FEATURES = 0x175007E46
 IMAGE_SIZE = 67108864
@@ -92,3 +92,18 @@ async def test_probe_errors_are_typed(tmp_path: Path) -> None:
     finally:
         fake.stop()
     assert time.monotonic() - start < 1.0
+
+
+async def test_probe_reference_backend_process(tmp_path: Path) -> None:
+    """The reference back-end refuses a config read past its config space (zero-size reply, as
+    qsd does); the probe then asks for less instead of losing the session."""
+    from shadowvmm.testing.peers import RefBlk
+    ref = RefBlk(tmp_path, queues=2)
+    ref.start()
+    try:
+        info = await probe(ref.socket_path, 5.0)
+    finally:
+        ref.stop()
+    assert info["queue_num"] == 2
+    assert info["config"] is not None and info["config"]["size"] == 60
+    assert int.from_bytes(bytes.fromhex(info["config"]["hex"])[:8], "little") > 0

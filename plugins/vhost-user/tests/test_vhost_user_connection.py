@@ -10,10 +10,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-from fakes.vhost_user_fake import CLOSE, SILENT, U64, Action, FakeBackend, Received, Send
 
-from shadowvmm_vhost_user import protocol as vu
-from shadowvmm_vhost_user.connection import BackendMessage, Connection, RequestFailed, Runstate, unix_connector
 from shadowvmm.errors import (
     BackendDisconnected,
     BackendError,
@@ -22,6 +19,9 @@ from shadowvmm.errors import (
     ProtocolError,
     UnsupportedError,
 )
+from shadowvmm_vhost_user import protocol as vu
+from shadowvmm_vhost_user.connection import BackendMessage, Connection, RequestFailed, Runstate, unix_connector
+from shadowvmm_vhost_user.fake import CLOSE, SILENT, U64, Action, FakeBackend, Received, Send
 
 F = vu.FrontendRequest
 B = vu.BackendRequest

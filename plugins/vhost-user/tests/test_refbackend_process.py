@@ -20,10 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from shadowvmm_vhost_user import protocol as vu
-from shadowvmm_vhost_user.connection import Connection, Runstate, unix_connector
 from shadowvmm.memory import GuestMemory
 from shadowvmm.testing.peers import RefBlk
+from shadowvmm.virtio.constants import BlkRequestType, BlkStatus, Feature
+from shadowvmm.virtio.split import USED_ELEM, SplitDriverQueue, SplitLayout
+from shadowvmm_vhost_user import protocol as vu
+from shadowvmm_vhost_user.connection import Connection, Runstate, unix_connector
 from shadowvmm_vhost_user.refbackend import (
     INFLIGHT_DESC,
     INFLIGHT_HEADER,
@@ -31,8 +33,6 @@ from shadowvmm_vhost_user.refbackend import (
     RefBlkServer,
     inflight_queue_bytes,
 )
-from shadowvmm.virtio.constants import BlkRequestType, BlkStatus, Feature
-from shadowvmm.virtio.split import USED_ELEM, SplitDriverQueue, SplitLayout
 
 FR = vu.FrontendRequest
 PF = vu.ProtocolFeature

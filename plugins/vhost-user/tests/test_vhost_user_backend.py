@@ -9,20 +9,23 @@ from collections.abc import AsyncIterator
 
 import pytest
 import uvloop
-from fakes.vhost_user_fake import CLOSE, FakeBackend, Received, Send
 
 from shadowvmm.backends.base import Backend, BackendEvent, BackendEventKind, Capability, RingState, VringAddr
+from shadowvmm.errors import BackendDisconnected, ConfigError, DeviceStateError, GuestMemoryError, UnsupportedError
+from shadowvmm.memory import GuestMemory
+from shadowvmm.virtio.constants import BlkFeature, Feature
 from shadowvmm_vhost_user import VhostUserBackend
 from shadowvmm_vhost_user import protocol as vu
 from shadowvmm_vhost_user.backend import SUPPORTED_PROTOCOL_FEATURES
 from shadowvmm_vhost_user.connection import RequestFailed
-from shadowvmm.errors import BackendDisconnected, ConfigError, DeviceStateError, GuestMemoryError, UnsupportedError
-from shadowvmm.memory import GuestMemory
-from shadowvmm.virtio.constants import BlkFeature, Feature
+from shadowvmm_vhost_user.fake import CLOSE, FakeBackend, Received, Send
 
 F = vu.FrontendRequest
 PF = vu.ProtocolFeature
 QSD_FEATURES = 0x175007E46
+#: Capabilities of every vhost-user session, whatever was negotiated.
+ALWAYS = (Capability.RING_RESTART | Capability.RECONNECT | Capability.EVENTS | Capability.BUSY_POLL
+          | Capability.PEER_IDENTITY)
 
 
 def fd_count() -> int:
@@ -94,8 +97,7 @@ async def test_handshake_follows_qemu_order(env: Env) -> None:
     assert fake.acked_protocol_features == 0x8F2B & SUPPORTED_PROTOCOL_FEATURES == 0x822B
     assert backend.protocol_features == PF(0x822B)
     assert backend.max_mem_slots == 32
-    assert backend.capabilities() == (Capability.RING_RESTART | Capability.RECONNECT | Capability.CONFIG | Capability.MQ
-                                      | Capability.DIRTY_LOG)
+    assert backend.capabilities() == (ALWAYS | Capability.CONFIG | Capability.MQ | Capability.DIRTY_LOG)
     assert isinstance(backend, Backend)
 
 
@@ -121,7 +123,7 @@ async def test_features_keep_vhost_bits_internal(env: Env) -> None:
 async def test_backend_without_protocol_features(env: Env) -> None:
     fake, backend = await env.connected(env.fake(features=QSD_FEATURES & ~vu.F_PROTOCOL_FEATURES))
     assert await settle(fake, backend) == [F.GET_FEATURES, F.SET_OWNER]
-    assert backend.capabilities() == Capability.RING_RESTART | Capability.RECONNECT
+    assert backend.capabilities() == ALWAYS
     await backend.set_vring_enable(0, True)
     await backend.set_vring_enable(0, False)
     await backend.set_features(Feature.VERSION_1)

@@ -1,0 +1,173 @@
+"""vhost-user framing over a non-blocking ``AF_UNIX`` socket, with fd passing.
+
+asyncio streams cannot pass file descriptors, so messages are read with
+``socket.recvmsg`` from a ``loop.add_reader`` callback and written with
+``socket.sendmsg`` (``SCM_RIGHTS``). A message is read as exactly 12 header
+bytes and then exactly ``size`` payload bytes, so fds are always attributed
+to the message they came with ("Communication": fds ride with the first byte
+of the header) and never to the next one.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import enum
+import os
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from shadowvmm.errors import BackendDisconnected, BackendError, ProtocolError
+
+from .protocol import MAX_FDS, Header
+
+__all__ = ["Framer", "Message", "close_fds", "request_name", "send_message", "wait_fd"]
+
+_FD_ITEM = array.array("i").itemsize
+_ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * _FD_ITEM)
+
+
+def close_fds(fds: Sequence[int]) -> None:
+    """Close every fd in *fds*, ignoring ones already closed."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def request_name(kind: type[enum.IntEnum], code: int) -> str:
+    """*code*'s name in *kind*, or the number when it has none (message traces)."""
+    try:
+        return kind(code).name
+    except ValueError:
+        return str(code)
+
+
+@dataclass(slots=True)
+class Message:
+    """One received message: header, payload bytes and the fds that came with it."""
+
+    header: Header
+    body: bytes
+    fds: list[int] = field(default_factory=list)
+    #: ``time.perf_counter()`` at receipt, set only while messages are traced (reply latency).
+    received: float = 0.0
+
+    def close_fds(self) -> None:
+        close_fds(self.fds)
+        self.fds = []
+
+
+def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            items = array.array("i")
+            items.frombytes(data[:len(data) - len(data) % _FD_ITEM])
+            fds.extend(items)
+    return fds
+
+
+class Framer:
+    """Assembles messages from a non-blocking socket; call :meth:`on_readable` when readable.
+
+    A consumer that cannot keep up sets :attr:`paused`: reading stops after the current
+    message (the socket buffer, then the peer, absorb the rest).
+    """
+
+    def __init__(self, sock: socket.socket, on_message: Callable[[Message], None],
+                 on_error: Callable[[BackendError], None]) -> None:
+        self._sock = sock
+        self._on_message = on_message
+        self._on_error = on_error
+        self._header: Header | None = None
+        self._buf = bytearray()
+        self._fds: list[int] = []
+        self._closed = False
+        self.paused = False
+
+    def close(self) -> None:
+        self._closed = True
+        close_fds(self._fds)
+        self._fds = []
+
+    def _fail(self, exc: BackendError) -> None:
+        self.close()
+        self._on_error(exc)
+
+    def on_readable(self) -> None:
+        while not self._closed and not self.paused:
+            size = Header.STRUCT.size if self._header is None else self._header.size
+            try:
+                data, ancdata, flags, _ = self._sock.recvmsg(size - len(self._buf), _ANC_SPACE,
+                                                             socket.MSG_CMSG_CLOEXEC)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._fail(BackendDisconnected(f"receive failed: {exc}"))
+                return
+            self._fds.extend(_fds_from(ancdata))
+            if flags & socket.MSG_CTRUNC:
+                self._fail(ProtocolError(f"peer sent more than {MAX_FDS} fds"))
+                return
+            if not data:
+                self._fail(BackendDisconnected("peer closed the connection"))
+                return
+            self._buf += data
+            if self._header is None:
+                if len(self._buf) < Header.STRUCT.size:
+                    continue
+                try:
+                    self._header = Header.unpack(self._buf)
+                except ProtocolError as exc:
+                    self._fail(exc)
+                    return
+                self._buf = bytearray()
+            if len(self._buf) < self._header.size:
+                continue
+            message = Message(self._header, bytes(self._buf), self._fds)
+            self._header, self._buf, self._fds = None, bytearray(), []
+            self._on_message(message)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+async def wait_fd(fd: int, *, writable: bool = False) -> None:
+    """Wait until *fd* is readable (or writable) on the running loop."""
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+    if writable:
+        loop.add_writer(fd, _wake, waiter)
+    else:
+        loop.add_reader(fd, _wake, waiter)
+    try:
+        await waiter
+    finally:
+        if writable:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
+async def send_message(sock: socket.socket, data: bytes, fds: Sequence[int]) -> None:
+    """Send *data*; *fds* go with its first byte. OSError on a broken socket."""
+    ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    view = memoryview(data)
+    while True:
+        try:
+            sent = sock.sendmsg([view], ancdata, socket.MSG_NOSIGNAL)
+            break
+        except BlockingIOError:
+            await wait_fd(sock.fileno(), writable=True)
+    view = view[sent:]
+    while view:
+        try:
+            view = view[sock.send(view, socket.MSG_NOSIGNAL):]
+        except BlockingIOError:
+            await wait_fd(sock.fileno(), writable=True)
+
+
