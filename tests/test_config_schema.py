@@ -20,9 +20,6 @@ import pytest
 from shadowvmm import cli
 from shadowvmm.backends import base
 from shadowvmm.backends.inproc import BlkModel, InProcBackend, RngModel
-from shadowvmm_vdpa.backend import VdpaBackend
-from shadowvmm_vdpa.ioctl import BackendFeature
-from shadowvmm_vhost_user.backend import VhostUserBackend
 from shadowvmm.config import (
     DEVICE,
     MACHINE,
@@ -36,6 +33,9 @@ from shadowvmm.errors import ArgumentError, ConfigError
 from shadowvmm.options import MAX_QUEUES, REQUIRED, Option, OptionSchema
 from shadowvmm.transport import pci
 from shadowvmm.virtio.constants import Feature, NetFeature
+from shadowvmm_vdpa.backend import VdpaBackend
+from shadowvmm_vdpa.ioctl import BackendFeature
+from shadowvmm_vhost_user.backend import VhostUserBackend
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -355,9 +355,9 @@ def test_a_misdeclared_schema_is_a_programming_error(make: Callable[[], object])
 
 def test_every_registered_plugin_declares_its_options() -> None:
     for name in ("inproc", "vhost-user", "vdpa"):
-        factory = base.load_backend(name)
-        assert isinstance(factory.OPTIONS, OptionSchema), name
-        assert factory.OPTIONS.describe()
+        options = getattr(base.load_backend(name), "OPTIONS", None)
+        assert isinstance(options, OptionSchema), name
+        assert options.describe()
 
 
 def test_plugin_schemas() -> None:
@@ -387,17 +387,20 @@ ACCEPTED = [
 
 @pytest.mark.parametrize("name,options", ACCEPTED)
 def test_existing_options_stay_accepted(name: str, options: dict) -> None:
-    factory = base.load_backend(name)
-    factory.OPTIONS.validate(options, "backend_config")
+    schema = getattr(base.load_backend(name), "OPTIONS", None)
+    assert isinstance(schema, OptionSchema), name
+    schema.validate(options, "backend_config")
     parse({"device": [{"name": "d", "backend": name, "backend_config": options}]})
 
 
 async def test_image_file_is_opened_created_and_extended(tmp_path: Path) -> None:
     image = tmp_path / "disk.img"
     backend = InProcBackend({"device": "blk", "image": str(image), "size": 1 << 20})
+    assert isinstance(backend.model, BlkModel)
     assert image.stat().st_size == 1 << 20 and backend.model.size == 1 << 20
     await backend.close()
     backend = InProcBackend({"device": "blk", "image": image, "read_only": True})
+    assert isinstance(backend.model, BlkModel)
     assert backend.model.size == 1 << 20 and backend.model.read_only
     await backend.close()
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 
-from shadowvmm_vhost_user.backend import VhostUserBackend
 from shadowvmm.config import DeviceConfig
 from shadowvmm.errors import ProtocolError, ShadowVmmError
 from shadowvmm.guest import fuse
@@ -37,6 +37,7 @@ from shadowvmm.guest.fuse import (
 from shadowvmm.machine import Machine
 from shadowvmm.testing.peers import Virtiofsd
 from shadowvmm.virtio.devcfg import FS_CONFIG_BASE_SIZE, FsConfig
+from shadowvmm_vhost_user.backend import VhostUserBackend
 
 # ---------------------------------------------------------------------- wire format (in process)
 
@@ -352,11 +353,7 @@ async def test_destroy_and_disconnect_end_virtiofsd(fs: FsRig) -> None:
     await asyncio.wait_for(fs.driver.close(), 10)
     assert fs.driver.init is None
     await fs.machine.close()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 5
-    while fs.peer.running and loop.time() < deadline:
-        await asyncio.sleep(0.01)
-    assert not fs.peer.running, "virtiofsd still runs after DESTROY and disconnect"
+    await wait_until(lambda: not fs.peer.running, interval=0.01, what="virtiofsd to exit after DESTROY and disconnect")
     assert fs.peer.returncode == 0
     assert not Path(f"/proc/{fs.peer.pid}").exists()
     assert (fs.share / "last.txt").read_bytes() == b"bye"

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 
 from shadowvmm.backends.base import Capability
-from shadowvmm_vhost_user.backend import VhostUserBackend
 from shadowvmm.config import DeviceConfig
 from shadowvmm.errors import DeviceStateError
 from shadowvmm.guest.net import CTRL_HEADER, NET_HDR_SIZE, CtrlClass, CtrlMq, NetDriver, NetHeader
@@ -20,6 +20,8 @@ from shadowvmm.testing.peers import DpdkTestpmd
 from shadowvmm.testing.plugin import require_peer
 from shadowvmm.virtio.constants import NetFeature
 from shadowvmm.virtio.devcfg import NET_CONFIG_BASE_SIZE, NET_DUPLEX_UNKNOWN, NET_SPEED_UNKNOWN, NetConfig, NetStatus
+from shadowvmm.vmmqueue import NetControl
+from shadowvmm_vhost_user.backend import VhostUserBackend
 
 MAC = NetConfig.parse_mac("52:54:00:12:34:56")
 
@@ -115,9 +117,9 @@ async def echo(driver: NetDriver, frames: list[bytes], batch: int, pair: int = 0
 
 
 @pytest.mark.peer
-@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 @pytest.mark.parametrize("mrg", [False, True], ids=["plain", "mrg_rxbuf"])
-async def test_echo(net: NetRig, packed: bool, mrg: bool) -> None:
+async def test_echo(net: NetRig, ring_layout: str, mrg: bool) -> None:
+    packed = ring_layout == "packed"
     d = net.driver
     features = await d.start(packed=packed, mrg_rxbuf=mrg)
     assert bool(features & NetFeature.MRG_RXBUF) == mrg
@@ -157,11 +159,8 @@ async def test_status_gates_the_data_path(net: NetRig) -> None:
     assert b"virtio is now ready for processing" not in log.read_bytes()
     await net.driver.start()
     await net.machine.device("net0").settle()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 5
-    while b"virtio is now ready for processing" not in log.read_bytes() and loop.time() < deadline:
-        await asyncio.sleep(0.01)
-    assert b"virtio is now ready for processing" in log.read_bytes()
+    await wait_until(lambda: b"virtio is now ready for processing" in log.read_bytes(), interval=0.01,
+                     what="testpmd to report the device ready")
     frames = frames_for(32, net.driver.mac)
     assert await echo(net.driver, frames, batch=32) == frames
 
@@ -215,6 +214,7 @@ async def test_multiqueue_control_queue_answered_by_device_layer(testpmd_2q: Dpd
         assert driver.active_pairs == 2 and driver.config.max_virtqueue_pairs == 2
         assert driver.ctrl_queue is not None and driver.ctrl_queue.index == 4
         control = device.vmm_queues[4].handler
+        assert isinstance(control, NetControl)
         assert control.commands == [(CtrlClass.MQ, CtrlMq.VQ_PAIRS_SET)]
         assert control.active_pairs == 2 and device.active_queues == 4
         testpmd_2q.clear_stats()

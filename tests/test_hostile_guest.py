@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
+from helpers import wait_until, wait_value
 
 from shadowvmm.backends.inproc import BLK_MAX_TRANSFER, RNG_REQUEST_MAX
 from shadowvmm.config import DeviceConfig
@@ -238,7 +239,7 @@ async def test_blk_indirect_table_past_the_queue_size_breaks_the_ring_and_fails_
     device shows DEVICE_NEEDS_RESET (as QEMU's virtio_error does); another device keeps
     serving, and the guest's reset recovers this one."""
     machine, device, guest, driver = await start_blk()
-    other = await machine.add_device(DeviceConfig("blk1", "inproc", {"device": "blk", "queues": 2}))
+    await machine.add_device(DeviceConfig("blk1", "inproc", {"device": "blk", "queues": 2}))
     other_driver = BlkDriver(machine.guest("blk1"))
     await other_driver.start(queue_size=64)
     try:
@@ -247,10 +248,8 @@ async def test_blk_indirect_table_past_the_queue_size_breaks_the_ring_and_fails_
                                + [(status, 1, WRITE)])
         with bounded_memory(machine.memory):
             future = post_indirect(guest, guest.queues[0], table)
-            for _ in range(100):
-                if device.backend.broken_rings:
-                    break
-                await asyncio.sleep(0.005)
+            await wait_until(lambda: device.backend.broken_rings, timeout=0.5, interval=0.005,
+                             what="the ring to be broken")
         assert device.backend.broken_rings == {0}
         assert not future.done() and guest.memory.read(status, 1) == b"\xff"
         assert device.run_state is RunState.FAILED and guest.status() & Status.NEEDS_RESET
@@ -417,11 +416,8 @@ async def test_vmm_control_queue_bomb_and_empty_ack():
             driver.add(out, inp, "t")
             driver.publish()
             os.eventfd_write(kick, 1)
-            for _ in range(200):
-                if used := driver.get_used():
-                    return used[0][1]
-                await asyncio.sleep(0.005)
-            raise AssertionError("control request never used")
+            used = await wait_value(driver.get_used, bool, timeout=1, interval=0.005, what="the control request used")
+            return used[0][1]
 
         with bounded_memory(memory):
             assert await request([(header, 2)] + [(HOSTILE_GPA, HOSTILE)] * 200, [(ack, 1)]) == 1

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import wait_for_count, wait_until
 
 from shadowvmm import cli
 from shadowvmm import config as configmod
 from shadowvmm.backends.base import Backend
 from shadowvmm.backends.inproc import InProcBackend
-from shadowvmm_vhost_user import VhostUserBackend
 from shadowvmm.config import DeviceConfig
 from shadowvmm.device import VirtioDevice
 from shadowvmm.errors import ArgumentError, BackendError, DeviceStateError
@@ -36,6 +36,7 @@ from shadowvmm.testing.peers import QsdBlk, RefBlk
 from shadowvmm.testing.plugin import require_peer
 from shadowvmm.virtio.constants import Feature, Status
 from shadowvmm.workload import StatusWatcher
+from shadowvmm_vhost_user import VhostUserBackend
 
 IMAGE_BYTES = 16 << 20
 BLOCKS = 1024                       #: the writers' part of the disk (4 MiB)
@@ -87,16 +88,6 @@ def needs_reset(guest: GuestDevice) -> bool:
     return bool(guest.status() & Status.NEEDS_RESET)
 
 
-async def wait_for(predicate, timeout: float, what: str, poll: float = 0.0005) -> float:
-    """Wait until *predicate()*; returns the seconds it took."""
-    t0 = time.monotonic()
-    while not predicate():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        await asyncio.sleep(poll)
-    return time.monotonic() - t0
-
-
 # ---------------------------------------------------------------------- backend death, qsd
 
 
@@ -124,20 +115,21 @@ async def test_qsd_lost_without_reconnect_needs_reset_then_recovers(tmp_path: Pa
         try:
             await rig.driver.start(queue_size=64)
             writers = rig.start_writers(3, needs_reset=lambda: needs_reset(rig.guest))
-            await wait_for(lambda: writers.writes > 300, 10, "writes before the loss")
+            await wait_until(lambda: writers.writes > 300, timeout=10, what="writes before the loss")
             t0 = time.monotonic()
             await asyncio.to_thread(lose_backend, qsd, how)
-            await wait_for(lambda: needs_reset(rig.guest), 1.0, "DEVICE_NEEDS_RESET")
+            await wait_until(lambda: needs_reset(rig.guest), timeout=1.0, what="DEVICE_NEEDS_RESET")
             seen = time.monotonic() - t0
             assert seen <= 0.1, f"DEVICE_NEEDS_RESET {seen * 1e3:.1f} ms after the loss"
             assert rig.device.run_state is RunState.FAILED and rig.device.link is LinkState.DOWN
-            await wait_for(lambda: rig.guest.config_changes >= 1, 1.0, "the config interrupt announcing it")
+            await wait_until(lambda: rig.guest.config_changes >= 1, timeout=1.0,
+                             what="the config interrupt announcing it")
             lost_at = writers.writes
             await asyncio.to_thread(bring_back, qsd, how)
             writers.freeze()
             await rig.driver.start(queue_size=64)       # reset (completes once qsd answers) + init
             writers.resume()
-            await wait_for(lambda: writers.writes > lost_at + 300, 10, "writes after the recovery")
+            await wait_until(lambda: writers.writes > lost_at + 300, timeout=10, what="writes after the recovery")
             await writers.pause(5)
             assert not writers.violations
             assert await writers.check_through(rig.driver) == []
@@ -159,13 +151,13 @@ async def test_qsd_lost_with_reconnect_io_continues(tmp_path: Path, how: str) ->
             await rig.driver.start(queue_size=64)
             writers = rig.start_writers(4)
             watcher = StatusWatcher(rig.guest.status, interval=0.001).start()
-            await wait_for(lambda: writers.writes > 300, 10, "writes before the loss")
+            await wait_until(lambda: writers.writes > 300, timeout=10, what="writes before the loss")
             await asyncio.to_thread(lose_backend, qsd, how)
-            await wait_for(lambda: rig.device.link is not LinkState.UP, 1.0, "the loss noticed")
+            await wait_until(lambda: rig.device.link is not LinkState.UP, timeout=1.0, what="the loss noticed")
             lost_at = writers.completed
             await asyncio.sleep(0.05)
             await asyncio.to_thread(bring_back, qsd, how)
-            await wait_for(lambda: writers.completed > lost_at + 300, 10, "I/O after the restart")
+            await wait_until(lambda: writers.completed > lost_at + 300, timeout=10, what="I/O after the restart")
             await watcher.stop()
             await writers.pause(5)
             assert watcher.values == {LIVE}, "the guest must not see the backend go"
@@ -188,13 +180,13 @@ async def test_reconnect_deadline_passes_then_guest_reset_waits_for_the_backend(
             await rig.driver.start(queue_size=64)
             await rig.driver.write(0, pattern(0, 1))
             await asyncio.to_thread(qsd.kill)
-            await wait_for(lambda: needs_reset(rig.guest), 1.0, "NEEDS_RESET past the deadline")
+            await wait_until(lambda: needs_reset(rig.guest), timeout=1.0, what="NEEDS_RESET past the deadline")
             assert rig.device.link is LinkState.DOWN
             rig.guest.transport.set_status(0)
             await asyncio.sleep(0.1)
             assert rig.guest.status() != 0, "the reset cannot complete while the backend is away"
             await asyncio.to_thread(qsd.restart)
-            await wait_for(lambda: rig.guest.status() == 0, 2.0, "the reset once the backend is back")
+            await wait_until(lambda: rig.guest.status() == 0, timeout=2.0, what="the reset once the backend is back")
             await rig.driver.start(queue_size=64)
             assert await rig.driver.read(0, BLOCK) == pattern(0, 1)
         finally:
@@ -213,7 +205,7 @@ async def test_reset_at_status_zero_while_reconnecting_keeps_the_next_init(tmp_p
             await rig.driver.write(0, pattern(0, 1))
             await rig.guest.reset()
             await asyncio.to_thread(qsd.close_export, 0)
-            await wait_for(lambda: rig.device.link is not LinkState.UP, 1.0, "the loss noticed")
+            await wait_until(lambda: rig.device.link is not LinkState.UP, timeout=1.0, what="the loss noticed")
             rig.guest._settle = None
             await asyncio.wait_for(rig.driver.start(queue_size=64), 2)    # reads 0 at once, initialises
             await asyncio.to_thread(qsd.add_export, 0)
@@ -236,14 +228,16 @@ async def test_ref_backend_killed_mid_io_resubmits_inflight_exactly_once(tmp_pat
         try:
             await rig.driver.start(queue_size=64)
             writers = rig.start_writers(5)
-            await wait_for(lambda: writers.writes > 200, 10, "writes before the kill")
-            await wait_for(lambda: sum(q.ring.in_flight for q in rig.guest.queues) >= 4, 2, "requests in flight")
+            await wait_until(lambda: writers.writes > 200, timeout=10, what="writes before the kill")
+            await wait_until(lambda: sum(q.ring.in_flight for q in rig.guest.queues) >= 4, timeout=2,
+                             what="requests in flight")
             in_flight = sum(q.ring.in_flight for q in rig.guest.queues)
             lost_at = writers.completed
             await asyncio.to_thread(ref.kill)
             await asyncio.sleep(0.05)
             await asyncio.to_thread(ref.restart)
-            await wait_for(lambda: writers.completed > lost_at + in_flight + 100, 10, "I/O after the restart")
+            await wait_until(lambda: writers.completed > lost_at + in_flight + 100, timeout=10,
+                             what="I/O after the restart")
             await writers.pause(5)
             assert writers.failed == 0 and not writers.violations and not rig.guest.violations
             assert not needs_reset(rig.guest)
@@ -317,7 +311,7 @@ async def test_scenario_2_2_then_guest_reset_on_the_destination(tmp_path: Path, 
         for block in range(32):
             await driver.write(block * 8, pattern(block, 1), queue=block % 2)
         guest.transport.set_status(guest.status() | Status.STOP)
-        await wait_for(lambda: guest.status() & Status.STOP, 5, "STOP")
+        await wait_until(lambda: guest.status() & Status.STOP, timeout=5, what="STOP")
         await sdev.stop()
         state = await sdev.export_state(src.slots["blk0"].transport)
         preview = sdev.start_preview()
@@ -380,8 +374,8 @@ async def test_qsd_queue_reset_with_requests_in_flight(tmp_path: Path) -> None:
             for round_ in range(3):
                 writes = [asyncio.ensure_future(rig.driver.write((round_ * 8 + i) * 8, pattern(i, round_), queue=0))
                           for i in range(4)]
-                await asyncio.sleep(0.005)
-                assert rig.guest.queues[0].ring.in_flight, "the throttled writes should still be in flight"
+                await wait_until(lambda: rig.guest.queues[0].ring.in_flight, timeout=1,
+                                 what="the throttled writes in flight")
                 await rig.guest.reset_queue(0)
                 assert all(w.done() for w in writes), "the queue reset read done with writes in flight"
                 await asyncio.gather(*writes, return_exceptions=True)
@@ -514,11 +508,11 @@ async def test_config_change_and_config_write_while_suspended(dialect: StopDiale
         await rig.driver.start(queue_size=64, extra_features=bit | int(WANTED))
         shown = Status.SUSPEND if dialect is StopDialect.SUSPEND else Status.STOP
         guest.transport.set_status(guest.status() | shown)
-        await wait_for(lambda: guest.status() & shown, 5, "stopped")
+        await wait_until(lambda: guest.status() & shown, timeout=5, what="stopped")
         generation, changes = guest.transport.config_generation(), guest.config_changes
         backend.change_config(size=12345 * 512)       # a resize: capacity 12345 sectors
         await device.settle()
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)                     # a while for a (wrong) config interrupt
         assert guest.config_int(0, 8) != 12345, "config changed while suspended"
         assert guest.transport.config_generation() == generation and guest.config_changes == changes
         with_faults = device.faults.counts[GuestFault.CONFIG_WHILE_STOPPED]
@@ -527,8 +521,8 @@ async def test_config_change_and_config_write_while_suspended(dialect: StopDiale
         assert backend.config_writes == [] and device.faults.counts[GuestFault.CONFIG_WHILE_STOPPED] == with_faults + 1
         if dialect is StopDialect.SUSPEND:
             guest.transport.set_status((guest.status() & ~int(Status.SUSPEND)) | Status.DRIVER_OK)
-            await wait_for(lambda: guest.status() == LIVE, 5, "resumed")
-            await asyncio.sleep(0.01)
+            await wait_until(lambda: guest.status() == LIVE, timeout=5, what="resumed")
+            await wait_for_count(lambda: guest.config_changes, changes + 1, what="the held config change")
             assert guest.config_int(0, 8) == 12345
             assert guest.transport.config_generation() != generation and guest.config_changes == changes + 1
         else:
@@ -550,7 +544,7 @@ async def test_guarded_fails_at_once_when_the_backend_dies(tmp_path: Path) -> No
         try:
             await rig.driver.start(queue_size=64)
             writers = rig.start_writers(6, needs_reset=lambda: False)
-            await wait_for(lambda: writers.writes > 100, 10, "writes")
+            await wait_until(lambda: writers.writes > 100, timeout=10, what="writes")
             asyncio.get_running_loop().call_later(0.05, qsd.kill)
             t0 = time.monotonic()
             with pytest.raises(AssertionError, match="backend failed"):

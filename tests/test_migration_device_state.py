@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from shadowvmm_vhost_user import VhostUserBackend
 from shadowvmm.config import DeviceConfig
 from shadowvmm.errors import IncompatibleStateError, MigrationError
 from shadowvmm.guest.blk import BlkDriver
@@ -18,8 +17,9 @@ from shadowvmm.machine import Machine
 from shadowvmm.migration.harness import machine_sharing, move_guest
 from shadowvmm.migration.migrate import MigrationHooks, MigrationOptions, migrate_in, migrate_out
 from shadowvmm.migration.stream import Endpoint
-from shadowvmm_vhost_user.refbackend import RefBlkServer
 from shadowvmm.virtio.constants import Status
+from shadowvmm_vhost_user import VhostUserBackend
+from shadowvmm_vhost_user.refbackend import RefBlkServer
 
 IMPL = "shadowvmm-refblk"
 
@@ -165,6 +165,7 @@ async def test_reference_backend_inflight_reset_and_status(rig: Rig) -> None:
     src = rig.src
     device = src.device("blk0")
     backend = device.backend
+    assert isinstance(backend, VhostUserBackend)
     guest = src.guest("blk0")
     try:
         inflight, fd = await backend.get_inflight_fd(2, 64)

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import wait_for_count, wait_until
 
+from shadowvmm.backends.inproc import InProcBackend
 from shadowvmm.config import DeviceConfig
 from shadowvmm.errors import MigrationError, StreamError
 from shadowvmm.guest.blk import BlkDriver
@@ -119,8 +121,7 @@ async def check_source_intact(rig: Rig) -> None:
     assert rig.src.memory.dirty_log is None
     assert not rig.dst.device("blk0").started
     before = rig.load.completed
-    await asyncio.sleep(0.1)
-    assert rig.load.completed > before + 20, "guest I/O did not continue on the source"
+    await wait_for_count(lambda: rig.load.completed, before + 21, what="guest I/O continuing on the source")
     await rig.load.stop()
     assert rig.load.stats.errors == [] and rig.load.stats.read_mismatches == []
     assert await rig.load.verify() == []
@@ -179,7 +180,9 @@ async def test_slow_device_abandons_migration_and_everything_resumes(tmp_path: P
     try:
         for d in drivers:
             await d.start(queue_size=64)
-        src.device("blk1").backend.latency = 0.0
+        fast = src.device("blk1").backend
+        assert isinstance(fast, InProcBackend)
+        fast.latency = 0.0
         loads = [BlkLoad(d, blocks_per_queue=64, depth=4, seed=i).start() for i, d in enumerate(drivers)]
         await asyncio.sleep(0.3)
         endpoint = Endpoint.parse(f"unix:{tmp_path / 'm.sock'}")
@@ -197,8 +200,8 @@ async def test_slow_device_abandons_migration_and_everything_resumes(tmp_path: P
         await listener.close()
         assert all(src.device(f"blk{i}").rings_running for i in range(2))
         done = [load.completed for load in loads]
-        await asyncio.sleep(0.6)
-        assert all(load.completed > d for load, d in zip(loads, done))
+        await wait_until(lambda: all(load.completed > d for load, d in zip(loads, done)),
+                         what="guest I/O on every device after the failed stop")
         for load in loads:
             await load.stop()
             assert load.stats.errors == [] and load.stats.read_mismatches == []

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from shadowvmm.backends.base import Capability
-from shadowvmm_vhost_user import VhostUserBackend
 from shadowvmm.config import DeviceConfig
 from shadowvmm.errors import MigrationError
 from shadowvmm.guest.fs import FsDriver
@@ -25,6 +24,7 @@ from shadowvmm.testing.peers import Virtiofsd
 from shadowvmm.testing.plugin import require_peer
 from shadowvmm.virtio.constants import Status
 from shadowvmm.virtio.devcfg import FS_CONFIG_BASE_SIZE, FsConfig
+from shadowvmm_vhost_user import VhostUserBackend
 
 TAG = "migfs"
 DRIVER_OK_STATUS = int(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK)

@@ -19,6 +19,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from helpers import wait_until
 
 from shadowvmm.backends.base import RingState
 from shadowvmm.config import DeviceConfig
@@ -244,7 +245,8 @@ CASES = [
      StreamError, r"blk0: transport\.guest_status: 0x7 has DRIVER_OK without FEATURES_OK"),
     ("stop-without-dialect", _set(_transport, "!guest_stop_requested", True), StreamError,
      r"blk0: transport: a guest stop \(status 0xf\) without a negotiated stop dialect"),
-    ("isr-bits", _set(_transport, "!isr", 0x80), StreamError, r"blk0: transport\.isr: 0x80 has bits outside the queue and config interrupt bits 0x3"),
+    ("isr-bits", _set(_transport, "!isr", 0x80), StreamError,
+     r"blk0: transport\.isr: 0x80 has bits outside the queue and config interrupt bits 0x3"),
     ("config-size", lambda d: _transport(d).__setitem__("!config", _transport(d)["!config"] + b"\0"),
      IncompatibleStateError, r"blk0: config space of \d+ bytes, the destination serves \d+"),
     ("config-capacity", _capacity(4096), IncompatibleStateError,
@@ -296,9 +298,7 @@ async def test_a_guest_stopped_device_passes_the_checks(tmp_path: Path, dialect:
         guest = src.guest("blk0")
         await BlkDriver(guest).start(queue_size=64, extra_features=sdev.policy.dialect.feature)
         guest.transport.set_status(guest.status() | sdev.policy.dialect.status)
-        async with asyncio.timeout(5):
-            while not sdev.shadow.guest_stopped:
-                await asyncio.sleep(0.001)
+        await wait_until(lambda: sdev.shadow.guest_stopped, timeout=5, what="the guest's stop")
         rig = Rig(tmp_path, src, dst, guest, BlkDriver(guest))
         report, dest = await migrate(rig)
         assert not isinstance(dest, BaseException), dest

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import wait_for_count
 
 from shadowvmm.backends.inproc import InProcBackend
-from shadowvmm_vhost_user import VhostUserBackend
 from shadowvmm.config import DeviceConfig
 from shadowvmm.device import VirtioDevice
 from shadowvmm.errors import DeviceStateError, MigrationError
@@ -26,6 +26,7 @@ from shadowvmm.testing.peers import QsdBlk
 from shadowvmm.testing.plugin import require_peer
 from shadowvmm.virtio.constants import Feature, Status
 from shadowvmm.workload import StatusWatcher
+from shadowvmm_vhost_user import VhostUserBackend
 
 DRIVER_OK_STATUS = int(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK)
 IMAGE_BYTES = 64 << 20
@@ -38,7 +39,8 @@ class Pair:
     tmp: Path
 
     async def migrate(self, hooks: MigrationHooks | None = None,
-                      options: MigrationOptions = MigrationOptions(mode="local")):
+                      options: MigrationOptions | None = None):
+        options = options if options is not None else MigrationOptions(mode="local")
         endpoint = Endpoint.parse(f"unix:{self.tmp / 'migrate.sock'}")
         listener = await endpoint.listen()
         try:
@@ -89,8 +91,7 @@ async def test_blk_local_migration_under_load(qsd_pair: Pair) -> None:
     load = BlkLoad(driver, blocks_per_queue=512, depth=8, seed=7).start()
     watcher = StatusWatcher(guest.status, interval=0.0002)
     try:
-        await asyncio.sleep(0.4)
-        before = load.completed
+        before = await wait_for_count(lambda: load.completed, 101, timeout=10, what="guest I/O before the migration")
         assert before > 100 and not load.stats.errors
         assert guest.status() == DRIVER_OK_STATUS
         log_mark = len(guest.transport.status_log.values)
@@ -104,7 +105,8 @@ async def test_blk_local_migration_under_load(qsd_pair: Pair) -> None:
         hooks = MigrationHooks(switch_over=lambda: move_guest(guest, sdev, ddev, dst.slots["blk0"].transport))
         report, incoming = await qsd_pair.migrate(hooks)
         at_switch = load.completed
-        await asyncio.sleep(0.4)
+        await wait_for_count(lambda: load.completed, at_switch + 101, timeout=10,
+                             what="guest I/O on the destination")
         await watcher.stop()
         await load.stop()
         assert report.ok and incoming.devices == ["blk0"]
@@ -118,6 +120,7 @@ async def test_blk_local_migration_under_load(qsd_pair: Pair) -> None:
         assert sdev.faults.total == ddev.faults.total == 0
         # A lone device busy-polls its backend's replies for the migration, then stops.
         assert polls == {"src": [AUTO_BUSY_POLL_US / 1e6, 0.0], "dst": [AUTO_BUSY_POLL_US / 1e6, 0.0]}
+        assert isinstance(sdev.backend, VhostUserBackend) and isinstance(ddev.backend, VhostUserBackend)
         assert sdev.backend.busy_poll == ddev.backend.busy_poll == 0.0
     finally:
         guest.close()
@@ -288,6 +291,7 @@ async def test_destination_stages_what_the_preview_fixes(recording_pair: InprocP
         report, _ = await recording_pair.migrate(hooks)
         assert report.ok
         # Staged at setup, each once; the start after the state sends only the bases on.
+        assert isinstance(ddev.backend, Recording)
         assert ddev.backend.log == ["features", "call0", "num0=32", "call1", "num1=32", "base0", "base1"]
         assert await driver.read(0, 4096) == b"p" * 4096
         await driver.write(8, b"q" * 4096, queue=1)
@@ -310,6 +314,7 @@ async def test_a_stale_preview_is_corrected_at_start(recording_pair: InprocPair)
     state = await sdev.export_state(src.slots["blk0"].transport)
     await ddev.import_state(state, dst.slots["blk0"].transport)
     try:
+        assert isinstance(ddev.backend, Recording)
         assert ddev.backend.log == ["features", "call0", "num0=16", "call1", "num1=32",
                                     "features", "num0=32", "base0", "base1"]
         move_guest(guest, sdev, ddev, dst.slots["blk0"].transport)
@@ -333,4 +338,5 @@ async def test_malformed_preview_is_refused_before_anything_is_sent(recording_pa
     ddev = recording_pair.dst.device("blk0")
     with pytest.raises(DeviceStateError, match="preview"):
         await ddev.prestage(preview)
+    assert isinstance(ddev.backend, Recording)
     assert ddev.backend.log == []

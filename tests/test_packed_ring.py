@@ -1,4 +1,6 @@
-"""Packed virtqueue: driver <-> device round trips, wraps, malformed rings (v1.4 §2.8)."""
+"""Packed virtqueue: what only the packed layout has: buffer ids, chains across the ring
+wrap, indirect tables, malformed rings, descriptor-event suppression, store ordering and
+ring-state save/restore (v1.4 §2.8). What both layouts share is in test_virtqueue.py."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rings import MEM_SIZE, RING_BASE, PackedHarness
+from rings import make_packed_layout as make_layout
 
 from shadowvmm.backends.base import RingState
 from shadowvmm.errors import GuestMemoryError, RingError
@@ -27,14 +31,6 @@ from shadowvmm.virtio.packed import (
 )
 from shadowvmm.virtio.split import DescChain
 
-MEM_SIZE = 1 << 20
-RING_BASE = 0x1000
-BUF_BASE = 0x80000
-BUF_STRIDE = 256
-BUF_SLOTS = (MEM_SIZE - BUF_BASE) // BUF_STRIDE
-IN_LEN = 32
-INDIRECT_BASE = 0x60000
-
 AVAIL = int(PackedDescFlags.AVAIL)
 USED = int(PackedDescFlags.USED)
 NEXT = int(PackedDescFlags.NEXT)
@@ -52,95 +48,10 @@ def mem() -> Iterator[GuestMemory]:
     memory.close()
 
 
-def make_layout(size: int) -> PackedLayout:
-    driver = (RING_BASE + DESC_SIZE * size + 3) & ~3
-    return PackedLayout(size, RING_BASE, driver, driver + 4)
-
-
 def put_desc(memory: GuestMemory, layout: PackedLayout, slot: int, addr: int, length: int,
              buf_id: int, flags: int) -> None:
     """Raw driver write of one ring descriptor."""
     memory.write(layout.desc + DESC_SIZE * slot, PACKED_DESC.pack(addr, length, buf_id, flags))
-
-
-class Harness:
-    """A driver and a device over one ring, with per-token buffers and expected lengths."""
-
-    def __init__(self, memory: GuestMemory, size: int, *, event_idx: bool = False) -> None:
-        self.memory = memory
-        self.layout = make_layout(size)
-        self.size = size
-        self.event_idx = event_idx
-        self.drv = PackedDriverQueue(memory, self.layout, event_idx=event_idx)
-        self.dev = PackedDeviceQueue(memory, self.layout, event_idx=event_idx)
-        self.next_token = 0
-        self.expected: dict[int, int] = {}
-        self.completed: dict[int, int] = {}
-        self.popped: list[DescChain] = []
-
-    def add(self, n_out: int, n_in: int, *, indirect: bool = False) -> int | None:
-        """Queue one request (token in its first readable buffer); None if the ring is full."""
-        need = 1 if indirect else n_out + n_in
-        if need > self.drv.num_free:
-            return None
-        token = self.next_token
-        self.next_token += 1
-        base = BUF_BASE + BUF_STRIDE * (token % BUF_SLOTS)
-        self.memory.write(base, token.to_bytes(8, "little"))
-        out = [(base + 16 * k, 8) for k in range(n_out)]
-        inp = [(base + 128 + IN_LEN * k, IN_LEN) for k in range(n_in)]
-        table = INDIRECT_BASE + 128 * (token % 256) if indirect else None
-        self.drv.add(out, inp, token, indirect_table=table)
-        self.expected[token] = token % (n_in * IN_LEN + 1)
-        return token
-
-    def pop_all(self) -> int:
-        count = 0
-        while (chain := self.dev.pop()) is not None:
-            self.popped.append(chain)
-            count += 1
-        return count
-
-    def serve(self, chain: DescChain) -> tuple[int, int]:
-        """What a device model does: read the request, fill the reply, return (id, written)."""
-        token = int.from_bytes(chain.read(self.memory)[:8], "little")
-        written = token % (chain.writable_len + 1)
-        assert chain.write(self.memory, bytes([token & 0xFF]) * written) == written
-        return chain.head, written
-
-    def complete(self, chains: list[DescChain], *, batch: bool = False) -> None:
-        entries = [self.serve(c) for c in chains]
-        for c in chains:
-            self.popped.remove(c)
-        if batch:
-            self.dev.push_batch(entries)
-        else:
-            for head, written in entries:
-                self.dev.push(head, written)
-
-    def reap(self) -> list[tuple[object, int]]:
-        used = self.drv.get_used()
-        for token, written in used:
-            assert isinstance(token, int)
-            assert token not in self.completed, f"token {token} completed twice"
-            assert written == self.expected[token], (token, written)
-            base = BUF_BASE + BUF_STRIDE * (token % BUF_SLOTS) + 128
-            assert self.memory.read(base, written) == bytes([token & 0xFF]) * written
-            self.completed[token] = written
-        return used
-
-    def restore_device(self) -> None:
-        """Stop the device queue and build a new one from its saved ring state."""
-        assert self.dev.in_flight == 0
-        state = self.dev.ring_state(3)
-        assert state.index == 3
-        self.dev = PackedDeviceQueue(self.memory, self.layout, event_idx=self.event_idx,
-                                     state=state)
-
-    def check_all_done(self) -> None:
-        assert set(self.completed) == set(self.expected)
-        assert self.drv.in_flight == 0 and self.dev.in_flight == 0
-        assert self.drv.num_free == self.size
 
 
 # -- layout -----------------------------------------------------------------------------------
@@ -167,7 +78,7 @@ def test_layout_sizes_and_alignment(mem: GuestMemory) -> None:
 # -- round trips ------------------------------------------------------------------------------
 
 def test_round_trip_data_and_ids(mem: GuestMemory) -> None:
-    h = Harness(mem, 4)
+    h = PackedHarness(mem, 4)
     mem.write(0x9000, b"hello, ")
     mem.write(0x9100, b"device")
     buf_id = h.drv.add([(0x9000, 7), (0x9100, 6)], [(0xA000, 16), (0xA100, 16)], "tok")
@@ -191,7 +102,7 @@ def test_round_trip_data_and_ids(mem: GuestMemory) -> None:
 
 
 def test_used_without_write_flag_reports_zero(mem: GuestMemory) -> None:
-    h = Harness(mem, 2)
+    h = PackedHarness(mem, 2)
     h.drv.add([(0x9000, 4)], [], "t")
     chain = h.dev.pop()
     assert chain is not None
@@ -201,45 +112,8 @@ def test_used_without_write_flag_reports_zero(mem: GuestMemory) -> None:
     assert h.drv.get_used() == [("t", 0)]
 
 
-@pytest.mark.parametrize("size", [1, 3, 8, 13, 64])
-def test_many_wraps_in_order(mem: GuestMemory, size: int) -> None:
-    rng = random.Random(size)
-    h = Harness(mem, size)
-    while h.next_token < 3000:
-        while h.add(rng.randint(1, 3), rng.randint(0, 2)) is not None:
-            pass
-        h.drv.publish()
-        h.pop_all()
-        h.complete(list(h.popped), batch=rng.random() < 0.5)
-        h.reap()
-    h.pop_all()
-    h.complete(list(h.popped))
-    h.reap()
-    h.check_all_done()
-
-
-@pytest.mark.parametrize("size", [5, 16, 31])
-def test_out_of_order_completion(mem: GuestMemory, size: int) -> None:
-    rng = random.Random(size * 7)
-    h = Harness(mem, size)
-    for _ in range(400):
-        while h.add(rng.randint(1, 2), rng.randint(0, 3)) is not None:
-            pass
-        h.pop_all()
-        chosen = rng.sample(h.popped, rng.randint(0, len(h.popped)))
-        tokens = [int.from_bytes(c.read(mem)[:8], "little") for c in chosen]
-        h.complete(chosen, batch=rng.random() < 0.5)
-        assert [t for t, _ in h.reap()] == tokens
-    h.complete(list(h.popped))
-    h.reap()
-    h.pop_all()
-    h.complete(list(h.popped))
-    h.reap()
-    h.check_all_done()
-
-
 def test_chain_across_ring_wrap(mem: GuestMemory) -> None:
-    h = Harness(mem, 5)
+    h = PackedHarness(mem, 5)
     for _ in range(3):
         assert h.add(1, 0) is not None
     h.pop_all()
@@ -259,7 +133,7 @@ def test_chain_across_ring_wrap(mem: GuestMemory) -> None:
 
 
 def test_ring_full_and_id_reuse(mem: GuestMemory) -> None:
-    h = Harness(mem, 3)
+    h = PackedHarness(mem, 3)
     ids = [h.drv.add([(0x9000, 1)], [], i) for i in range(3)]
     assert sorted(ids) == [0, 1, 2]
     with pytest.raises(RingError):
@@ -277,7 +151,7 @@ def test_ring_full_and_id_reuse(mem: GuestMemory) -> None:
 # -- indirect ---------------------------------------------------------------------------------
 
 def test_indirect_round_trip(mem: GuestMemory) -> None:
-    h = Harness(mem, 4)
+    h = PackedHarness(mem, 4)
     for _ in range(50):
         token = h.add(3, 2, indirect=True)
         assert token is not None
@@ -303,7 +177,7 @@ def test_indirect_table_ignores_next_and_id(mem: GuestMemory) -> None:
 
 
 def test_indirect_not_negotiated(mem: GuestMemory) -> None:
-    h = Harness(mem, 4)
+    h = PackedHarness(mem, 4)
     h.dev = PackedDeviceQueue(mem, h.layout, indirect=False)
     h.add(1, 1, indirect=True)
     with pytest.raises(RingError):
@@ -437,7 +311,7 @@ def test_push_unknown_id(mem: GuestMemory) -> None:
 
 
 def test_driver_rejects_unknown_used_id(mem: GuestMemory) -> None:
-    h = Harness(mem, 4)
+    h = PackedHarness(mem, 4)
     h.add(1, 1)
     put_desc(mem, h.layout, 0, 0, 0, 3, AVAIL | USED)
     with pytest.raises(RingError):
@@ -446,7 +320,7 @@ def test_driver_rejects_unknown_used_id(mem: GuestMemory) -> None:
 
 def test_stale_skipped_descriptor_is_not_mistaken_for_used(mem: GuestMemory) -> None:
     """A chain member the device skipped keeps USED == the driver's next wrap (v1.4 §2.8.1)."""
-    h = Harness(mem, 4)
+    h = PackedHarness(mem, 4)
     for shape in ((1, 2), (1,), (2,)):
         for n_out in shape:
             h.add(n_out, 0)
@@ -518,7 +392,7 @@ def test_fuzzed_ring_raises_only_ring_errors(mem: GuestMemory, size: int, descs:
        adds=st.integers(1, 8))
 def test_fuzzed_used_ring_raises_only_ring_errors(mem: GuestMemory, size: int, descs: list,
                                                   adds: int) -> None:
-    h = Harness(mem, size)
+    h = PackedHarness(mem, size)
     for _ in range(adds):
         h.add(1, 0)
     for slot in range(size):
@@ -564,35 +438,8 @@ def _event(mem: GuestMemory, addr: int) -> tuple[int, int]:
     return EVENT_SUPPRESS.unpack(mem.read(addr, 4))
 
 
-def test_flags_mode_suppression(mem: GuestMemory) -> None:
-    h = Harness(mem, 4)
-    assert h.drv.publish() is False
-    h.add(1, 0)
-    assert h.drv.publish() is True
-    h.dev.set_notification(False)
-    assert _event(mem, h.layout.device)[1] == EventFlags.DISABLE
-    h.add(1, 0)
-    assert h.drv.publish() is False
-    h.dev.set_notification(True)
-    assert _event(mem, h.layout.device)[1] == EventFlags.ENABLE
-    h.add(1, 0)
-    assert h.drv.publish() is True
-    h.pop_all()
-    assert h.dev.should_notify() is False
-    h.complete([h.popped[0]])
-    assert h.dev.should_notify() is True
-    assert h.dev.should_notify() is False
-    h.drv.set_interrupts(False)
-    assert _event(mem, h.layout.driver)[1] == EventFlags.DISABLE
-    h.complete([h.popped[0]])
-    assert h.dev.should_notify() is False
-    h.drv.set_interrupts(True)
-    h.complete([h.popped[0]])
-    assert h.dev.should_notify() is True
-
-
 def test_desc_mode_without_event_idx_notifies(mem: GuestMemory) -> None:
-    h = Harness(mem, 4)
+    h = PackedHarness(mem, 4)
     mem.store_u16(h.layout.device, off_wrap(3, False))
     mem.store_u16(h.layout.device + 2, EventFlags.DESC)
     h.add(1, 0)
@@ -605,7 +452,7 @@ def test_desc_mode_without_event_idx_notifies(mem: GuestMemory) -> None:
 
 
 def test_event_idx_kicks(mem: GuestMemory) -> None:
-    h = Harness(mem, 5, event_idx=True)
+    h = PackedHarness(mem, 5, event_idx=True)
     h.add(1, 0)
     assert h.drv.publish() is True
     h.add(1, 0)
@@ -640,7 +487,7 @@ def test_event_idx_kicks(mem: GuestMemory) -> None:
 
 
 def test_event_idx_kick_across_wrap_from_previous_lap(mem: GuestMemory) -> None:
-    h = Harness(mem, 4, event_idx=True)
+    h = PackedHarness(mem, 4, event_idx=True)
     for _ in range(3):
         h.add(1, 0)
     h.drv.publish()
@@ -655,7 +502,7 @@ def test_event_idx_kick_across_wrap_from_previous_lap(mem: GuestMemory) -> None:
 
 
 def test_event_idx_interrupts(mem: GuestMemory) -> None:
-    h = Harness(mem, 4, event_idx=True)
+    h = PackedHarness(mem, 4, event_idx=True)
     assert _event(mem, h.layout.driver) == (off_wrap(0, True), EventFlags.DESC)
     for _ in range(4):
         h.add(1, 0)
@@ -712,7 +559,7 @@ class StoreLog:
 
 
 def test_head_flags_stored_last(mem: GuestMemory, monkeypatch: pytest.MonkeyPatch) -> None:
-    h = Harness(mem, 4)
+    h = PackedHarness(mem, 4)
     h.add(1, 0)
     h.pop_all()
     h.complete(list(h.popped))
@@ -728,7 +575,7 @@ def test_head_flags_stored_last(mem: GuestMemory, monkeypatch: pytest.MonkeyPatc
 
 
 def test_used_flags_stored_last(mem: GuestMemory, monkeypatch: pytest.MonkeyPatch) -> None:
-    h = Harness(mem, 8)
+    h = PackedHarness(mem, 8)
     for _ in range(4):
         h.add(1, 1)
     h.pop_all()
@@ -767,7 +614,7 @@ def test_ring_state_encoding_and_validation(mem: GuestMemory) -> None:
 @pytest.mark.parametrize("size", [3, 7, 16])
 def test_save_restore_mid_traffic(mem: GuestMemory, size: int) -> None:
     rng = random.Random(size * 13)
-    h = Harness(mem, size, event_idx=size % 2 == 1)
+    h = PackedHarness(mem, size, event_idx=size % 2 == 1)
     for _ in range(300):
         while rng.random() < 0.8 and h.add(rng.randint(1, 3), rng.randint(0, 2)) is not None:
             pass
@@ -790,7 +637,7 @@ def test_save_restore_mid_traffic(mem: GuestMemory, size: int) -> None:
 
 
 def test_restored_device_rejects_lost_in_flight_buffer(mem: GuestMemory) -> None:
-    h = Harness(mem, 4)
+    h = PackedHarness(mem, 4)
     h.add(1, 0)
     h.pop_all()
     state = h.dev.ring_state(0)
@@ -811,106 +658,3 @@ def test_restored_device_keeps_in_flight_slots_out_of_chains(mem: GuestMemory) -
     assert dev.pending() == 0
     with pytest.raises(RingError):
         dev.pop()
-
-
-# -- random interleavings ---------------------------------------------------------------------
-
-add_op = st.tuples(st.just("add"), st.integers(1, 3), st.integers(0, 3), st.booleans())
-pop_op = st.tuples(st.just("pop"), st.integers(1, 4))
-push_op = st.tuples(st.just("push"), st.lists(st.integers(0, 1000), min_size=1, max_size=4),
-                    st.booleans())
-reap_op = st.tuples(st.just("reap"))
-op = st.one_of(
-    add_op, add_op, add_op, pop_op, pop_op, push_op, push_op, reap_op,
-    st.tuples(st.just("publish")),
-    st.tuples(st.just("notify")),
-    st.tuples(st.just("dev_notify"), st.booleans()),
-    st.tuples(st.just("drv_irq"), st.booleans()),
-    st.tuples(st.just("restore")),
-)
-
-
-def run_interleaving(mem: GuestMemory, size: int, event_idx: bool, ops: list) -> None:
-    """Every token completes once with its length, and no needed kick/interrupt is suppressed."""
-    h = Harness(mem, size, event_idx=event_idx)
-    dev_notify = drv_irq = True
-    dev_idle = drv_idle = False
-    unreaped = 0
-
-    def notify() -> None:
-        nonlocal drv_idle
-        must = drv_idle and unreaped > 0
-        fired = h.dev.should_notify()
-        assert fired or not must, "used buffer notification lost"
-        drv_idle = drv_idle and not fired
-
-    for step in ops:
-        kind = step[0]
-        if kind == "add":
-            h.add(step[1], step[2], indirect=step[3])
-        elif kind == "publish":
-            kicked = h.drv.publish()
-            must = dev_idle and h.dev.pending() > 0
-            assert kicked or not must, "available buffer notification lost"
-            dev_idle = dev_idle and not kicked
-        elif kind == "pop":
-            for _ in range(step[1]):
-                chain = h.dev.pop()
-                if chain is None:
-                    dev_idle = dev_notify
-                    break
-                h.popped.append(chain)
-                dev_idle = False
-        elif kind == "push" and h.popped:
-            picks = dict.fromkeys(i % len(h.popped) for i in step[1])
-            chosen = [h.popped[i] for i in picks]
-            h.complete(chosen, batch=step[2])
-            unreaped += len(chosen)
-        elif kind == "notify":
-            notify()
-        elif kind == "reap":
-            unreaped -= len(h.reap())
-            assert unreaped == 0
-            drv_idle = drv_irq
-        elif kind == "dev_notify":
-            h.dev.set_notification(step[1])
-            dev_notify, dev_idle = step[1], False
-        elif kind == "drv_irq":
-            h.drv.set_interrupts(step[1])
-            drv_irq, drv_idle = step[1], False
-        elif kind == "restore" and h.dev.in_flight == 0:
-            notify()
-            h.restore_device()
-            dev_idle = False
-    for _ in range(3):
-        h.pop_all()
-        h.complete(list(h.popped))
-        h.reap()
-    h.check_all_done()
-
-
-@HYPO
-@given(size=st.integers(1, 9), event_idx=st.booleans(), ops=st.lists(op, min_size=20, max_size=200))
-def test_random_interleavings(mem: GuestMemory, size: int, event_idx: bool, ops: list) -> None:
-    run_interleaving(mem, size, event_idx, ops)
-
-
-@pytest.mark.parametrize("seed", range(12))
-def test_long_random_interleavings(mem: GuestMemory, seed: int) -> None:
-    rng = random.Random(seed)
-    ops: list = []
-    for _ in range(3000):
-        kind = rng.choices(["add", "publish", "pop", "push", "notify", "reap", "dev_notify",
-                            "drv_irq", "restore"], [6, 2, 4, 4, 2, 3, 1, 1, 1])[0]
-        if kind == "add":
-            ops.append((kind, rng.randint(1, 3), rng.randint(0, 3), rng.random() < 0.2))
-        elif kind == "pop":
-            ops.append((kind, rng.randint(1, 4)))
-        elif kind == "push":
-            picks = [rng.randrange(1000) for _ in range(rng.randint(1, 4))]
-            ops.append((kind, picks, rng.random() < 0.5))
-        elif kind in ("dev_notify", "drv_irq"):
-            ops.append((kind, rng.random() < 0.7))
-        else:
-            ops.append((kind,))
-    run_interleaving(mem, rng.choice([1, 2, 5, 7, 8, 16, 33]), seed % 2 == 0, ops)

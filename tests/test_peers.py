@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import wait_until_sync
 
 from shadowvmm.testing import plugin
 from shadowvmm.testing.peers import (
@@ -142,9 +143,7 @@ def test_virtiofsd_one_session_then_exits(tmp_path: Path) -> None:
     with fs1, fs2:
         request, flags, size, features = get_features_raw(fs1.socket_path)
         assert (request, flags, size) == (GET_FEATURES, 0x5, 8) and features & VERSION_1
-        deadline = time.monotonic() + 5
-        while fs1.returncode is None and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until_sync(lambda: fs1.returncode is not None, what="the first virtiofsd to exit")
         assert fs1.returncode == 0, "one-shot: exits when its frontend disconnects"
         assert fs2.running
         pids = (fs1.pid, fs2.pid)

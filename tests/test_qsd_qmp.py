@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from shadowvmm_vhost_user import protocol as vu
 from shadowvmm.testing.peers import PeerCommandError, QsdBlk, probe_features
 from shadowvmm.testing.plugin import require_peer
+from shadowvmm_vhost_user import protocol as vu
 
 IMAGE_SIZE = 16 << 20
 REPLY = vu.Header.STRUCT.size + vu.U64.STRUCT.size

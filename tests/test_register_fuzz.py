@@ -23,7 +23,7 @@ from shadowvmm.config import DeviceConfig
 from shadowvmm.errors import DeviceStateError
 from shadowvmm.machine import Machine
 from shadowvmm.shadow import RunState, StopDialect
-from shadowvmm.transport.pci import BAR_SIZE, COMMON_OFF, DEVICE_OFF, NOTIFY_OFF, Space
+from shadowvmm.transport.pci import BAR_SIZE, COMMON_OFF, DEVICE_OFF, NOTIFY_OFF, PciTransport, Space
 from shadowvmm.virtio.constants import Feature, Status
 
 STATUS_OFF = COMMON_OFF + 0x14
@@ -67,12 +67,12 @@ class RegisterMachine(RuleBasedStateMachine):
     # -------------------------------------------------------------- helpers
 
     def read(self, offset: int, width: int) -> int:
-        if self.pci:
+        if isinstance(self.transport, PciTransport):
             return self.transport.read(Space.BAR, offset, width)
         return self.transport.read(offset, width)
 
     def write(self, offset: int, width: int, value: int) -> None:
-        if self.pci:
+        if isinstance(self.transport, PciTransport):
             self.transport.write(Space.BAR, offset, width, value)
         else:
             self.transport.write(offset, width, value)

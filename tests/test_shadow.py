@@ -86,7 +86,7 @@ async def test_suspend_dialect_v14() -> None:
     assert not device.rings_running
     assert device.ring_states, "suspended rings expose their state"
     pending = asyncio.create_task(driver.write(8, b"s" * 512))
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)                       # held suspended a while: nothing completes
     assert not pending.done()
     guest.transport.set_status(LIVE)
     await device.settle()

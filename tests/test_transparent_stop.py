@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from helpers import wait_for_count, wait_until
 
 from shadowvmm.backends.base import RingState
 from shadowvmm.backends.inproc import InProcBackend
@@ -37,7 +38,7 @@ async def test_stop_resume_under_continuous_io(transport: str, packed: bool) -> 
     machine, device, guest, driver = await make_blk(transport=transport, packed=packed)
     backend: InProcBackend = device.backend
     watcher = StatusWatcher(guest.status, interval=0).start()
-    cycles = []
+    cycles: list[tuple[int, list[RingState], int]] = []
     finished = asyncio.Event()
 
     async def stopper() -> None:
@@ -88,7 +89,7 @@ async def test_stop_rng_mid_stream() -> None:
     await rng.start()
     await device.stop()
     pending = asyncio.create_task(rng.read(64))
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)                       # held stopped a while: nothing completes
     assert not pending.done()
     assert guest.status() == LIVE
     await device.resume()
@@ -111,13 +112,13 @@ async def test_guest_initialises_while_stopped() -> None:
     assert not device.started
     driver = BlkDriver(guest)
     start = asyncio.create_task(driver.start())
-    await asyncio.sleep(0.01)
     # init went through register writes only; the backend was not started while stopped
-    assert t.get_status() == LIVE
+    await wait_until(lambda: t.get_status() == LIVE, what="the guest's init to reach DRIVER_OK")
+    await asyncio.sleep(0.01)                       # held stopped a while: the backend stays down
     assert not device.started
     await start
     write = asyncio.create_task(driver.write(8, b"x" * 512))
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)                       # held stopped a while: nothing completes
     assert not write.done()
     await device.resume()
     await asyncio.wait_for(write, 2)
@@ -177,8 +178,8 @@ async def test_backend_failure_sets_needs_reset_and_spares_other_devices() -> No
     await bad.settle()
     assert bad.run_state is RunState.FAILED
     assert bad_guest.status() & Status.NEEDS_RESET
-    await asyncio.sleep(0.01)
-    assert bad_guest.config_changes == 1       # config interrupt announces NEEDS_RESET
+    # config interrupt announces NEEDS_RESET
+    assert await wait_for_count(lambda: bad_guest.config_changes, 1, what="config interrupts") == 1
     good_guest = machine.guest("good")
     good_driver = BlkDriver(good_guest)
     await good_driver.start()
@@ -221,16 +222,15 @@ async def test_ring_restart_path_drains_holds_kicks_and_rewires_call_first() -> 
     driver = BlkDriver(guest)
     await driver.start()
     first = asyncio.create_task(driver.write(0, b"1" * 512))
-    while not (0 in backend.rings and backend.rings[0].in_flight):   # in flight inside the backend
-        await asyncio.sleep(0.0005)
+    await wait_until(lambda: 0 in backend.rings and backend.rings[0].in_flight, interval=0.0005,
+                     what="a request in flight inside the backend")
     stopping = asyncio.create_task(device.stop())
-    while not device._held_kicks:                    # the stop is draining
-        await asyncio.sleep(0.0005)
+    await wait_until(lambda: device._held_kicks, interval=0.0005, what="the stop to be draining")
     second = asyncio.create_task(driver.write(8, b"2" * 512))   # kicked during the drain
     states = await stopping
     assert first.done(), "the stop returned before the in-flight request completed"
     assert states[0].base == 1, "the request kicked during the drain reached the backend"
-    await asyncio.sleep(0.03)
+    await asyncio.sleep(0.03)                       # held stopped a while: the held kick stays held
     assert not second.done()
     backend.calls.clear()
     await device.resume()
@@ -275,8 +275,7 @@ async def test_guest_operation_during_a_stop_runs_after_it() -> None:
     that arrives meanwhile queues behind it, in order."""
     machine, device, guest, driver = await slow_suspend_blk()
     stop = asyncio.ensure_future(device.stop())
-    await asyncio.sleep(0.01)
-    assert device.backend.order == ["suspend"]
+    await wait_until(lambda: device.backend.order == ["suspend"], what="the stop to be suspending")
     guest.transport.write_config(32, 1, 0)          # writeback -> writethrough: a CONFIG_WRITE op
     await stop
     await device.settle()
@@ -292,7 +291,7 @@ async def test_guest_operation_during_a_stop_runs_after_it() -> None:
 async def test_cancelling_a_stop_midway_fails_the_device_visibly() -> None:
     machine, device, guest, driver = await slow_suspend_blk()
     stop = asyncio.ensure_future(device.stop())
-    await asyncio.sleep(0.01)
+    await wait_until(lambda: device.backend.order == ["suspend"], what="the stop to be suspending")
     stop.cancel()
     with pytest.raises(asyncio.CancelledError):
         await stop
@@ -309,8 +308,9 @@ async def test_held_interrupts_stay_pending_until_released() -> None:
     machine, device, guest, driver = await make_blk(queues=1, latency_us=0)
     guest.hold_interrupts()
     read = asyncio.ensure_future(driver.read(0, 4096))
-    await asyncio.sleep(0.02)
-    assert not read.done() and guest.queues[0].ring.has_used()
+    await wait_until(guest.queues[0].ring.has_used, what="the request to be used")
+    await asyncio.sleep(0.01)                       # held: no interrupt completes the read
+    assert not read.done()
     guest.release_interrupts()
     assert await asyncio.wait_for(read, 1.0) == bytes(4096)
     guest.close()

@@ -1,16 +1,16 @@
-"""virtio-mmio v2 transport: every register, interrupts, config space, bad accesses, and an
-end-to-end virtio-rng read through MMIO (virtio v1.4 §4.2.2)."""
+"""virtio-mmio v2 transport: its registers, interrupts, bad accesses, and an end-to-end
+virtio-rng read through MMIO (virtio v1.4 §4.2.2). What PCI and MMIO share (feature words,
+FEATURES_OK, the status sequence, config generation and device config) is in
+test_transport_common.py."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import struct
-from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pytest
+from helpers import faults, no_faults, signalled, wait_fd
 
 from shadowvmm.config import DeviceConfig
 from shadowvmm.device import VirtioDevice
@@ -20,7 +20,7 @@ from shadowvmm.guest.transport import MmioGuestTransport
 from shadowvmm.machine import Machine
 from shadowvmm.shadow import GuestFault
 from shadowvmm.transport.mmio import MmioTransport
-from shadowvmm.virtio.constants import ISR_CONFIG, ISR_QUEUE, BlkFeature, Feature, Status
+from shadowvmm.virtio.constants import ISR_CONFIG, ISR_QUEUE, Feature, Status
 
 # register offsets (v1.4 §4.2.2, Linux uapi virtio_mmio.h)
 MAGIC, VERSION, DEVICE_ID, VENDOR_ID = 0x000, 0x004, 0x008, 0x00C
@@ -34,10 +34,6 @@ QUEUE_RESET, CONFIG_GEN, CONFIG = 0x0C0, 0x0FC, 0x100
 NUM_QUEUES = 2
 QUEUE_MAX = 256
 DISK_BYTES = 1 << 20
-BLK_OFFERED = int(BlkFeature.SEG_MAX | BlkFeature.BLK_SIZE | BlkFeature.FLUSH
-                  | BlkFeature.CONFIG_WCE | BlkFeature.MQ | Feature.INDIRECT_DESC
-                  | Feature.EVENT_IDX | Feature.VERSION_1 | Feature.RING_PACKED
-                  | Feature.RING_RESET)
 ADS = Status.ACKNOWLEDGE | Status.DRIVER
 
 
@@ -85,7 +81,9 @@ async def make_rig(device: str = "blk") -> Rig:
     name = f"{device}0"
     dev = await m.add_device(DeviceConfig(name, "inproc", options, transport="mmio",
                                           queue_size=QUEUE_MAX if device == "blk" else 64))
-    return Rig(m, dev, m.slots[name].transport, name)
+    t = m.slots[name].transport
+    assert isinstance(t, MmioTransport)
+    return Rig(m, dev, t, name)
 
 
 async def close_rig(r: Rig) -> None:
@@ -108,41 +106,6 @@ async def rng():
     await close_rig(r)
 
 
-@contextmanager
-def faults(dev: VirtioDevice, expected: dict[GuestFault, int]):
-    """The block must count exactly *expected* guest faults (and nothing else) and not raise."""
-    before = Counter(dev.faults.counts)
-    yield
-    delta = Counter(dev.faults.counts)
-    delta.subtract(before)
-    assert {k: v for k, v in delta.items() if v} == expected
-
-
-def no_faults(dev: VirtioDevice):
-    return faults(dev, {})
-
-
-async def wait_fd(fd: int, timeout: float = 2.0) -> int:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        try:
-            return os.eventfd_read(fd)
-        except BlockingIOError:
-            pass
-        if loop.time() > deadline:
-            raise AssertionError(f"eventfd {fd} was never signalled")
-        await asyncio.sleep(0.001)
-
-
-def signalled(fd: int) -> bool:
-    try:
-        os.eventfd_read(fd)
-    except BlockingIOError:
-        return False
-    return True
-
-
 # ---------------------------------------------------------------------------- identification
 
 
@@ -155,45 +118,6 @@ async def test_identification_registers(rig, rng):
         assert rig.r(VENDOR_ID) == 0x554D4551
     assert rng.r(DEVICE_ID) == 4
     assert rig.dev.interrupts.msix_enabled is False       # MMIO has no MSI-X
-
-
-# ---------------------------------------------------------------------------- features
-
-
-async def test_device_feature_words(rig):
-    with no_faults(rig.dev):
-        assert rig.r(DEV_FEATURES) == BLK_OFFERED & 0xFFFFFFFF
-        rig.w(DEV_FEATURES_SEL, 1)
-        assert rig.r(DEV_FEATURES) == BLK_OFFERED >> 32 == 0x105
-        rig.w(DEV_FEATURES_SEL, 2)
-        assert rig.r(DEV_FEATURES) == 0
-        rig.w(DEV_FEATURES_SEL, 0)
-        assert rig.r(DEV_FEATURES) == 0x3000_1A44
-    assert MmioGuestTransport(rig.t).device_features() == BLK_OFFERED
-
-
-async def test_driver_feature_words(rig):
-    with no_faults(rig.dev):
-        rig.w(DRV_FEATURES_SEL, 1)
-        rig.w(DRV_FEATURES, 0x1)
-        rig.w(DRV_FEATURES_SEL, 0)
-        rig.w(DRV_FEATURES, int(BlkFeature.FLUSH))
-    assert rig.dev.driver_features == int(Feature.VERSION_1 | BlkFeature.FLUSH)
-    with faults(rig.dev, {GuestFault.FEATURES_REFUSED: 1}):
-        rig.w(DRV_FEATURES_SEL, 4)
-        rig.w(DRV_FEATURES, 0xFFFFFFFF)
-    assert rig.dev.driver_features == int(Feature.VERSION_1 | BlkFeature.FLUSH)
-
-
-async def test_features_ok_negotiation(rig):
-    with faults(rig.dev, {GuestFault.FEATURES_REFUSED: 1}):
-        rig.negotiate(int(BlkFeature.FLUSH))                # no VERSION_1: refused
-    assert rig.r(STATUS) == ADS
-    rig.negotiate(int(Feature.VERSION_1 | BlkFeature.FLUSH))
-    assert rig.r(STATUS) == ADS | Status.FEATURES_OK
-    with faults(rig.dev, {GuestFault.FEATURES_LATE: 1}):
-        rig.w(DRV_FEATURES, 0)
-    assert rig.dev.driver_features == int(Feature.VERSION_1 | BlkFeature.FLUSH)
 
 
 # ---------------------------------------------------------------------------- queues
@@ -306,15 +230,6 @@ async def test_queue_ready_zero_with_ring_reset_resets_queue(rig):
     assert rig.dev.queues[0].size == QUEUE_MAX and rig.dev.queues[0].desc == 0
 
 
-async def test_queue_reset_without_ring_reset_refused(rig):
-    rig.negotiate(int(Feature.VERSION_1))
-    rig.program_queue(0, 16, 0x1_0000)
-    rig.w(QUEUE_READY, 1)
-    with faults(rig.dev, {GuestFault.READ_ONLY: 1}):
-        rig.w(QUEUE_RESET, 1)
-    assert rig.r(QUEUE_RESET) == 0 and rig.r(QUEUE_READY) == 1
-
-
 async def test_queue_ready_zero_stops_queue_without_ring_reset(rig):
     g = rig.guest()
     await g.initialize(0, queue_size=16)
@@ -327,26 +242,7 @@ async def test_queue_ready_zero_stops_queue_without_ring_reset(rig):
     assert not rig.dev.backend.rings[0].enabled
 
 
-# ---------------------------------------------------------------------------- status, interrupts, config
-
-
-async def test_status_register(rig):
-    with no_faults(rig.dev):
-        assert rig.r(STATUS) == 0
-        rig.w(STATUS, Status.ACKNOWLEDGE)
-        assert rig.r(STATUS) == 1
-        rig.negotiate(int(Feature.VERSION_1))
-        assert rig.r(STATUS) == 0x0B
-        rig.w(STATUS, 0x0F)
-        assert rig.r(STATUS) == 0x0F
-        await rig.dev.settle()
-        assert rig.dev.started
-    with faults(rig.dev, {GuestFault.STATUS_CLEAR: 1}):
-        rig.w(STATUS, 0x03)
-    assert rig.r(STATUS) == 0x0F
-    rig.w(STATUS, 0)
-    await rig.dev.settle()
-    assert rig.r(STATUS) == 0 and not rig.dev.started
+# ---------------------------------------------------------------------------- interrupts and reset
 
 
 async def test_interrupt_status_and_ack(rig):
@@ -395,54 +291,6 @@ async def test_reset_clears_interrupt_status_and_queues(rig):
         rig.w(QUEUE_SEL, q)
         assert rig.r(QUEUE_READY) == 0
         assert rig.dev.queues[q].size == QUEUE_MAX and rig.dev.queues[q].desc == 0
-
-
-async def test_config_generation(rig):
-    assert rig.r(CONFIG_GEN) == 0
-    rig.dev.update_config(struct.pack("<Q", 99) + bytes(rig.dev.config[8:]))
-    assert rig.r(CONFIG_GEN) == 1
-    assert rig.r(CONFIG, 4) == 99
-    rig.dev.backend.change_config(writeback=0)
-    await rig.dev.settle()
-    assert rig.r(CONFIG_GEN) == 2
-    assert rig.r(CONFIG + 32, 1) == 0
-    with faults(rig.dev, {GuestFault.READ_ONLY: 1}):
-        rig.w(CONFIG_GEN, 5)
-    assert rig.r(CONFIG_GEN) == 2
-
-
-async def test_config_space(rig):
-    gt = MmioGuestTransport(rig.t)
-    with no_faults(rig.dev):
-        assert rig.r(CONFIG, 4) == DISK_BYTES // 512        # capacity low dword
-        assert rig.r(CONFIG + 4, 4) == 0
-        assert rig.r(CONFIG, 2) == 0x800
-        assert rig.r(CONFIG + 1, 1) == 0x08
-        assert rig.r(CONFIG + 12, 4) == 126                 # seg_max
-        assert rig.r(CONFIG + 20, 4) == 512                 # blk_size
-        assert rig.r(CONFIG + 34, 2) == NUM_QUEUES
-        assert gt.read_config(32, 1) == 1                   # writeback
-        gt.write_config(32, 1, 0)
-        assert gt.read_config(32, 1) == 0
-    await rig.dev.settle()
-    assert rig.dev.backend.model.writeback == 0
-    with faults(rig.dev, {GuestFault.CONFIG_RANGE: 3}):
-        assert rig.r(CONFIG + 58, 4) == 0                   # straddles the 60-byte end
-        assert rig.r(CONFIG + 0x100, 4) == 0                # past the MMIO window
-        rig.w(CONFIG + 60, 0xFF, 1)
-
-
-async def test_rng_has_no_config_space(rng):
-    with faults(rng.dev, {GuestFault.CONFIG_RANGE: 1}):
-        assert rng.r(CONFIG, 4) == 0
-
-
-async def test_config_space_bad_width_counted(rig):
-    with faults(rig.dev, {GuestFault.BAD_WIDTH: 3}):
-        assert rig.r(CONFIG, 8) == 0
-        assert rig.r(CONFIG, 3) == 0
-        rig.w(CONFIG, 0xFFFFFF, 3)
-    assert rig.r(CONFIG, 4) == DISK_BYTES // 512
 
 
 async def test_shared_memory_registers_absent(rig):

@@ -12,6 +12,7 @@ through a hand-built ring, one stop between two small write/verify runs) is not 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import random
 from collections.abc import Awaitable, Iterator
@@ -19,10 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from helpers import wait_until, wait_value
 
 from shadowvmm.backends.base import RingState
-from shadowvmm_vhost_user import VhostUserBackend
-from shadowvmm_vhost_user.probe import probe
 from shadowvmm.config import DeviceConfig
 from shadowvmm.device import VirtioDevice
 from shadowvmm.guest.blk import BlkDriver, BlkOp
@@ -33,6 +33,8 @@ from shadowvmm.testing.peers import QsdBlk
 from shadowvmm.testing.plugin import require_peer
 from shadowvmm.virtio.constants import BlkFeature, BlkRequestType, Status
 from shadowvmm.workload import StatusWatcher, block_pattern
+from shadowvmm_vhost_user import VhostUserBackend
+from shadowvmm_vhost_user.probe import probe
 
 IMAGE_BYTES = 64 << 20
 BLOCK = 4096
@@ -142,9 +144,12 @@ async def stopper(device: VirtioDevice, driver: BlkDriver, run: Run, records: li
     def in_flight() -> int:
         return sum(q.ring.in_flight for q in guest.queues)
 
+    def due(mark: int) -> bool:
+        return run.writes_done >= mark and in_flight() > 0
+
     for mark in STOP_AT:
-        while run.writes_done < mark or not in_flight():
-            await asyncio.sleep(0)
+        await wait_until(functools.partial(due, mark), timeout=30, interval=0,
+                         what=f"{mark} writes done and requests in the rings")
         before = in_flight()
         submitted = sum(run.submitted)
         states = await device.stop()
@@ -241,6 +246,7 @@ async def test_blk_acceptance(qsd: QsdBlk) -> None:
         await device.resume()
 
         # Every byte of the image, read on the host after FLUSH, is what the model says.
+        assert qsd.image is not None
         fd = os.open(qsd.image, os.O_RDONLY)
         try:
             assert os.fstat(fd).st_size == IMAGE_BYTES
@@ -293,8 +299,9 @@ async def test_blk_stop_while_the_daemon_holds_requests(tmp_path: Path) -> None:
             async def cycles() -> None:
                 for cycle in range(3):
                     before = [writes(cycle, q, 64 * q + 16 * cycle, 4) for q in range(QUEUES)]
-                    await asyncio.sleep(0.002)
-                    in_flight_at_stop.append(sum(q.ring.in_flight for q in guest.queues))
+                    in_flight_at_stop.append(await wait_value(
+                        lambda: sum(q.ring.in_flight for q in guest.queues), bool, interval=0.0005,
+                        what="the writes in the rings"))
                     await device.stop()
                     assert guest.status() == LIVE
                     during = [writes(cycle, q, 64 * q + 16 * cycle + 8, 2) for q in range(QUEUES)]
@@ -316,6 +323,7 @@ async def test_blk_stop_while_the_daemon_holds_requests(tmp_path: Path) -> None:
             got += await driver.submit([BlkOp(BlkRequestType.IN, b * SECTORS_PER_BLOCK, length=BLOCK)
                                         for b in blocks[32:]], queue=1)
             assert got == [expected[b] for b in blocks]
+            assert peer.image is not None
             with open(peer.image, "rb") as f:
                 for block in blocks:
                     assert os.pread(f.fileno(), BLOCK, block * BLOCK) == expected[block]

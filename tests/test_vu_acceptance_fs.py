@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 
-from shadowvmm_vhost_user.backend import VhostUserBackend
 from shadowvmm.config import DeviceConfig
 from shadowvmm.device import VirtioDevice
 from shadowvmm.guest import fuse
@@ -35,6 +35,7 @@ from shadowvmm.testing.peers import Virtiofsd
 from shadowvmm.virtio.constants import Status
 from shadowvmm.virtio.devcfg import FS_CONFIG_BASE_SIZE, FsConfig
 from shadowvmm.workload import StatusWatcher
+from shadowvmm_vhost_user.backend import VhostUserBackend
 
 TAG = "accept"
 LIVE = Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK
@@ -235,7 +236,7 @@ async def test_fs_stream_across_transparent_stops(fs: FsRig) -> None:
                                for b in range(BATCHES) for i in range(RECORDS)]
                               + [b"stopped %d %d" % (n, i) for n in STOP_AT for i in range(2)])
     assert sorted(log) == expected_records, "an append was lost or replayed"
-    expected_dirs = sorted("d%07d" % (b * (RECORDS + MKDIRS) + RECORDS + i)
+    expected_dirs = sorted(f"d{b * (RECORDS + MKDIRS) + RECORDS + i:07d}"
                            for b in range(BATCHES) for i in range(MKDIRS))
     assert sorted(os.listdir(share / "dirs")) == expected_dirs
     assert sorted(await d.listdir("dirs")) == expected_dirs
@@ -246,10 +247,7 @@ async def test_fs_stream_across_transparent_stops(fs: FsRig) -> None:
     assert virtiofsd_processes(marker) == [fs.peer.pid]
     await asyncio.wait_for(d.close(), 10)
     await fs.machine.close()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 5
-    while fs.peer.running and loop.time() < deadline:
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: not fs.peer.running, interval=0.01, what="virtiofsd to exit after DESTROY + disconnect")
     assert fs.peer.returncode == 0, "virtiofsd did not exit cleanly after DESTROY + disconnect"
     assert virtiofsd_processes(marker) == []
     assert len(log) == BATCHES * RECORDS + 2 * len(STOP_AT)

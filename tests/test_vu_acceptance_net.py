@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import wait_value
 
 from shadowvmm.backends.base import Capability
-from shadowvmm_vhost_user.backend import VhostUserBackend
 from shadowvmm.config import DeviceConfig
 from shadowvmm.device import VirtioDevice
 from shadowvmm.guest.net import NetDriver
@@ -32,6 +32,7 @@ from shadowvmm.testing.plugin import require_peer
 from shadowvmm.virtio.constants import Status
 from shadowvmm.virtio.devcfg import NET_CONFIG_BASE_SIZE, NetConfig
 from shadowvmm.workload import StatusWatcher
+from shadowvmm_vhost_user.backend import VhostUserBackend
 
 FRAMES = 100_000
 BATCH = 128                 #: frames per send; the receive queue (256 buffers) always has room
@@ -135,11 +136,8 @@ class Stream:
 
 async def ready_lines(peer: DpdkTestpmd, want: int) -> int:
     """How many times testpmd logged readiness, waiting up to 2 s for *want* (its log is line-buffered)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 2.0
-    while (count := peer.log_path.read_bytes().count(READY)) < want and loop.time() < deadline:
-        await asyncio.sleep(0.01)
-    return count
+    return await wait_value(lambda: peer.log_path.read_bytes().count(READY), lambda count: count >= want,
+                            timeout=2.0, interval=0.01, what=f"{want} readiness lines in the testpmd log")
 
 
 async def start_driver(rig: NetRig) -> None:
@@ -189,11 +187,11 @@ async def test_io_stream_across_transparent_stops(io_rig: NetRig) -> None:
 
     # A VMM control plane is not instantaneous: leave 2 ms after each SET_VRING_ENABLE(0), in
     # which the guest goes on transmitting, as a real guest would (nothing tells it to wait).
-    enable = rig.backend.set_vring_enable
+    set_enable = rig.backend.set_vring_enable
 
-    async def slow_enable(index: int, enabled: bool) -> None:
-        await enable(index, enabled)
-        if not enabled:
+    async def slow_enable(index: int, enable: bool) -> None:
+        await set_enable(index, enable)
+        if not enable:
             await asyncio.sleep(SLOW_CONTROL_PLANE)
 
     rig.backend.set_vring_enable = slow_enable  # type: ignore[method-assign]
