@@ -606,9 +606,7 @@ async def test_a_session_lost_right_after_a_reply_records_nothing_for_the_next()
     and the EOF in one go, so the loss is handled before the start resumes. The start must not
     then record 'memory table sent' (nor 'started') for the new session, which would skip
     ADD_MEM_REG there and fail at SET_VRING_ADDR."""
-    import sys
-    sys.path.insert(0, str(Path(__file__).parent))
-    from fakes.vhost_user_fake import REPLY, U64, FakeBackend, Send
+    from shadowvmm_vhost_user.fake import REPLY, U64, FakeBackend, Send
 
     fake = FakeBackend()
     fake.on(37, Send(37, U64.pack(0), flags=REPLY, hangup=True))        # ADD_MEM_REG: ack, then EOF
