@@ -52,5 +52,9 @@ async def no_task_leak(request: pytest.FixtureRequest) -> AsyncIterator[None]:
     left = [task for task in asyncio.all_tasks() if task is not current and not task.done()]
     if left and not request.node.get_closest_marker("leaks_fds"):
         pytest.fail(f"the test left {len(left)} tasks running: "
-                    f"{sorted(task.get_name() + ':' + task.get_coro().__qualname__ for task in left)[:6]}",
+                    f"{sorted(task.get_name() + ':' + _coro_name(task) for task in left)[:6]}",
                     pytrace=False)
+
+
+def _coro_name(task: asyncio.Task[object]) -> str:
+    return str(getattr(task.get_coro(), "__qualname__", task.get_coro()))
