@@ -4,12 +4,15 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test setup peers bench soak fuzz clean
+PLUGINS := plugins/vhost-user plugins/vdpa plugins/faulty
 
-$(STAMP): pyproject.toml plugins/vhost-user/pyproject.toml plugins/vdpa/pyproject.toml
+.PHONY: run test lint setup peers bench soak fuzz clean
+
+# The core and the first-party plugins, from this clone (nothing is fetched for them).
+$(STAMP): pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]' -e plugins/vhost-user -e plugins/vdpa
+	$(PY) -m pip install -q -e '.[dev]' $(addprefix -e ,$(PLUGINS))
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -25,7 +28,13 @@ peers:
 # and 6.1 (SUSPEND only: the reset-and-replay fallback).
 export SHADOWVMM_VDPA_VM_KERNELS ?= 6.12 6.1
 
-test: setup peers
+# The gates: ruff, mypy, and the import graph / code shape (scripts/archcheck.py).
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(PY) scripts/archcheck.py
+
+test: setup peers lint
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: setup peers

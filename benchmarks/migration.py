@@ -35,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import machine_info, run_loop  # noqa: E402
 
-from shadowvmm_vhost_user import VhostUserBackend  # noqa: E402
 from shadowvmm.config import DeviceConfig
 from shadowvmm.guest.blk import BlkDriver, BlkOp
 from shadowvmm.machine import Machine
@@ -44,6 +43,7 @@ from shadowvmm.migration.migrate import MigrationHooks, MigrationOptions, _stop_
 from shadowvmm.migration.stream import Endpoint
 from shadowvmm.testing.peers import PeerMissing, QsdBlk, find_peer
 from shadowvmm.virtio.constants import BlkRequestType
+from shadowvmm_vhost_user import VhostUserBackend  # noqa: E402
 
 DOWNTIME_GOAL_MS = 5.0
 RATIO_GOAL = 1.5

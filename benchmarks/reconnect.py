@@ -37,13 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import machine_info, run_loop  # noqa: E402
 
-from shadowvmm_vhost_user import VhostUserBackend  # noqa: E402
 from shadowvmm.config import DeviceConfig  # noqa: E402
 from shadowvmm.guest.blk import BlkDriver  # noqa: E402
 from shadowvmm.lifecycle import DeviceEventKind, ReconnectPolicy  # noqa: E402
 from shadowvmm.machine import Machine  # noqa: E402
 from shadowvmm.testing.blkcheck import Writers, pattern  # noqa: E402
 from shadowvmm.testing.peers import QsdBlk, RefBlk, _Peer  # noqa: E402
+from shadowvmm_vhost_user import VhostUserBackend  # noqa: E402
 
 IMAGE_BYTES = 64 << 20
 

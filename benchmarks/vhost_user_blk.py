@@ -37,12 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import Stopwatch, machine_info, pin_threads, profile_table, profiled, run_checked, run_loop  # noqa: E402
 
-from shadowvmm_vhost_user import VhostUserBackend  # noqa: E402
 from shadowvmm.config import DeviceConfig  # noqa: E402
 from shadowvmm.guest.blk import BlkDriver, BlkOp  # noqa: E402
 from shadowvmm.machine import Machine  # noqa: E402
 from shadowvmm.testing.peers import QsdBlk, find_peer  # noqa: E402
 from shadowvmm.virtio.constants import BlkRequestType  # noqa: E402
+from shadowvmm_vhost_user import VhostUserBackend  # noqa: E402
 
 BLOCK = 4096
 DISK = 1 << 30

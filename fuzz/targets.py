@@ -27,8 +27,6 @@ import msgpack
 
 from shadowvmm import config as configmod
 from shadowvmm.backends.inproc import BlkModel, RngModel
-from shadowvmm_vhost_user import protocol as vu
-from shadowvmm_vhost_user.connection import BackendChannel, Connection
 from shadowvmm.config import DeviceConfig
 from shadowvmm.errors import ShadowVmmError
 from shadowvmm.machine import Machine
@@ -39,6 +37,8 @@ from shadowvmm.migration.stream import PageBatch, RecordType, StreamReader
 from shadowvmm.transport.pci import Space
 from shadowvmm.virtio.packed import PackedDeviceQueue, PackedLayout
 from shadowvmm.virtio.split import SplitDeviceQueue, SplitLayout
+from shadowvmm_vhost_user import protocol as vu
+from shadowvmm_vhost_user.connection import BackendChannel, Connection
 
 #: What one input may make the process allocate (Python objects, per tracemalloc).
 ALLOCATION_LIMIT = 8 << 20

@@ -61,7 +61,7 @@ async def _stop_midway(device, guest, after: int, hold: float, report: StopRepor
 
 
 def _status_text(values: set[int]) -> str:
-    return ", ".join(f"{v:#04x} ({'|'.join(b.name for b in Status if v & b)})"
+    return ", ".join(f"{v:#04x} ({'|'.join(str(b.name) for b in Status if v & b)})"
                      for v in sorted(values))
 
 
@@ -141,6 +141,7 @@ async def _run_blk(cfg, dev_cfg, device, guest, out) -> int:
     features = await driver.start(packed=dev_cfg.packed, queue_size=dev_cfg.queue_size)
     _check_run(cfg, dev_cfg, driver)
     c = driver.config
+    assert c is not None
     print(f"   negotiated: {', '.join(feature_names(features, BlkFeature))}", file=out)
     print(f"   capacity {driver.capacity_bytes >> 20} MiB, {c.num_queues} queue(s), "
           f"seg_max {c.seg_max}, id {await driver.get_id()!r}", file=out)

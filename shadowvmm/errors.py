@@ -41,6 +41,7 @@ Test harnesses report a broken invariant as an ``AssertionError`` (pytest's fail
 
 from __future__ import annotations
 
+import enum
 import errno as _errno
 import os
 
@@ -233,8 +234,9 @@ class NetCtrlError(GuestDriverError):
     """The device answered a virtio-net control command with VIRTIO_NET_ERR (or garbage)."""
 
     def __init__(self, cls: int, cmd: int, ack: int) -> None:
-        from .virtio.devcfg import CtrlClass
-        name = CtrlClass(cls).name if cls in CtrlClass._value2member_map_ else str(cls)
+        # The class is named when the caller passes it as an enum (virtio.devcfg.CtrlClass):
+        # this module imports nothing from the project.
+        name = cls.name if isinstance(cls, enum.Enum) else str(cls)
         super().__init__(f"virtio-net control command {name}/{cmd}: ack {ack}")
         self.ack = ack
 

@@ -365,7 +365,8 @@ class GuestAllocator:
         if size < 1 or align < 1 or align & (align - 1):
             raise GuestMemoryError(f"bad allocation: {size} bytes aligned to {align}")
         starts, ends = self._free_starts, self._free_ends
-        for index, (first, last) in enumerate(zip(starts, ends)):
+        for index in range(len(starts)):
+            first, last = starts[index], ends[index]
             gpa = (first + align - 1) & ~(align - 1)
             if gpa + size <= last:
                 break

@@ -49,10 +49,10 @@ async def blk_write_verify(driver: BlkDriver, *, requests: int, queue_depth: int
     seq = 0
     done = 0
     while done < requests:
-        batch_tasks = []
+        batch_tasks: list[Awaitable[list[bytes]]] = []
         for q in range(nqueues):
-            ops = []
-            for _ in range(min(queue_depth, requests - done - sum(len(o) for o in ops))):
+            ops: list[BlkOp] = []
+            for _ in range(min(queue_depth, requests - done)):     # done counts the queues before
                 block = rng.randrange(total_blocks)
                 seq += 1
                 data = block_pattern(block, seq, block_bytes)

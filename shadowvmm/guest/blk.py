@@ -17,9 +17,10 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import islice
+from typing import cast
 
 from ..errors import BlkIOError, DeviceStateError, RingError
-from ..memory import GuestMemory
+from ..memory import DirtyLog, GuestMemory
 from ..virtio.constants import BLK_ID_BYTES, BLK_SECTOR_SIZE, BlkFeature, BlkRequestType, BlkStatus, Feature
 from ..virtio.split import DescFlags, SplitDriverQueue
 from .driver import GuestDevice, GuestQueue
@@ -137,6 +138,144 @@ class _Tag:
     def retire(self, pool: list[Slot]) -> None:
         self.ring.release(self.chain)
         pool.append(self.slot)
+
+
+class _TagRun:
+    """One :meth:`BlkDriver.pipeline` run on a split ring.
+
+    Every request in flight is a :class:`_Tag`; :meth:`fill` writes headers (and OUT data)
+    into free tags and posts them in batches with one kick each, :meth:`harvest` checks a
+    batch of completions (status, IN data to the sink) and frees their tags, :meth:`run`
+    alternates the two, sleeping only when the device has used nothing (NAPI-style).
+    """
+
+    def __init__(self, q: GuestQueue, ring: SplitDriverQueue, pool: list[Slot], depth: int,
+                 ops: Iterable[BlkOp], max_request: int, log: DirtyLog | None,
+                 sink: Callable[[BlkOp, bytes], None] | None) -> None:
+        self.q, self.ring = q, ring
+        self.free_tags = [_Tag(ring, pool.pop(), max_request) for _ in range(depth)]
+        self.tags = list(self.free_tags)
+        #: Completions not harvested yet: tags, and futures of a concurrent submit() on the queue.
+        self.ready: list[tuple[object, int]] = []
+        self.waiter: asyncio.Future[None] | None = None
+        self.source = iter(ops)
+        self.max_request, self.log, self.sink = max_request, log, sink
+        self.kick_every = max(depth // 4, 8)
+
+    def wake(self, used: list[tuple[object, int]]) -> None:
+        self.ready.extend(used)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def dropped(self, error: RingError) -> None:
+        self.wake([])
+
+    def fill(self, count: int) -> int:
+        """Make up to *count* more requests available; returns how many."""
+        ring, q, free_tags, log = self.ring, self.q, self.free_tags, self.log
+        max_request, kick_every = self.max_request, self.kick_every
+        pack, status_at = HEADER.pack_into, HEADER.size
+        heads: list[int] = []
+        posted: list[object] = []
+        n = 0
+        try:
+            for op in islice(self.source, count):
+                kind = op.kind
+                if kind == _IN:
+                    length, flags = op.length, _WRITE_NEXT
+                elif kind == _OUT:
+                    length, flags = len(op.data), _NEXT
+                elif kind == _GET_ID:
+                    length, flags = BLK_ID_BYTES, _WRITE_NEXT
+                else:
+                    length, flags = 0, 0
+                if flags and not 0 < length <= max_request:
+                    raise DeviceStateError(f"request of {length} bytes (limit {max_request})")
+                tag = free_tags.pop()
+                tag.op = op
+                slot = tag.slot
+                meta, off = slot._meta_map, slot._meta_off
+                pack(meta, off, kind, 0, op.sector)
+                meta[off + status_at] = 0xFF
+                if log is not None:
+                    log.mark(slot.meta, status_at + 1)
+                if not flags:           # FLUSH and other data-less requests: a chain of two
+                    if heads:
+                        ring.post(heads, posted)
+                        heads, posted = [], []
+                    ring.add(slot._header, slot._status, tag)
+                    n += 1
+                    continue
+                if kind == _OUT:
+                    doff = slot._data_off
+                    slot._data_map[doff:doff + length] = op.data
+                    if log is not None:
+                        log.mark(slot.data, length)
+                if length != tag.data_len or flags != tag.data_flags:
+                    tag.set_data(length, flags)
+                heads.append(tag.head)
+                posted.append(tag)
+                n += 1
+                if len(heads) == kick_every:    # let the device start while we fill on
+                    ring.post(heads, posted)
+                    heads, posted = [], []
+                    q.kick()
+        finally:
+            if heads:
+                ring.post(heads, posted)
+            if n:
+                q.kick()
+        return n
+
+    def harvest(self) -> int:
+        """Check every completion in :attr:`ready`; returns how many of them were tags."""
+        batch = self.ready[:]
+        self.ready.clear()
+        free_tags, sink, status_at = self.free_tags, self.sink, HEADER.size
+        harvested = 0
+        try:
+            for token, written in batch:
+                if not isinstance(token, _Tag):     # a concurrent submit() on this queue
+                    future = cast("asyncio.Future[int]", token)
+                    if not future.done():
+                        future.set_result(written)
+                    continue
+                harvested += 1
+                free_tags.append(token)
+                slot = token.slot
+                status = slot._meta_map[slot._meta_off + status_at]
+                op = token.op
+                assert op is not None
+                if status != BlkStatus.OK:
+                    raise BlkIOError(status, f"{op.kind.name} sector {op.sector}")
+                if sink is not None and op.kind == _IN:
+                    sink(op, slot.read_data(op.length))
+        except BaseException:
+            self.ready[:0] = batch       # _retire_tags resolves the concurrent futures among them
+            raise
+        return harvested
+
+    async def run(self, loop: asyncio.AbstractEventLoop) -> int:
+        """Keep the queue full until the ops run out; returns how many requests completed."""
+        q, ring = self.q, self.ring
+        completed = 0
+        in_flight = self.fill(len(self.tags))
+        while in_flight:
+            if not self.ready and q.error is None:
+                if ring.has_used():
+                    q.reap()        # poll before sleeping (NAPI-style): no loop round trip
+                if not self.ready:
+                    waiter = self.waiter = loop.create_future()
+                    await waiter
+                    self.waiter = None
+            if q.error is not None:
+                raise RingError(f"queue {q.index} reset with {in_flight} requests in flight") from q.error
+            harvested = self.harvest()
+            in_flight -= harvested
+            completed += harvested
+            in_flight += self.fill(harvested)
+        return completed
 
 
 class BlkDriver:
@@ -269,130 +408,25 @@ class BlkDriver:
         if q.error is not None:
             raise DeviceStateError(f"queue {q.index} is reset") from q.error
         if isinstance(q.ring, SplitDriverQueue):
-            return await self._pipeline_tags(q, ops, depth, sink)
+            return await self._pipeline_tags(q, q.ring, ops, depth, sink)
         return await self._pipeline_generic(q, ops, depth, sink)
 
-    async def _pipeline_tags(self, q: GuestQueue, ops: Iterable[BlkOp], depth: int,
+    async def _pipeline_tags(self, q: GuestQueue, ring: SplitDriverQueue, ops: Iterable[BlkOp], depth: int,
                              sink: Callable[[BlkOp, bytes], None] | None) -> int:
-        ring: SplitDriverQueue = q.ring
+        """:meth:`pipeline` on a split ring: one :class:`_Tag` per request in flight (:class:`_TagRun`)."""
         if q.on_used is not None:
             raise DeviceStateError(f"queue {q.index} already runs a pipeline")
         pool = self._slots[q.index]
         depth = min(depth, len(pool), ring.num_free // _CHAIN)
         if depth < 1:
             raise DeviceStateError(f"queue {q.index}: no room for a request")
-        free_tags = [_Tag(ring, pool.pop(), self.max_request) for _ in range(depth)]
-        tags = list(free_tags)
-        ready: list[tuple[object, int]] = []
-        waiter: list[asyncio.Future | None] = [None]
-
-        def wake(used: list[tuple[object, int]]) -> None:
-            ready.extend(used)
-            w = waiter[0]
-            if w is not None and not w.done():
-                w.set_result(None)
-
-        q.on_used = wake
-        q.on_drop = lambda error: wake([])
-        loop = self.dev.loop
-        source = iter(ops)
-        max_request, log = self.max_request, self.dev.memory.dirty_log
-        pack, status_at = HEADER.pack_into, HEADER.size
-        in_flight = completed = 0
-        kick_every = max(depth // 4, 8)
-
-        def fill(count: int) -> int:
-            heads: list[int] = []
-            posted: list[_Tag] = []
-            n = 0
-            try:
-                for op in islice(source, count):
-                    kind = op.kind
-                    if kind == _IN:
-                        length, flags = op.length, _WRITE_NEXT
-                    elif kind == _OUT:
-                        length, flags = len(op.data), _NEXT
-                    elif kind == _GET_ID:
-                        length, flags = BLK_ID_BYTES, _WRITE_NEXT
-                    else:
-                        length, flags = 0, 0
-                    if flags and not 0 < length <= max_request:
-                        raise DeviceStateError(f"request of {length} bytes (limit {max_request})")
-                    tag = free_tags.pop()
-                    tag.op = op
-                    slot = tag.slot
-                    meta, off = slot._meta_map, slot._meta_off
-                    pack(meta, off, kind, 0, op.sector)
-                    meta[off + status_at] = 0xFF
-                    if log is not None:
-                        log.mark(slot.meta, status_at + 1)
-                    if not flags:           # FLUSH and other data-less requests: a chain of two
-                        if heads:
-                            ring.post(heads, posted)
-                            heads, posted = [], []
-                        ring.add(slot._header, slot._status, tag)
-                        n += 1
-                        continue
-                    if kind == _OUT:
-                        doff = slot._data_off
-                        slot._data_map[doff:doff + length] = op.data
-                        if log is not None:
-                            log.mark(slot.data, length)
-                    if length != tag.data_len or flags != tag.data_flags:
-                        tag.set_data(length, flags)
-                    heads.append(tag.head)
-                    posted.append(tag)
-                    n += 1
-                    if len(heads) == kick_every:    # let the device start while we fill on
-                        ring.post(heads, posted)
-                        heads, posted = [], []
-                        q.kick()
-            finally:
-                if heads:
-                    ring.post(heads, posted)
-                if n:
-                    q.kick()
-            return n
-
+        run = _TagRun(q, ring, pool, depth, ops, self.max_request, self.dev.memory.dirty_log, sink)
+        q.on_used = run.wake
+        q.on_drop = run.dropped
         try:
-            in_flight = fill(depth)
-            while in_flight:
-                if not ready and q.error is None:
-                    if ring.has_used():
-                        q.reap()        # poll before sleeping (NAPI-style): no loop round trip
-                    if not ready:
-                        waiter[0] = loop.create_future()
-                        await waiter[0]
-                        waiter[0] = None
-                if q.error is not None:
-                    raise RingError(f"queue {q.index} reset with {in_flight} requests in flight") from q.error
-                batch = ready[:]
-                ready.clear()
-                harvested = 0
-                try:
-                    for token, written in batch:
-                        if token.__class__ is not _Tag:     # a concurrent submit() on this queue
-                            if not token.done():
-                                token.set_result(written)
-                            continue
-                        harvested += 1
-                        free_tags.append(token)
-                        slot = token.slot
-                        status = slot._meta_map[slot._meta_off + status_at]
-                        op = token.op
-                        if status != BlkStatus.OK:
-                            raise BlkIOError(status, f"{op.kind.name} sector {op.sector}")
-                        if sink is not None and op.kind == _IN:
-                            sink(op, slot.read_data(op.length))
-                except BaseException:
-                    ready[:0] = batch       # the finally resolves the concurrent futures among them
-                    raise
-                in_flight -= harvested
-                completed += harvested
-                in_flight += fill(harvested)
+            return await run.run(self.dev.loop)
         finally:
-            self._retire_tags(q, tags, ready, pool)
-        return completed
+            self._retire_tags(q, run.tags, run.ready, pool)
 
     @staticmethod
     def _retire_tags(q: GuestQueue, tags: list[_Tag], ready: list[tuple[object, int]],
@@ -401,11 +435,14 @@ class BlkDriver:
         or all at once if the queue is reset (its ring is gone, only the slots are kept)."""
         error = q.error
         for token, written in ready:
-            if token.__class__ is not _Tag and not token.done():
+            if isinstance(token, _Tag):
+                continue
+            future = cast("asyncio.Future[int]", token)
+            if not future.done():
                 if error is None:
-                    token.set_result(written)
+                    future.set_result(written)
                 else:
-                    token.set_exception(RingError(f"queue {q.index} reset with the request in flight"))
+                    future.set_exception(RingError(f"queue {q.index} reset with the request in flight"))
         if error is not None:
             pool.extend(tag.slot for tag in tags)
             return
@@ -420,11 +457,11 @@ class BlkDriver:
 
         def late(used: list[tuple[object, int]]) -> None:
             for token, written in used:
-                if token.__class__ is _Tag:
+                if isinstance(token, _Tag):
                     token.retire(pool)
                     pending.pop(id(token), None)
-                elif not token.done():
-                    token.set_result(written)
+                elif not (future := cast("asyncio.Future[int]", token)).done():
+                    future.set_result(written)
             if not pending:
                 q.on_used = q.on_drop = None
 

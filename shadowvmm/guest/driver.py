@@ -299,16 +299,18 @@ class GuestDevice:
         size = min(max_size, wanted_size)
         event_idx = bool(self.features & Feature.EVENT_IDX)
         alloc = self.alloc.alloc
+        layout: PackedLayout | SplitLayout
+        ring: PackedDriverQueue | SplitDriverQueue
         if self.features & Feature.RING_PACKED:
             d, a, u = PackedLayout.area_sizes(size)
-            layout = PackedLayout(size, alloc(d, 16, queue=index), alloc(a, 4, queue=index),
+            packed = PackedLayout(size, alloc(d, 16, queue=index), alloc(a, 4, queue=index),
                                   alloc(u, 4, queue=index))
-            ring = PackedDriverQueue(self.memory, layout, event_idx=event_idx)
+            layout, ring = packed, PackedDriverQueue(self.memory, packed, event_idx=event_idx)
         else:
             d, a, u = SplitLayout.area_sizes(size)
-            layout = SplitLayout(size, alloc(d, 16, queue=index), alloc(a, 2, queue=index),
-                                 alloc(u, 4, queue=index))
-            ring = SplitDriverQueue(self.memory, layout, event_idx=event_idx)
+            split = SplitLayout(size, alloc(d, 16, queue=index), alloc(a, 2, queue=index),
+                                alloc(u, 4, queue=index))
+            layout, ring = split, SplitDriverQueue(self.memory, split, event_idx=event_idx)
         vector = index + 1 if t.uses_msix and index + 1 < self.interrupts.vectors else NO_VECTOR
         t.setup_queue(index, size, layout.desc, layout.driver, layout.device, vector)
         t.enable_queue(index)

@@ -17,7 +17,6 @@ from the root node (nodeid 1) and FORGET what they looked up.
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import stat
 from collections.abc import Iterable, Sequence
@@ -26,7 +25,7 @@ from dataclasses import dataclass
 from ..errors import ArgumentError, DeviceStateError, ProtocolError
 from ..virtio.constants import Feature
 from ..virtio.devcfg import FS_CONFIG_BASE_SIZE, FsConfig
-from . import fuse
+from . import fspath, fuse
 from .driver import GuestDevice, GuestQueue
 from .fuse import (
     FUSE_ROOT_ID,
@@ -98,10 +97,6 @@ class FuseRequest:
 
 def _name(name: str | bytes) -> bytes:
     return fuse.check_name(os.fsencode(name))
-
-
-def _split(path: str | bytes) -> list[bytes]:
-    return [part for part in os.fsencode(path).split(b"/") if part and part != b"."]
 
 
 class FsDriver:
@@ -396,7 +391,7 @@ class FsDriver:
         out = bytearray()
         pos = offset
         while length is None or len(out) < length:
-            sizes = []
+            sizes: list[int] = []
             for _ in range(batch):
                 want = chunk if length is None else min(chunk, length - len(out) - sum(sizes))
                 if want <= 0:
@@ -448,152 +443,40 @@ class FsDriver:
             await self.releasedir(nodeid, handle.fh)
         return entries
 
-    # ------------------------------------------------------------------ paths
-
-    async def _walk(self, parts: Sequence[bytes], held: list[int]) -> int:
-        """The nodeid of *parts* from the root; every LOOKUP's nodeid is appended to *held*."""
-        nodeid = FUSE_ROOT_ID
-        for part in parts:
-            entry = await self.lookup(nodeid, part)
-            held.append(entry.nodeid)
-            nodeid = entry.nodeid
-        return nodeid
-
-    async def _release_lookups(self, held: list[int]) -> None:
-        counts: dict[int, int] = {}
-        for nodeid in held:
-            counts[nodeid] = counts.get(nodeid, 0) + 1
-        await self.forget(counts.items())
-
-    async def _resolve_parent(self, path: str | bytes, held: list[int]) -> tuple[int, bytes]:
-        parts = _split(path)
-        if not parts:
-            raise ArgumentError(f"path {path!r} names the root")
-        return await self._walk(parts[:-1], held), parts[-1]
+    # ------------------------------------------------------------------ paths (:mod:`.fspath`)
 
     async def stat(self, path: str | bytes) -> fuse.Attr:
-        held: list[int] = []
-        try:
-            return (await self.getattr(await self._walk(_split(path), held))).attr
-        finally:
-            await self._release_lookups(held)
+        return await fspath.stat(self, path)
 
     async def read_file(self, path: str | bytes) -> bytes:
         """The whole content of the file at *path*."""
-        held: list[int] = []
-        try:
-            nodeid = await self._walk(_split(path), held)
-            handle = await self.open(nodeid, os.O_RDONLY)
-            try:
-                return await self.read_all(nodeid, handle.fh)
-            finally:
-                await self.release(nodeid, handle.fh, os.O_RDONLY)
-        finally:
-            await self._release_lookups(held)
+        return await fspath.read_file(self, path)
 
     async def write_file(self, path: str | bytes, data: bytes, mode: int = 0o644) -> None:
         """Truncate (OPEN O_TRUNC) or CREATE the file at *path*, write *data*, FLUSH, RELEASE."""
-        held: list[int] = []
-        flags = os.O_WRONLY | os.O_TRUNC
-        try:
-            parent, name = await self._resolve_parent(path, held)
-            try:
-                entry = await self.lookup(parent, name)
-            except FuseError as exc:
-                if exc.errno != errno.ENOENT:
-                    raise
-                created = await self.create(parent, name, mode, flags)
-                nodeid, fh = created.entry.nodeid, created.open.fh
-            else:
-                nodeid = entry.nodeid
-                held.append(nodeid)
-                fh = (await self.open(nodeid, flags)).fh
-            if nodeid not in held:
-                held.append(nodeid)
-            try:
-                written = await self.write_all(nodeid, fh, data)
-                if written != len(data):
-                    raise ProtocolError(f"short write to {path!r}: {written} of {len(data)} bytes")
-                await self.flush(nodeid, fh)
-            finally:
-                await self.release(nodeid, fh, flags)
-        finally:
-            await self._release_lookups(held)
+        await fspath.write_file(self, path, data, mode)
 
     async def listdir(self, path: str | bytes = "/") -> list[str]:
         """Names in the directory at *path*, without ``.`` and ``..``, in device order."""
-        held: list[int] = []
-        try:
-            nodeid = await self._walk(_split(path), held)
-            entries = await self.readdir_all(nodeid)
-        finally:
-            await self._release_lookups(held)
-        return [os.fsdecode(e.name) for e in entries if e.name not in (b".", b"..")]
+        return await fspath.listdir(self, path)
 
     async def makedirs(self, path: str | bytes, mode: int = 0o755) -> None:
         """``mkdir -p``."""
-        held: list[int] = []
-        try:
-            nodeid = FUSE_ROOT_ID
-            for part in _split(path):
-                try:
-                    entry = await self.lookup(nodeid, part)
-                except FuseError as exc:
-                    if exc.errno != errno.ENOENT:
-                        raise
-                    entry = await self.mkdir(nodeid, part, mode)
-                held.append(entry.nodeid)
-                nodeid = entry.nodeid
-        finally:
-            await self._release_lookups(held)
+        await fspath.makedirs(self, path, mode)
 
     async def mkdir_path(self, path: str | bytes, mode: int = 0o755) -> None:
-        held: list[int] = []
-        try:
-            parent, name = await self._resolve_parent(path, held)
-            held.append((await self.mkdir(parent, name, mode)).nodeid)
-        finally:
-            await self._release_lookups(held)
-
-    async def _lookup_held(self, parent: int, name: bytes, held: list[int], *, missing_ok: bool = False) -> None:
-        """LOOKUP a victim before UNLINK/RMDIR/RENAME, as the kernel has its dentry: virtiofsd
-        resolves the name through its inode table and answers EIO for a node it does not know."""
-        try:
-            held.append((await self.lookup(parent, name)).nodeid)
-        except FuseError as exc:
-            if not (missing_ok and exc.errno == errno.ENOENT):
-                raise
+        await fspath.mkdir_path(self, path, mode)
 
     async def remove(self, path: str | bytes) -> None:
         """UNLINK the file at *path*."""
-        held: list[int] = []
-        try:
-            parent, name = await self._resolve_parent(path, held)
-            await self._lookup_held(parent, name, held)
-            await self.unlink(parent, name)
-        finally:
-            await self._release_lookups(held)
+        await fspath.remove(self, path)
 
     async def rmdir_path(self, path: str | bytes) -> None:
-        held: list[int] = []
-        try:
-            parent, name = await self._resolve_parent(path, held)
-            await self._lookup_held(parent, name, held)
-            await self.rmdir(parent, name)
-        finally:
-            await self._release_lookups(held)
+        await fspath.rmdir_path(self, path)
 
     async def rename_path(self, old: str | bytes, new: str | bytes, flags: int = 0) -> None:
         """RENAME (RENAME2 with *flags*) *old* to *new*; both are paths from the root."""
-        held: list[int] = []
-        try:
-            old_parent, old_name = await self._resolve_parent(old, held)
-            await self._lookup_held(old_parent, old_name, held)
-            new_parent, new_name = await self._resolve_parent(new, held)
-            await self._lookup_held(new_parent, new_name, held, missing_ok=True)
-            await self.rename(old_parent, old_name, new_parent, new_name, flags)
-        finally:
-            await self._release_lookups(held)
+        await fspath.rename_path(self, old, new, flags)
 
     # ------------------------------------------------------------------ teardown
 

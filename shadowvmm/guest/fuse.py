@@ -13,13 +13,12 @@ carries and what its reply is. Errors come back as a negative errno in
 from __future__ import annotations
 
 import enum
-import struct
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, ClassVar, Self
 
 from ..errors import ArgumentError, ArgumentTypeError, FuseError, ProtocolError
+from .wire import Wire
 
 FUSE_KERNEL_VERSION = 7
 #: The minor version this driver speaks (the fuse_init_in/out layout with flags2 is 7.36's).
@@ -144,58 +143,6 @@ FSYNC_FDATASYNC = 1 << 0        #: fuse_fsync_in.fsync_flags
 RENAME_NOREPLACE = 1 << 0       #: renameat2 flags (uapi linux/fs.h), fuse_rename2_in.flags
 RENAME_EXCHANGE = 1 << 1
 RENAME_WHITEOUT = 1 << 2
-
-
-class Wire:
-    """Mixin: a frozen dataclass laid out by one little-endian :class:`struct.Struct`.
-
-    The layout is the ``layout=`` class keyword; its values map in order onto
-    the dataclass fields, where a field named in ``NESTED`` is itself a
-    :class:`Wire` struct embedded at that position.
-    """
-
-    LAYOUT: ClassVar[str] = ""
-    STRUCT: ClassVar[struct.Struct]
-    SIZE: ClassVar[int]
-    NESTED: ClassVar[Mapping[str, type[Wire]]] = MappingProxyType({})
-
-    def __init_subclass__(cls, layout: str = "", **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        cls.LAYOUT = layout
-        cls.STRUCT = struct.Struct("<" + layout)
-        cls.SIZE = cls.STRUCT.size
-
-    def flat(self) -> list[Any]:
-        """The values in wire order (nested structs flattened)."""
-        out: list[Any] = []
-        for f in fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            if isinstance(value, Wire):
-                out += value.flat()
-            else:
-                out.append(value)
-        return out
-
-    @classmethod
-    def _build(cls, values: Iterator[Any]) -> Self:
-        kwargs = {f.name: (cls.NESTED[f.name]._build(values) if f.name in cls.NESTED else next(values))
-                  for f in fields(cls)}  # type: ignore[arg-type]
-        return cls(**kwargs)
-
-    @classmethod
-    def field_count(cls) -> int:
-        """Values the layout carries (nested structs counted by their own fields)."""
-        return sum(cls.NESTED[f.name].field_count() if f.name in cls.NESTED else 1
-                   for f in fields(cls))  # type: ignore[arg-type]
-
-    def pack(self) -> bytes:
-        return self.STRUCT.pack(*self.flat())
-
-    @classmethod
-    def unpack(cls, data: bytes | bytearray | memoryview, offset: int = 0) -> Self:
-        if len(data) - offset < cls.SIZE:
-            raise ArgumentError(f"{cls.__name__} needs {cls.SIZE} bytes, got {len(data) - offset}")
-        return cls._build(iter(cls.STRUCT.unpack_from(data, offset)))
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ only pair 0 runs until ``VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET`` (v1.4 §5.1.6.5.5).
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import struct
 from collections import deque
@@ -240,7 +241,7 @@ class NetDriver:
         while rx.idle and rx.queue.num_free:
             gpa = rx.idle.pop()
             future = rx.queue.add([], [(gpa, self.buffer_size)])
-            future.add_done_callback(lambda f, rx=rx, gpa=gpa: self._on_rx(rx, gpa, f))
+            future.add_done_callback(functools.partial(self._on_rx, rx, gpa))
             count += 1
         return count
 

@@ -137,7 +137,8 @@ class BlkLoad:
                 continue
             idle.clear()
             blocks = self.rng.sample(range(first, first + self.blocks_per_queue), self.depth)
-            ops, plan = [], []
+            ops: list[BlkOp] = []
+            plan: list[tuple[int, bytes | None]] = []
             for block in blocks:
                 if block in self.expected and self.rng.random() < self.read_share:
                     ops.append(BlkOp(BlkRequestType.IN, block * sectors, length=self.block_bytes))
@@ -152,20 +153,20 @@ class BlkLoad:
             except Exception as exc:  # recorded for the test to report, the loop ends
                 self.stats.errors.append(f"queue {queue}: {type(exc).__name__}: {exc}")
                 break
-            for (block, data), got in zip(plan, results):
-                if data is None:
+            for (block, wrote), got in zip(plan, results):
+                if wrote is None:
                     self.stats.reads += 1
                     if got != self.expected[block]:
                         self.stats.read_mismatches.append(block)
                 else:
                     self.stats.writes += 1
-                    self.expected[block] = data
+                    self.expected[block] = wrote
         idle.set()
 
     async def verify(self) -> list[int]:
         """Read back every written block; the blocks whose content is not the last completed write."""
         sectors = self.block_bytes // 512
-        bad = []
+        bad: list[int] = []
         queues = len(self.driver.dev.queues)
         items = sorted(self.expected.items())
         for start in range(0, len(items), self.depth):

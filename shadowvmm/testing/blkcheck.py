@@ -18,8 +18,9 @@ import asyncio
 import random
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from ..errors import NeedsResetShown, ShadowVmmError
 from ..guest.blk import BlkDriver, BlkOp
@@ -27,6 +28,8 @@ from ..virtio.constants import BlkRequestType
 
 BLOCK = 4096
 SECTORS = BLOCK // 512
+
+T = TypeVar("T")
 
 
 def pattern(block: int, seq: int) -> bytes:
@@ -99,11 +102,10 @@ class Writers:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
 
-    async def bounded(self, awaitable: asyncio.Future[list[bytes]] | object, what: str, *,
-                      needs_reset_ends: bool = True) -> list[bytes]:
+    async def bounded(self, awaitable: Awaitable[T], what: str, *, needs_reset_ends: bool = True) -> T:
         """Await *awaitable* at most :attr:`bound` s; :class:`NeedsReset` when the device shows
         DEVICE_NEEDS_RESET first (unless *needs_reset_ends* is False: a reset, which clears it)."""
-        task = asyncio.ensure_future(awaitable)  # type: ignore[arg-type]
+        task = asyncio.ensure_future(awaitable)
         deadline = time.monotonic() + self.bound
         try:
             while True:

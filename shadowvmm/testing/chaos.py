@@ -35,13 +35,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import enum
 import gc
 import json
 import logging
 import os
 import random
-import signal
 import sys
 import tempfile
 import time
@@ -51,8 +49,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..backends.base import Backend, load_backend
-from ..backends.inproc import InProcBackend
 from ..config import DeviceConfig
 from ..device import VirtioDevice
 from ..errors import ShadowVmmError
@@ -61,24 +57,22 @@ from ..guest.driver import GuestDevice
 from ..lifecycle import ReconnectPolicy
 from ..machine import Machine
 from ..memory import GuestAllocator, GuestMemory
-from ..migration.harness import move_guest
-from ..migration.migrate import MigrationHooks, MigrationOptions, migrate_in, migrate_out
-from ..migration.stream import Endpoint
 from ..shadow import StopDialect
 from ..virtio.constants import Feature, Status
 from .blkcheck import BLOCK, NeedsReset, Writers
-from .peers import QsdBlk, RefBlk
+from .chaos_actions import NEEDS_RESET, QUEUE_SIZE, Actions, Phase
+from .chaos_hosts import HOSTS, IMAGE_BYTES, Host, InprocHost, QsdHost, RefHost
+
+__all__ = ["BOUND", "HOSTS", "Host", "InprocHost", "Phase", "Plan", "QsdHost", "RefHost", "Resources", "Run",
+           "Violation", "main", "run_seed"]
 
 log = logging.getLogger(__name__)
 
 #: Longest a guest operation may wait while DEVICE_NEEDS_RESET is not visible.
 BOUND = 5.0
-IMAGE_BYTES = 8 << 20
 BLOCKS = IMAGE_BYTES // BLOCK
-QUEUE_SIZE = 64
 WORKERS_PER_QUEUE = 4
 
-NEEDS_RESET = int(Status.NEEDS_RESET)
 LIVE_STATUS = int(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK)
 
 T = TypeVar("T")
@@ -86,14 +80,6 @@ T = TypeVar("T")
 
 class Violation(AssertionError):
     """An invariant broke; the message says which, the trace says how we got there."""
-
-
-class Phase(enum.Enum):
-    RESET = "reset"
-    PARTIAL = "partially initialised"
-    LIVE = "live"
-    SUSPENDED = "suspended"
-    STOPPED = "stopped (STOP dialect)"
 
 
 @dataclass(frozen=True)
@@ -121,130 +107,6 @@ class Plan:
                 f"dialect={self.dialect.value} reconnect={'on' if self.reconnect else 'off'} steps={self.steps}")
 
 
-# ---------------------------------------------------------------------- backends
-
-
-class Host:
-    """The backend side of a run: its peers, and a backend object per device built on them.
-
-    Two exports (or processes, or models) of one image, so a local migration has
-    somewhere to go; ``active`` is the one the device uses now.
-    """
-
-    can_kill = False
-    can_close = False
-
-    def __init__(self, workdir: Path, queues: int) -> None:
-        self.workdir = workdir
-        self.queues = queues
-        self.image = workdir / "disk.img"
-        self.active = 0
-
-    def start(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-    def backend(self, index: int) -> Backend:
-        raise NotImplementedError
-
-    def kill(self, sig: int) -> None:
-        raise NotImplementedError
-
-    def restart(self) -> None:
-        raise NotImplementedError
-
-    def close_session(self) -> None:
-        raise NotImplementedError
-
-    def log_tail(self) -> str:
-        return ""
-
-    def read_image(self) -> bytes:
-        return self.image.read_bytes()
-
-
-class QsdHost(Host):
-    can_kill = True
-    can_close = True
-
-    def __init__(self, workdir: Path, queues: int) -> None:
-        super().__init__(workdir, queues)
-        self.peer = QsdBlk(workdir, image=self.image, size=IMAGE_BYTES, create=True, num_queues=queues,
-                           exports=2, qmp=True)
-
-    def start(self) -> None:
-        self.peer.start()
-
-    def stop(self) -> None:
-        self.peer.stop()
-
-    def backend(self, index: int) -> Backend:
-        return load_backend("vhost-user")({"socket": str(self.peer.socket_paths[index]), "device": "blk",
-                                 "queues": self.queues, "timeout": 3.0})
-
-    def kill(self, sig: int) -> None:
-        self.peer.kill(sig)
-
-    def restart(self) -> None:
-        self.peer.restart()
-
-    def close_session(self) -> None:
-        self.peer.close_export(self.active)
-        self.peer.add_export(self.active)
-
-    def log_tail(self) -> str:
-        return self.peer.log_tail()
-
-
-class RefHost(Host):
-    """Two reference back-end processes on one image (INFLIGHT_SHMFD, with request latency)."""
-
-    can_kill = True
-    can_close = True
-
-    def __init__(self, workdir: Path, queues: int) -> None:
-        super().__init__(workdir, queues)
-        self.peers = [RefBlk(workdir, image=self.image, size=IMAGE_BYTES, create=i == 0, queues=queues,
-                             latency_us=2000, latency_data_only=True, name=f"refblk{i}") for i in range(2)]
-
-    def start(self) -> None:
-        for peer in self.peers:
-            peer.start()
-
-    def stop(self) -> None:
-        for peer in self.peers:
-            peer.stop()
-
-    def backend(self, index: int) -> Backend:
-        return load_backend("vhost-user")({"socket": str(self.peers[index].socket_path), "device": "blk",
-                                 "queues": self.queues, "timeout": 3.0})
-
-    def kill(self, sig: int) -> None:
-        self.peers[self.active].kill(sig)
-
-    def restart(self) -> None:
-        self.peers[self.active].restart()
-
-    def close_session(self) -> None:
-        self.peers[self.active].drop_session()
-
-    def log_tail(self) -> str:
-        return "\n".join(peer.log_tail() for peer in self.peers)
-
-
-class InprocHost(Host):
-    def start(self) -> None:
-        with open(self.image, "wb") as f:
-            f.truncate(IMAGE_BYTES)
-
-    def backend(self, index: int) -> Backend:
-        return InProcBackend({"device": "blk", "image": str(self.image), "size": IMAGE_BYTES,
-                              "queues": self.queues, "latency_us": 1500})
-
-
-HOSTS: dict[str, Callable[[Path, int], Host]] = {"qsd": QsdHost, "ref": RefHost, "inproc": InprocHost}
-
-
 # ---------------------------------------------------------------------- the guest's model
 
 
@@ -265,7 +127,7 @@ class Resources:
         return cls(len(os.listdir("/proc/self/fd")), len(tasks), count, names)
 
 
-class Run:
+class Run(Actions):
     """One seeded run (module docstring)."""
 
     def __init__(self, plan: Plan, workdir: Path) -> None:
@@ -377,7 +239,7 @@ class Run:
         """
         assert self.writers is not None
         try:
-            return await self.writers.bounded(awaitable, what, needs_reset_ends=needs_reset_ends)  # type: ignore
+            return await self.writers.bounded(awaitable, what, needs_reset_ends=needs_reset_ends)
         except TimeoutError as exc:
             raise self.violation(f"{'VMM' if vmm else 'guest'} operation: {exc}") from None
 
@@ -390,18 +252,11 @@ class Run:
         assert self.writers is not None
         try:
             await self.writers.pause(BOUND)
-        except TimeoutError:
+        except TimeoutError as exc:
             if not self._needs_reset():
-                raise self.violation(f"requests still in flight {BOUND} s after the guest stopped making new ones")
+                raise self.violation(f"requests still in flight {BOUND} s after the guest stopped making new "
+                                     "ones") from exc
             raise NeedsReset("requests in flight to finish") from None
-
-    def pause_guest(self) -> None:
-        assert self.writers is not None
-        self.writers.freeze()
-
-    def resume_guest(self) -> None:
-        assert self.writers is not None
-        self.writers.resume()
 
     # ------------------------------------------------------------------ status legality
 
@@ -421,170 +276,6 @@ class Run:
                 raise self.violation(f"the guest read status {value:#04x}, which it never wrote "
                                      f"(wrote {sorted(hex(v) for v in self.written)})")
         del log_values[:-1]
-
-    # ------------------------------------------------------------------ actions
-
-    def negotiated(self, feature: int) -> bool:
-        return bool(self.guest is not None and self.guest.features & feature)
-
-    async def act_init(self) -> None:
-        """Reset and initialise in full; sometimes without waiting for the backend to start."""
-        assert self.guest is not None and self.driver is not None and self.device is not None
-        self.pause_guest()
-        wait = self.rnd.random() < 0.7
-        dialect_bit = self.device.policy.dialect.feature
-        hook = self.guest._settle
-        if not wait:
-            self.guest._settle = None
-        try:
-            await self.bounded(self.driver.start(queue_size=QUEUE_SIZE,
-                                                 extra_features=int(Feature.RING_RESET) | dialect_bit),
-                               "reset and initialisation", needs_reset_ends=False)
-        finally:
-            self.guest._settle = hook
-        self.note(f"initialised ({'waited for' if wait else 'did not wait for'} the backend start), "
-                  f"features {self.guest.features:#x}")
-        self.phase = Phase.LIVE
-        self.resume_guest()
-
-    async def act_partial(self) -> None:
-        assert self.guest is not None
-        self.pause_guest()
-        guest, t = self.guest, self.guest.transport
-        await self.bounded(guest.reset(), "reset", needs_reset_ends=False)
-        stage = self.rnd.randrange(4)
-        t.set_status(Status.ACKNOWLEDGE)
-        if stage >= 1:
-            t.set_status(Status.ACKNOWLEDGE | Status.DRIVER)
-        if stage >= 2:
-            guest.features = t.device_features() & int(Feature.VERSION_1 | Feature.RING_RESET)
-            t.set_driver_features(guest.features)
-            t.set_status(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK)
-        if stage >= 3:
-            guest._start_interrupts()
-            guest.queues.append(guest._setup_queue(0, QUEUE_SIZE))
-        self.note(f"partial initialisation to stage {stage}")
-        self.phase = Phase.PARTIAL
-
-    async def act_reset(self) -> None:
-        assert self.guest is not None
-        self.pause_guest()
-        await self.bounded(self.guest.reset(), "reset", needs_reset_ends=False)
-        self.note("reset (requests in flight dropped)")
-        self.phase = Phase.RESET
-
-    async def act_queue_reset(self) -> None:
-        assert self.guest is not None
-        q = self.rnd.randrange(self.plan.queues)
-        await self.bounded(self.guest.reset_queue(q), f"reset of queue {q}")
-        await self.bounded(self.guest.restart_queue(q, QUEUE_SIZE), f"restart of queue {q}")
-        self.note(f"queue {q} reset and set up again")
-
-    async def act_suspend_resume(self) -> None:
-        assert self.guest is not None
-        await self.quiesce()
-        t = self.guest.transport
-        t.set_status(self.guest.status() | Status.SUSPEND)
-        await self.bounded(self._until(lambda s: s & Status.SUSPEND and not s & Status.DRIVER_OK), "SUSPEND")
-        self.phase = Phase.SUSPENDED
-        self.note("suspended")
-        await asyncio.sleep(self.rnd.random() * 0.02)
-        if self.rnd.random() < 0.3:
-            return      # stays suspended; a later action resumes or resets
-        await self.act_resume()
-
-    async def act_resume(self) -> None:
-        assert self.guest is not None
-        t = self.guest.transport
-        t.set_status((self.guest.status() & ~int(Status.SUSPEND)) | Status.DRIVER_OK)
-        await self.bounded(self._until(lambda s: s & Status.DRIVER_OK and not s & Status.SUSPEND), "resume")
-        self.phase = Phase.LIVE
-        self.note("resumed")
-        self.resume_guest()
-
-    async def act_stop(self) -> None:
-        assert self.guest is not None
-        await self.quiesce()
-        self.guest.transport.set_status(self.guest.status() | Status.STOP)
-        await self.bounded(self._until(lambda s: s & Status.STOP), "STOP")
-        self.phase = Phase.STOPPED
-        self.note("stopped through the STOP dialect")
-
-    async def _until(self, ready: Callable[[int], Any]) -> None:
-        assert self.guest is not None
-        while not ready(self.guest.status()):
-            await asyncio.sleep(0.0005)
-
-    async def act_vmm_stop(self) -> None:
-        assert self.device is not None
-        hold = self.rnd.random() * 0.03
-        await self.bounded(self.device.stop(), "VMM stop", vmm=True)
-        await asyncio.sleep(hold)
-        await self.bounded(self.device.resume(), "VMM resume", vmm=True)
-        self.note(f"VMM stop, held {hold * 1e3:.0f} ms, resume")
-
-    async def act_migrate(self) -> None:
-        """Local migration to the other export; the guest keeps running."""
-        assert self.device is not None and self.guest is not None
-        source = self.device
-        target = 1 - self.host.active
-        machine, dest = await self._add_device(target)
-        source_machine = next(m for m in self.machines if "blk0" in m.slots and m.slots["blk0"].device is source)
-        guest = self.guest
-
-        def switch_over() -> None:
-            move_guest(guest, source, dest, machine.slots["blk0"].transport)
-
-        endpoint = Endpoint.parse(f"unix:{self.workdir / 'migrate.sock'}")
-        listener = await endpoint.listen()
-        try:
-            incoming = asyncio.ensure_future(self._incoming(listener, machine))
-            try:
-                report = await self.bounded(migrate_out(source_machine, await endpoint.connect(),
-                                                        MigrationOptions(mode="local"),
-                                                        MigrationHooks(switch_over=switch_over)),
-                                            "local migration", vmm=True)
-            except BaseException:
-                incoming.cancel()
-                raise
-            await self.bounded(incoming, "incoming migration", vmm=True)
-        finally:
-            await listener.close()
-        if not report.ok:
-            raise self.violation(f"local migration failed: {report}")
-        self.device = dest
-        self.host.active = target
-        self.machines.remove(source_machine)
-        await source_machine.close()
-        self.note(f"migrated to export {target} (downtime {getattr(report, 'downtime_s', 0) * 1e3:.1f} ms)")
-
-    @staticmethod
-    async def _incoming(listener: Any, machine: Machine) -> Any:
-        return await migrate_in(machine, await listener.accept(10))
-
-    async def act_backend_event(self) -> None:
-        """kill -9, SIGTERM or a closed socket, then a restart on the same socket."""
-        host = self.host
-        kinds = ["kill", "term"] + (["close"] if host.can_close else [])
-        kind = self.rnd.choice(kinds)
-        delay = self.rnd.random() * 0.3
-        before = self.guest.status() if self.guest is not None else 0
-        t0 = time.monotonic()
-        if kind == "close":
-            await asyncio.to_thread(host.close_session)
-        else:
-            await asyncio.to_thread(host.kill, signal.SIGKILL if kind == "kill" else signal.SIGTERM)
-        if not self.plan.reconnect and before & Status.DRIVER_OK:
-            await self.bounded(self._until(lambda s: s & NEEDS_RESET), "DEVICE_NEEDS_RESET after the loss",
-                               needs_reset_ends=False)
-            seen = time.monotonic() - t0
-            if seen > 1.0:
-                raise self.violation(f"DEVICE_NEEDS_RESET took {seen * 1e3:.0f} ms after the backend went")
-        if kind != "close":
-            await asyncio.sleep(delay)
-            await asyncio.to_thread(host.restart)
-        self.counts[kind] = self.counts.get(kind, 0) + 1
-        self.note(f"backend {kind}, back after {(time.monotonic() - t0) * 1e3:.0f} ms")
 
     # ------------------------------------------------------------------ the run
 
@@ -623,11 +314,6 @@ class Run:
                 return name, action
         return options[-1][1], options[-1][2]
 
-    async def act_io(self) -> None:
-        assert self.writers is not None
-        await asyncio.sleep(0.02 + self.rnd.random() * 0.08)
-        self.note(f"I/O ({self.writers.completed} requests completed so far)")
-
     async def run(self) -> dict[str, Any]:
         await asyncio.to_thread(lambda: None)      # the executor's thread exists before the baseline
         baseline = Resources.now()
@@ -636,7 +322,7 @@ class Run:
             await self.act_init()
             await self.settled()
             warm = Resources.now()
-            for step in range(self.plan.steps):
+            for _step in range(self.plan.steps):
                 name, action = self.choose()
                 self.counts[name] = self.counts.get(name, 0) + 1
                 try:
@@ -676,7 +362,7 @@ class Run:
         if self.phase is not Phase.LIVE or self._needs_reset():
             await self.act_init()
         assert self.driver is not None and self.writers is not None
-        for attempt in range(3):        # a NEEDS_RESET is allowed at any time: the guest resets
+        for _attempt in range(3):        # a NEEDS_RESET is allowed at any time: the guest resets
             try:
                 await self.quiesce()
                 mismatches = await self.bounded(self.writers.check_through(self.driver, WORKERS_PER_QUEUE),

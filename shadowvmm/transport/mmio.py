@@ -7,9 +7,12 @@ InterruptStatus and raises the single interrupt line (``intx_fd``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..device import VirtioDevice
 from ..errors import ArgumentError
 from ..shadow import GuestFault
+from ..state import TransportImage
 from .registers import Access, Register, RegisterFile
 
 MAGIC = 0x74726976          #: "virt"
@@ -31,6 +34,14 @@ class MmioTransport:
         self.shm_select = 0
         self.regs = RegisterFile("mmio", self._table(), self.faults)
 
+    def save_state(self) -> TransportImage:
+        """virtio-mmio keeps nothing beyond the device's registers (SHMSel selects no region)."""
+        return TransportImage("mmio")
+
+    def load_state(self, image: TransportImage) -> None:
+        if image.kind != "mmio":
+            raise ArgumentError(f"an MMIO transport cannot load the state of a {image.kind} transport")
+
     def _table(self) -> list[Register]:
         d = self.device
         R, W, RW = Access.R, Access.W, Access.RW
@@ -43,6 +54,9 @@ class MmioTransport:
                 q = d.selected_queue()
                 return 0 if q is None else int(getattr(q, attr))
             return read
+
+        def addr_write(field_name: str, high: bool) -> Callable[[int], None]:
+            return lambda v: d.write_queue_addr(field_name, v, high)
 
         def ready_write(value: int) -> None:
             if value:
@@ -78,11 +92,8 @@ class MmioTransport:
             Register(0x0FC, 4, "ConfigGeneration", R, lambda: d.config_generation),
         ]
         for base, name in ((0x080, "Desc"), (0x090, "Driver"), (0x0A0, "Device")):
-            field_name = name.lower()
-            regs.append(Register(base, 4, f"Queue{name}Low", W,
-                                 write=lambda v, f=field_name: d.write_queue_addr(f, v, False)))
-            regs.append(Register(base + 4, 4, f"Queue{name}High", W,
-                                 write=lambda v, f=field_name: d.write_queue_addr(f, v, True)))
+            regs.append(Register(base, 4, f"Queue{name}Low", W, write=addr_write(name.lower(), False)))
+            regs.append(Register(base + 4, 4, f"Queue{name}High", W, write=addr_write(name.lower(), True)))
         return regs
 
     def read(self, offset: int, width: int) -> int:

@@ -27,6 +27,7 @@ import struct
 from ..device import VirtioDevice
 from ..errors import ArgumentError
 from ..shadow import GuestFault
+from ..state import TransportImage
 from ..virtio.constants import DeviceId
 from .registers import Access, Register, RegisterFile
 
@@ -88,6 +89,20 @@ class PciTransport:
         self.isr = RegisterFile("isr", [Register(0, 1, "isr", Access.R, device.read_isr)],
                                 self.faults)
         self._build_config_space()
+
+    # ------------------------------------------------------------------ state
+
+    def save_state(self) -> TransportImage:
+        """The PCI function's own state: config space, its guest-writable mask, MSI-X table."""
+        return TransportImage("pci", bytes(self.config_space), bytes(self.wmask), bytes(self.msix_table))
+
+    def load_state(self, image: TransportImage) -> None:
+        """Take a saved config space and MSI-X table (the same sizes as this function's: see
+        :meth:`~shadowvmm.device.VirtioDevice.check_import`); the writable mask is this function's own."""
+        if image.kind != "pci" or image.pci_config_space is None or image.msix_table is None:
+            raise ArgumentError(f"a PCI transport cannot load the state of a {image.kind} transport")
+        self.config_space[:] = image.pci_config_space
+        self.msix_table[:] = image.msix_table
 
     # ------------------------------------------------------------------ tables
 

@@ -18,7 +18,8 @@ class Status(enum.IntFlag):
     DRIVER_OK = 0x04     #: v1.0 §2.1: driver is set up, device is live
     FEATURES_OK = 0x08   #: v1.0 §2.1: feature negotiation complete
     SUSPEND = 0x10       #: v1.4 §2.1 / §3.4 "Device Suspend" (with VIRTIO_F_SUSPEND)
-    STOP = 0x20          #: 2021 STOP proposal (Eugenio's prototype: DEVICE_STOPPED = 32); unassigned in every published spec
+    #: 2021 STOP proposal (Eugenio's prototype: DEVICE_STOPPED = 32); unassigned in every published spec
+    STOP = 0x20
     NEEDS_RESET = 0x40   #: v1.0 §2.1: device hit an error, driver must reset
     FAILED = 0x80        #: v1.0 §2.1: driver gave up on the device
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass, fields
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self
 
 from ..errors import ArgumentError
 
@@ -115,7 +115,8 @@ class FsConfig(_Layout):
     def _from_wire(cls, values: dict[str, object]) -> Self:
         raw = values.get("tag", b"")
         assert isinstance(raw, bytes)
-        return cls(**{**values, "tag": raw.split(b"\0", 1)[0].decode("utf-8", errors="replace")})
+        fields: dict[str, Any] = {**values, "tag": raw.split(b"\0", 1)[0].decode("utf-8", errors="replace")}
+        return cls(**fields)
 
 
 FS_CONFIG_BASE_SIZE = FsConfig.offset("notify_buf_size")

@@ -184,7 +184,7 @@ class VdpaBackend(BackendBase):
     # ------------------------------------------------------------ capabilities
 
     def capabilities(self) -> Capability:
-        caps = Capability.CONFIG | Capability.STATUS | Capability.MQ
+        caps = Capability.CONFIG | Capability.STATUS | Capability.MQ | Capability.EVENTS
         if self._has(BackendFeature.SUSPEND):
             caps |= Capability.SUSPEND
         if self._has(BackendFeature.RESUME):
@@ -386,23 +386,13 @@ class VdpaBackend(BackendBase):
     def suspended(self) -> bool:
         return self._suspended
 
-    async def save_state(self) -> bytes | None:
-        return None
-
     async def load_state(self, blob: bytes) -> None:
         raise UnsupportedError("vhost-vdpa carries no opaque device state")
-
-    # ----------------------------------------------------------- config change
 
     async def prepare_inflight(self, num_queues: int, queue_size: int) -> None:
         raise UnsupportedError("vhost-vdpa has no inflight area")
 
-    async def wait_for_endpoint(self, timeout: float) -> bool:
-        await asyncio.sleep(timeout)
-        return False
-
-    def lost_peer_alive(self) -> bool | None:
-        return None
+    # ----------------------------------------------------------- config change
 
     def set_event_handler(self, handler: BackendEventHandler | None) -> None:
         """Route VHOST_VDPA_SET_CONFIG_CALL's eventfd to *handler* on the connect() loop.

@@ -228,10 +228,12 @@ class Ioctl(enum.Enum):
             if arg is None:
                 if self.direction != IocDir.READ:
                     raise ArgumentTypeError(f"{self.name} needs a {self.arg.__name__} argument")
-                arg = self.arg.unpack(bytes(self.arg.struct_size()))
+                given = self.arg.unpack(bytes(self.arg.struct_size()))
             elif not isinstance(arg, self.arg):
                 raise ArgumentTypeError(f"{self.name} takes {self.arg.__name__}, not {type(arg).__name__}")
-            buf = bytearray(arg.pack())
+            else:
+                given = arg
+            buf = bytearray(given.pack())
             fcntl.ioctl(fd, self.number, buf, True)
         except OSError as exc:
             raise VdpaIoctlError(self.name, exc.errno or errno.EIO) from exc

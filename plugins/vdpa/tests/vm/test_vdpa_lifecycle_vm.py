@@ -15,13 +15,13 @@ import asyncio
 import pytest
 from test_vdpa_device_vm import MODES, backend_config, check_mode
 
-from shadowvmm_vdpa import VdpaBackend
 from shadowvmm.config import DeviceConfig
 from shadowvmm.guest.blk import BlkDriver
 from shadowvmm.machine import Machine
 from shadowvmm.migration.harness import machine_sharing, move_guest
 from shadowvmm.shadow import StopDialect
 from shadowvmm.virtio.constants import Status
+from shadowvmm_vdpa import VdpaBackend
 
 LIVE = int(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK)
 BLOCK = bytes(range(256)) * 16

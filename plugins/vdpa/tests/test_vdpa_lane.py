@@ -1,4 +1,5 @@
-"""The vDPA VM lane: build (or reuse) the kit, boot once, run ``pytest tests/vm/`` in the guest.
+"""The vDPA VM lane: build (or reuse) the kit, boot once, run ``pytest tests/vm/`` in the guest
+(from the plugin's directory, ``plugins/vdpa``, so its own pytest configuration applies).
 
 Outside CI a host that cannot build or boot the lane skips it; under
 ``CI=true`` that is a failure. The timings (kit, boot, total) are printed.
@@ -30,7 +31,10 @@ from shadowvmm_vdpa.vm import (
     newc_archive,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+#: The plugin's directory (``plugins/vdpa``): the guest's pytest runs there, on ``tests/vm``.
+PLUGIN = Path(__file__).resolve().parents[1]
+#: The in-VM tests, relative to :data:`PLUGIN`.
+VM_TESTS = "tests/vm"
 KERNELS = os.environ.get("SHADOWVMM_VDPA_VM_KERNELS", "").replace(",", " ").split() or [None]
 
 #: pytest options of the in-guest run: no cache writes, no plugins tests/vm does not use.
@@ -76,9 +80,9 @@ def lane_run(request: pytest.FixtureRequest,
     argv = [host_python(), "-m", "pytest", *GUEST_PYTEST]
     if request.config.pluginmanager.is_blocked("shadowvmm"):
         argv += ["-p", "no:shadowvmm"]
-    argv.append("tests/vm")
+    argv.append(VM_TESTS)
     try:
-        result = lane.run(argv, cwd=ROOT, results_dir=tmp_path_factory.mktemp("vdpa-vm"))
+        result = lane.run(argv, cwd=PLUGIN, results_dir=tmp_path_factory.mktemp("vdpa-vm"))
     except VmLaneError as exc:
         _unavailable(f"boot: {exc}")
     _report(request.config, f"\nvDPA VM lane ({kit.krel}): kit {kit_seconds:.1f}s "
@@ -91,7 +95,7 @@ def lane_run(request: pytest.FixtureRequest,
 def test_vm_tests_pass_inside_the_guest(lane_run: tuple[Kit, float, VmResult]) -> None:
     kit, _, result = lane_run
     tail = result.output[-6000:]
-    assert result.returncode == 0, f"pytest tests/vm in the guest exited {result.returncode}:\n{tail}\n" \
+    assert result.returncode == 0, f"pytest {VM_TESTS} in the guest exited {result.returncode}:\n{tail}\n" \
                                    f"console:\n{result.console[-3000:]}"
     assert " passed" in result.output and " failed" not in result.output, tail
     assert result.kernel_release == kit.krel

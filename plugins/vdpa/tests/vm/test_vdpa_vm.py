@@ -14,13 +14,13 @@ import struct
 import pytest
 
 from shadowvmm.backends.base import Capability, VringAddr
-from shadowvmm_vdpa import VdpaBackend, VdpaNetlink, VdpaNetlinkError
-from shadowvmm_vdpa.ioctl import BackendFeature
-from shadowvmm_vdpa.netlink import Attr21
 from shadowvmm.errors import ConfigError, UnsupportedError
 from shadowvmm.memory import GuestAllocator, GuestMemory
 from shadowvmm.virtio.constants import DeviceId, Feature, NetFeature, Status
 from shadowvmm.virtio.split import SplitDriverQueue, SplitLayout
+from shadowvmm_vdpa import VdpaBackend, VdpaNetlink, VdpaNetlinkError
+from shadowvmm_vdpa.ioctl import BackendFeature
+from shadowvmm_vdpa.netlink import Attr21
 
 MAC = "02:5a:00:00:00:2a"
 MTU = 1400

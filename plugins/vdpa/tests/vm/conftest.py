@@ -1,8 +1,8 @@
-"""Tests under tests/vm/ run only inside the vDPA VM lane.
+"""Tests under plugins/vdpa/tests/vm/ run only inside the vDPA VM lane.
 
-tests/test_vdpa_lane.py boots the lane and runs ``pytest tests/vm/`` in the
-guest, where the launcher sets ``SHADOWVMM_VDPA_VM=1``; anywhere else these
-tests are skipped.
+plugins/vdpa/tests/test_vdpa_lane.py boots the lane and runs ``pytest tests/vm/``
+in the guest (from plugins/vdpa), where the launcher sets ``SHADOWVMM_VDPA_VM=1``;
+anywhere else these tests are skipped.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ HERE = Path(__file__).parent
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip = None if in_vm() else pytest.mark.skip(
-        reason=f"runs inside the vDPA VM only ({ENV_IN_VM}=1, see tests/test_vdpa_lane.py)")
+        reason=f"runs inside the vDPA VM only ({ENV_IN_VM}=1, see plugins/vdpa/tests/test_vdpa_lane.py)")
     for item in items:
         if HERE in item.path.parents:
             item.add_marker(pytest.mark.vm)

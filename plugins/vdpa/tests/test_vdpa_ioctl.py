@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 
 from shadowvmm.backends.base import Capability
+from shadowvmm.errors import BackendError, ConfigError
+from shadowvmm.memory import GuestMemory
 from shadowvmm_vdpa.backend import VdpaBackend, _shared_file_mappings
 from shadowvmm_vdpa.ioctl import (
     U64,
@@ -42,8 +44,6 @@ from shadowvmm_vdpa.netlink import (
     VdpaNetlink,
     VdpaNetlinkError,
 )
-from shadowvmm.errors import BackendError, ConfigError
-from shadowvmm.memory import GuestMemory
 from shadowvmm_vdpa.vm import DEFAULT_CACHE_DIR, ENV_KIT_DIR, Kit
 
 #: Numbers as the fact sheet lists them (section 3).
@@ -273,7 +273,7 @@ async def test_backend_config_and_missing_node(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         VdpaBackend({"path": "/dev/vhost-vdpa-0", "device": "gpu"})
     backend = VdpaBackend({"path": str(tmp_path / "vhost-vdpa-9"), "device": "blk"})
-    assert backend.capabilities() == Capability.CONFIG | Capability.STATUS | Capability.MQ
+    assert backend.capabilities() == Capability.CONFIG | Capability.STATUS | Capability.MQ | Capability.EVENTS
     with pytest.raises(VdpaIoctlError) as info:
         await backend.connect()
     assert info.value.errno == errno.ENOENT

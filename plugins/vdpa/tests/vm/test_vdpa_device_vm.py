@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 
 from shadowvmm.backends.base import Capability
-from shadowvmm_vdpa import VdpaBackend
-from shadowvmm_vdpa.ioctl import BackendFeature
 from shadowvmm.config import DeviceConfig
 from shadowvmm.guest.blk import BlkDriver
 from shadowvmm.machine import Machine
 from shadowvmm.virtio.constants import NetFeature
+from shadowvmm_vdpa import VdpaBackend
+from shadowvmm_vdpa.ioctl import BackendFeature
 
 MAC = "02:5a:00:00:00:3b"
 VDPASIM_BLK_CAPACITY = 0x40000

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 
-from shadowvmm_vdpa import VdpaBackend
 from shadowvmm.config import DeviceConfig
 from shadowvmm.machine import Machine
 from shadowvmm.migration.harness import machine_sharing, move_guest
 from shadowvmm.virtio.constants import NetFeature, Status
+from shadowvmm_vdpa import VdpaBackend
 
 MAC = "02:5a:00:00:00:4c"
 NET_HDR_V1 = 12
