@@ -107,6 +107,9 @@ class DeviceEventKind(enum.Enum):
     RESUMED = "rings resumed"
     FAILED = "failed"           #: DEVICE_NEEDS_RESET raised
     RESET = "reset completed"
+    BACKEND_ERROR = "backend error"     #: a backend error that did not fail the device (a guest
+                                        #: reset completed over it; the backend is reset again
+                                        #: before the next start)
 
 
 @dataclass(frozen=True)

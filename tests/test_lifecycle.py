@@ -7,6 +7,7 @@ by a backend, exceptions inside the device worker, and the §3.4 rules while sus
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import signal
@@ -19,7 +20,7 @@ from helpers import wait_for_count, wait_until
 
 from shadowvmm import cli
 from shadowvmm import config as configmod
-from shadowvmm.backends.base import Backend
+from shadowvmm.backends.base import Backend, load_backend
 from shadowvmm.backends.inproc import InProcBackend
 from shadowvmm.config import DeviceConfig
 from shadowvmm.device import VirtioDevice
@@ -210,6 +211,49 @@ async def test_reset_at_status_zero_while_reconnecting_keeps_the_next_init(tmp_p
             await asyncio.wait_for(rig.driver.start(queue_size=64), 2)    # reads 0 at once, initialises
             await asyncio.to_thread(qsd.add_export, 0)
             assert await asyncio.wait_for(rig.driver.read(0, BLOCK, 1), 5) == pattern(0, 1)
+            assert rig.guest.status() == LIVE
+        finally:
+            await rig.close()
+
+
+# ---------------------------------------------------------------------- a backend failing the reset
+
+
+def faulty_backend(inner: str, inner_config: dict, **faults: object) -> Backend:
+    """The example fault-injection plugin (plugins/faulty) around *inner*, through the registry."""
+    return load_backend("faulty")({"inner": inner, "inner_config": inner_config, **faults})
+
+
+@pytest.mark.parametrize("inner", ["inproc", "qsd"])
+@pytest.mark.parametrize("faults", [
+    {"fail_op": "get_vring_base", "fail_at": 1, "fail_count": 1},
+    {"fail_op": "reset", "fail_at": 1, "fail_count": 1},
+    {"fail_op": "get_vring_base", "fail_at": 1, "fail_count": 0, "fail_error": "protocol"},
+], ids=["stop-fails-once", "reset-fails-once", "stop-always-fails"])
+async def test_a_backend_failing_during_the_guest_reset_still_completes_it(
+        tmp_path: Path, inner: str, faults: dict) -> None:
+    """Found by the conformance kit: a backend error while the guest's reset stops the rings left
+    the reset unfinished (status 0x4f for ever; a driver that writes 0 once and polls, as Linux
+    does, hung). The reset completes, the backend is reset again before the next start, and the
+    data written before is still there."""
+    with contextlib.ExitStack() as stack:
+        if inner == "qsd":
+            qsd = stack.enter_context(qsd_peer(tmp_path, 2))
+            config = {"socket": str(qsd.socket_path), "device": "blk", "queues": 2, "timeout": 3.0}
+            backend = faulty_backend("vhost-user", config, **faults)
+        else:
+            backend = faulty_backend("inproc", {"device": "blk", "size": IMAGE_BYTES, "queues": 2}, **faults)
+        rig = await make_rig(backend)
+        try:
+            for round_ in range(2 if faults["fail_count"] == 0 else 1):
+                await rig.driver.start(queue_size=64)
+                await rig.driver.write(round_ * BLOCK // 512, pattern(round_, 1))
+                await asyncio.wait_for(rig.guest.reset(timeout=3.0), 4)   # one write of 0, then polls
+                assert rig.guest.status() == 0
+            await asyncio.wait_for(rig.driver.start(queue_size=64), 4)
+            for round_ in range(2 if faults["fail_count"] == 0 else 1):
+                assert await asyncio.wait_for(rig.driver.read(round_ * BLOCK // 512, BLOCK, 1), 4) \
+                    == pattern(round_, 1)
             assert rig.guest.status() == LIVE
         finally:
             await rig.close()

@@ -53,19 +53,14 @@ class SequencerMixin(LinkMixin):
         if "active-queues" in why:
             await self._apply_active_queues()
         session = self._session
+        if shadow.reset_pending:
+            await self._reset_backend_for_guest(session)
+            self._complete_reset()
+            return
         if self._backend_reset_owed and not self.started:
             await self.backend.reset()
             self._same_session(session)
             self._backend_touched = self._backend_reset_owed = False
-        if shadow.reset_pending:
-            if self.rings_running:
-                await self._stop_rings()
-            if self._backend_touched:
-                await self.backend.reset()
-                self._same_session(session)
-                self._backend_touched = self._backend_reset_owed = False
-            self._complete_reset()
-            return
         if self.run_state is RunState.FAILED:
             return
         want_started = shadow.driver_ok
@@ -83,6 +78,40 @@ class SequencerMixin(LinkMixin):
             shadow.guest_resume_done()
             logger.info("%s: guest resume complete", self.name)
             self._release_held_config()
+
+    async def _reset_backend_for_guest(self, session: int) -> None:
+        """Stop the rings and reset the backend for the guest's reset (v1.4 §2.1.2, §4.1.4.3.2).
+
+        The guest's reset completes even when the backend fails it: a driver writes 0 once and
+        polls until it reads 0, so a reset left pending hangs it. A failed ring stop is followed by
+        the backend reset all the same (it stops every ring); whatever failed is reported as a
+        ``BACKEND_ERROR`` event and the backend is reset again before the next start, whose
+        failure then shows NEEDS_RESET as any failed start does. A lost session is not an error
+        here: the loss handling completes the reset once the backend is back.
+        """
+        errors: list[BaseException] = []
+        if self.rings_running:
+            try:
+                await self._stop_rings()
+            except Exception as exc:
+                if self.link is not LinkState.UP:
+                    raise
+                errors.append(exc)
+        if self._backend_touched or self._backend_reset_owed or errors:
+            try:
+                await self.backend.reset()
+                self._same_session(session)
+                self._backend_touched = self._backend_reset_owed = False
+            except Exception as exc:
+                if self.link is not LinkState.UP:
+                    raise
+                errors.append(exc)
+        if errors:
+            self._backend_touched = self._backend_reset_owed = True
+            detail = "; ".join(f"{type(e).__name__}: {e}" for e in errors)
+            logger.warning("%s: the backend failed the guest's reset (%s); the reset completes and the "
+                           "backend is reset again before the next start", self.name, detail)
+            self.events.emit(DeviceEventKind.BACKEND_ERROR, detail, errors[-1])
 
     async def _op_config_write(self, offset: int, data: bytes) -> None:
         if self.link is LinkState.UP:
