@@ -11,7 +11,9 @@ and queue, the value and its limit.
     ShadowVmmError
     ├── ConfigError                 a config file or value (``key``: the full key path)
     ├── ArgumentError (ValueError)  a caller passed a value the API refuses
-    │   └── ArgumentTypeError (TypeError)
+    │   ├── ArgumentTypeError (TypeError)
+    │   ├── TimelineFormatError     a timeline document that cannot be read
+    │   └── ScenarioError           an unknown scenario, or one the device cannot run
     ├── GuestMemoryError            a guest-physical access outside guest memory
     ├── GuestAccessError            a guest register access refused (counted)
     ├── RingError                   a malformed virtqueue in guest memory
@@ -74,6 +76,14 @@ class ArgumentError(ShadowVmmError, ValueError):
 
 class ArgumentTypeError(ArgumentError, TypeError):
     """A caller passed a value of the wrong type."""
+
+
+class TimelineFormatError(ArgumentError):
+    """A timeline document (:meth:`shadowvmm.timeline.Timeline.from_json`) that cannot be read."""
+
+
+class ScenarioError(ArgumentError):
+    """An unknown scenario, or one the chosen device cannot run (its type, its stop dialect)."""
 
 
 class GuestMemoryError(ShadowVmmError):

@@ -17,6 +17,7 @@ from .guest.driver import GuestDevice
 from .guest.transport import GuestTransport, MmioGuestTransport, PciGuestTransport
 from .memory import GuestAllocator, GuestMemory
 from .shadow import DialectSpec, FeaturePolicy
+from .timeline import Tap, Timeline
 from .transport.mmio import MmioTransport
 from .transport.pci import PciTransport
 
@@ -31,8 +32,17 @@ class Slot:
 class Machine:
     """Guest memory and devices; guest models attach through :meth:`guest`."""
 
-    def __init__(self, memory_bytes: int = 64 << 20, *, memory: GuestMemory | None = None) -> None:
-        """*memory* shares an existing guest memory (local migration); the caller keeps owning it."""
+    def __init__(self, memory_bytes: int = 64 << 20, *, memory: GuestMemory | None = None,
+                 timeline: Timeline | None = None, level: str = "L0", suffix: str = "") -> None:
+        """*memory* shares an existing guest memory (local migration); the caller keeps owning it.
+
+        *timeline* records what each device and guest transport does (:mod:`.timeline`), on
+        rows ``(level, name + suffix)`` for the devices and ``(level, name)`` for the guest's
+        view (a migration destination takes a *suffix* such as ``"@dst"``: the guest that moves
+        to it keeps its row)."""
+        self.timeline = timeline
+        self.level = level
+        self.suffix = suffix
         self.owns_memory = memory is None
         self.memory = GuestMemory.create([(0, memory_bytes)]) if memory is None else memory
         self.allocator = GuestAllocator(self.memory, start=0x1000)
@@ -53,7 +63,8 @@ class Machine:
                                vmm_emulated=base.vmm_emulated | config.vmm_features)
         device = VirtioDevice(backend, self.memory, name=config.name, num_queues=config.num_queues,
                               queue_size=config.queue_size, policy=policy,
-                              config_override=config_override, reconnect=config.reconnect)
+                              config_override=config_override, reconnect=config.reconnect,
+                              timeline=self.tap(config.name + self.suffix))
         await device.realize()
         try:
             transport = PciTransport(device) if config.transport == "pci" else MmioTransport(device)
@@ -66,11 +77,19 @@ class Machine:
     def device(self, name: str) -> VirtioDevice:
         return self.slots[name].device
 
+    def tap(self, row: str) -> Tap | None:
+        """This machine's timeline bound to *row* at its level (None without a timeline)."""
+        return None if self.timeline is None else self.timeline.tap(self.level, row)
+
     def guest_transport(self, name: str, *, msix: bool = True) -> GuestTransport:
         slot = self.slots[name]
+        transport: GuestTransport
         if isinstance(slot.transport, PciTransport):
-            return PciGuestTransport(slot.transport, msix=msix)
-        return MmioGuestTransport(slot.transport)
+            transport = PciGuestTransport(slot.transport, msix=msix)
+        else:
+            transport = MmioGuestTransport(slot.transport)
+        transport.status_log.timeline = self.tap(name)
+        return transport
 
     def guest(self, name: str, *, msix: bool = True) -> GuestDevice:
         """A guest driver core bound to device *name*; it waits for the device to act on

@@ -24,6 +24,7 @@ from ..errors import BackendDisconnected, DeviceStateError
 from ..lifecycle import EventLog, LinkState, ReconnectPolicy
 from ..memory import GuestMemory
 from ..shadow import FaultCounter, FeaturePolicy, RunState, StatusShadow
+from ..timeline import Tap
 from ..virtio.constants import NO_VECTOR, DeviceId
 from ..virtio.ledger import SplitLedger
 from .ops import Op, OpHandler, OpKind
@@ -115,8 +116,10 @@ class DeviceCore:
                  policy: FeaturePolicy | None = None, config_override: bytes | None = None,
                  reconnect: ReconnectPolicy | None = None,
                  loop: asyncio.AbstractEventLoop | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, timeline: Tap | None = None) -> None:
         self.backend = backend
+        #: Where stops, drains and ring bases are recorded (:mod:`shadowvmm.timeline`); None: nowhere.
+        self.timeline = timeline
         self.memory = memory
         self.name = name
         self.policy = policy or FeaturePolicy()

@@ -15,6 +15,7 @@ from ..backends.base import Capability
 from ..errors import BackendDisconnected, BackendError, DeviceStateError
 from ..lifecycle import LinkState
 from ..shadow import FeaturePolicy, RunState
+from ..timeline import EventKind
 from ..virtio.constants import MAX_QUEUE_SIZE, Feature
 from ..virtio.vring import RingState
 from .core import MAX_QUEUES, QueueRegs
@@ -141,6 +142,8 @@ class VirtioDevice(PersistenceMixin):
         if self.run_state is not RunState.RUNNING:
             raise DeviceStateError(f"{self.name}: cannot stop while {self.run_state.value}")
         started = self.clock()
+        if self.timeline is not None:
+            self.timeline.record(EventKind.STOP_START, by="vmm")
         self._set_run_state(RunState.STOPPING)
         self._vmm_stop = True
         try:
@@ -157,6 +160,8 @@ class VirtioDevice(PersistenceMixin):
         self._set_run_state(RunState.STOPPED)
         self.stats.stops += 1
         self.stats.last_stop_seconds = self.clock() - started
+        if self.timeline is not None:
+            self.timeline.record(EventKind.STOP_END, by="vmm", rings=len(self.ring_states))
         log.info("%s: VMM stop complete in %.1f ms", self.name, self.stats.last_stop_seconds * 1e3)
         return list(self.ring_states.values())
 
@@ -170,6 +175,8 @@ class VirtioDevice(PersistenceMixin):
         self._vmm_stop = False
         self._set_run_state(RunState.RUNNING)
         await self._submit_wait(Op(OpKind.RECONCILE))
+        if self.timeline is not None:
+            self.timeline.record(EventKind.RESUME, by="vmm", running=self.rings_running)
 
     def failed(self) -> bool:
         """The device shows DEVICE_NEEDS_RESET (:attr:`failure` says why)."""

@@ -17,6 +17,7 @@ from ..backends.base import Capability
 from ..errors import GuestMemoryError, RingError
 from ..lifecycle import DeviceEventKind, LinkState
 from ..shadow import GuestFault, GuestStatusAction, RunState
+from ..timeline import EventKind
 from ..virtio.constants import NO_VECTOR, Feature, Status
 from ..virtio.packed import PackedLayout
 from ..virtio.split import SplitLayout
@@ -78,6 +79,8 @@ class RegistersMixin(WorkerMixin):
                 self._submit(Op(OpKind.RECONCILE))
         elif action in (GuestStatusAction.DRIVER_OK, GuestStatusAction.GUEST_STOP,
                         GuestStatusAction.GUEST_RESUME):
+            if action is GuestStatusAction.GUEST_STOP and self.timeline is not None:
+                self.timeline.record(EventKind.STOP_START, by="guest")
             self._submit(Op(OpKind.RECONCILE))
 
     def _features_ok(self) -> None:

@@ -23,6 +23,7 @@ from ..errors import BackendDisconnected, UnsupportedError
 from ..lifecycle import DeviceEventKind, LinkState
 from ..memory import DirtyLog
 from ..shadow import RunState
+from ..timeline import EventKind
 from ..virtio.constants import DeviceId, Feature, Status
 from .core import DRAIN_POLL, DRAIN_QUIET, DRAIN_STALL, DRAIN_TIMEOUT, QueueRegs, Staged
 from .link import LinkMixin
@@ -74,9 +75,13 @@ class SequencerMixin(LinkMixin):
         if shadow.guest_stop_requested and not self.rings_running and not shadow.guest_stopped:
             shadow.guest_stop_done()
             logger.info("%s: guest suspend complete", self.name)
+            if self.timeline is not None:
+                self.timeline.record(EventKind.STOP_END, by="guest")
         elif not shadow.guest_stop_requested and shadow.guest_stopped and self.rings_running:
             shadow.guest_resume_done()
             logger.info("%s: guest resume complete", self.name)
+            if self.timeline is not None:
+                self.timeline.record(EventKind.RESUME, by="guest")
             self._release_held_config()
 
     async def _reset_backend_for_guest(self, session: int) -> None:
@@ -310,7 +315,11 @@ class SequencerMixin(LinkMixin):
         running = [q for q in self._backend_queues() if q.index in self._live_rings]
         held = {q.index for q in running} - self._held_kicks
         self._held_kicks.update(held)
+        tap = self.timeline
         try:
+            if tap is not None:
+                tap.record(EventKind.DRAIN_START, rings=len(running),
+                           how="suspend" if self.backend_caps & Capability.SUSPEND else "disable")
             if self.backend_caps & Capability.SUSPEND:
                 await b.suspend()
             else:
@@ -320,9 +329,13 @@ class SequencerMixin(LinkMixin):
                 for q in self._disable_order(running):
                     await b.set_vring_enable(q.index, False)
                 await self._drain(target)
+            if tap is not None:
+                tap.record(EventKind.DRAIN_END)
             states = {}
             for q in running:
                 states[q.index] = await b.get_vring_base(q.index)
+                if tap is not None:
+                    tap.record(EventKind.GET_VRING_BASE, ring=q.index, base=states[q.index].base)
                 self._same_session(session)
                 if not self.backend_caps & Capability.SUSPEND:
                     self._live_rings.discard(q.index)

@@ -4,7 +4,9 @@ A guest driver model talks to the device exclusively through the VMM's
 intercept path (:meth:`PciTransport.read`/``write``, :meth:`MmioTransport.read`/
 ``write``), exactly as a guest kernel's virtio_pci / virtio_mmio drivers do.
 Every ``device_status`` value the guest reads is recorded in
-:attr:`GuestTransport.status_log` so tests can check what the guest saw.
+:attr:`GuestTransport.status_log` so tests can check what the guest saw; with a
+:class:`~shadowvmm.timeline.Tap` in :attr:`timeline`, the status writes and every change of
+the value read go on the timeline too.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from ..errors import ArgumentError
+from ..timeline import EventKind, Tap
 from ..transport.mmio import MmioTransport
 from ..transport.pci import (
     BAR_INDEX,
@@ -26,16 +29,28 @@ from ..transport.pci import (
 
 
 class StatusLog:
-    """Distinct consecutive status values the guest read, with counts."""
+    """Distinct consecutive status values the guest read, with counts.
+
+    With a *timeline*, each read of a new value is recorded as STATUS_READ (``value``, and
+    ``reads``: the reads so far; a driver polls, so unchanged values are not repeated).
+    """
 
     def __init__(self) -> None:
         self.reads = 0
         self.values: list[int] = []
+        self.timeline: Tap | None = None
 
     def record(self, value: int) -> None:
         self.reads += 1
         if not self.values or self.values[-1] != value:
             self.values.append(value)
+            if self.timeline is not None:
+                self.timeline.record(EventKind.STATUS_READ, value=value, reads=self.reads)
+
+    def wrote(self, value: int) -> None:
+        """The guest wrote *value* to device_status (recorded on the timeline, if any)."""
+        if self.timeline is not None:
+            self.timeline.record(EventKind.STATUS_WRITE, value=value)
 
 
 class GuestTransport(Protocol):
@@ -119,6 +134,7 @@ class PciGuestTransport:
         return value
 
     def set_status(self, value: int) -> None:
+        self.status_log.wrote(value)
         self.t.write(Space.BAR, self._status_off, 1, value)
 
     def device_features(self) -> int:
@@ -215,6 +231,7 @@ class MmioGuestTransport:
         return value
 
     def set_status(self, value: int) -> None:
+        self.status_log.wrote(value)
         self.t.write(0x070, 4, value)
 
     def device_features(self) -> int:

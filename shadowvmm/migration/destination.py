@@ -19,6 +19,7 @@ from ..errors import (
 )
 from ..memory import PAGE_SIZE
 from ..state.transport import StatefulTransport, TransportImage
+from ..timeline import EventKind, Tap
 from ..transport.pci import PCI_CAP_ID_MSIX
 from .options import MODES, MachineLike, auto_busy_poll, busy_polling
 from .pages import PageSet, memory_digest, memory_identity, memory_layout
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 
 async def migrate_in(machine: MachineLike, channel: Channel, *, digest: bool = False,
                      timeout: float | None = 60.0, busy_poll_us: int | None = None,
-                     clock: Callable[[], float] = time.perf_counter) -> DestinationReport:
+                     clock: Callable[[], float] = time.perf_counter,
+                     timeline: Tap | None = None) -> DestinationReport:
     """Receive a migration into *machine*, whose devices are realized and never touched by a guest.
 
     Pages (copy model) are written into this machine's memory as they come
@@ -41,7 +43,8 @@ async def migrate_in(machine: MachineLike, channel: Channel, *, digest: bool = F
     RESULT confirms them (:func:`~.report.applied`). Refusals raise (StreamError,
     IncompatibleStateError, MigrationError) and are reported to the source
     in RESULT; nothing was applied then, the pages written are zeroed again
-    and the machine can take another attempt.
+    and the machine can take another attempt. *timeline* gets DEST_START once the states are
+    applied (the devices named in ``devices``).
     """
     reader = StreamReader(channel)
     answer = StreamWriter(channel) if channel.duplex else None
@@ -49,12 +52,13 @@ async def migrate_in(machine: MachineLike, channel: Channel, *, digest: bool = F
     devices = [slot.device for slot in machine.slots.values()]
     poll = auto_busy_poll(len(devices)) if busy_poll_us is None else busy_poll_us / 1e6
     with busy_polling(devices, poll):
-        return await _migrate_in(machine, channel, reader, answer, report, digest, timeout, clock)
+        report = await _migrate_in(machine, channel, reader, answer, report, digest, timeout, clock, timeline)
+    return report
 
 
 async def _migrate_in(machine: MachineLike, channel: Channel, reader: StreamReader, answer: StreamWriter | None,
                       report: DestinationReport, digest: bool, timeout: float | None,
-                      clock: Callable[[], float]) -> DestinationReport:
+                      clock: Callable[[], float], timeline: Tap | None) -> DestinationReport:
     written = PageSet(machine.memory)
     try:
         async with asyncio.timeout(timeout):
@@ -76,6 +80,9 @@ async def _migrate_in(machine: MachineLike, channel: Channel, reader: StreamRead
             await asyncio.gather(*(machine.slots[name].device.import_state(state, machine.slots[name].transport)
                                    for name, state in states.items()))
             report.apply_s = clock() - t_apply
+            if timeline is not None:
+                timeline.record(EventKind.DEST_START, devices=",".join(states),
+                                apply_ms=round(report.apply_s * 1e3, 3))
             report.bytes_received = reader.bytes
             report.applied = applied(states.values(), report.pages_received)
     except BaseException as exc:

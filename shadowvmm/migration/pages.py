@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import ShadowVmmError
 from ..memory import PAGE_SHIFT, PAGE_SIZE, DirtyLog, GuestMemory
+from ..timeline import EventKind, Tap
 from .options import MigrationHooks, MigrationOptions, RoundInfo
 from .report import MigrationReport
 from .stream import PageBatch, RecordType, StreamWriter
@@ -83,7 +84,7 @@ async def _copy_chunk(memory: GuestMemory, writer: StreamWriter, gpas: list[int]
 async def precopy(memory: GuestMemory, writer: StreamWriter, dirty_log: DirtyLog,
                   options: MigrationOptions, hooks: MigrationHooks, report: MigrationReport,
                   pending: set[int], clock: Callable[[], float],
-                  check: Callable[[], None]) -> None:
+                  check: Callable[[], None], timeline: Tap | None = None) -> None:
     """Round 0 sends every non-zero page; later rounds the dirty ones, until few remain.
 
     *check* runs before each round (it raises when the destination gave up); the pages still
@@ -111,6 +112,8 @@ async def precopy(memory: GuestMemory, writer: StreamWriter, dirty_log: DirtyLog
                  round_no, sent, len(dirty), info.seconds * 1e3)
         if hooks.progress is not None:
             hooks.progress(info)
+        if timeline is not None:
+            timeline.record(EventKind.PRECOPY_ROUND, round=round_no, pages=sent, dirty=len(dirty))
         if len(dirty) <= options.converge_pages or round_no + 1 == options.max_rounds:
             pending.update(dirty)
             return

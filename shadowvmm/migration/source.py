@@ -14,6 +14,7 @@ from ..device import VirtioDevice
 from ..errors import DestinationRefused, MigrationError, ShadowVmmError, StopTimeoutError, StreamError
 from ..memory import DirtyLog, GuestMemory
 from ..shadow import RunState
+from ..timeline import EventKind, Tap
 from .blockers import refuse_if_blocked
 from .options import DEFAULT_OPTIONS, MachineLike, MigrationHooks, MigrationOptions, busy_polling, call_hook
 from .pages import Outcome, final_pages, memory_digest, memory_identity, memory_layout, precopy, send_pages
@@ -116,8 +117,9 @@ class Outgoing:
     """One outgoing migration: what each phase leaves for the next, and for :meth:`abandon`."""
 
     def __init__(self, machine: MachineLike, channel: Channel, options: MigrationOptions,
-                 hooks: MigrationHooks, clock: Callable[[], float]) -> None:
+                 hooks: MigrationHooks, clock: Callable[[], float], timeline: Tap | None = None) -> None:
         self.machine, self.channel, self.options, self.hooks, self.clock = machine, channel, options, hooks, clock
+        self.timeline = timeline
         self.memory = machine.memory
         self.devices = {name: slot.device for name, slot in machine.slots.items()}
         self.report = MigrationReport(options.mode)
@@ -167,7 +169,7 @@ class Outgoing:
         t_pre = self.clock()
         self.dirty_log.take()
         await precopy(self.memory, self.writer, self.dirty_log, self.options, self.hooks, self.report,
-                      self.pending, self.clock, self.check)
+                      self.pending, self.clock, self.check, self.timeline)
         self.report.precopy_s = self.clock() - t_pre
         await refuse_if_blocked(self.devices, self.options.mode, self.options.fs_session)
 
@@ -285,9 +287,17 @@ class Outgoing:
         return report
 
 
+def _phases(timeline: Tap | None) -> Callable[[str], contextlib.AbstractContextManager[None]]:
+    """A phase recorder for *timeline*, or one recording nothing."""
+    if timeline is None:
+        return lambda _name: contextlib.nullcontext()
+    return timeline.phase
+
+
 async def migrate_out(machine: MachineLike, channel: Channel, options: MigrationOptions = DEFAULT_OPTIONS,
                       hooks: MigrationHooks | None = None, *, confirm: Confirm | None = None,
-                      clock: Callable[[], float] = time.perf_counter) -> MigrationReport:
+                      clock: Callable[[], float] = time.perf_counter,
+                      timeline: Tap | None = None) -> MigrationReport:
     """Migrate *machine*'s devices (and memory in the copy model) over *channel*.
 
     The migration is complete only once the destination confirmed what it
@@ -300,17 +310,28 @@ async def migrate_out(machine: MachineLike, channel: Channel, options: Migration
     same way) or raises to refuse; without *confirm* the report says
     ``confirmed=False``. Any failure resumes the source and raises
     :class:`MigrationError` (the cause chained).
+
+    *timeline* (a :class:`~shadowvmm.timeline.Tap`, e.g. ``timeline.tap("L0", "migration")``)
+    gets the phases (setup, pre-copy, stop-and-copy, switch-over), each PRECOPY_ROUND and the
+    SWITCH_OVER.
     """
     options.validate()
-    run = Outgoing(machine, channel, options, hooks or MigrationHooks(), clock)
+    run = Outgoing(machine, channel, options, hooks or MigrationHooks(), clock, timeline)
     await refuse_if_blocked(run.devices, options.mode, options.fs_session)
+    phase = _phases(timeline)
     try:
-        await run.setup()
-        await run.precopy()
-        await run.stop()
-        expected = await run.send_state()
-        await run.confirm(expected, confirm)
-        await call_hook(run.hooks.switch_over)
+        with phase("setup"):
+            await run.setup()
+        with phase("pre-copy"):
+            await run.precopy()
+        with phase("stop-and-copy"):
+            await run.stop()
+            expected = await run.send_state()
+            await run.confirm(expected, confirm)
+        if timeline is not None:
+            timeline.record(EventKind.SWITCH_OVER, downtime_ms=round(run.report.downtime_s * 1e3, 3))
+        with phase("switch-over"):
+            await call_hook(run.hooks.switch_over)
     except BaseException as exc:
         error = await run.abandon(exc)
         if error is None:
