@@ -56,6 +56,29 @@ class DeviceConfig:
     vmm_features: int = 0
     #: What the device does when its backend session dies (see shadowvmm.lifecycle).
     reconnect: ReconnectPolicy = field(default_factory=ReconnectPolicy.off)
+    #: A ``[[peer]]`` whose socket the backend takes as its ``socket`` option ("" for none).
+    peer: str = ""
+
+
+#: Peers a ``[[peer]]`` table may start (``kind``).
+PEER_KINDS = ("qemu-storage-daemon",)
+#: Block node drivers of a qemu-storage-daemon peer: an image file (created sparse in the
+#: peer's work directory unless ``image`` names one) or ``null-co`` (reads return no data).
+PEER_DRIVERS = ("file", "null-co")
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """A back-end process the command starts before the devices and stops after them
+    (``[[peer]]``). A device names it with ``peer = NAME``; each device on a peer gets its own
+    export(s) of the one block node: a source and, for a migration, a destination export."""
+
+    name: str
+    kind: str = PEER_KINDS[0]
+    driver: str = "file"
+    image: str = ""
+    size: int = 64 << 20
+    num_queues: int = 1
 
 
 @dataclass(frozen=True)
@@ -73,6 +96,7 @@ class MachineConfig:
     memory_mib: int = 64
     devices: tuple[DeviceConfig, ...] = ()
     run: RunConfig = field(default_factory=RunConfig)
+    peers: tuple[PeerConfig, ...] = ()
     #: The file it was read from: errors found later (a backend refusing its options,
     #: guest memory too small for the run) name it too.
     source: str | None = field(default=None, compare=False)
@@ -119,6 +143,19 @@ DOCUMENT = OptionSchema(
     Option("machine", dict, {}, "the machine ([machine])"),
     Option("device", list, [], "the devices ([[device]])"),
     Option("run", dict, {}, "the main job ([run])"),
+    Option("peer", list, [], "back-end processes the command starts ([[peer]])"),
+)
+
+PEER = OptionSchema(
+    Option("name", str, REQUIRED, "peer name, unique in the file; a device names it with peer = NAME",
+           check=_non_empty),
+    Option("kind", str, PeerConfig.kind, "what to start", choices=PEER_KINDS),
+    Option("driver", str, PeerConfig.driver, "block node driver", choices=PEER_DRIVERS),
+    Option("image", str, PeerConfig.image, 'image file (driver "file"; "": a new sparse file in a '
+                                            "temporary directory, removed afterwards)"),
+    Option("size", int, PeerConfig.size, "bytes of a new image or of null-co", min=1 << 20, max=1 << 40,
+           check=_sectors),
+    Option("num_queues", int, PeerConfig.num_queues, "queues of each export", min=1, max=64),
 )
 
 MACHINE = OptionSchema(
@@ -143,7 +180,11 @@ DEVICE = OptionSchema(
     Option("vmm_features", int, DeviceConfig.vmm_features,
            "device feature bits the VMM serves itself", check=_vmm_features),
     Option("reconnect", object, "off", 'backend loss policy: "off", "unbounded" or a table'),
+    Option("peer", str, DeviceConfig.peer, "a [[peer]] whose socket is the backend's socket option"),
 )
+
+#: What ``socket`` is while a peer-fed backend_config is validated (the peer gives the real one).
+PEER_SOCKET_PLACEHOLDER = "/run/shadowvmm-peer.sock"
 
 _RUN = RunConfig()
 RUN = OptionSchema(
@@ -176,14 +217,35 @@ def plugin_options(name: str, key: str) -> OptionSchema | None:
 def _device(table: Any, path: str) -> DeviceConfig:
     values = DEVICE.validate(table, path)
     schema = plugin_options(values["backend"], f"{path}.backend")
+    if values["peer"] and "socket" in values["backend_config"]:
+        raise ConfigError(f"{path}.backend_config.socket", f"given twice: the device's peer "
+                                                           f"{values['peer']!r} supplies it")
     if schema is not None:
-        schema.validate(values["backend_config"], f"{path}.backend_config")
+        placeholder = {"socket": PEER_SOCKET_PLACEHOLDER} if values["peer"] else {}
+        schema.validate({**values["backend_config"], **placeholder}, f"{path}.backend_config")
     return DeviceConfig(
         name=values["name"], backend=values["backend"], backend_config=dict(values["backend_config"]),
         transport=values["transport"], queue_size=values["queue_size"], num_queues=values["num_queues"],
         stop_dialect=StopDialect(values["stop_dialect"]), stop_feature_bit=values["stop_feature_bit"],
         packed=values["packed"], vmm_features=values["vmm_features"],
-        reconnect=ReconnectPolicy.parse(values["reconnect"], f"{path}.reconnect"))
+        reconnect=ReconnectPolicy.parse(values["reconnect"], f"{path}.reconnect"), peer=values["peer"])
+
+
+def _peers(tables: list[Any], devices: list[DeviceConfig]) -> tuple[PeerConfig, ...]:
+    peers: list[PeerConfig] = []
+    for index, table in enumerate(tables):
+        values = PEER.validate(table, f"peer[{index}]")
+        if any(p.name == values["name"] for p in peers):
+            raise ConfigError(f"peer[{index}].name", f"duplicate peer name {values['name']!r}")
+        if values["image"] and values["driver"] != "file":
+            raise ConfigError(f"peer[{index}].image", f"an image needs driver \"file\", not {values['driver']!r}")
+        peers.append(PeerConfig(**values))
+    names = {p.name for p in peers}
+    for index, device in enumerate(devices):
+        if device.peer and device.peer not in names:
+            raise ConfigError(f"device[{index}].peer", f"no [[peer]] named {device.peer!r} "
+                                                       f"(defined: {', '.join(sorted(names)) or 'none'})")
+    return tuple(peers)
 
 
 def parse(data: Any) -> MachineConfig:
@@ -197,7 +259,7 @@ def parse(data: Any) -> MachineConfig:
             raise ConfigError(f"device[{index}].name", f"duplicate device name {device.name!r}")
         devices.append(device)
     return MachineConfig(memory_mib=machine["memory_mib"], devices=tuple(devices),
-                         run=RunConfig(**RUN.validate(top["run"], "run")))
+                         run=RunConfig(**RUN.validate(top["run"], "run")), peers=_peers(top["peer"], devices))
 
 
 def _read(source: str) -> str:

@@ -26,6 +26,7 @@ and queue, the value and its limit.
     │   ├── RequestFailed           vhost-user: a request answered with a non-zero status
     │   └── VdpaError               vhost-vdpa: VdpaIoctlError, VdpaNetlinkError, VdpaMappingError
     ├── PluginError                 a backend plugin cannot be found or loaded
+    ├── MissingExtraError           an optional dependency is not installed (``extra``: what to install)
     ├── MigrationError              a migration failed; the source keeps running
     │   ├── StreamError             a truncated, corrupt or unknown stream
     │   │   └── StateFormatError    a malformed device state
@@ -177,6 +178,16 @@ class VdpaMappingError(VdpaError):
 
 class PluginError(ShadowVmmError):
     """A backend plugin could not be found or loaded."""
+
+
+class MissingExtraError(ShadowVmmError):
+    """A feature needs an optional dependency that is not installed; ``extra`` is the
+    package extra that brings it (``pip install 'shadowvmm[plot]'``)."""
+
+    def __init__(self, feature: str, module: str, extra: str) -> None:
+        super().__init__(f"{feature} needs {module}, which is not installed: "
+                         f"pip install 'shadowvmm[{extra}]'")
+        self.extra = extra
 
 
 class MigrationError(ShadowVmmError):

@@ -293,6 +293,12 @@ class BlkDriver:
                     num_queues: int | None = None, extra_features: int = 0) -> int:
         features = await self.dev.initialize(WANTED | extra_features, packed=packed,
                                              queue_size=queue_size, num_queues=num_queues)
+        self.attach()
+        return features
+
+    def attach(self) -> None:
+        """Take the device as its core initialised it (:meth:`start`, or a driver that finished
+        an initialisation begun elsewhere): read the config, give each queue its request slots."""
         self.config = self.read_config()
         alloc, memory = self.dev.alloc, self.dev.memory
         self._slots = {}        # the reset gave back the previous slots' memory
@@ -300,7 +306,6 @@ class BlkDriver:
             self._slots[queue.index] = [
                 Slot(memory, alloc.alloc(32, 16), alloc.alloc(self.max_request, 4096), self.max_request)
                 for _ in range(min(queue.size, self.slots_per_queue))]
-        return features
 
     def read_config(self) -> BlkConfig:
         f = self.dev.features

@@ -13,8 +13,8 @@ class RngDriver:
         self.buffer_size = buffer_size
         self.buffer = 0
 
-    async def start(self, *, packed: bool = False, queue_size: int = 64) -> int:
-        features = await self.dev.initialize(0, packed=packed, queue_size=queue_size, num_queues=1)
+    async def start(self, *, packed: bool = False, queue_size: int = 64, extra_features: int = 0) -> int:
+        features = await self.dev.initialize(extra_features, packed=packed, queue_size=queue_size, num_queues=1)
         self.buffer = self.dev.alloc.alloc(self.buffer_size, 16)
         return features
 
