@@ -1,4 +1,4 @@
-"""Command line: ``shadowvmm run | migrate`` plus the commands plugins add (``probe``).
+"""Command line: ``shadowvmm run | migrate | scenario`` plus the commands plugins add (``probe``).
 
 Plugins add subcommands through the ``shadowvmm.commands`` entry-point group: each entry
 resolves to a :class:`Command`. ``-v`` (INFO: lifecycle transitions) and ``--trace`` (DEBUG:
@@ -30,6 +30,8 @@ from .guest.rng import RngDriver
 from .lifecycle import unless_failed
 from .machine import Machine
 from .migration import cli as migration_cli
+from .scenarios import cli as scenario_cli
+from .timeline import Timeline
 from .virtio.constants import BlkFeature, DeviceId, Status, feature_names
 from .workload import StatusWatcher, blk_write_verify
 
@@ -232,6 +234,7 @@ def build_parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
     p_run = sub.add_parser("run", help="run the configured machine's main job", parents=[common])
     p_run.add_argument("config")
     migration_cli.add_parser(sub, parents=[common])
+    scenario_cli.add_parser(sub, parents=[common])
     for name, command in sorted(commands.items()):
         command.add_arguments(sub.add_parser(name, help=command.help, parents=[common]))
     return parser
@@ -256,8 +259,15 @@ def main(argv: list[str] | None = None) -> int:
             with _runner() as runner:
                 return runner.run(commands[args.command].run(args, sys.stdout))
         if args.command == "migrate":
+            timeline = Timeline() if args.timeline or args.plot else None
             with _runner() as runner:
-                return runner.run(migration_cli.run(args))
+                code = runner.run(migration_cli.run(args, timeline=timeline))
+            if timeline is not None:
+                scenario_cli.write_outputs(timeline, args.timeline, args.plot, "shadowvmm migrate")
+            return code
+        if args.command == "scenario":
+            with _runner() as runner:
+                return runner.run(scenario_cli.run(args, sys.stdout))
     except ShadowVmmError as exc:
         print(f"shadowvmm: error: {_one_line(exc)}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ import asyncio
 import json
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 from .. import config as configmod
@@ -25,8 +26,9 @@ from ..errors import MigrationError
 from ..guest.blk import BlkDriver
 from ..guest.driver import GuestDevice
 from ..machine import Machine
+from ..timeline import Timeline
 from ..virtio.constants import DeviceId
-from .harness import BlkLoad, machine_sharing, move_guest
+from .harness import BlkLoad, move_guest
 from .migrate import MigrationHooks, MigrationOptions, RoundInfo, migrate_in, migrate_out
 from .stream import Endpoint
 
@@ -51,6 +53,8 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     p.add_argument("--read-share", type=float, default=0.4,
                    help="share of guest requests that read back an already written block")
     p.add_argument("--json", action="store_true", help="print the final report as JSON")
+    p.add_argument("--timeline", type=Path, help="write the migration's timeline as JSON to this file")
+    p.add_argument("--plot", type=Path, help="draw the migration's timeline into this PNG file (shadowvmm[plot])")
 
 
 @dataclass
@@ -102,7 +106,9 @@ def _progress(err: TextIO):
     return show
 
 
-async def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+async def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr,
+              timeline: Timeline | None = None) -> int:
+    """Run the migration; *timeline* (if any) records both machines and the migration's phases."""
     src_cfg = configmod.load(args.source_config)
     dst_cfg = configmod.load(args.dest_config)
     endpoint = Endpoint.parse(args.to)
@@ -112,9 +118,9 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = 
     if args.mode == "local" and args.role != "both":
         raise MigrationError("the local memory model shares the memfds of one process: use --role both")
     if args.role == "destination":
-        report = await _destination(dst_cfg, endpoint, args)
+        report = await _destination(dst_cfg, endpoint, args, timeline)
     else:
-        report = await _source(src_cfg, dst_cfg, endpoint, options, args, err)
+        report = await _source(src_cfg, dst_cfg, endpoint, options, args, err, timeline)
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True), file=out)
     else:
@@ -123,12 +129,13 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = 
     return 0 if report.get("ok", True) else 1
 
 
-async def _destination(cfg: configmod.MachineConfig, endpoint: Endpoint, args: argparse.Namespace) -> dict[str, Any]:
-    machine = await _build(cfg, Machine(cfg.memory_mib << 20))
+async def _destination(cfg: configmod.MachineConfig, endpoint: Endpoint, args: argparse.Namespace,
+                       timeline: Timeline | None = None) -> dict[str, Any]:
+    machine = await _build(cfg, Machine(cfg.memory_mib << 20, timeline=timeline, suffix="@dst"))
     listener = await endpoint.listen()
     try:
         channel = await listener.accept(args.accept_timeout)
-        report = await migrate_in(machine, channel, digest=args.digest)
+        report = await migrate_in(machine, channel, digest=args.digest, timeline=machine.tap("migration@dst"))
         result = {"role": "destination", "ok": True, **report.as_dict(),
                   "running": {n: machine.device(n).rings_running for n in machine.slots}}
     finally:
@@ -138,8 +145,9 @@ async def _destination(cfg: configmod.MachineConfig, endpoint: Endpoint, args: a
 
 
 async def _source(src_cfg: configmod.MachineConfig, dst_cfg: configmod.MachineConfig, endpoint: Endpoint,
-                  options: MigrationOptions, args: argparse.Namespace, err: TextIO) -> dict[str, Any]:
-    src = await _build(src_cfg, Machine(src_cfg.memory_mib << 20))
+                  options: MigrationOptions, args: argparse.Namespace, err: TextIO,
+                  timeline: Timeline | None = None) -> dict[str, Any]:
+    src = await _build(src_cfg, Machine(src_cfg.memory_mib << 20, timeline=timeline))
     dst: Machine | None = None
     listener = None
     incoming: asyncio.Future | None = None
@@ -147,7 +155,8 @@ async def _source(src_cfg: configmod.MachineConfig, dst_cfg: configmod.MachineCo
     result: dict[str, Any] = {"role": args.role}
     try:
         if args.role == "both":
-            base = machine_sharing(src.memory) if options.mode == "local" else Machine(dst_cfg.memory_mib << 20)
+            base = Machine(memory=src.memory, timeline=timeline, suffix="@dst") if options.mode == "local" \
+                else Machine(dst_cfg.memory_mib << 20, timeline=timeline, suffix="@dst")
             dst = await _build(dst_cfg, base)
             if endpoint.kind != "file":
                 listener = await endpoint.listen()
@@ -168,11 +177,12 @@ async def _source(src_cfg: configmod.MachineConfig, dst_cfg: configmod.MachineCo
                 channel = await reader.accept()
             finally:
                 await reader.close()
-            return (await migrate_in(dst, channel, digest=options.digest)).as_dict()
+            return (await migrate_in(dst, channel, digest=options.digest, timeline=dst.tap("migration@dst"))).as_dict()
         confirm = read_file if dst is not None and endpoint.kind == "file" else None
         hooks = MigrationHooks(pause_guest=guests.pause if options.mode == "copy" else None,
                                resume_guest=guests.resume, switch_over=switch_over, progress=_progress(err))
-        report = await migrate_out(src, await endpoint.connect(), options, hooks, confirm=confirm)
+        report = await migrate_out(src, await endpoint.connect(), options, hooks, confirm=confirm,
+                                   timeline=src.tap("migration"))
         if incoming is not None:
             report.destination = (await incoming).as_dict()
         result.update(report.as_dict())
@@ -204,4 +214,5 @@ async def _source(src_cfg: configmod.MachineConfig, dst_cfg: configmod.MachineCo
 
 
 async def _accept_in(listener, dst: Machine, args: argparse.Namespace):
-    return await migrate_in(dst, await listener.accept(args.accept_timeout), digest=args.digest)
+    return await migrate_in(dst, await listener.accept(args.accept_timeout), digest=args.digest,
+                            timeline=dst.tap("migration@dst"))
