@@ -266,7 +266,7 @@ class PartHeader:
     """``struct virtio_dev_part_hdr`` (v1.4 §2.13), 16 bytes: le16 part_type @0, u8 flags @2,
     reserved @3, selector @4 (le32 offset or le16 vq index, zero-padded to 8), le32 length @12."""
 
-    STRUCT: ClassVar[struct.Struct] = struct.Struct("<HBBII4xI")
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("<HBBIII")
 
     part_type: int
     flags: int = 0
