@@ -58,6 +58,9 @@ class DeviceConfig:
     reconnect: ReconnectPolicy = field(default_factory=ReconnectPolicy.off)
     #: A ``[[peer]]`` whose socket the backend takes as its ``socket`` option ("" for none).
     peer: str = ""
+    #: Devices of the same machine this one owns through an admin queue (v1.4 §2.12, SR-IOV
+    #: group, member ids 1..N in this order); PCI only.
+    admin_members: tuple[str, ...] = ()
 
 
 #: Peers a ``[[peer]]`` table may start (``kind``).
@@ -181,6 +184,7 @@ DEVICE = OptionSchema(
            "device feature bits the VMM serves itself", check=_vmm_features),
     Option("reconnect", object, "off", 'backend loss policy: "off", "unbounded" or a table'),
     Option("peer", str, DeviceConfig.peer, "a [[peer]] whose socket is the backend's socket option"),
+    Option("admin_members", list, [], "names of the devices this owner controls through its admin queue"),
 )
 
 #: What ``socket`` is while a peer-fed backend_config is validated (the peer gives the real one).
@@ -228,7 +232,8 @@ def _device(table: Any, path: str) -> DeviceConfig:
         transport=values["transport"], queue_size=values["queue_size"], num_queues=values["num_queues"],
         stop_dialect=StopDialect(values["stop_dialect"]), stop_feature_bit=values["stop_feature_bit"],
         packed=values["packed"], vmm_features=values["vmm_features"],
-        reconnect=ReconnectPolicy.parse(values["reconnect"], f"{path}.reconnect"), peer=values["peer"])
+        reconnect=ReconnectPolicy.parse(values["reconnect"], f"{path}.reconnect"), peer=values["peer"],
+        admin_members=_admin_members(values["admin_members"], f"{path}.admin_members"))
 
 
 def _peers(tables: list[Any], devices: list[DeviceConfig]) -> tuple[PeerConfig, ...]:
@@ -248,6 +253,39 @@ def _peers(tables: list[Any], devices: list[DeviceConfig]) -> tuple[PeerConfig, 
     return tuple(peers)
 
 
+def _admin_members(value: list[Any], key: str) -> tuple[str, ...]:
+    if not all(isinstance(name, str) and name.strip() for name in value):
+        raise ConfigError(key, "expected a list of device names")
+    if len(set(value)) != len(value):
+        raise ConfigError(key, "names a device twice")
+    return tuple(value)
+
+
+def check_admin_groups(devices: tuple[DeviceConfig, ...]) -> None:
+    """Owners and members (v1.4 §2.12): both PCI, members are other devices of the machine,
+    each with one owner at most. Raises ConfigError naming the bad key."""
+    index = {d.name: i for i, d in enumerate(devices)}
+    owner_of: dict[str, str] = {}
+    for i, d in enumerate(devices):
+        if not d.admin_members:
+            continue
+        key = f"device[{i}].admin_members"
+        if d.transport != "pci":
+            raise ConfigError(key, f"{d.name!r} uses {d.transport}: an admin queue exists on PCI only "
+                                   "(v1.4 §2.12, VIRTIO_F_ADMIN_VQ); use transport = \"pci\"")
+        for name in d.admin_members:
+            if name not in index:
+                raise ConfigError(key, f"no device named {name!r} in this machine")
+            if name == d.name:
+                raise ConfigError(key, "a device cannot be its own member")
+            if devices[index[name]].transport != "pci":
+                raise ConfigError(key, f"member {name!r} uses {devices[index[name]].transport}: "
+                                       "members of an SR-IOV group are PCI devices")
+            if name in owner_of:
+                raise ConfigError(key, f"{name!r} already belongs to {owner_of[name]!r}")
+            owner_of[name] = d.name
+
+
 def parse(data: Any) -> MachineConfig:
     """Validate a decoded TOML document."""
     top = DOCUMENT.validate(data)
@@ -258,6 +296,7 @@ def parse(data: Any) -> MachineConfig:
         if any(d.name == device.name for d in devices):
             raise ConfigError(f"device[{index}].name", f"duplicate device name {device.name!r}")
         devices.append(device)
+    check_admin_groups(tuple(devices))
     return MachineConfig(memory_mib=machine["memory_mib"], devices=tuple(devices),
                          run=RunConfig(**RUN.validate(top["run"], "run")), peers=_peers(top["peer"], devices))
 

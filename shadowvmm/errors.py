@@ -15,6 +15,8 @@ and queue, the value and its limit.
     │   ├── TimelineFormatError     a timeline document that cannot be read
     │   └── ScenarioError           an unknown scenario, or one the device cannot run
     ├── GuestMemoryError            a guest-physical access outside guest memory
+    ├── AdminStatusError            an administration command refused (its status and qualifier)
+    │   └── AdminFormatError        a malformed command or part (status EINVAL)
     ├── GuestAccessError            a guest register access refused (counted)
     ├── RingError                   a malformed virtqueue in guest memory
     ├── DeviceStateError            an operation in a state that does not allow it
@@ -35,7 +37,7 @@ and queue, the value and its limit.
     │   ├── StopTimeoutError        a device did not stop within the bound
     │   └── DestinationRefused      the destination refused, or did not confirm, what it loaded
     ├── GuestDriverError            a guest driver model's request failed:
-    │   BlkIOError, FuseError, NetCtrlError, NeedsResetShown
+    │   BlkIOError, FuseError, NetCtrlError, NeedsResetShown, AdminCommandFailed
     └── PeerError                   a test peer launcher: PeerMissing, PeerStartError,
         PeerCommandError; VmLaneError: KitBuildError, ToolMissingError, BootError
 
@@ -89,6 +91,24 @@ class ScenarioError(ArgumentError):
 
 class GuestMemoryError(ShadowVmmError):
     """A guest-physical access falls outside guest memory (or a region)."""
+
+
+class AdminStatusError(ShadowVmmError):
+    """An owner device refuses an administration command: ``status`` and ``qualifier`` are
+    what it answers with (v1.4 §2.12.1)."""
+
+    def __init__(self, message: str, status: int, qualifier: int) -> None:
+        super().__init__(message)
+        self.status = int(status)
+        self.qualifier = int(qualifier)
+
+
+class AdminFormatError(AdminStatusError):
+    """An administration command, result or device part is malformed (v1.4 §2.12.1): status
+    EINVAL (22) with ``qualifier``."""
+
+    def __init__(self, message: str, qualifier: int) -> None:
+        super().__init__(message, _errno.EINVAL, qualifier)
 
 
 class GuestAccessError(ShadowVmmError):
@@ -260,6 +280,17 @@ class NetCtrlError(GuestDriverError):
         name = cls.name if isinstance(cls, enum.Enum) else str(cls)
         super().__init__(f"virtio-net control command {name}/{cmd}: ack {ack}")
         self.ack = ack
+
+
+class AdminCommandFailed(GuestDriverError):
+    """The owner device completed an administration command with a non-OK status (v1.4 §2.12.1)."""
+
+    def __init__(self, opcode: object, status: int, qualifier: int) -> None:
+        name = opcode.name if isinstance(opcode, enum.Enum) else f"opcode {opcode}"
+        super().__init__(f"admin command {name}: status {status}, qualifier {qualifier}")
+        self.opcode = opcode
+        self.status = status
+        self.qualifier = qualifier
 
 
 class NeedsResetShown(GuestDriverError):

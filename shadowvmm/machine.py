@@ -20,6 +20,7 @@ from .shadow import DialectSpec, FeaturePolicy
 from .timeline import Tap, Timeline
 from .transport.mmio import MmioTransport
 from .transport.pci import PciTransport
+from .virtio.constants import Feature
 
 
 @dataclass
@@ -56,15 +57,23 @@ class Machine:
         config space when the backend does not serve one (vhost-user without CONFIG)."""
         if config.name in self.slots:
             raise ArgumentError(f"machine already has a device named {config.name!r}")
+        if config.admin_members and config.transport != "pci":
+            raise ArgumentError(f"{config.name}: an admin queue exists on PCI only (v1.4 §2.12, "
+                                f"VIRTIO_F_ADMIN_VQ); {config.transport} cannot own admin_members")
+        if config.name in config.admin_members:
+            raise ArgumentError(f"{config.name}: a device cannot be its own admin member")
         if backend is None:
             backend = load_backend(config.backend)(config.backend_config)
         base = FeaturePolicy()
+        owner = bool(config.admin_members)
+        # VIRTIO_F_ADMIN_VQ is the VMM's: the admin queue never reaches the owner's backend.
+        admin_bit = int(Feature.ADMIN_VQ) if owner else 0
         policy = FeaturePolicy(DialectSpec.make(config.stop_dialect, config.stop_feature_bit),
-                               vmm_emulated=base.vmm_emulated | config.vmm_features)
+                               vmm_emulated=base.vmm_emulated | config.vmm_features | admin_bit)
         device = VirtioDevice(backend, self.memory, name=config.name, num_queues=config.num_queues,
                               queue_size=config.queue_size, policy=policy,
                               config_override=config_override, reconnect=config.reconnect,
-                              timeline=self.tap(config.name + self.suffix))
+                              timeline=self.tap(config.name + self.suffix), admin_queue=owner)
         await device.realize()
         try:
             transport = PciTransport(device) if config.transport == "pci" else MmioTransport(device)
@@ -72,7 +81,20 @@ class Machine:
             await device.close()
             raise
         self.slots[config.name] = Slot(config, device, transport)
+        self._attach_admin_groups()
         return device
+
+    def _attach_admin_groups(self) -> None:
+        """Wire every owner whose members are all present (config order may name them later)."""
+        for slot in self.slots.values():
+            d = slot.device
+            names = slot.config.admin_members
+            if names and d.admin is None and all(n in self.slots for n in names):
+                members = [self.slots[n] for n in names]
+                for member in members:
+                    if member.config.transport != "pci":
+                        raise ArgumentError(f"member {member.config.name!r} of {slot.config.name!r} is not PCI")
+                d.attach_admin_members([m.device for m in members])
 
     def device(self, name: str) -> VirtioDevice:
         return self.slots[name].device
@@ -112,3 +134,4 @@ class Machine:
         self.slots.clear()
         if self.owns_memory:
             self.memory.close()
+

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ..backends.base import Backend, Capability, RingState
 from ..errors import BackendDisconnected, DeviceStateError
@@ -87,6 +87,13 @@ class QueueRegs:
         return self.enabled and self.desc != 0
 
 
+class AdminEndpoint(Protocol):
+    """What the registers need of an owner's administration queue server (:mod:`.adminq`)."""
+
+    def reset(self) -> None:
+        """The owner was reset (v1.4 §2.12.1): drop the ring, forget LIST_USE and resource objects."""
+
+
 @dataclass
 class Staged:
     """Start messages a migration destination sent ahead of the state (:meth:`VirtioDevice.prestage`)."""
@@ -114,7 +121,7 @@ class DeviceCore:
     def __init__(self, backend: Backend, memory: GuestMemory, *, name: str = "dev0",
                  num_queues: int | None = None, queue_size: int = 256,
                  policy: FeaturePolicy | None = None, config_override: bytes | None = None,
-                 reconnect: ReconnectPolicy | None = None,
+                 reconnect: ReconnectPolicy | None = None, admin_queue: bool = False,
                  loop: asyncio.AbstractEventLoop | None = None,
                  clock: Callable[[], float] = time.monotonic, timeline: Tap | None = None) -> None:
         self.backend = backend
@@ -135,6 +142,7 @@ class DeviceCore:
         self._requested_queues = num_queues
         self._queue_size = queue_size
         self._config_override = config_override
+        self._want_admin_queue = admin_queue
         self.device_id: DeviceId = backend.device_id
         self._init_guest_state()
         self._init_backend_state()
@@ -152,6 +160,10 @@ class DeviceCore:
         self.config_generation = 0
         self.isr = 0
         self.queues: list[QueueRegs] = []
+        #: The administration queue of an owner device (v1.4 §2.12, §4.1.4.3): index num_queues,
+        #: beyond the queues num_queues counts; served by the VMM (:mod:`.adminq`).
+        self.admin_queue: QueueRegs | None = None
+        self.admin: AdminEndpoint | None = None
         self.interrupts: Interrupts | None = None
         self.queue_select = 0
         #: Queues the driver may use (net: 2 x active pairs); None = all.
@@ -185,6 +197,8 @@ class DeviceCore:
         #: every ring start ends with a kick, so nothing held is lost.
         self._held_kicks: set[int] = set()
         self._vmm_stop = False
+        #: An owner's DEV_MODE_SET stopped this member (v1.4 §2.12.1.4); the guest sees nothing.
+        self._admin_stop = False
         self._kick_fds: list[int] = []
         self._relay_fds: list[int] = []
         self.vmm_queues: dict[int, VmmQueue] = {}
@@ -232,7 +246,16 @@ class DeviceCore:
 
     @property
     def num_queues(self) -> int:
+        """Queues the guest's num_queues shows (the admin queue is not among them)."""
         return len(self.queues)
+
+    def queue_regs(self, index: int) -> QueueRegs | None:
+        """Queue *index*'s registers, the admin queue's included; None past the end."""
+        if index < len(self.queues):
+            return self.queues[index]
+        if index == len(self.queues) and self.admin_queue is not None:
+            return self.admin_queue
+        return None
 
     def _require_realized(self) -> None:
         if not self._realized:

@@ -12,21 +12,22 @@ import logging
 import os
 
 from ..backends.base import Capability
-from ..errors import BackendDisconnected, BackendError, DeviceStateError
+from ..errors import ArgumentError, BackendDisconnected, BackendError, DeviceStateError
 from ..lifecycle import LinkState
 from ..shadow import FeaturePolicy, RunState
 from ..timeline import EventKind
 from ..virtio.constants import MAX_QUEUE_SIZE, Feature
 from ..virtio.vring import RingState
+from .adminq import AdminServer, Member
 from .core import MAX_QUEUES, QueueRegs
 from .interrupts import Interrupts
 from .ops import Op, OpKind
-from .persistence import PersistenceMixin
+from .parts import PartsMixin
 
 log = logging.getLogger(__name__)
 
 
-class VirtioDevice(PersistenceMixin):
+class VirtioDevice(PartsMixin):
     """One virtio device as the guest sees it, backed by a :class:`Backend`."""
 
     # ------------------------------------------------------------------ lifecycle
@@ -73,9 +74,13 @@ class VirtioDevice(PersistenceMixin):
             raise DeviceStateError(f"{self.name}: {count} queues; a device has 1..{MAX_QUEUES}")
         size = self._queue_size
         self.queues = [QueueRegs(i, size, notify_off=i) for i in range(count)]
-        self.interrupts = Interrupts(count + 1)
-        self._kick_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(count)]
-        self._relay_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(count)]
+        # An owner's admin queue sits right after the others (v1.4 §4.1.4.3: admin_queue_index),
+        # with its own kick, relay and MSI-X vector.
+        self.admin_queue = QueueRegs(count, size, notify_off=count) if self._want_admin_queue else None
+        fds = count + (self.admin_queue is not None)
+        self.interrupts = Interrupts(fds + 1)
+        self._kick_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(fds)]
+        self._relay_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(fds)]
         for index, fd in enumerate(self._relay_fds):
             self.loop.add_reader(fd, self._on_relay, index)
         if self._config_override is not None:
@@ -121,11 +126,26 @@ class VirtioDevice(PersistenceMixin):
             log.warning("%s: stop at close failed: %s", self.name, exc)
         for vq in self.vmm_queues.values():
             vq.stop()
+        if isinstance(self.admin, AdminServer):
+            self.admin.close()
+            self.admin = None
         self.backend.set_event_handler(None)
         await self.backend.close()
         self._release_fds()
         self._realized = False
         log.info("%s: closed", self.name)
+
+    def attach_admin_members(self, members: list[Member]) -> AdminServer:
+        """Make this owner's admin queue control *members* (member ids 1..N in this order,
+        group type SR-IOV, v1.4 §2.12). The device must have been built with ``admin_queue=True``."""
+        self._require_realized()
+        if self.admin_queue is None:
+            raise ArgumentError(f"{self.name}: built without an admin queue")
+        if self.admin is not None:
+            raise ArgumentError(f"{self.name}: admin members already attached")
+        server = AdminServer(self, self.admin_queue.index, self._kick_fds[self.admin_queue.index], members)
+        self.admin = server
+        return server
 
     # ------------------------------------------------------------------ VMM: transparent stop
 

@@ -48,7 +48,8 @@ class InterruptsMixin(DeviceCore):
 
     def call_fd(self, index: int) -> int:
         """The fd the backend signals for queue *index* (a vector's irqfd, or our relay)."""
-        q = self.queues[index]
+        q = self.queue_regs(index)
+        assert q is not None
         ints = self.interrupts
         assert ints is not None
         if ints.msix_enabled and q.msix_vector < ints.vectors:

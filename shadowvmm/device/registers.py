@@ -146,6 +146,12 @@ class RegistersMixin(WorkerMixin):
     def _clear_guest_registers(self) -> None:
         for q in self.queues:
             q.clear()
+        if self.admin_queue is not None:
+            self.admin_queue.clear()
+        if self.admin is not None:
+            self.admin.reset()
+        # A member's reset clears its stopped mode and device parts (v1.4 §2.12.1.4).
+        self._admin_stop = False
         self.driver_features = 0
         self.device_feature_select = self.driver_feature_select = 0
         self.config_msix_vector = NO_VECTOR
@@ -154,8 +160,7 @@ class RegistersMixin(WorkerMixin):
     # ------------------------------------------------------------------ queues
 
     def selected_queue(self) -> QueueRegs | None:
-        sel = self.queue_select
-        return self.queues[sel] if sel < len(self.queues) else None
+        return self.queue_regs(self.queue_select)
 
     def _writable_queue(self) -> QueueRegs | None:
         q = self.selected_queue()
@@ -195,7 +200,7 @@ class RegistersMixin(WorkerMixin):
             return
         assert self.interrupts is not None
         q.msix_vector = value if value < self.interrupts.vectors else NO_VECTOR
-        if self.started:
+        if self.started and q is not self.admin_queue:
             self._submit(Op(OpKind.VECTOR, (q.index,)))
 
     def write_config_vector(self, value: int) -> None:
@@ -219,7 +224,7 @@ class RegistersMixin(WorkerMixin):
             self.faults(GuestFault.QUEUE_SIZE, f"queue {q.index}: {exc}")
             return
         q.enabled = True
-        if self.started:
+        if self.started and q is not self.admin_queue:
             self._submit(Op(OpKind.QUEUE_START, (q.index,)))
 
     def _validate_queue(self, q: QueueRegs) -> None:
@@ -236,6 +241,8 @@ class RegistersMixin(WorkerMixin):
         q = self.selected_queue()
         if q is None:
             self.faults(GuestFault.QUEUE_SELECT, f"queue_reset on {self.queue_select}")
+        elif q is self.admin_queue:
+            self.faults(GuestFault.READ_ONLY, "queue_reset of the admin queue (reset the owner instead)")
         elif value != 1 or not self.negotiated(Feature.RING_RESET):
             self.faults(GuestFault.READ_ONLY, "queue_reset without RING_RESET")
         else:
@@ -255,7 +262,8 @@ class RegistersMixin(WorkerMixin):
     def notify(self, value: int) -> None:
         """Available-buffer notification (v1.4 §4.1.5.2): kick the backend's eventfd."""
         index = value & 0xFFFF
-        if index >= len(self.queues) or not self.queues[index].enabled:
+        q = self.queue_regs(index)
+        if q is None or not q.enabled:
             self.faults(GuestFault.NOTIFY_INVALID, f"queue {index}")
             return
         self.stats.kicks += 1

@@ -65,7 +65,9 @@ class SequencerMixin(LinkMixin):
         if self.run_state is RunState.FAILED:
             return
         want_started = shadow.driver_ok
-        want_running = want_started and not self._vmm_stop and not shadow.guest_stop_requested
+        # Three stop sources: the VMM's transparent stop, an owner's DEV_MODE_SET, the guest's dialect.
+        want_running = (want_started and not self._vmm_stop and not self._admin_stop
+                        and not shadow.guest_stop_requested)
         if want_running and not self.started:
             await self._start()
         elif want_running and not self.rings_running:

@@ -275,6 +275,15 @@ class GuestDevice:
         await self.started()
         return fresh
 
+    def add_queue(self, index: int, queue_size: int = 256) -> GuestQueue:
+        """Set up one more queue past those :meth:`initialize` set up (an admin queue at
+        ``admin_queue_index``, v1.4 §2.12), before DRIVER_OK; it must be the next index."""
+        if index != len(self.queues):
+            raise DeviceStateError(f"queue {index} is not the next one ({len(self.queues)} set up)")
+        queue = self._setup_queue(index, queue_size)
+        self.queues.append(queue)
+        return queue
+
     def queue(self, index: int) -> GuestQueue:
         """``queues[index]``; :class:`DeviceStateError` if the queue is not set up."""
         if not 0 <= index < len(self.queues):

@@ -174,6 +174,10 @@ class PciGuestTransport:
             self._w(0x1A, 2, vector)
         self._notify_offs[index] = self._r(0x1E, 2) * self.notify_multiplier
 
+    def admin_queues(self) -> tuple[int, int]:
+        """``(admin_queue_index, admin_queue_num)`` of the common cfg (v1.4 §4.1.4.3)."""
+        return self._r(0x3C, 2), self._r(0x3E, 2)
+
     def queue_vector(self, index: int) -> int:
         self._w(0x16, 2, index)
         return self._r(0x1A, 2)

@@ -28,6 +28,8 @@ class MmioTransport:
     def __init__(self, device: VirtioDevice) -> None:
         if device.interrupts is None:
             raise ArgumentError("realize the device before building its transport")
+        if device.admin_queue is not None:
+            raise ArgumentError(f"{device.name}: virtio-mmio has no administration queue (v1.4 §2.12: PCI only)")
         self.device = device
         self.faults = device.faults
         device.interrupts.msix_enabled = False

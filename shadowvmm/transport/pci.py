@@ -150,8 +150,9 @@ class PciTransport:
             Register(0x1E, 2, "queue_notify_off", R, qget("notify_off")),
             Register(0x38, 2, "queue_notify_data", R, qget("index")),
             Register(0x3A, 2, "queue_reset", RW, qget("resetting"), d.write_queue_reset),
+            # The admin queue follows the others (v1.4 §4.1.4.3); num_queues does not count it.
             Register(0x3C, 2, "admin_queue_index", R, lambda: d.num_queues),
-            Register(0x3E, 2, "admin_queue_num", R, lambda: 0),
+            Register(0x3E, 2, "admin_queue_num", R, lambda: int(d.admin_queue is not None)),
         ]
         for base, name in ((0x20, "desc"), (0x28, "driver"), (0x30, "device")):
             regs.append(Register(base, 4, f"queue_{name}_lo", RW, addr(name, False),
@@ -181,7 +182,8 @@ class PciTransport:
                          MSIX_TABLE_OFF | BAR_INDEX, MSIX_PBA_OFF | BAR_INDEX)
         struct.pack_into("<H", self.wmask, 0x42, MSIX_CTRL_ENABLE | MSIX_CTRL_MASKALL)
         caps = [(CapType.COMMON, COMMON_OFF, COMMON_CFG_SIZE, b""),
-                (CapType.NOTIFY, NOTIFY_OFF, max(2, NOTIFY_MULTIPLIER * d.num_queues),
+                (CapType.NOTIFY, NOTIFY_OFF,
+                 max(2, NOTIFY_MULTIPLIER * (d.num_queues + int(d.admin_queue is not None))),
                  struct.pack("<I", NOTIFY_MULTIPLIER)),
                 (CapType.ISR, ISR_OFF, 1, b"")]
         if d.config:
