@@ -50,10 +50,14 @@ async def blk_write_verify(driver: BlkDriver, *, requests: int, queue_depth: int
     done = 0
     while done < requests:
         batch_tasks: list[Awaitable[list[bytes]]] = []
-        for q in range(nqueues):
+        in_batch: set[int] = set()      # writes in flight together never share a block: a device
+        for q in range(nqueues):        # may complete them in any order (v1.4 §5.2.6.4)
             ops: list[BlkOp] = []
             for _ in range(min(queue_depth, requests - done)):     # done counts the queues before
                 block = rng.randrange(total_blocks)
+                while block in in_batch and len(in_batch) < total_blocks:
+                    block = rng.randrange(total_blocks)
+                in_batch.add(block)
                 seq += 1
                 data = block_pattern(block, seq, block_bytes)
                 res.expected[block] = data

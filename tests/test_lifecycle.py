@@ -20,7 +20,7 @@ from helpers import wait_for_count, wait_until
 
 from shadowvmm import cli
 from shadowvmm import config as configmod
-from shadowvmm.backends.base import Backend, load_backend
+from shadowvmm.backends.base import Backend, Capability, load_backend
 from shadowvmm.backends.inproc import InProcBackend
 from shadowvmm.config import DeviceConfig
 from shadowvmm.device import VirtioDevice
@@ -429,6 +429,75 @@ async def test_qsd_queue_reset_with_requests_in_flight(tmp_path: Path) -> None:
         finally:
             await rig.close()
         assert qsd.running and "panic" not in qsd.log_tail(50)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("how", ["vmm-stop", "guest-suspend"])
+async def test_qsd_stop_waits_for_slow_requests_in_flight(tmp_path: Path, how: str) -> None:
+    """A stop under a loaded host: qemu-storage-daemon's requests take longer than the drain's
+    quiet-used-idx guess (DRAIN_STALL), so the old drain took GET_VRING_BASE with requests still
+    in flight; qsd completed them after it had closed its call fd and vu_panic dropped the
+    session (found by the admin-queue stop test on a busy machine). A throttled disk (10 IOPS)
+    makes every request slow; the drain now reads qsd's inflight area and waits for it to empty."""
+    with qsd_peer(tmp_path, 2, iops=10) as qsd:
+        dialect = StopDialect.SUSPEND if how == "guest-suspend" else StopDialect.NONE
+        rig = await make_rig(vhost_blk(qsd.socket_path, 2), dialect=dialect)
+        try:
+            extra = int(Feature.SUSPEND) if dialect is StopDialect.SUSPEND else 0
+            await rig.driver.start(queue_size=64, extra_features=extra)
+            await rig.driver.write(4096, pattern(99, 0), queue=1)       # empty the throttle's burst
+            writes = [asyncio.ensure_future(rig.driver.write(i * 8, pattern(i, 1), queue=0)) for i in range(4)]
+            await wait_until(lambda: rig.guest.queues[0].ring.in_flight >= 3, timeout=2,
+                             what="the throttled writes in flight")
+            ring = rig.device.queues[0]
+            load = rig.machine.memory.load_u16
+
+            def drained() -> bool:      # the used idx caught up with the avail idx
+                return load(ring.device + 2) == load(ring.driver + 2)
+
+            if how == "vmm-stop":
+                await asyncio.wait_for(rig.device.stop(), 10)
+                assert drained(), "stopped with requests in flight"
+                await rig.device.resume()
+            else:
+                rig.guest.transport.set_status(rig.guest.status() | int(Status.SUSPEND))
+                await wait_until(lambda: rig.guest.status() & Status.SUSPEND, timeout=10, what="SUSPEND shown")
+                assert drained(), "suspended with requests in flight"
+                rig.guest.transport.set_status((rig.guest.status() & ~int(Status.SUSPEND)) | int(Status.DRIVER_OK))
+                await wait_until(lambda: rig.guest.status() == LIVE, timeout=5, what="resumed")
+            await asyncio.gather(*writes)
+            assert not needs_reset(rig.guest) and rig.device.link is LinkState.UP
+            for i in range(4):
+                assert await asyncio.wait_for(rig.driver.read(i * 8, BLOCK, queue=0), 5) == pattern(i, 1)
+            assert not rig.guest.violations
+        finally:
+            await rig.close()
+        assert qsd.running and "panic" not in qsd.log_tail(50)
+
+
+@pytest.mark.peer
+async def test_in_flight_count_from_the_inflight_area_drives_the_drain(tmp_path: Path) -> None:
+    """A backend with an inflight area says how many requests it holds: the reference back-end
+    (libvhost-user's layout) marks each fetched head until its used entry is published. The
+    drain waits for that count, not for a quiet used idx, so 120 ms requests (longer than
+    DRAIN_STALL) are all complete when the stop returns."""
+    with RefBlk(tmp_path, size=IMAGE_BYTES, queues=2, latency_us=120_000) as ref:
+        rig = await make_rig(vhost_blk(ref.socket_path, 2))
+        try:
+            await rig.driver.start(queue_size=64)
+            backend = rig.device.backend
+            assert backend.capabilities() & Capability.INFLIGHT and backend.in_flight(0) == 0
+            writes = [asyncio.ensure_future(rig.driver.write(i * 8, pattern(i, 2), queue=0)) for i in range(3)]
+            await wait_until(lambda: backend.in_flight(0) == 3, timeout=2, what="3 heads marked in flight")
+            await asyncio.wait_for(rig.device.stop(), 5)
+            ring = rig.device.queues[0]
+            load = rig.machine.memory.load_u16
+            assert load(ring.device + 2) == load(ring.driver + 2) and backend.in_flight(0) == 0
+            await rig.device.resume()
+            await asyncio.gather(*writes)
+            assert [await rig.driver.read(i * 8, BLOCK, queue=0) for i in range(3)] == [pattern(i, 2) for i in range(3)]
+        finally:
+            await rig.close()
 
 
 # ---------------------------------------------------------------------- start order

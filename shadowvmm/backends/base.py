@@ -163,6 +163,18 @@ class Backend(Protocol):
         GET/SET_INFLIGHT_FD). :meth:`reset` discards it.
         """
 
+    def in_flight(self, index: int) -> int | None:
+        """How many requests of ring *index* the backend fetched and has not completed yet, read
+        from the in-flight tracking area (vhost-user "Inflight I/O tracking"); None: it cannot
+        tell. A transparent stop waits for 0 before GET_VRING_BASE instead of guessing from a
+        quiet used idx."""
+
+    def disable_stops_fetch(self) -> bool:
+        """Whether the backend stops fetching from a ring it was told to disable (vhost-user:
+        SET_VRING_ENABLE 0). False for one that keeps popping (libvhost-user, so
+        qemu-storage-daemon): a stop then waits for every request kicked before it, however
+        slow, instead of taking a quiet used idx as the end."""
+
     async def wait_for_endpoint(self, timeout: float) -> bool:
         """Between reconnect attempts: return early (True) when the backend's endpoint shows up
         again (a restarted daemon's socket), else after *timeout* seconds."""
@@ -254,6 +266,12 @@ class BackendBase:
     async def prepare_inflight(self, num_queues: int, queue_size: int) -> None:
         raise self._unsupported("in-flight tracking", Capability.INFLIGHT)
 
+    def in_flight(self, index: int) -> int | None:
+        return None
+
+    def disable_stops_fetch(self) -> bool:
+        return True
+
     async def wait_for_endpoint(self, timeout: float) -> bool:
         await asyncio.sleep(timeout)
         return False
@@ -294,7 +312,8 @@ MANDATORY: tuple[str, ...] = (
 #: Operations :class:`BackendBase` gives a default for.
 OPTIONAL: tuple[str, ...] = (
     "close", "get_queue_num", "config_size", "get_config", "set_config", "set_status", "suspend",
-    "resume", "save_state", "load_state", "prepare_inflight", "wait_for_endpoint",
+    "resume", "save_state", "load_state", "prepare_inflight", "in_flight", "disable_stops_fetch",
+    "wait_for_endpoint",
     "lost_peer_alive", "set_event_handler", "set_log_base", "set_dirty_logging", "set_busy_poll",
     "peer_identity", "migration_blockers",
 )

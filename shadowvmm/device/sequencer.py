@@ -380,7 +380,13 @@ class SequencerMixin(LinkMixin):
         idx reached the avail idx published when the hold began, then (only if the guest
         published more since) for the used idx to stay quiet for DRAIN_QUIET s. A back-end that
         honours the disable never takes what it had not fetched yet: a used idx still for
-        DRAIN_STALL s ends the wait too; at most DRAIN_TIMEOUT s. Not for virtio-net (receive
+        DRAIN_STALL s ends the wait too; one that does not (``disable_stops_fetch()`` False:
+        libvhost-user) completes everything kicked before the hold, so that is waited for, however
+        slow; what it took since is, as for the others, given DRAIN_QUIET (a guess: only an
+        in-flight count is exact). At most DRAIN_TIMEOUT s.
+        A backend that counts what it holds (:meth:`~shadowvmm.backends.base.Backend.in_flight`,
+        the vhost-user inflight area) is waited for exactly instead: nothing in flight and the
+        used idx quiet. Not for virtio-net (receive
         buffers are used only when traffic arrives) nor packed rings (no single used idx to compare).
         """
         quiet_since, rings = hold
@@ -391,6 +397,8 @@ class SequencerMixin(LinkMixin):
         deadline = loop.time() + DRAIN_TIMEOUT
         target = [(q, avail) for q, avail, _ in rings]
         last = [used for _, _, used in rings]   # quiet since the hold unless it moved since
+        counted = all(self.backend.in_flight(q.index) is not None for q, _ in target)
+        stops_fetch = self.backend.disable_stops_fetch()
         while True:
             if self.link is not LinkState.UP:
                 raise BackendDisconnected(f"{self.name}: backend lost while draining") from self._lost_error
@@ -398,11 +406,21 @@ class SequencerMixin(LinkMixin):
             now = loop.time()
             if used != last:
                 last, quiet_since = used, now
-            reached = all((u - avail) & 0xFFFF < 0x8000 for u, (_, avail) in zip(used, target))
-            if reached and all(memory.load_u16(q.driver + 2) == avail for q, avail in target):
-                return      # nothing published since the hold: nothing else can be in flight
-            if (reached and now - quiet_since >= DRAIN_QUIET) or now - quiet_since >= DRAIN_STALL:
-                return
+            if counted:
+                # The backend says what it holds: nothing in flight and a quiet used idx is exact,
+                # however slow its requests are (a busy host, a throttled disk).
+                if now - quiet_since >= DRAIN_QUIET and not any(self.backend.in_flight(q.index)
+                                                                for q, _ in target):
+                    return
+            else:
+                reached = all((u - avail) & 0xFFFF < 0x8000 for u, (_, avail) in zip(used, target))
+                if reached and all(memory.load_u16(q.driver + 2) == avail for q, avail in target):
+                    return      # nothing published since the hold: nothing else can be in flight
+                quiet = now - quiet_since
+                if reached and quiet >= DRAIN_QUIET:
+                    return
+                if stops_fetch and quiet >= DRAIN_STALL:
+                    return      # what it had not fetched at the disable it never will
             if now >= deadline:
                 logger.warning("%s: requests still in flight %.1f s into a stop; stopping anyway",
                             self.name, DRAIN_TIMEOUT)

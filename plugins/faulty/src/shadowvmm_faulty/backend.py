@@ -258,6 +258,12 @@ class FaultyBackend(BackendBase):
     def lost_peer_alive(self) -> bool | None:
         return self.inner.lost_peer_alive()
 
+    def in_flight(self, index: int) -> int | None:
+        return None if self._hides(Capability.INFLIGHT) else self.inner.in_flight(index)
+
+    def disable_stops_fetch(self) -> bool:
+        return self.inner.disable_stops_fetch()
+
     def set_event_handler(self, handler: BackendEventHandler | None) -> None:
         super().set_event_handler(handler)
         self.inner.set_event_handler(None if self._hides(Capability.EVENTS) else handler)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import mmap
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -73,7 +74,8 @@ from .connection import (
     wait_for_path,
 )
 from .devices import DEFAULT_CONFIG_SIZE, DEFAULT_QUEUES, DEVICES, HIDDEN_FEATURES, SUPPORTED_PROTOCOL_FEATURES
-from .peer import identify
+from .peer import identify, process_name
+from .refbackend.inflight import INFLIGHT_DESC, INFLIGHT_HEADER, inflight_queue_bytes
 
 __all__ = ["DEFAULT_CONFIG_SIZE", "DEFAULT_QUEUES", "DEVICES", "HIDDEN_FEATURES", "SUPPORTED_PROTOCOL_FEATURES",
            "VhostUserBackend"]
@@ -91,6 +93,11 @@ PROTOCOL_CAPABILITIES: tuple[tuple[vu.ProtocolFeature, Capability], ...] = (
     (PF.CONFIG, Capability.CONFIG), (PF.STATUS, Capability.STATUS), (PF.RESET_DEVICE, Capability.RESET_DEVICE),
     (PF.DEVICE_STATE, Capability.DEVICE_STATE), (PF.INFLIGHT_SHMFD, Capability.INFLIGHT), (PF.MQ, Capability.MQ),
 )
+
+
+#: Peer processes (``/proc/PID/comm``, 15 characters at most) whose libvhost-user keeps
+#: processing a ring after SET_VRING_ENABLE 0 (qemu-storage-daemon 7.2, QEMU's contrib daemons).
+RING_DISABLE_IGNORED = frozenset({"qemu-storage-da", "vhost-user-blk", "vhost-user-scsi"})
 
 
 class VhostUserBackend(BackendBase):
@@ -120,6 +127,9 @@ class VhostUserBackend(BackendBase):
         Option("protocol_features", int, None, "mask restricting the protocol features acknowledged",
                min=0, max=(1 << 64) - 1),
         Option("busy_poll_us", int, 0, "spin this long for each reply before sleeping", min=0, max=100_000),
+        Option("ring_disable", str, "auto", "whether the back-end stops fetching from a disabled ring: "
+               "\"stops\", \"ignored\" (libvhost-user) or \"auto\" (known peers by process name)",
+               choices=("auto", "stops", "ignored")),
     )
 
     def __init__(self, config: Mapping[str, Any], *, loop: asyncio.AbstractEventLoop | None = None,
@@ -135,9 +145,12 @@ class VhostUserBackend(BackendBase):
         self._loop = loop
         self._connector = connector or unix_connector(self.socket_path)
         self.busy_poll = options["busy_poll_us"] / 1e6
+        self._ring_disable = options["ring_disable"]
         self._conn: Connection | None = None
         #: The inflight area (GET_INFLIGHT_FD) and its fd: kept across sessions, dropped by reset().
         self._inflight: tuple[vu.Inflight, int] | None = None
+        #: A read-only map of that area, for :meth:`in_flight`.
+        self._inflight_map: mmap.mmap | None = None
         self._reset_session()
 
     def _reset_session(self) -> None:
@@ -257,6 +270,9 @@ class VhostUserBackend(BackendBase):
         self._drop_inflight()
 
     def _drop_inflight(self) -> None:
+        if self._inflight_map is not None:
+            self._inflight_map.close()
+            self._inflight_map = None
         if self._inflight is not None:
             os.close(self._inflight[1])
             self._inflight = None
@@ -475,6 +491,14 @@ class VhostUserBackend(BackendBase):
         sock = self._conn.socket if self._conn is not None else None
         return None if sock is None else identify(sock, f"vhost-user {self.socket_path}")
 
+    def disable_stops_fetch(self) -> bool:
+        """From the ``ring_disable`` option; ``auto``: False for a peer process known to be built
+        on libvhost-user, which keeps popping a disabled ring (:data:`RING_DISABLE_IGNORED`)."""
+        if self._ring_disable != "auto":
+            return self._ring_disable == "stops"
+        pid = self._conn.peer_pid if self._conn is not None else None
+        return pid is None or process_name(pid) not in RING_DISABLE_IGNORED
+
     def lost_peer_alive(self) -> bool | None:
         """Whether the process behind the last session (SO_PEERCRED) can still write guest memory."""
         pid = self._conn.peer_pid if self._conn is not None else None
@@ -491,8 +515,21 @@ class VhostUserBackend(BackendBase):
             if fd is None:
                 return
             self._inflight = (info, fd)
+            self._inflight_map = mmap.mmap(fd, info.mmap_size, mmap.MAP_SHARED, mmap.PROT_READ,
+                                           offset=info.mmap_offset)
         info, fd = self._inflight
         await self.set_inflight_fd(fd, info)
+
+    def in_flight(self, index: int) -> int | None:
+        """Heads of ring *index* marked in flight in the inflight area ("Inflight I/O tracking",
+        split layout: libvhost-user's per-queue region, a 16-byte header, then 16 bytes per
+        descriptor whose first byte is ``inflight``). None without an area."""
+        area, info = self._inflight_map, self._inflight
+        if area is None or info is None or not 0 <= index < info[0].num_queues:
+            return None
+        size = info[0].queue_size
+        start = index * inflight_queue_bytes(size) + INFLIGHT_HEADER.size
+        return area[start:start + INFLIGHT_DESC.size * size:INFLIGHT_DESC.size].count(1)
 
     async def set_log_base(self, log_fd: int, size: int, offset: int = 0) -> None:
         """SET_LOG_BASE with LOG_SHMFD: the dirty log is *size* bytes of *log_fd* at *offset*."""

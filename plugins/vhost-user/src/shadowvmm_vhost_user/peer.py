@@ -85,6 +85,15 @@ def socket_peer_pid(sock: socket.socket) -> int | None:
     return None if not peer else _holder_of(f"socket:[{peer}]")
 
 
+def process_name(pid: int) -> str | None:
+    """``/proc/PID/comm`` (None if the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/comm") as comm:
+            return comm.read().strip()
+    except OSError:
+        return None
+
+
 def identify(sock: socket.socket, what: str) -> PeerIdentity | None:
     """:class:`PeerIdentity` of the process serving *sock* (see :func:`socket_peer_pid`);
     *what* names the endpoint in the description."""
