@@ -16,7 +16,7 @@ from .errors import ArgumentError
 from .guest.driver import GuestDevice
 from .guest.transport import GuestTransport, MmioGuestTransport, PciGuestTransport
 from .memory import GuestAllocator, GuestMemory
-from .shadow import DialectSpec, FeaturePolicy
+from .shadow import FeaturePolicy
 from .transport.mmio import MmioTransport
 from .transport.pci import PciTransport
 
@@ -49,7 +49,7 @@ class Machine:
         if backend is None:
             backend = load_backend(config.backend)(config.backend_config)
         base = FeaturePolicy()
-        policy = FeaturePolicy(DialectSpec.make(config.stop_dialect, config.stop_feature_bit),
+        policy = FeaturePolicy(config.dialect_spec(),
                                vmm_emulated=base.vmm_emulated | config.vmm_features)
         device = VirtioDevice(backend, self.memory, name=config.name, num_queues=config.num_queues,
                               queue_size=config.queue_size, policy=policy,
