@@ -18,16 +18,18 @@ from shadowvmm.backends.base import Backend
 from shadowvmm.backends.inproc import InProcBackend
 from shadowvmm.config import DeviceConfig, parse
 from shadowvmm.device import VirtioDevice
-from shadowvmm.errors import ConfigError, StateFormatError
+from shadowvmm.errors import ConfigError, RingError, StateFormatError
 from shadowvmm.guest.blk import BlkDriver
 from shadowvmm.guest.driver import GuestDevice
 from shadowvmm.machine import Machine
+from shadowvmm.memory import GuestMemory
 from shadowvmm.shadow import RING_STATE_RUNNING_VALUE, DialectSpec, FeaturePolicy, GuestFault, StopDialect
 from shadowvmm.state import QueueState
 from shadowvmm.testing.peers import QsdBlk
 from shadowvmm.testing.plugin import require_peer
 from shadowvmm.virtio.constants import Feature, Status
-from shadowvmm.virtio.packed import PackedDriverQueue
+from shadowvmm.virtio.packed import PackedDriverQueue, PackedLayout
+from shadowvmm.virtio.split import SplitDriverQueue, SplitLayout
 from shadowvmm.virtio.vring import RingState
 
 STOP_BIT, RING_BIT = 44, 45
@@ -164,22 +166,26 @@ async def test_states_after_stop_equal_backend_and_driver(transport: str, ring_l
 # ---------------------------------------------------------------------- restore on a destination
 
 
-@pytest.mark.parametrize("writes", [{0: 7, 1: 2}])
+@pytest.mark.parametrize("kept", [True, False], ids=["same-rings", "fresh-rings"])
 async def test_destination_continues_from_written_state(transport: str, ring_layout: str, tmp_path: Path,
-                                                        writes: dict[int, int]) -> None:
-    """Device A stops with its requests done; device B (same image, same ring memory) is set up with
-    A's ring states and continues: nothing replayed (B's backend serves exactly B's requests), nothing
-    lost (every block reads back), and B's backend got the states with SET_VRING_BASE."""
+                                                        kept: bool) -> None:
+    """Device A stops with its requests done; device B (same image; A's ring memory, or fresh rings
+    positioned at the states) is set up with A's ring states and continues: nothing replayed (B's
+    backend serves exactly B's requests), nothing lost (every block reads back), and B's backend got
+    the states with SET_VRING_BASE."""
+    writes = {0: 7, 1: 2}
     backend = {"device": "blk", "image": str(tmp_path / "disk.img"), "size": 1 << 20, "queues": 2}
     async with make_rig(ring_layout == "packed") as rig:
         a = await rig.add("a", blk_config("a", transport, backend))
         b = await rig.add("b", blk_config("b", transport, backend))
         states = await stop_with_io(rig, a, writes)
-        layouts = a.guest.ring_layouts()
+        a_rings = {layout.desc for layout in a.guest.ring_layouts().values()}
+        layouts = a.guest.ring_layouts() if kept else None
         a.guest.close()
         with no_faults(b.dev):
-            await b.driver.start(packed=rig.packed, extra_features=rig.wanted, ring_states=states,
-                                 layouts=layouts)
+            await b.driver.start(packed=rig.packed, queue_size=QUEUE_SIZE, extra_features=rig.wanted,
+                                 ring_states=states, layouts=layouts)
+            assert all((q.ring.layout.desc in a_rings) is kept for q in b.guest.queues)
             assert b.spy.set_bases == states
             assert [b.dev.queues[i].ring_base for i in (0, 1)] == [states[0], states[1]]
             assert {i: driver_state(b.guest, i) for i in (0, 1)} == states
@@ -233,6 +239,27 @@ async def test_qsd_destination_continues_from_written_state(qsd: QsdBlk, transpo
         # from A's states on: 3 writes and 14 reads per queue
         assert {i: driver_state(b.guest, i) for i in (0, 1)} == {0: 19 + 3 + 14, 1: 3 + 3 + 14}
         assert b.guest.violations == [] and all(q.error is None for q in b.guest.queues)
+
+
+def test_driver_ring_adopt_checks_the_kept_ring(ring_layout: str) -> None:
+    """A kept ring must be a drained ring at the state; a packed state must have nothing in flight."""
+    memory = GuestMemory.create([(0, 1 << 20)])
+    try:
+        if ring_layout == "split":
+            split = SplitLayout(QUEUE_SIZE, 0x1000, 0x2000, 0x3000)
+            SplitDriverQueue(memory, split, state=RingState(0, 5))             # fresh ring at 5
+            assert SplitDriverQueue(memory, split, state=RingState(0, 5), adopt=True).avail_idx == 5
+            memory.store_u16(split.used + 2, 4)                                 # one request in flight
+            with pytest.raises(RingError, match="not a drained ring"):
+                SplitDriverQueue(memory, split, state=RingState(0, 5), adopt=True)
+        else:
+            packed = PackedLayout(QUEUE_SIZE, 0x1000, 0x2000, 0x3000)
+            ring = PackedDriverQueue(memory, packed, state=RingState.packed(0, 3, False, 3, False), adopt=True)
+            assert (ring.next_avail, ring.avail_wrap, ring.next_used, ring.used_wrap) == (3, False, 3, False)
+            with pytest.raises(RingError, match="not a drained ring"):
+                PackedDriverQueue(memory, packed, state=RingState.packed(0, 3, False, 2, False))
+    finally:
+        memory.close()
 
 
 # ---------------------------------------------------------------------- write rules

@@ -375,8 +375,11 @@ class SplitDriverQueue:
         else:
             layout.initialize(memory)
             if start:
-                memory.store_u16(layout.avail + 2, start)
-                memory.store_u16(layout.used + 2, start)
+                # idx and the EVENT_IDX fields (used_event after the avail ring, avail_event after
+                # the used ring, v1.4 §2.7.10) as a ring stopped there would hold them
+                for addr in (layout.avail + 2, layout.used + 2, layout.avail + 4 + 2 * layout.size,
+                             layout.used + 4 + 8 * layout.size):
+                    memory.store_u16(addr, start)
         self.memory = memory
         self.layout = layout
         self.size = layout.size
