@@ -140,7 +140,8 @@ def bounded_allocation(call: Callable[[], Any]) -> Any:
 
 
 VOCABULARY = ["machine", "memory_mib", "device", "run", "name", "backend", "backend_config", "transport",
-              "queue_size", "num_queues", "stop_dialect", "stop_feature_bit", "packed", "vmm_features",
+              "queue_size", "num_queues", "stop_dialect", "stop_feature_bit", "ring_state", "ring_state_feature_bit",
+              "packed", "vmm_features",
               "reconnect", "interval_ms", "deadline_ms", "size", "queues", "image", "latency_us", "socket",
               "timeout", "requests", "queue_depth", "request_bytes", "stop_after", "stop_hold_ms", "seed",
               "inproc", "vhost-user", "vdpa", "blk", "rng", "pci", "mmio", "suspend", "stop", "none", "x"]

@@ -20,7 +20,7 @@ from .backends import base as plugins
 from .errors import ConfigError, PluginError
 from .lifecycle import ReconnectPolicy
 from .options import MAX_QUEUES, REQUIRED, Option, OptionSchema
-from .shadow import STOP_FEATURE_BITS, FeaturePolicy, StopDialect
+from .shadow import STOP_FEATURE_BITS, DialectSpec, FeaturePolicy, StopDialect
 from .virtio.constants import MAX_QUEUE_SIZE, Feature
 
 TRANSPORTS = ("pci", "mmio")
@@ -51,6 +51,10 @@ class DeviceConfig:
     stop_dialect: StopDialect = StopDialect.NONE
     stop_feature_bit: int = 44
     packed: bool = False
+    #: Offer VIRTIO_F_RING_STATE (the ring-state registers, docs/nested.md); STOP dialect only.
+    ring_state: bool = False
+    #: Its feature bit (44..49, not the stop bit); None: ``stop_feature_bit + 1``.
+    ring_state_feature_bit: int | None = None
     #: Device feature bits the VMM serves itself (e.g. net MAC/STATUS over a
     #: config it synthesises); offered to the guest, never forwarded.
     vmm_features: int = 0
@@ -61,6 +65,11 @@ class DeviceConfig:
     #: Devices of the same machine this one owns through an admin queue (v1.4 §2.12, SR-IOV
     #: group, member ids 1..N in this order); PCI only.
     admin_members: tuple[str, ...] = ()
+
+    def dialect_spec(self) -> DialectSpec:
+        """The stop dialect's bits (ConfigError with ``device.*`` keys if unusable)."""
+        return DialectSpec.make(self.stop_dialect, self.stop_feature_bit, ring_state=self.ring_state,
+                                ring_state_feature_bit=self.ring_state_feature_bit)
 
 
 #: Peers a ``[[peer]]`` table may start (``kind``).
@@ -177,7 +186,12 @@ DEVICE = OptionSchema(
     Option("stop_dialect", str, DeviceConfig.stop_dialect.value, "stop offered to the guest",
            choices=tuple(d.value for d in StopDialect)),
     Option("stop_feature_bit", int, DeviceConfig.stop_feature_bit,
-           "feature bit of the stop dialect (reserved bits, no published meaning)",
+           "feature bit of the stop dialect (reserved bits, no published meaning); required with "
+           'stop_dialect = "stop"', min=STOP_FEATURE_BITS.start, max=STOP_FEATURE_BITS.stop - 1),
+    Option("ring_state", bool, DeviceConfig.ring_state,
+           'offer VIRTIO_F_RING_STATE, the per-queue ring-state registers (stop_dialect = "stop" only)'),
+    Option("ring_state_feature_bit", int, None,
+           "feature bit of VIRTIO_F_RING_STATE (default: stop_feature_bit + 1)",
            min=STOP_FEATURE_BITS.start, max=STOP_FEATURE_BITS.stop - 1),
     Option("packed", bool, DeviceConfig.packed, "packed rings"),
     Option("vmm_features", int, DeviceConfig.vmm_features,
@@ -227,13 +241,25 @@ def _device(table: Any, path: str) -> DeviceConfig:
     if schema is not None:
         placeholder = {"socket": PEER_SOCKET_PLACEHOLDER} if values["peer"] else {}
         schema.validate({**values["backend_config"], **placeholder}, f"{path}.backend_config")
-    return DeviceConfig(
+    dialect = StopDialect(values["stop_dialect"])
+    if dialect is StopDialect.STOP and "stop_feature_bit" not in table:
+        raise ConfigError(f"{path}.stop_feature_bit",
+                          'required with stop_dialect = "stop": the 2021 STOP proposal has no assigned bit, and '
+                          "44-49 are reserved by virtio 1.4 §6 (a future spec may assign them): name the bit "
+                          "to opt in to using one")
+    config = DeviceConfig(
         name=values["name"], backend=values["backend"], backend_config=dict(values["backend_config"]),
         transport=values["transport"], queue_size=values["queue_size"], num_queues=values["num_queues"],
-        stop_dialect=StopDialect(values["stop_dialect"]), stop_feature_bit=values["stop_feature_bit"],
-        packed=values["packed"], vmm_features=values["vmm_features"],
+        stop_dialect=dialect, stop_feature_bit=values["stop_feature_bit"],
+        packed=values["packed"], ring_state=values["ring_state"],
+        ring_state_feature_bit=values["ring_state_feature_bit"], vmm_features=values["vmm_features"],
         reconnect=ReconnectPolicy.parse(values["reconnect"], f"{path}.reconnect"), peer=values["peer"],
         admin_members=_admin_members(values["admin_members"], f"{path}.admin_members"))
+    try:
+        config.dialect_spec()
+    except ConfigError as exc:
+        raise ConfigError(f"{path}.{exc.key.removeprefix('device.')}", exc.message) from None
+    return config
 
 
 def _peers(tables: list[Any], devices: list[DeviceConfig]) -> tuple[PeerConfig, ...]:

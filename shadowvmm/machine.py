@@ -16,7 +16,7 @@ from .errors import ArgumentError
 from .guest.driver import GuestDevice
 from .guest.transport import GuestTransport, MmioGuestTransport, PciGuestTransport
 from .memory import GuestAllocator, GuestMemory
-from .shadow import DialectSpec, FeaturePolicy
+from .shadow import FeaturePolicy
 from .timeline import Tap, Timeline
 from .transport.mmio import MmioTransport
 from .transport.pci import PciTransport
@@ -68,7 +68,7 @@ class Machine:
         owner = bool(config.admin_members)
         # VIRTIO_F_ADMIN_VQ is the VMM's: the admin queue never reaches the owner's backend.
         admin_bit = int(Feature.ADMIN_VQ) if owner else 0
-        policy = FeaturePolicy(DialectSpec.make(config.stop_dialect, config.stop_feature_bit),
+        policy = FeaturePolicy(config.dialect_spec(),
                                vmm_emulated=base.vmm_emulated | config.vmm_features | admin_bit)
         device = VirtioDevice(backend, self.memory, name=config.name, num_queues=config.num_queues,
                               queue_size=config.queue_size, policy=policy,

@@ -45,28 +45,53 @@ class StopDialect(enum.Enum):
     STOP = "stop"        #: 2021 STOP proposal: status 0x20, feature bit configurable
 
 
-#: Bits the 2021 STOP dialect may use without colliding with published ones
-#: (virtio 1.4 §6: 44-49 are reserved for future use).
+#: Bits the 2021 STOP dialect (and its VIRTIO_F_RING_STATE companion) may use without colliding
+#: with published ones. virtio 1.4 §6 reserves 44-49 "for future use": a future spec may assign
+#: them, so a config must name the bit it takes (see :mod:`shadowvmm.config`).
 STOP_FEATURE_BITS = range(44, 50)
+
+#: What a ring-state register reads while the device is not stopped (docs/nested.md): never a
+#: valid state, since a packed state's index fields (bits 0-14, 16-30) would be 0x7FFF, above any
+#: queue size (at most 0x8000 entries, v1.4 §2.8), and a split state has bits 16-31 clear.
+RING_STATE_RUNNING_VALUE = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
 class DialectSpec:
-    """The feature bit and status bit a stop dialect exposes."""
+    """The feature bit and status bit a stop dialect exposes.
+
+    ``ring_state`` is the VIRTIO_F_RING_STATE mask (2021 proposal, shadowvmm-private bit): the
+    per-queue ring-state registers; only with the STOP dialect. The VMM owns both bits.
+    """
 
     dialect: StopDialect
     feature: int = 0
     status: int = 0
+    ring_state: int = 0
 
     @classmethod
-    def make(cls, dialect: StopDialect, stop_feature_bit: int = 44) -> DialectSpec:
+    def make(cls, dialect: StopDialect, stop_feature_bit: int = 44, *, ring_state: bool = False,
+             ring_state_feature_bit: int | None = None) -> DialectSpec:
+        """The spec of *dialect*; ConfigError (keys ``device.*``) for bits that cannot be used."""
+        if ring_state and dialect is not StopDialect.STOP:
+            raise ConfigError("device.ring_state",
+                              f'needs stop_dialect = "stop" (the ring-state registers are read while the '
+                              f'guest has the device stopped), got "{dialect.value}"')
         if dialect is StopDialect.SUSPEND:
             return cls(dialect, int(Feature.SUSPEND), int(Status.SUSPEND))
         if dialect is StopDialect.STOP:
             if stop_feature_bit not in STOP_FEATURE_BITS:
                 raise ConfigError("device.stop_feature_bit",
                                   f"{stop_feature_bit} collides with a published bit; use 44..49")
-            return cls(dialect, 1 << stop_feature_bit, int(Status.STOP))
+            ring = 0
+            if ring_state:
+                bit = stop_feature_bit + 1 if ring_state_feature_bit is None else ring_state_feature_bit
+                if bit not in STOP_FEATURE_BITS or bit == stop_feature_bit:
+                    raise ConfigError("device.ring_state_feature_bit",
+                                      f"{bit} is not usable: give a bit in 44..49 other than stop_feature_bit "
+                                      f"{stop_feature_bit} (default: stop_feature_bit + 1)")
+                ring = 1 << bit
+            return cls(dialect, 1 << stop_feature_bit, int(Status.STOP), ring)
         return cls(dialect)
 
 
@@ -86,7 +111,7 @@ class FeaturePolicy:
     @property
     def vmm_owned(self) -> int:
         """Bits emulated by the VMM and never forwarded to the backend."""
-        return self.dialect.feature | self.vmm_emulated
+        return self.dialect.feature | self.dialect.ring_state | self.vmm_emulated
 
     def offer(self, backend_features: int) -> int:
         """Features offered to the guest for a backend offering *backend_features*."""
@@ -119,6 +144,10 @@ class GuestFault(enum.Enum):
     NOTIFY_INVALID = "notification for a queue that is not enabled"
     CONFIG_RANGE = "device config access out of range"
     CONFIG_WHILE_STOPPED = "device config written while suspended or stopped (v1.4 §3.4)"
+    RING_STATE_NOT_NEGOTIATED = "ring-state register accessed without VIRTIO_F_RING_STATE negotiated"
+    RING_STATE_RUNNING = "ring-state register read while the device is not stopped"
+    RING_STATE_WRITE_TIME = "ring-state register written outside FEATURES_OK..DRIVER_OK"
+    RING_STATE_INVALID = "ring-state value invalid for the queue (split: above 16 bits; packed: idx >= size)"
 
 
 class FaultCounter:

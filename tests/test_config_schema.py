@@ -366,7 +366,8 @@ def test_plugin_schemas() -> None:
     assert list(BlkModel.OPTIONS.options) == ["image", "size", "queues", "read_only", "serial"]
     assert not RngModel.OPTIONS.options
     assert list(VhostUserBackend.OPTIONS.options) == ["socket", "device", "timeout", "queues", "config_size",
-                                                      "protocol_features", "busy_poll_us"]
+                                                      "protocol_features", "busy_poll_us",
+                                                      "ring_disable"]
     assert list(VdpaBackend.OPTIONS.options) == ["path", "device", "backend_features", "asid"]
 
 
@@ -447,6 +448,7 @@ def test_blk_model_validates_on_its_own() -> None:
     (VhostUserBackend, {"socket": "/x", "device": "blk", "queues": 1025}, "queues"),
     (VhostUserBackend, {"socket": "/x", "device": "blk", "protocol_features": -1}, "protocol_features"),
     (VhostUserBackend, {"socket": "/x", "device": "blk", "busy_poll_us": 2.5}, "busy_poll_us"),
+    (VhostUserBackend, {"socket": "/x", "device": "blk", "ring_disable": "sometimes"}, "ring_disable"),
     (VdpaBackend, {"path": "/dev/vhost-vdpa-0", "device": "blk", "assid": 0}, "assid"),
     (VdpaBackend, {"path": "/dev/vhost-vdpa-0", "device": "blk", "asid": -1}, "asid"),
     (VdpaBackend, {"path": "/dev/vhost-vdpa-0", "device": "blk", "backend_features": "all"}, "backend_features"),

@@ -106,7 +106,11 @@ def test_cli_list_and_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[st
     path = tmp_path / "stop.toml"
     path.write_text('[[device]]\nname = "b"\nbackend = "inproc"\nstop_dialect = "stop"\n'
                     '[device.backend_config]\ndevice = "blk"\n')
-    assert main(["scenario", "2.2", "--config", str(path)]) == 2
+    assert main(["scenario", "2.2", "--config", str(path)]) == 2       # the STOP bit is an opt-in
+    assert "stop_feature_bit" in capsys.readouterr().err
+    path.write_text('[[device]]\nname = "b"\nbackend = "inproc"\nstop_dialect = "stop"\nstop_feature_bit = 44\n'
+                    '[device.backend_config]\ndevice = "blk"\n')
+    assert main(["scenario", "2.2", "--config", str(path)]) == 2       # STOP is cleared by reset only
     assert "SUSPEND" in capsys.readouterr().err.upper()
 
 

@@ -179,7 +179,8 @@ async def test_capability_list(rig):
         CapType.COMMON, CapType.NOTIFY, CapType.ISR, CapType.DEVICE, CapType.PCI_CFG]
     common, notify, isr = vendor[CapType.COMMON], vendor[CapType.NOTIFY], vendor[CapType.ISR]
     device, pci_cfg = vendor[CapType.DEVICE], vendor[CapType.PCI_CFG]
-    assert (common["bar"], common["offset"], common["length"], common["len"]) == (4, 0x0000, 0x40, 16)
+    # 0x40 bytes of v1.3+ common cfg plus the le32 queue_ring_state at 0x40 (docs/nested.md)
+    assert (common["bar"], common["offset"], common["length"], common["len"]) == (4, 0x0000, 0x44, 16)
     assert (notify["bar"], notify["offset"], notify["len"]) == (4, 0x3000, 20)
     assert notify["multiplier"] == 4
     assert notify["length"] >= (NUM_QUEUES - 1) * notify["multiplier"] + 2
@@ -196,7 +197,7 @@ async def test_capability_list(rig):
         assert rig.r(Q_NOFF, 2) * notify["multiplier"] + 2 <= notify["length"]
     # a guest driver's capability walk finds the same structures
     gt = rig.m.guest_transport("blk0")
-    assert gt.caps[CapType.COMMON] == (4, 0x0000, 0x40)
+    assert gt.caps[CapType.COMMON] == (4, 0x0000, 0x44)
     assert gt.caps[CapType.NOTIFY] == (4, 0x3000, notify["length"])
     assert gt.caps[CapType.ISR] == (4, 0x1000, 1)
     assert gt.caps[CapType.DEVICE] == (4, 0x2000, 60)
@@ -482,8 +483,8 @@ async def test_queue_reset_reads_back_registers_of_right_queue(rig):
 
 async def test_unknown_offsets(rig):
     with faults(rig.dev, {GuestFault.UNKNOWN_OFFSET: 7}):
-        assert rig.r(0x40, 4) == 0                      # past the end of common cfg
-        rig.w(0x40, 4, 1)
+        assert rig.r(0x44, 4) == 0                      # past the end of common cfg
+        rig.w(0x44, 4, 1)
         assert rig.r(0x02, 2) == 0                      # inside device_feature_select
         rig.w(0x13, 1, 1)                               # inside num_queues
         assert rig.t.read(Space.BAR, 0x6000, 4) == 0    # past the MSI-X PBA

@@ -70,6 +70,8 @@ class QueueRegs:
     driver: int = 0
     device: int = 0
     resetting: bool = False
+    #: Ring state the driver wrote (VIRTIO_F_RING_STATE, vhost base encoding): the ring starts there.
+    ring_base: int | None = None
 
     def __post_init__(self) -> None:
         self.size = self.max_size
@@ -81,6 +83,7 @@ class QueueRegs:
         self.enabled = False
         self.desc = self.driver = self.device = 0
         self.resetting = False
+        self.ring_base = None
 
     @property
     def set_up(self) -> bool:

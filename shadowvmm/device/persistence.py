@@ -60,7 +60,7 @@ class PersistenceMixin(SequencerMixin):
         image = transport.save_state() if transport is not None else TransportImage("none")
         shadow = self.shadow
         queues = tuple(QueueState(q.index, q.size, q.enabled, q.desc, q.driver, q.device, q.msix_vector,
-                                  q.max_size) for q in self.queues)
+                                  q.max_size, q.ring_base) for q in self.queues)
         regs = TransportState(
             image.kind, shadow.guest_status, shadow.dialect_negotiated, shadow.guest_stop_requested,
             shadow.guest_stopped, self.device_features, self.driver_features, self.device_feature_select,
@@ -163,6 +163,7 @@ class PersistenceMixin(SequencerMixin):
             q.size, q.enabled, q.msix_vector = saved.size, saved.enabled, saved.msix_vector
             q.desc, q.driver, q.device = saved.desc, saved.driver, saved.device
             q.resetting = False
+            q.ring_base = saved.ring_base
         self.ring_states = state.ring_states()
         assert self.interrupts is not None
         self.interrupts.msix_enabled = regs.msix_enabled

@@ -13,10 +13,10 @@ from __future__ import annotations
 import logging
 import os
 
-from ..backends.base import Capability
+from ..backends.base import Capability, RingState
 from ..errors import GuestMemoryError, RingError
 from ..lifecycle import DeviceEventKind, LinkState
-from ..shadow import GuestFault, GuestStatusAction, RunState
+from ..shadow import RING_STATE_RUNNING_VALUE, GuestFault, GuestStatusAction, RunState
 from ..timeline import EventKind
 from ..virtio.constants import NO_VECTOR, Feature, Status
 from ..virtio.packed import PackedLayout
@@ -181,6 +181,9 @@ class RegistersMixin(WorkerMixin):
             self.faults(GuestFault.QUEUE_SIZE, f"queue {q.index} size {value}")
             return
         q.size = value
+        if q.ring_base is not None and not self._ring_state_fits(q, q.ring_base):
+            self.faults(GuestFault.RING_STATE_INVALID, f"queue {q.index}: size {value} drops state {q.ring_base:#x}")
+            q.ring_base = None
 
     def write_queue_addr(self, field_name: str, value: int, high: bool) -> None:
         q = self._writable_queue()
@@ -252,6 +255,67 @@ class RegistersMixin(WorkerMixin):
         """Stop one queue and return its registers to defaults (also MMIO QueueReady=0)."""
         q.resetting = True
         self._submit(Op(OpKind.QUEUE_RESET, (q.index,)))
+
+    # ------------------------------------------------------------------ ring state (docs/nested.md)
+
+    def _ring_state_queue(self) -> QueueRegs | None:
+        """The selected queue if VIRTIO_F_RING_STATE is negotiated; else count why not."""
+        ring_state = self.policy.dialect.ring_state
+        if not (ring_state and self.negotiated(ring_state)):
+            self.faults(GuestFault.RING_STATE_NOT_NEGOTIATED, f"queue_select {self.queue_select}")
+            return None
+        q = self.selected_queue()
+        if q is None:
+            self.faults(GuestFault.QUEUE_SELECT, f"ring state of {self.queue_select}")
+        return q
+
+    def read_ring_state(self) -> int:
+        """The selected queue's state in the vhost base encoding while the guest's STOP is complete:
+        the state captured at the stop, else the one the ring would start from."""
+        q = self._ring_state_queue()
+        if q is None:
+            return 0
+        if not self.shadow.guest_stopped:
+            self.faults(GuestFault.RING_STATE_RUNNING, f"queue {q.index}")
+            return RING_STATE_RUNNING_VALUE
+        state = self.ring_states.get(q.index)
+        return state.base if state is not None else self._saved_base(q.index)
+
+    def write_ring_state(self, value: int) -> None:
+        """Between FEATURES_OK and DRIVER_OK: the selected queue's ring starts from *value*."""
+        q = self._ring_state_queue()
+        if q is None:
+            return
+        status = self.shadow.guest_status
+        if not status & Status.FEATURES_OK or status & Status.DRIVER_OK or self.shadow.guest_stopped:
+            self.faults(GuestFault.RING_STATE_WRITE_TIME, f"queue {q.index} status {status:#x}")
+            return
+        if not self._ring_state_fits(q, value):
+            self.faults(GuestFault.RING_STATE_INVALID, f"queue {q.index} size {q.size} state {value:#x}")
+            return
+        q.ring_base = value
+
+    def _saved_base(self, index: int) -> int:
+        """Ring base for SET_VRING_BASE: the captured state, else the one the driver wrote
+        (VIRTIO_F_RING_STATE), else a fresh ring's.
+
+        A fresh packed ring starts with both wrap counters at 1 (v1.4 §2.8.1).
+        """
+        state = self.ring_states.get(index)
+        if state is not None:
+            return state.base
+        written = self.queues[index].ring_base
+        if written is not None:
+            return written
+        if self.driver_features & Feature.RING_PACKED:
+            return RingState.packed(index, 0, True, 0, True).base
+        return 0
+
+    def _ring_state_fits(self, q: QueueRegs, value: int) -> bool:
+        """Split: a 16-bit avail idx; packed: both 15-bit idx fields below the queue size."""
+        if not self.driver_features & Feature.RING_PACKED:
+            return 0 <= value <= 0xFFFF
+        return (value & 0x7FFF) < q.size and (value >> 16 & 0x7FFF) < q.size
 
     def interrupt_routing_changed(self) -> None:
         """MSI-X was enabled or disabled: rewire every queue's call fd."""

@@ -289,18 +289,6 @@ class SequencerMixin(LinkMixin):
             if q.set_up:
                 await self.backend.set_vring_enable(q.index, self._queue_active(q))
 
-    def _saved_base(self, index: int) -> int:
-        """Ring base for SET_VRING_BASE: the captured state, else a fresh ring's.
-
-        A fresh packed ring starts with both wrap counters at 1 (v1.4 §2.8.1).
-        """
-        state = self.ring_states.get(index)
-        if state is not None:
-            return state.base
-        if self.driver_features & Feature.RING_PACKED:
-            return RingState.packed(index, 0, True, 0, True).base
-        return 0
-
     def _backend_status(self) -> int:
         status = self.shadow.guest_status & ~int(Status.SUSPEND | Status.STOP | Status.NEEDS_RESET)
         if self.shadow.guest_stopped:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from itertools import islice
 from typing import cast
@@ -22,7 +22,8 @@ from typing import cast
 from ..errors import BlkIOError, DeviceStateError, RingError
 from ..memory import DirtyLog, GuestMemory
 from ..virtio.constants import BLK_ID_BYTES, BLK_SECTOR_SIZE, BlkFeature, BlkRequestType, BlkStatus, Feature
-from ..virtio.split import DescFlags, SplitDriverQueue
+from ..virtio.packed import PackedLayout
+from ..virtio.split import DescFlags, SplitDriverQueue, SplitLayout
 from .driver import GuestDevice, GuestQueue
 
 HEADER = struct.Struct("<IIQ")
@@ -290,9 +291,13 @@ class BlkDriver:
         self._slots: dict[int, list[Slot]] = {}
 
     async def start(self, *, packed: bool = False, queue_size: int = 256,
-                    num_queues: int | None = None, extra_features: int = 0) -> int:
+                    num_queues: int | None = None, extra_features: int = 0,
+                    ring_states: Mapping[int, int] | None = None,
+                    layouts: Mapping[int, SplitLayout | PackedLayout] | None = None) -> int:
+        """Initialise the device (*ring_states*, *layouts*: :meth:`GuestDevice.initialize`)."""
         features = await self.dev.initialize(WANTED | extra_features, packed=packed,
-                                             queue_size=queue_size, num_queues=num_queues)
+                                             queue_size=queue_size, num_queues=num_queues,
+                                             ring_states=ring_states, layouts=layouts)
         self.attach()
         return features
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from ..device import Interrupts
 from ..errors import DeviceStateError, RingError, ShadowVmmError
@@ -18,9 +18,12 @@ from ..memory import GuestAllocator, GuestMemory
 from ..virtio.constants import NO_VECTOR, Feature, Status
 from ..virtio.packed import PackedDriverQueue, PackedLayout
 from ..virtio.split import SplitDriverQueue, SplitLayout
+from ..virtio.vring import RingState
 from .transport import GuestTransport, MmioGuestTransport, PciGuestTransport
 
 RESET_TIMEOUT = 5.0
+#: How long :meth:`GuestDevice.stop_device` waits for the device to show STOP.
+STOP_TIMEOUT = 5.0
 #: virtio-mmio QueueSel and QueueReset (v1.4 §4.2.2).
 _MMIO_QUEUE_SEL, _MMIO_QUEUE_RESET = 0x030, 0x0C0
 
@@ -193,8 +196,17 @@ class GuestDevice:
         self.alloc.free_all()
 
     async def initialize(self, wanted: int, *, packed: bool = False, queue_size: int = 256,
-                         num_queues: int | None = None, set_driver_ok: bool = True) -> int:
-        """The driver initialisation sequence (v1.4 §3.1.1). Returns the negotiated features."""
+                         num_queues: int | None = None, set_driver_ok: bool = True,
+                         ring_states: Mapping[int, int] | None = None,
+                         layouts: Mapping[int, SplitLayout | PackedLayout] | None = None) -> int:
+        """The driver initialisation sequence (v1.4 §3.1.1). Returns the negotiated features.
+
+        *ring_states* re-creates a device from captured state (VIRTIO_F_RING_STATE, which
+        *wanted* must include; docs/nested.md): each listed queue's state is written to its
+        ring-state register before it is enabled and DRIVER_OK, and this driver's ring starts
+        there too. *layouts* gives a listed queue the ring memory it had (a stopped device's
+        drained ring, kept as it is) instead of a fresh one; its size is the layout's.
+        """
         t = self.transport
         await self.reset()
         t.set_status(Status.ACKNOWLEDGE)
@@ -216,12 +228,39 @@ class GuestDevice:
         count = t.num_queues() if num_queues is None else num_queues
         self._start_interrupts()
         t.set_config_vector(0)
+        states, kept = ring_states or {}, layouts or {}
         for index in range(count):
-            self.queues.append(self._setup_queue(index, queue_size))
+            state = states.get(index)
+            self.queues.append(self._setup_queue(index, queue_size, state=state, layout=kept.get(index)))
         if set_driver_ok:
             self.driver_ok()
             await self.started()
         return accepted
+
+    async def stop_device(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Write STOP (2021 dialect, 0x20) and poll the status until the device shows it.
+
+        The device finishes what it took from the rings first; afterwards the ring states are
+        readable (:meth:`read_ring_states`). STOP is left only by a reset.
+        """
+        t = self.transport
+        t.set_status(self.status() | Status.STOP)
+        deadline = self.loop.time() + timeout
+        while not (status := self.status()) & Status.STOP:
+            if status & Status.NEEDS_RESET:
+                raise DeviceStateError("device failed while stopping: it set DEVICE_NEEDS_RESET")
+            if self.loop.time() > deadline:
+                raise DeviceStateError(f"device did not show STOP within {timeout:g} s (status {status:#x})")
+            await asyncio.sleep(0.0005)
+
+    def read_ring_states(self) -> dict[int, int]:
+        """Every set-up queue's ring state (vhost base encoding) from its ring-state register;
+        valid once :meth:`stop_device` returned (a running device reads 0xFFFFFFFF)."""
+        return {queue.index: self.transport.ring_state(queue.index) for queue in self.queues}
+
+    def ring_layouts(self) -> dict[int, SplitLayout | PackedLayout]:
+        """Where each set-up queue's ring lies (for :meth:`initialize` ``layouts=``)."""
+        return {queue.index: queue.ring.layout for queue in self.queues}
 
     def driver_ok(self) -> None:
         """Set DRIVER_OK; the device starts its backend asynchronously (see :meth:`started`)."""
@@ -300,30 +339,46 @@ class GuestDevice:
             return bool(t.t.read(_MMIO_QUEUE_RESET, 4))
         raise DeviceStateError(f"{type(t).__name__} cannot read back a queue reset")
 
-    def _setup_queue(self, index: int, wanted_size: int) -> GuestQueue:
+    def _setup_queue(self, index: int, wanted_size: int, *, state: int | None = None,
+                     layout: SplitLayout | PackedLayout | None = None) -> GuestQueue:
+        """Set queue *index* up and enable it; *state* / *layout*: see :meth:`initialize`."""
         t = self.transport
         max_size = t.queue_max_size(index)
         if max_size == 0:
             raise DeviceStateError(f"queue {index} is not available")
-        size = min(max_size, wanted_size)
+        if layout is not None and state is None:
+            raise DeviceStateError(f"queue {index}: a kept ring needs the state it stopped at")
+        size = min(max_size, wanted_size) if layout is None else layout.size
+        packed = bool(self.features & Feature.RING_PACKED)
+        kept = layout is not None
+        layout = layout if layout is not None else self._new_layout(index, size, packed)
+        ring_state = None if state is None else RingState(index, state)
         event_idx = bool(self.features & Feature.EVENT_IDX)
-        alloc = self.alloc.alloc
-        layout: PackedLayout | SplitLayout
         ring: PackedDriverQueue | SplitDriverQueue
-        if self.features & Feature.RING_PACKED:
-            d, a, u = PackedLayout.area_sizes(size)
-            packed = PackedLayout(size, alloc(d, 16, queue=index), alloc(a, 4, queue=index),
-                                  alloc(u, 4, queue=index))
-            layout, ring = packed, PackedDriverQueue(self.memory, packed, event_idx=event_idx)
+        if isinstance(layout, PackedLayout) and packed:
+            ring = PackedDriverQueue(self.memory, layout, event_idx=event_idx, state=ring_state, adopt=kept)
+        elif isinstance(layout, SplitLayout) and not packed:
+            ring = SplitDriverQueue(self.memory, layout, event_idx=event_idx, state=ring_state, adopt=kept)
         else:
-            d, a, u = SplitLayout.area_sizes(size)
-            split = SplitLayout(size, alloc(d, 16, queue=index), alloc(a, 2, queue=index),
-                                alloc(u, 4, queue=index))
-            layout, ring = split, SplitDriverQueue(self.memory, split, event_idx=event_idx)
+            raise DeviceStateError(f"queue {index}: a {type(layout).__name__} for a "
+                                   f"{'packed' if packed else 'split'} device")
         vector = index + 1 if t.uses_msix and index + 1 < self.interrupts.vectors else NO_VECTOR
         t.setup_queue(index, size, layout.desc, layout.driver, layout.device, vector)
+        if state is not None:
+            t.set_ring_state(index, state)
         t.enable_queue(index)
         return GuestQueue(self, index, ring, vector)
+
+    def _new_layout(self, index: int, size: int, packed: bool) -> SplitLayout | PackedLayout:
+        """Fresh ring memory for queue *index*, owned by it in the arena."""
+        alloc = self.alloc.alloc
+        if packed:
+            d, a, u = PackedLayout.area_sizes(size)
+            return PackedLayout(size, alloc(d, 16, queue=index), alloc(a, 4, queue=index),
+                                alloc(u, 4, queue=index))
+        d, a, u = SplitLayout.area_sizes(size)
+        return SplitLayout(size, alloc(d, 16, queue=index), alloc(a, 2, queue=index),
+                           alloc(u, 4, queue=index))
 
     def rebind(self, transport: GuestTransport, interrupts: Interrupts, *,
                settle: Callable[[], Awaitable[None]] | None = None) -> None:

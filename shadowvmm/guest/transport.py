@@ -15,6 +15,7 @@ from typing import Protocol
 
 from ..errors import ArgumentError
 from ..timeline import EventKind, Tap
+from ..transport.mmio import QUEUE_RING_STATE as MMIO_RING_STATE
 from ..transport.mmio import MmioTransport
 from ..transport.pci import (
     BAR_INDEX,
@@ -22,6 +23,7 @@ from ..transport.pci import (
     MSIX_CTRL_ENABLE,
     PCI_CAP_ID_MSIX,
     PCI_CAP_ID_VNDR,
+    QUEUE_RING_STATE,
     CapType,
     PciTransport,
     Space,
@@ -69,6 +71,8 @@ class GuestTransport(Protocol):
                     vector: int) -> None: ...
     def enable_queue(self, index: int) -> None: ...
     def reset_queue(self, index: int) -> None: ...
+    def ring_state(self, index: int) -> int: ...
+    def set_ring_state(self, index: int, value: int) -> None: ...
     def notify(self, index: int) -> None: ...
     def config_generation(self) -> int: ...
     def read_config(self, offset: int, width: int) -> int: ...
@@ -198,6 +202,15 @@ class PciGuestTransport:
         self._w(0x16, 2, index)
         return bool(self._r(0x3A, 2))
 
+    def ring_state(self, index: int) -> int:
+        """queue_ring_state (VIRTIO_F_RING_STATE, docs/nested.md): the vhost base encoding."""
+        self._w(0x16, 2, index)
+        return self._r(QUEUE_RING_STATE, 4)
+
+    def set_ring_state(self, index: int, value: int) -> None:
+        self._w(0x16, 2, index)
+        self._w(QUEUE_RING_STATE, 4, value)
+
     def notify(self, index: int) -> None:
         self.t.write(Space.BAR, self.notify_base + self._notify_offs[index], 2, index)
 
@@ -275,6 +288,15 @@ class MmioGuestTransport:
     def reset_queue(self, index: int) -> None:
         self.t.write(0x030, 4, index)
         self.t.write(0x0C0, 4, 1)
+
+    def ring_state(self, index: int) -> int:
+        """QueueRingState (VIRTIO_F_RING_STATE, docs/nested.md): the vhost base encoding."""
+        self.t.write(0x030, 4, index)
+        return self.t.read(MMIO_RING_STATE, 4)
+
+    def set_ring_state(self, index: int, value: int) -> None:
+        self.t.write(0x030, 4, index)
+        self.t.write(MMIO_RING_STATE, 4, value)
 
     def notify(self, index: int) -> None:
         self.t.write(0x050, 4, index)

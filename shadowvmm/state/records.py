@@ -32,11 +32,15 @@ class QueueState(Section):
     device: int
     msix_vector: int
     max_size: int = 0
+    #: The ring state the driver wrote (VIRTIO_F_RING_STATE, vhost base encoding); None: none
+    #: written (and what a state written before this field existed means).
+    ring_base: int | None = None
 
     SCHEMA: ClassVar = (
         FieldSpec("index", int), FieldSpec("size", int), FieldSpec("enabled", bool),
         FieldSpec("desc", int), FieldSpec("driver", int), FieldSpec("device", int),
         FieldSpec("msix_vector", int), FieldSpec("max_size", int, required=False, default=0),
+        FieldSpec("ring_base", int, required=False, default=None, optional=True),
     )
 
     def validate(self) -> None:
@@ -46,6 +50,20 @@ class QueueState(Section):
         check_range(f"queue {self.index}.msix_vector", self.msix_vector, 0, 0xFFFF)
         for name in ("desc", "driver", "device"):
             check_range(f"queue {self.index}.{name}", getattr(self, name), 0, (1 << 64) - 1)
+        if self.ring_base is not None:
+            check_range(f"queue {self.index}.ring_base", self.ring_base, 0, 0xFFFFFFFF)
+
+    def check_ring_base(self, packed: bool) -> None:
+        """A written ring state fits the ring: split 16 bits, packed idx fields below the size."""
+        base = self.ring_base
+        if base is None:
+            return
+        if packed and not ((base & 0x7FFF) < self.size and (base >> 16 & 0x7FFF) < self.size):
+            raise StateFormatError(f"queue {self.index}.ring_base: {base:#x} has an index beyond the "
+                                   f"{self.size}-entry packed ring")
+        if not packed and base > 0xFFFF:
+            raise StateFormatError(f"queue {self.index}.ring_base: {base:#x} is wider than a split ring's "
+                                   "16-bit avail index")
 
     def layout(self, packed: bool) -> SplitLayout | PackedLayout:
         """The ring's placement (v1.4 §2.7 split, §2.8 packed)."""
@@ -126,6 +144,7 @@ class TransportState(Section):
         for q in self.queues:
             if q.enabled:
                 q.check_ring(self.packed)
+            q.check_ring_base(self.packed)
         if self.kind == "pci" and self.pci_config_space is None:
             raise StateFormatError("transport: a PCI transport state needs pci_config_space")
 

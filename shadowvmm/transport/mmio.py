@@ -20,6 +20,7 @@ VERSION = 2
 VENDOR_ID = 0x554D4551      #: "QEMU", as QEMU's virtio-mmio reports
 CONFIG_OFF = 0x100
 REGION_SIZE = 0x200
+QUEUE_RING_STATE = 0x0C4    #: shadowvmm's QueueRingState (VIRTIO_F_RING_STATE, docs/nested.md)
 
 
 class MmioTransport:
@@ -91,6 +92,7 @@ class MmioTransport:
             Register(0x0B8, 4, "SHMBaseLow", R, lambda: 0xFFFFFFFF),
             Register(0x0BC, 4, "SHMBaseHigh", R, lambda: 0xFFFFFFFF),
             Register(0x0C0, 4, "QueueReset", RW, qget("resetting"), d.write_queue_reset),
+            Register(QUEUE_RING_STATE, 4, "QueueRingState", RW, d.read_ring_state, d.write_ring_state),
             Register(0x0FC, 4, "ConfigGeneration", R, lambda: d.config_generation),
         ]
         for base, name in ((0x080, "Desc"), (0x090, "Driver"), (0x0A0, "Device")):

@@ -39,7 +39,10 @@ COMMON_OFF, ISR_OFF, DEVICE_OFF, NOTIFY_OFF, MSIX_TABLE_OFF, MSIX_PBA_OFF = (
     0x0000, 0x1000, 0x2000, 0x3000, 0x4000, 0x5000)
 REGION_SIZE = 0x1000
 NOTIFY_MULTIPLIER = 4
-COMMON_CFG_SIZE = 0x40             #: v1.3+ structure size (ends after admin_queue_num)
+#: v1.3+ structure (ends after admin_queue_num at 0x3E) plus shadowvmm's le32 queue_ring_state at
+#: 0x40 (VIRTIO_F_RING_STATE, docs/nested.md), always covered: without the feature it reads 0.
+COMMON_CFG_SIZE = 0x44
+QUEUE_RING_STATE = 0x40
 CONFIG_SPACE_SIZE = 256
 
 
@@ -153,6 +156,7 @@ class PciTransport:
             # The admin queue follows the others (v1.4 §4.1.4.3); num_queues does not count it.
             Register(0x3C, 2, "admin_queue_index", R, lambda: d.num_queues),
             Register(0x3E, 2, "admin_queue_num", R, lambda: int(d.admin_queue is not None)),
+            Register(QUEUE_RING_STATE, 4, "queue_ring_state", RW, d.read_ring_state, d.write_ring_state),
         ]
         for base, name in ((0x20, "desc"), (0x28, "driver"), (0x30, "device")):
             regs.append(Register(base, 4, f"queue_{name}_lo", RW, addr(name, False),

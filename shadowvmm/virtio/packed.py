@@ -366,19 +366,32 @@ class PackedDeviceQueue:
 class PackedDriverQueue:
     """Driver side of a packed ring, as a guest driver runs it (v1.4 §2.8.21-22)."""
 
-    def __init__(self, memory: GuestMemory, layout: PackedLayout, *,
-                 event_idx: bool = False) -> None:
-        layout.initialize(memory)
+    def __init__(self, memory: GuestMemory, layout: PackedLayout, *, event_idx: bool = False,
+                 state: RingState | None = None, adopt: bool = False) -> None:
+        """*state* (vhost base encoding: avail idx + wrap, used idx + wrap) starts the ring there
+        instead of at slot 0 of lap 1; nothing may be in flight in it (avail = used position).
+        With *adopt* the descriptor areas already hold the ring that state was read from and are
+        kept; without it they are cleared (a cleared slot is never available, v1.4 §2.8.1)."""
+        avail_idx, avail_wrap, used_idx, used_wrap = 0, True, 0, True
+        if state is not None:
+            avail_idx, avail_wrap, used_idx, used_wrap = state.unpack_packed()
+            if avail_idx >= layout.size or (avail_idx, avail_wrap) != (used_idx, used_wrap):
+                raise RingError(f"ring state {state.base:#x}: not a drained ring of size {layout.size}")
+        if adopt:
+            layout.validate()
+            layout.check_memory(memory)
+        else:
+            layout.initialize(memory)
         self.memory = memory
         self.layout = layout
         self.size = layout.size
         self.event_idx = event_idx
         self.free_ids = list(range(self.size - 1, -1, -1))
         self.free_slots = self.size
-        self.next_avail = 0
-        self.avail_wrap = True
-        self.next_used = 0
-        self.used_wrap = True
+        self.next_avail = avail_idx
+        self.avail_wrap = avail_wrap
+        self.next_used = used_idx
+        self.used_wrap = used_wrap
         self._added = 0
         self._interrupts = True
         self.tokens: dict[int, object] = {}

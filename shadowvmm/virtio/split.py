@@ -19,6 +19,7 @@ from typing import ClassVar
 from ..errors import RingError
 from ..memory import GuestMemory
 from .constants import MAX_QUEUE_SIZE
+from .vring import RingState
 
 DESC = struct.Struct("<QIHH")        #: virtq_desc: addr, len, flags, next (v1.4 §2.7.5)
 USED_ELEM = struct.Struct("<II")     #: virtq_used_elem: id, len (v1.4 §2.7.8)
@@ -357,17 +358,37 @@ class SplitDriverQueue:
     index stores); guest writes are still marked in the dirty log.
     """
 
-    def __init__(self, memory: GuestMemory, layout: SplitLayout, *, event_idx: bool = False) -> None:
-        layout.initialize(memory)
+    def __init__(self, memory: GuestMemory, layout: SplitLayout, *, event_idx: bool = False,
+                 state: RingState | None = None, adopt: bool = False) -> None:
+        """*state* (vhost base encoding: the next avail idx) starts the ring there instead of at 0.
+        With *adopt* the areas already hold the ring that state was read from (a stopped device's,
+        every request used): they are kept, and must agree. Without it they are cleared and, for a
+        *state*, both idx fields set to it before the device sees the ring."""
+        start = 0 if state is None else state.base & 0xFFFF
+        if adopt:
+            layout.validate()
+            layout.check_memory(memory)
+            avail, used = memory.load_u16(layout.avail + 2), memory.load_u16(layout.used + 2)
+            if avail != start or used != start:
+                raise RingError(f"ring at {layout.desc:#x} has avail idx {avail}, used idx {used}: not a "
+                                f"drained ring stopped at {start}")
+        else:
+            layout.initialize(memory)
+            if start:
+                # idx and the EVENT_IDX fields (used_event after the avail ring, avail_event after
+                # the used ring, v1.4 §2.7.10) as a ring stopped there would hold them
+                for addr in (layout.avail + 2, layout.used + 2, layout.avail + 4 + 2 * layout.size,
+                             layout.used + 4 + 8 * layout.size):
+                    memory.store_u16(addr, start)
         self.memory = memory
         self.layout = layout
         self.size = layout.size
         self.event_idx = event_idx
         d, a, u = layout.area_sizes(self.size)
         self.free = list(range(self.size - 1, -1, -1))
-        self.avail_idx = 0
-        self.last_used_idx = 0
-        self._kicked_avail = 0
+        self.avail_idx = start
+        self.last_used_idx = start
+        self._kicked_avail = start
         self.tokens: dict[int, object] = {}
         self._chains: dict[int, list[int]] = {}
         self._avail_ring = layout.avail + 4
