@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("shadowvmm.migration",),
     ("shadowvmm.testing",),
     ("shadowvmm.cli", "shadowvmm.__main__"),
-    ("shadowvmm_vhost_user", "shadowvmm_vdpa", "shadowvmm_faulty"),
+    ("shadowvmm_vhost_user", "shadowvmm_vdpa", "shadowvmm_faulty", "shadowvmm_nested"),
 ]
 
 

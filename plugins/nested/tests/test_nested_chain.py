@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from chain import L2_BASE, L2_SIZE, LIVE, MiB, nested_chain
+from l1chain import L2_BASE, L2_SIZE, LIVE, MiB, nested_chain
 
 from shadowvmm.backends.base import Capability, check_backend, load_backend
 from shadowvmm.backends.inproc import InProcBackend

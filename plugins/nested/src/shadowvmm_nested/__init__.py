@@ -7,9 +7,9 @@ from __future__ import annotations
 from .backend import L1Backend, Phase, from_config, iommu_table
 from .lower import Iommu, LowerDevice
 from .move import move_device
-from .stoppath import StopPath, SuspendPath, fresh_base, packed_state, split_state
+from .stoppath import Derived, StopPath, SuspendPath, fresh_base, packed_state, split_state
 
 __all__ = [
-    "Iommu", "L1Backend", "LowerDevice", "Phase", "StopPath", "SuspendPath", "from_config", "fresh_base",
+    "Derived", "Iommu", "L1Backend", "LowerDevice", "Phase", "StopPath", "SuspendPath", "from_config", "fresh_base",
     "iommu_table", "move_device", "packed_state", "split_state",
 ]

@@ -44,7 +44,7 @@ from shadowvmm.backends.base import (
     VringAddr,
 )
 from shadowvmm.device import DmaMapping
-from shadowvmm.errors import ArgumentError, BackendError, DmaSpaceError, UnsupportedError
+from shadowvmm.errors import ArgumentError, BackendError, DmaSpaceError, RefusedError, UnsupportedError
 from shadowvmm.memory import GuestMemory
 from shadowvmm.virtio.constants import NO_VECTOR, Feature, Status
 
@@ -113,6 +113,8 @@ class L1Backend(BackendBase):
         self._irq_fds: list[int] = []
         #: Rings kicked while the lower device was stopped: notified on resume.
         self._pending: set[int] = set()
+        #: Rings whose last state the stop path could not derive exactly.
+        self._inexact: set[int] = set()
         self.kicks = 0
         self.interrupts = 0
 
@@ -241,9 +243,20 @@ class L1Backend(BackendBase):
             await self.suspend()
         if self.phase is not Phase.STOPPED:
             return fresh_base(index, self._packed)
-        state = self.stop_path.ring_state(self.lower, self.memory, ring.addr, ring.num, self._packed)
+        state, exact = self.stop_path.ring_state(self.lower, self.memory, ring.addr, ring.num, self._packed)
+        if exact:
+            self._inexact.discard(index)
+        else:
+            self._inexact.add(index)
         ring.base = state.base
         return state
+
+    def migration_blockers(self) -> list[str]:
+        """Rings whose last state could not be told exactly from guest memory (:func:`packed_state`)."""
+        if not self._inexact:
+            return []
+        return [f"{self.lower.name}: the {self.stop_path.name} path could not tell the position of packed "
+                f"rings {sorted(self._inexact)} (buffers made available the device never observed)"]
 
     async def set_status(self, status: int) -> None:
         if status & Status.DRIVER_OK and self.phase is Phase.FEATURES_OK:
@@ -258,6 +271,7 @@ class L1Backend(BackendBase):
         await self.lower.probe()
         self.rings.clear()
         self._pending.clear()
+        self._inexact.clear()
         self.features = 0
         self.phase = Phase.PROBED
 
@@ -284,11 +298,15 @@ class L1Backend(BackendBase):
         The new device is probed, given the negotiated features and the IOMMU table, its rings
         set at *states* (the stop path's :meth:`~.stoppath.StopPath.restore_bases`, before any
         register of theirs is written) and DRIVER_OK. Any failure leaves the old device in use
-        (still stopped) and the new one reset.
+        (still stopped) and the new one reset, its IOMMU table as it was.
         """
         if self.phase is not Phase.STOPPED or self.memory is None:
             raise BackendError(f"{self.lower.name}: a move needs the device stopped (it is {self.phase.value})")
+        blockers = self.migration_blockers()
+        if blockers:
+            raise RefusedError("; ".join(blockers))
         await lower.probe()
+        table_before = list(iommu.mappings)
         try:
             offered = lower.transport.device_features()
             if (self.features | self.stop_path.feature) & ~offered:
@@ -302,6 +320,7 @@ class L1Backend(BackendBase):
             lower.write_status(_LIVE)
         except BaseException:
             await lower.reset()
+            await iommu.program(table_before)
             raise
         self._unwatch_interrupts()
         old, old_iommu = self.lower, self.iommu

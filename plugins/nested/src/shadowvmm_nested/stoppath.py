@@ -13,13 +13,13 @@ only this interface, so the other two plug in without touching them.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from shadowvmm.backends.base import RingState, VringAddr
 from shadowvmm.errors import RefusedError
 from shadowvmm.memory import GuestMemory
 from shadowvmm.virtio.constants import Feature, Status
-from shadowvmm.virtio.packed import DESC_SIZE, PackedDescFlags
+from shadowvmm.virtio.packed import DESC_SIZE, PackedDescFlags, is_used
 
 from .lower import LowerDevice
 
@@ -43,7 +43,7 @@ class StopPath(Protocol):
         """Continue after :meth:`stop`, rings where they stood."""
 
     def ring_state(self, lower: LowerDevice, memory: GuestMemory, addr: VringAddr, num: int,
-                   packed: bool) -> RingState:
+                   packed: bool) -> Derived:
         """A stopped ring's state in the vhost encoding."""
 
     async def restore_bases(self, lower: LowerDevice, states: Mapping[int, RingState], packed: bool) -> None:
@@ -62,21 +62,40 @@ def split_state(memory: GuestMemory, addr: VringAddr) -> RingState:
     return RingState(addr.index, memory.load_u16(addr.device + 2))
 
 
-def packed_state(memory: GuestMemory, addr: VringAddr, num: int) -> RingState:
-    """A drained packed ring's state from its descriptor flags.
+class Derived(NamedTuple):
+    """A ring state read from guest memory; ``exact`` is False when memory cannot tell it."""
+
+    state: RingState
+    exact: bool = True
+
+
+def packed_state(memory: GuestMemory, addr: VringAddr, num: int) -> Derived:
+    """A drained packed ring's state from its descriptor flags (v1.4 §2.8.1-2.8.2).
 
     Every descriptor the driver wrote in the current lap has AVAIL equal to the lap's wrap
-    counter, whether the device since overwrote it with a used element (AVAIL = USED = wrap)
-    or skipped it as the tail of a chain (AVAIL = wrap, USED = !wrap); the rest of the ring
-    holds the previous lap (or zeroes: AVAIL 0 before the first wrap, v1.4 §2.8.1-2.8.2).
-    The first position whose AVAIL bit differs from position 0's is the next avail position
-    and, all buffers being used, the next used position too, in the same lap.
+    counter (a used element: AVAIL = USED = wrap; an available one or a chain's tail the
+    device skipped: AVAIL = wrap, USED = !wrap); the rest holds the previous lap (or zeroes
+    before the first wrap). The first position whose AVAIL differs from position 0's is the
+    driver's next avail position D. Every buffer the device observed is used, so its next
+    used position follows the last used element and the tail of its chain. When D directly
+    follows a used element (buffers of one descriptor each, e.g. indirect ones, and none
+    published since the stop), the state is exact. When available-looking descriptors sit
+    between the last used element and D, memory cannot tell skipped chain tails from buffers
+    the driver made available that the device never observed (only the driver knows its
+    chains' lengths, and buffer ids are reused): the state assumes tails (D) and is marked
+    inexact, which is conservative (a quiescent driver of multi-descriptor chains is flagged).
     """
-    first = bool(memory.load_u16(addr.desc + _FLAGS_OFF) & _AVAIL)
-    for position in range(1, num):
-        if bool(memory.load_u16(addr.desc + position * DESC_SIZE + _FLAGS_OFF) & _AVAIL) != first:
-            return RingState.packed(addr.index, position, first, position, first)
-    return RingState.packed(addr.index, 0, not first, 0, not first)
+    flags = [memory.load_u16(addr.desc + position * DESC_SIZE + _FLAGS_OFF) for position in range(num)]
+    first = bool(flags[0] & _AVAIL)
+    boundary = next((p for p in range(1, num) if bool(flags[p] & _AVAIL) != first), None)
+    position, wrap = (0, not first) if boundary is None else (boundary, first)
+    ambiguous = 0
+    for back in range(1, num + 1):
+        slot = (position - back) % num
+        if is_used(flags[slot], wrap if slot < position else not wrap):
+            break
+        ambiguous += 1
+    return Derived(RingState.packed(addr.index, position, wrap, position, wrap), exact=ambiguous == 0)
 
 
 class SuspendPath:
@@ -85,7 +104,8 @@ class SuspendPath:
     Stop: set SUSPEND, poll until SUSPEND=1 and DRIVER_OK=0 (the device used every buffer it
     observed and sent the notifications first). Resume: set DRIVER_OK again, poll until
     SUSPEND=0 and DRIVER_OK=1. The ring state is derived from guest memory (split: the used
-    idx; packed: the descriptor flags). virtio 1.4 has no register to set a ring base, so a
+    idx, exact; packed: the descriptor flags, exact unless the driver published buffers the
+    device never observed, see :func:`packed_state`). virtio 1.4 has no register to set a ring base, so a
     fresh device's rings can only start at 0: :meth:`restore_bases` refuses anything else.
     """
 
@@ -101,8 +121,8 @@ class SuspendPath:
         await lower.wait_status(lambda v: bool(v & Status.DRIVER_OK) and not v & Status.SUSPEND, "resume")
 
     def ring_state(self, lower: LowerDevice, memory: GuestMemory, addr: VringAddr, num: int,
-                   packed: bool) -> RingState:
-        return packed_state(memory, addr, num) if packed else split_state(memory, addr)
+                   packed: bool) -> Derived:
+        return packed_state(memory, addr, num) if packed else Derived(split_state(memory, addr))
 
     async def restore_bases(self, lower: LowerDevice, states: Mapping[int, RingState], packed: bool) -> None:
         moved = sorted(index for index, state in states.items() if state != fresh_base(index, packed))
