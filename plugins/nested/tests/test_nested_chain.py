@@ -12,14 +12,17 @@ from shadowvmm.backends.inproc import InProcBackend
 from shadowvmm.device import DmaMap, DmaMapping
 from shadowvmm.errors import ArgumentError, DmaSpaceError
 from shadowvmm.virtio.constants import Status
-from shadowvmm_nested import L1Backend, Phase, from_config
+from shadowvmm_nested import L1Backend, Phase
 
 
-def test_entry_point_and_contract() -> None:
-    assert load_backend("l1") is from_config
+async def test_entry_point_and_contract() -> None:
+    assert load_backend("l1") is L1Backend
     assert check_backend(L1Backend) == []
     with pytest.raises(ArgumentError, match="LowerDevice"):
-        from_config({})
+        L1Backend({})
+    async with nested_chain() as c:     # the entry point's form: one mapping of objects
+        backend = load_backend("l1")({"lower": c.lower, "iommu": c.l0.iommu("vblk0")})
+        assert isinstance(backend, L1Backend) and backend.implementation == "l1-block"
 
 
 @pytest.mark.parametrize("transport,packed", [("pci", False), ("mmio", False), ("pci", True)])

@@ -4,12 +4,12 @@ below, driven through that device's transport (as Linux vp_vdpa in an L1). See
 
 from __future__ import annotations
 
-from .backend import L1Backend, Phase, from_config, iommu_table
+from .backend import L1Backend, Phase, iommu_table
 from .lower import Iommu, LowerDevice
 from .move import move_device
 from .stoppath import Derived, StopPath, SuspendPath, fresh_base, packed_state, split_state
 
 __all__ = [
-    "Derived", "Iommu", "L1Backend", "LowerDevice", "Phase", "StopPath", "SuspendPath", "from_config", "fresh_base",
+    "Derived", "Iommu", "L1Backend", "LowerDevice", "Phase", "StopPath", "SuspendPath", "fresh_base",
     "iommu_table", "move_device", "packed_state", "split_state",
 ]

@@ -98,7 +98,18 @@ class L1Backend(BackendBase):
     implementation = "l1"
     implementation_version = 1
 
-    def __init__(self, lower: LowerDevice, iommu: Iommu, *, stop_path: StopPath | None = None) -> None:
+    def __init__(self, lower: LowerDevice | Mapping[str, Any], iommu: Iommu | None = None, *,
+                 stop_path: StopPath | None = None) -> None:
+        """*lower* and *iommu*; or, called through the ``l1`` entry point, one mapping
+        ``{"lower": LowerDevice, "iommu": Iommu, "stop_path": StopPath}`` (objects: an L1
+        wires its lower device in process, there is nothing to write in a file)."""
+        device: object = lower
+        if not isinstance(lower, LowerDevice):
+            device, iommu = lower.get("lower"), lower.get("iommu")
+            stop_path = lower.get("stop_path", stop_path)
+        if not isinstance(device, LowerDevice) or iommu is None:
+            raise ArgumentError("the l1 backend needs 'lower' (a LowerDevice) and 'iommu' (its DmaMap)")
+        lower = device
         self.lower = lower
         self.iommu = iommu
         self.stop_path: StopPath = stop_path or SuspendPath()
@@ -412,11 +423,3 @@ class L1Backend(BackendBase):
             self.interrupts += 1
             os.eventfd_write(ring.call_fd, 1)
 
-
-def from_config(config: Mapping[str, Any]) -> L1Backend:
-    """The ``l1`` entry point: ``{"lower": LowerDevice, "iommu": Iommu, "stop_path": StopPath}``
-    (objects: an L1 wires its lower device in process; there is nothing to write in a file)."""
-    lower, iommu = config.get("lower"), config.get("iommu")
-    if not isinstance(lower, LowerDevice) or iommu is None:
-        raise ArgumentError("the l1 backend needs 'lower' (a LowerDevice) and 'iommu' (its DmaMap)")
-    return L1Backend(lower, iommu, stop_path=config.get("stop_path"))
