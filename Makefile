@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-PLUGINS := plugins/vhost-user plugins/vdpa plugins/faulty
+PLUGINS := plugins/vhost-user plugins/vdpa plugins/faulty plugins/nested
 
 .PHONY: run test lint setup peers bench soak fuzz clean plugin-check
 
@@ -48,6 +48,7 @@ bench: setup peers
 	$(PY) benchmarks/vhost_user_blk.py
 	$(PY) benchmarks/migration.py
 	$(PY) benchmarks/reconnect.py --ref
+	$(PY) benchmarks/nested_overhead.py
 
 # Every fuzz target (fuzz/targets.py) under atheris, about 1.1 M inputs in all (FUZZ_RUNS: per target).
 FUZZ_RUNS ?=

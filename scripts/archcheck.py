@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("shadowvmm.testing",),
     ("shadowvmm.scenarios", "shadowvmm.plot"),
     ("shadowvmm.cli", "shadowvmm.__main__"),
-    ("shadowvmm_vhost_user", "shadowvmm_vdpa", "shadowvmm_faulty"),
+    ("shadowvmm_vhost_user", "shadowvmm_vdpa", "shadowvmm_faulty", "shadowvmm_nested"),
 ]
 
 

@@ -20,11 +20,13 @@ and queue, the value and its limit.
     ├── GuestAccessError            a guest register access refused (counted)
     ├── RingError                   a malformed virtqueue in guest memory
     ├── DeviceStateError            an operation in a state that does not allow it
-    │   └── DeviceFailedError       the device failed (NEEDS_RESET) while waited on
+    │   ├── DeviceFailedError       the device failed (NEEDS_RESET) while waited on
+    │   └── DmaSpaceError           a DMA space (IOMMU mapping) change while the device runs
     ├── BackendError                a backend failed or answered wrongly
     │   ├── BackendTimeout, BackendDisconnected   (should_reconnect)
     │   ├── ProtocolError           a reply breaks the wire protocol
     │   ├── UnsupportedError        a capability the operation needs is missing
+    │   │   └── RefusedError        the lower device offers no way to do it (a nested move)
     │   ├── RequestFailed           vhost-user: a request answered with a non-zero status
     │   └── VdpaError               vhost-vdpa: VdpaIoctlError, VdpaNetlinkError, VdpaMappingError
     ├── PluginError                 a backend plugin cannot be found or loaded
@@ -132,6 +134,11 @@ class DeviceFailedError(DeviceStateError):
         self.device = device
 
 
+class DmaSpaceError(DeviceStateError):
+    """A device's DMA address space (its IOMMU mapping) was changed while its rings run: it
+    changes only before DRIVER_OK, after a reset, or while the device is stopped."""
+
+
 class BackendError(ShadowVmmError):
     """A backend failed or answered wrongly."""
 
@@ -154,6 +161,11 @@ class ProtocolError(BackendError):
 
 class UnsupportedError(BackendError):
     """The backend lacks a capability the operation needs."""
+
+
+class RefusedError(UnsupportedError):
+    """What the operation needs has no way to be done on the device below (a nested hypervisor
+    moving a device whose stop path cannot set ring bases on a fresh device)."""
 
 
 class RequestFailed(BackendError):

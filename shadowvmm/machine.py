@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from .backends.base import Backend, load_backend
 from .config import DeviceConfig
-from .device import VirtioDevice
+from .device import DmaMap, VirtioDevice
 from .errors import ArgumentError
 from .guest.driver import GuestDevice
 from .guest.transport import GuestTransport, MmioGuestTransport, PciGuestTransport
@@ -28,6 +28,8 @@ class Slot:
     config: DeviceConfig
     device: VirtioDevice
     transport: PciTransport | MmioTransport
+    #: The device's IOMMU translation (bypass until a driver maps something).
+    iommu: DmaMap
 
 
 class Machine:
@@ -80,7 +82,7 @@ class Machine:
         except BaseException:
             await device.close()
             raise
-        self.slots[config.name] = Slot(config, device, transport)
+        self.slots[config.name] = Slot(config, device, transport, DmaMap(device, self.memory))
         self._attach_admin_groups()
         return device
 
@@ -102,6 +104,11 @@ class Machine:
     def tap(self, row: str) -> Tap | None:
         """This machine's timeline bound to *row* at its level (None without a timeline)."""
         return None if self.timeline is None else self.timeline.tap(self.level, row)
+
+    def iommu(self, name: str) -> DmaMap:
+        """Device *name*'s IOMMU translation, which the driver owning the device programs
+        (it stands in for virtio-iommu / intel-iommu MAP and UNMAP: :mod:`shadowvmm.device.dma`)."""
+        return self.slots[name].iommu
 
     def guest_transport(self, name: str, *, msix: bool = True) -> GuestTransport:
         slot = self.slots[name]
@@ -131,6 +138,7 @@ class Machine:
             guest.close()
         for slot in self.slots.values():
             await slot.device.close()
+            slot.iommu.close()
         self.slots.clear()
         if self.owns_memory:
             self.memory.close()

@@ -69,6 +69,9 @@ class MemoryRegion:
     mmap: mmap.mmap
     fd_offset: int = 0
     name: str = ""
+    #: For an alias (:meth:`GuestMemory.alias`): where the range sits in the parent address space
+    #: (L2 RAM inside L1's: its L1 guest-physical address; an IOVA range: the GPA it maps).
+    parent_gpa: int | None = None
     view: memoryview = field(init=False, repr=False)
     view16: memoryview = field(init=False, repr=False)
     host_addr: int = field(init=False)
@@ -235,6 +238,40 @@ class GuestMemory:
                     os.close(fd)
                     raise
                 regions.append(MemoryRegion(gpa, size, fd, buf, name=f"{name}-{index}"))
+            return cls(regions)
+        except BaseException:
+            for region in regions:
+                region.close()
+            raise
+
+    @classmethod
+    def alias(cls, parent: GuestMemory, layout: Iterable[tuple[int, int, int]],
+              name: str = "alias") -> GuestMemory:
+        """An address space whose ``(gpa, parent_gpa, size)`` ranges are ranges of *parent*.
+
+        Nothing is copied: each region maps the same memfd as the parent region holding
+        ``[parent_gpa, parent_gpa+size)``, at the matching file offset (``fd_offset``, the
+        vhost-user ``mmap_offset``), through its own fd (a dup) and mapping, so the alias is
+        closed on its own and stays valid however long its user keeps it. This is how a
+        nested guest's RAM lives inside its hypervisor's (L2 GPA -> L1 GPA) and how an IOMMU's
+        IOVA space maps guest memory (IOVA -> GPA). Every range must be page aligned and lie
+        wholly inside one parent region.
+        """
+        regions: list[MemoryRegion] = []
+        try:
+            for index, (gpa, parent_gpa, size) in enumerate(layout):
+                if size <= 0 or (gpa | parent_gpa | size) % PAGE_SIZE:
+                    raise GuestMemoryError(f"alias {index}: gpa {gpa:#x}, parent gpa {parent_gpa:#x} and "
+                                           f"size {size:#x} must be page multiples")
+                source, offset = parent.translate(parent_gpa, size)
+                fd_offset = source.fd_offset + offset
+                fd = os.dup(source.fd)
+                try:
+                    buf = mmap.mmap(fd, size, mmap.MAP_SHARED, offset=fd_offset)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                regions.append(MemoryRegion(gpa, size, fd, buf, fd_offset, f"{name}-{index}", parent_gpa))
             return cls(regions)
         except BaseException:
             for region in regions:

@@ -351,3 +351,45 @@ def test_dirty_log_take_loses_no_bit_marked_concurrently():
         backend.close()                  # not the owner: leaves the mapping alone
         assert not log.mmap.closed
         log.close()
+
+
+# ---------------------------------------------------------------------------- aliases
+
+
+def test_alias_maps_parent_ranges_at_new_addresses(mem):
+    """L2 RAM inside L1's: [0, 64 KiB) of the alias is [2 MiB + 64 KiB, +64 KiB) of the parent."""
+    alias = GuestMemory.alias(mem, [(0, 2 * MiB + 0x10000, 0x10000), (0x40000, 0x3000, PAGE_SIZE)], name="l2")
+    try:
+        first, second = alias.regions
+        assert (first.gpa, first.parent_gpa, first.size, first.fd_offset) == (0, 2 * MiB + 0x10000, 0x10000, 0x10000)
+        assert (second.gpa, second.parent_gpa, second.fd_offset) == (0x40000, 0x3000, 0x3000)
+        assert os.fstat(first.fd).st_ino == os.fstat(mem.regions[1].fd).st_ino and first.fd != mem.regions[1].fd
+        alias.write(0x123, b"nested")
+        assert mem.read(2 * MiB + 0x10123, 6) == b"nested"
+        assert mem.read(0x123, 6) != b"nested"
+        mem.write(0x3010, b"up")
+        assert alias.read(0x40010, 2) == b"up"
+        with pytest.raises(GuestMemoryError):
+            alias.read(0x10000, 1)              # past the alias: not the parent's next byte
+        # the file offset is what a vhost-user back-end maps (mmap_offset)
+        other = mmap.mmap(first.fd, PAGE_SIZE, mmap.MAP_SHARED, offset=first.fd_offset)
+        try:
+            assert other[0x123:0x129] == b"nested"
+        finally:
+            other.close()
+    finally:
+        alias.close()
+    assert mem.read(2 * MiB + 0x10123, 6) == b"nested"     # the parent outlives its alias
+
+
+@pytest.mark.parametrize("layout", [
+    [(0, 0x100, PAGE_SIZE)],                    # not page aligned
+    [(0, MiB - PAGE_SIZE, 2 * PAGE_SIZE)],      # straddles the parent's hole
+    [(0, 4 * MiB, PAGE_SIZE)],                  # outside the parent
+    [(0, 0, 2 * PAGE_SIZE), (PAGE_SIZE, 0x10000, PAGE_SIZE)],   # the alias ranges overlap
+])
+def test_alias_refuses_bad_layouts_and_leaks_nothing(mem, layout):
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(GuestMemoryError):
+        GuestMemory.alias(mem, layout)
+    assert len(os.listdir("/proc/self/fd")) == before

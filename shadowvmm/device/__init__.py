@@ -21,6 +21,7 @@ top of the one below it (a seam calls its own methods and those below):
 :mod:`.persistence` export/check/import state, start preview, prestage
 :mod:`.frontend`   :class:`VirtioDevice`: realize, close, VMM stop and resume
 :mod:`.vmmqueue`   queues the VMM serves itself (net control queue)
+:mod:`.dma`        the IOMMU translation of the device's DMA (IOVA -> guest-physical)
 =================  ==============================================================
 
 Guest register accesses are synchronous and never raise: a bad access is
@@ -70,6 +71,7 @@ from .core import (
     QueueRegs,
     Staged,
 )
+from .dma import DmaMap, DmaMapping
 from .frontend import VirtioDevice
 from .interrupts import Interrupts
 from .link import RESUMABLE_TYPES
@@ -77,7 +79,8 @@ from .ops import Op, OpKind
 from .vmmqueue import VmmQueue, vmm_queue_handlers
 
 __all__ = [
-    "DRAIN_POLL", "DRAIN_QUIET", "DRAIN_STALL", "DRAIN_TIMEOUT", "MAX_QUEUES", "QUICK_RETRIES", "QUICK_RETRY",
-    "RESUMABLE_TYPES", "SESSION_QUIET", "SESSION_QUIET_TIMEOUT", "DeviceCore", "DeviceStats", "Interrupts", "Op",
+    "DRAIN_POLL", "DRAIN_QUIET", "DRAIN_STALL", "DRAIN_TIMEOUT", "DmaMap", "DmaMapping", "MAX_QUEUES",
+    "QUICK_RETRIES", "QUICK_RETRY", "RESUMABLE_TYPES", "SESSION_QUIET", "SESSION_QUIET_TIMEOUT", "DeviceCore",
+    "DeviceStats", "Interrupts", "Op",
     "OpKind", "QueueRegs", "Staged", "VirtioDevice", "VmmQueue", "vmm_queue_handlers",
 ]

@@ -14,6 +14,7 @@ import os
 from ..backends.base import Capability
 from ..errors import ArgumentError, BackendDisconnected, BackendError, DeviceStateError
 from ..lifecycle import LinkState
+from ..memory import GuestMemory
 from ..shadow import FeaturePolicy, RunState
 from ..timeline import EventKind
 from ..virtio.constants import MAX_QUEUE_SIZE, Feature
@@ -197,6 +198,19 @@ class VirtioDevice(PartsMixin):
         await self._submit_wait(Op(OpKind.RECONCILE))
         if self.timeline is not None:
             self.timeline.record(EventKind.RESUME, by="vmm", running=self.rings_running)
+
+    async def set_dma_space(self, memory: GuestMemory) -> None:
+        """Make *memory* the address space the device's DMA uses: an IOMMU's IOVA space
+        (:class:`~.dma.DmaMap` calls it), or the guest memory again (bypass).
+
+        Carried out in order with the guest's operations; only while the rings do not run
+        (before DRIVER_OK, after a reset, or stopped), else :class:`DmaSpaceError` and nothing
+        changes.
+        """
+        self._require_realized()
+        verdict: asyncio.Future[None] = self.loop.create_future()
+        await self._submit_wait(Op(OpKind.DMA_SPACE, (memory, verdict)))
+        verdict.result()
 
     def failed(self) -> bool:
         """The device shows DEVICE_NEEDS_RESET (:attr:`failure` says why)."""

@@ -15,6 +15,7 @@ class OpKind(enum.Enum):
     QUEUE_RESET = "queue reset"
     QUEUE_START = "queue start"
     RECONNECT = "reconnect"
+    DMA_SPACE = "dma space change"
 
 
 @dataclass

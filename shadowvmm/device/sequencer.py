@@ -19,9 +19,9 @@ import os
 from collections.abc import Mapping
 
 from ..backends.base import Capability, RingState, VringAddr
-from ..errors import BackendDisconnected, UnsupportedError
+from ..errors import BackendDisconnected, DmaSpaceError, UnsupportedError
 from ..lifecycle import DeviceEventKind, LinkState
-from ..memory import DirtyLog
+from ..memory import DirtyLog, GuestMemory
 from ..shadow import RunState
 from ..timeline import EventKind
 from ..virtio.constants import DeviceId, Feature, Status
@@ -39,7 +39,8 @@ class SequencerMixin(LinkMixin):
     def _op_table(self) -> dict[OpKind, OpHandler]:
         return {**super()._op_table(), OpKind.RECONCILE: self._op_reconcile,
                 OpKind.CONFIG_WRITE: self._op_config_write, OpKind.VECTOR: self._op_vector,
-                OpKind.QUEUE_RESET: self._op_queue_reset, OpKind.QUEUE_START: self._op_queue_start}
+                OpKind.QUEUE_RESET: self._op_queue_reset, OpKind.QUEUE_START: self._op_queue_start,
+                OpKind.DMA_SPACE: self._op_dma_space}
 
     async def _op_reconcile(self, *why: str) -> None:
         shadow = self.shadow
@@ -157,6 +158,26 @@ class SequencerMixin(LinkMixin):
         self._ledgers.pop(index, None)
         self.ring_states.pop(index, None)
         q.clear()
+
+    async def _op_dma_space(self, memory: GuestMemory, verdict: asyncio.Future[None]) -> None:
+        """Make *memory* the device's DMA space (an IOMMU's IOVA space, :mod:`.dma`).
+
+        Only while the rings do not run: before DRIVER_OK, after a reset, or stopped (by the
+        VMM or the guest's own suspend). The refusal is the caller's error, never the device's
+        failure. The backend gets the new memory table at the next start; a stopped device's
+        suspended rings may hold translations of the old space, so its restart is a full one
+        (backend reset, then the start from the captured ring states).
+        """
+        stopped = self._vmm_stop or self.shadow.guest_stop_requested or self.run_state is RunState.FAILED
+        if self.rings_running or (self.shadow.driver_ok and not stopped):
+            verdict.set_exception(DmaSpaceError(
+                f"{self.name}: the DMA space changes only before DRIVER_OK, after a reset or while "
+                "the device is stopped; its rings run"))
+            return
+        self.memory = memory
+        self._mem_table_sent = False
+        verdict.set_result(None)
+        logger.info("%s: DMA space changed: %d region(s), span %#x", self.name, len(memory.regions), memory.span)
 
     # ------------------------------------------------------------------ start
 
@@ -419,6 +440,9 @@ class SequencerMixin(LinkMixin):
         b = self.backend
         caps = self.backend_caps
         rings = [q for q in self._backend_queues() if q.set_up]
+        if not self._mem_table_sent:
+            # The DMA space changed while stopped (:meth:`_op_dma_space`): a full restart.
+            caps = Capability.NONE
         if caps & Capability.RESUME:
             # The suspended rings continue; a ring the guest reset and set up again meanwhile
             # is not among them and starts like a new one.

@@ -21,6 +21,9 @@ from .ops import Op, OpKind
 
 log = logging.getLogger(__name__)
 
+#: Operations a failed device still carries out (the guest's reset; a reconnect; an IOMMU change).
+_WHEN_FAILED = (OpKind.RECONCILE, OpKind.RECONNECT, OpKind.DMA_SPACE)
+
 
 class WorkerMixin(InterruptsMixin):
     """Submit, carry out and fail operations (module docstring)."""
@@ -68,7 +71,7 @@ class WorkerMixin(InterruptsMixin):
         under it (then the loss handling owns the recovery)."""
         self._op_running = True
         try:
-            if self.run_state is not RunState.FAILED or op.kind in (OpKind.RECONCILE, OpKind.RECONNECT):
+            if self.run_state is not RunState.FAILED or op.kind in _WHEN_FAILED:
                 log.debug("%s: op %s%s", self.name, op.kind.value, op.args or "")
                 await self._op_handlers[op.kind](*op.args)
                 log.debug("%s: op %s done", self.name, op.kind.value)

@@ -1,0 +1,15 @@
+"""shadowvmm-nested: the backend of an L1 hypervisor's device is a virtio device of the layer
+below, driven through that device's transport (as Linux vp_vdpa in an L1). See
+:mod:`shadowvmm_nested.backend` and docs/nested.md."""
+
+from __future__ import annotations
+
+from .backend import L1Backend, Phase, iommu_table
+from .lower import Iommu, LowerDevice
+from .move import move_device
+from .stoppath import Derived, StopPath, SuspendPath, fresh_base, packed_state, split_state
+
+__all__ = [
+    "Derived", "Iommu", "L1Backend", "LowerDevice", "Phase", "StopPath", "SuspendPath", "fresh_base",
+    "iommu_table", "move_device", "packed_state", "split_state",
+]
