@@ -19,12 +19,15 @@ from ..migration.stream import Endpoint
 from ..shadow import StopDialect
 from ..timeline import EventKind, Timeline
 from ..virtio.constants import Status
-from .peers import StartedPeers
+from ..guest.admin import AdminClient
+from .peers import PeerSource
 
 #: The status a running driver reads (v1.4 §3.1.1 steps 1-8 done).
 LIVE = int(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK)
 #: Level of the machines the built-in scenarios run (the host VMM).
 L0 = "L0"
+#: The admin-queue owner a scenario adds on the admin stop path (an rng owning the device, member 1).
+OWNER = "adm0"
 
 
 def status_text(value: int) -> str:
@@ -103,12 +106,17 @@ class ScenarioContext:
     name: str
     cfg: MachineConfig
     device: DeviceConfig
-    peers: StartedPeers
+    peers: PeerSource
     timeline: Timeline
     workdir: Path
     report: ScenarioReport
     machines: list[Machine] = field(default_factory=list)
     guests: list[tuple[str, GuestDevice]] = field(default_factory=list)
+    #: The admin stop path: each machine gets an owner (:data:`OWNER`) whose admin queue stops
+    #: and resumes the device (DEV_MODE_SET, member 1) where the guest would write a status bit.
+    admin: bool = False
+    #: The owner's driver on the latest machine (admin path only).
+    owner: AdminClient | None = None
 
     def with_dialect(self, dialect: StopDialect) -> None:
         """Run the device with *dialect* instead of its configured one."""
@@ -131,14 +139,28 @@ class ScenarioContext:
         """A machine with the device (its own backend endpoint), recording on the timeline."""
         machine = Machine(self.cfg.memory_mib << 20, timeline=self.timeline, level=L0)
         self.machines.append(machine)
-        await machine.add_device(self.peers.device(self.device, 0))
+        await self.peers.add(machine, self.device, 0)
+        await self._add_owner(machine)
         return machine
+
+    async def _add_owner(self, machine: Machine) -> None:
+        if not self.admin:
+            return
+        await machine.add_device(DeviceConfig(OWNER, "inproc", {"device": "rng"}, admin_members=(self.device.name,)))
+        self.owner = AdminClient(machine.guest(OWNER))
+        if not self.machines[:-1]:
+            self.guests.append((f"{L0} {OWNER}", self.owner.guest))     # the owner's driver, as a level
+        await self.owner.start()
+        await self.owner.list_use()
 
     async def destination(self, source: Machine) -> Machine:
         """A migration destination sharing *source*'s guest memory (the local model)."""
         machine = Machine(memory=source.memory, timeline=self.timeline, level=L0, suffix="@dst")
         self.machines.append(machine)
-        await machine.add_device(self.peers.device(self.device, 1))
+        await self.peers.add(machine, self.device, 1)
+        owner = self.owner
+        await self._add_owner(machine)
+        self.owner = owner          # the guest stays on the source until the switch-over
         return machine
 
     def guest(self, machine: Machine, level: str = L0) -> GuestDevice:
