@@ -119,8 +119,9 @@ class ScenarioContext:
     owner: AdminClient | None = None
 
     def with_dialect(self, dialect: StopDialect) -> None:
-        """Run the device with *dialect* instead of its configured one."""
-        self.device = replace(self.device, stop_dialect=dialect)
+        """Run the device with *dialect* instead of its configured one (ring-state registers: STOP only)."""
+        self.device = replace(self.device, stop_dialect=dialect,
+                              ring_state=self.device.ring_state and dialect is StopDialect.STOP)
         self.report.dialect = dialect.value
 
     def need_dialect(self, *allowed: StopDialect) -> StopDialect:
@@ -188,8 +189,11 @@ class ScenarioContext:
             try:
                 report = await migrate_out(source, await endpoint.connect(), MigrationOptions(mode="local"),
                                            hooks, timeline=tap)
-            finally:
-                await asyncio.gather(receiving, return_exceptions=not receiving.done())
+            except BaseException:
+                receiving.cancel()          # a refused migration: the destination waits for nothing
+                await asyncio.gather(receiving, return_exceptions=True)
+                raise
+            await asyncio.gather(receiving, return_exceptions=not receiving.done())
         finally:
             await listener.close()
         return report
