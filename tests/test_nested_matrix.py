@@ -27,6 +27,7 @@ from shadowvmm.device import VirtioDevice
 from shadowvmm.machine import Machine
 from shadowvmm.scenarios import SCENARIOS, run_scenario
 from shadowvmm.shadow import StopDialect
+from shadowvmm.testing.matrix import SCENARIOS as SCENARIOS_ORDER
 from shadowvmm.testing.matrix import (
     BackendKind,
     Cell,
@@ -102,39 +103,42 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("matrix")
 
 
-@pytest.fixture(scope="module")
-def refblk(workdir: Path) -> Iterator[Sockets]:
-    """Two reference back-ends on one image: the source's and the destination's."""
-    with RefBlk(workdir, size=IMAGE_BYTES, queues=2, name="ref-src") as src, \
-            RefBlk(workdir, image=src.image, create=False, size=IMAGE_BYTES, queues=2, name="ref-dst") as dst:
-        yield Sockets("blk", (src.socket_path, dst.socket_path))
+@dataclass
+class Source:
+    """A column's backend: where the device connects, its device type, testpmd for its counters."""
+
+    backend: BackendKind
+    peers: Sockets | FreshVirtiofsd | None
+    kind: str = "blk"
+    testpmd: DpdkTestpmd | None = None
 
 
 @pytest.fixture(scope="module")
-def qsd(workdir: Path) -> Iterator[Sockets]:
-    binary = require_peer("qemu-storage-daemon")
-    with QsdBlk(workdir, image=workdir / "qsd.img", size=IMAGE_BYTES, create=True, num_queues=2, exports=2,
-                binary=binary) as peer:
-        a, b = peer.socket_paths
-        yield Sockets("blk", (a, b))
-
-
-@pytest.fixture(scope="module")
-def testpmd(workdir: Path) -> Iterator[tuple[Sockets, DpdkTestpmd]]:
-    binary = require_peer("dpdk-testpmd")
-    with DpdkTestpmd(workdir, forward_mode="io", binary=binary) as peer:
-        peer.start_forwarding()
-        config = NetConfig(mac=MAC, status=NetStatus.LINK_UP, max_virtqueue_pairs=1).pack(NET_CONFIG_BASE_SIZE)
-        yield Sockets("net", (peer.socket_path, peer.socket_path), config,
-                      int(NetFeature.MAC | NetFeature.STATUS)), peer
-
-
-@pytest.fixture(scope="module")
-def virtiofsd(workdir: Path) -> FreshVirtiofsd:
-    binary = require_peer("virtiofsd")
-    share = workdir / "share"
-    share.mkdir()
-    return FreshVirtiofsd(workdir, share, binary)
+def source(request: pytest.FixtureRequest, workdir: Path) -> Iterator[Source]:
+    """The column's peer, started once per module (pytest groups the cells by it)."""
+    backend = request.param
+    with contextlib.ExitStack() as stack:
+        if backend is BackendKind.INPROC_BLK:
+            yield Source(backend, None)
+        elif backend is BackendKind.REFBLK:       # two back-ends on one image: source's, destination's
+            src = stack.enter_context(RefBlk(workdir, size=IMAGE_BYTES, queues=2, name="ref-src"))
+            dst = stack.enter_context(RefBlk(workdir, image=src.image, create=False, size=IMAGE_BYTES, queues=2,
+                                             name="ref-dst"))
+            yield Source(backend, Sockets("blk", (src.socket_path, dst.socket_path)))
+        elif backend is BackendKind.QSD:          # one node, two exports
+            qsd = stack.enter_context(QsdBlk(workdir, image=workdir / "qsd.img", size=IMAGE_BYTES, create=True,
+                                             num_queues=2, exports=2, binary=require_peer("qemu-storage-daemon")))
+            yield Source(backend, Sockets("blk", (qsd.socket_paths[0], qsd.socket_paths[1])))
+        elif backend is BackendKind.VIRTIOFSD:
+            share = workdir / "share"
+            share.mkdir()
+            yield Source(backend, FreshVirtiofsd(workdir, share, require_peer("virtiofsd")), "fs")
+        else:
+            pmd = stack.enter_context(DpdkTestpmd(workdir, forward_mode="io", binary=require_peer("dpdk-testpmd")))
+            pmd.start_forwarding()
+            config = NetConfig(mac=MAC, status=NetStatus.LINK_UP, max_virtqueue_pairs=1).pack(NET_CONFIG_BASE_SIZE)
+            yield Source(backend, Sockets("net", (pmd.socket_path, pmd.socket_path), config,
+                                 int(NetFeature.MAC | NetFeature.STATUS)), "net", pmd)
 
 
 def device_config(cell: Cell, workdir: Path, kind: str) -> DeviceConfig:
@@ -153,28 +157,25 @@ def device_config(cell: Cell, workdir: Path, kind: str) -> DeviceConfig:
 
 # ---------------------------------------------------------------------- the matrix
 
-def _param(cell: Cell) -> object:
-    marks = [] if cell.backend is BackendKind.INPROC_BLK else [pytest.mark.peer]
-    return pytest.param(cell, id=cell.id, marks=marks)
+def _column(backend: BackendKind) -> object:
+    marks = [] if backend is BackendKind.INPROC_BLK else [pytest.mark.peer]
+    return pytest.param(backend, id=backend.name.lower(), marks=marks)
 
 
-@pytest.mark.parametrize("cell", [_param(c) for c in cells(HOST)])
-async def test_cell(cell: Cell, workdir: Path, request: pytest.FixtureRequest) -> None:
-    peer: DpdkTestpmd | None = None
-    source: Sockets | FreshVirtiofsd | None = None
-    kind = "blk"
-    if cell.backend is BackendKind.REFBLK:
-        source = request.getfixturevalue("refblk")
-    elif cell.backend is BackendKind.QSD:
-        source = request.getfixturevalue("qsd")
-    elif cell.backend is BackendKind.VIRTIOFSD:
-        source, kind = request.getfixturevalue("virtiofsd"), "fs"
-    elif cell.backend is BackendKind.TESTPMD:
-        source, peer = request.getfixturevalue("testpmd")
-        kind = "net"
+#: The rows: (scenario, stop path).
+ROWS = sorted({(c.scenario, c.path) for c in cells()}, key=lambda r: (SCENARIOS_ORDER.index(r[0]), r[1].value))
+
+
+@pytest.mark.parametrize("source", [_column(b) for b in HOST], indirect=True)
+@pytest.mark.parametrize("row", [pytest.param(r, id=f"{r[0]}-{r[1].value}") for r in ROWS])
+async def test_cell(row: tuple[str, StopPath], source: Source, workdir: Path) -> None:
+    cell = Cell(row[0], row[1], source.backend)
+    peer = source.testpmd
+    if peer is not None:
         peer.clear_stats()
-    cfg = MachineConfig(memory_mib=32, devices=(device_config(cell, workdir, kind),))
-    run = run_scenario(SCENARIOS, cell.scenario, cfg, peers=source, admin=cell.path is StopPath.ADMIN, strict=True)
+    cfg = MachineConfig(memory_mib=32, devices=(device_config(cell, workdir, source.kind),))
+    run = run_scenario(SCENARIOS, cell.scenario, cfg, peers=source.peers, admin=cell.path is StopPath.ADMIN,
+                       strict=True)
     refusal = cell.refusal
     if refusal is not None:
         with pytest.raises(refusal.error, match=refusal.match):
