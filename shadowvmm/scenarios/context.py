@@ -11,6 +11,7 @@ from typing import Any
 from ..config import DeviceConfig, MachineConfig
 from ..device import VirtioDevice
 from ..errors import ScenarioError
+from ..guest.admin import AdminClient
 from ..guest.driver import GuestDevice
 from ..machine import Machine
 from ..migration.harness import move_guest
@@ -19,7 +20,6 @@ from ..migration.stream import Endpoint
 from ..shadow import StopDialect
 from ..timeline import EventKind, Timeline
 from ..virtio.constants import Status
-from ..guest.admin import AdminClient
 from .peers import PeerSource
 
 #: The status a running driver reads (v1.4 §3.1.1 steps 1-8 done).

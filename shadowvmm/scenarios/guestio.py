@@ -2,17 +2,18 @@
 
 blk writes blocks and reads every block written so far back (data checked against what was
 written); rng reads entropy; fs writes a file through FUSE and reads it back; net sends frames
-and expects each back once (a looping back-end: testpmd in io mode, vdpasim_net); any other type
-is initialised through the generic driver core and does no I/O. Every request is counted when submitted and its completion when the guest's queue
-reaps it: at the end the two are equal and the guest saw no ring protocol violation.
+and expects each back once (a looping back-end: testpmd in io mode, vdpasim_net); any other
+type is initialised through the generic driver core and does no I/O. Every request is
+counted when submitted and its completion when the guest's queue reaps it: at the end the two
+are equal and the guest saw no ring protocol violation.
 """
 
 from __future__ import annotations
 
 import asyncio
 
-from ..guest.blk import WANTED, BlkDriver
 from ..errors import ScenarioError
+from ..guest.blk import WANTED, BlkDriver
 from ..guest.driver import GuestDevice
 from ..guest.fs import FsDriver
 from ..guest.net import NetDriver

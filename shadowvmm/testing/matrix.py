@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from ..errors import MigrationError, ScenarioError, ShadowVmmError
 
@@ -27,7 +27,7 @@ SUSPENDED = 0x1B
 STOPPED = 0x2F
 
 
-class StopPath(str, Enum):
+class StopPath(StrEnum):
     """How the guest's own stop (scenarios 2, 2.2) is done."""
 
     #: virtio 1.4 SUSPEND (status 0x10, feature 43); resumed by DRIVER_OK.
@@ -40,7 +40,7 @@ class StopPath(str, Enum):
     ADMIN = "admin"
 
 
-class BackendKind(str, Enum):
+class BackendKind(StrEnum):
     """The matrix's columns."""
 
     INPROC_BLK = "inproc blk"
