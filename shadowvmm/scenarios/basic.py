@@ -9,6 +9,11 @@
    status, then the guest resumes (``2.2``, SUSPEND dialect) or resets (``2.2-reset``).
 2.3 The guest has not initialised the device, or is half-way through, when it is migrated; it
    finishes the initialisation on the destination.
+
+On the admin stop path (``ctx.admin``) the guest's own stop and resume in 2 and 2.2 are the
+owner's DEV_MODE_SET (v1.4 §2.12.1.4) instead of a status bit: the member's guest keeps reading
+DRIVER_OK. With the STOP dialect and VIRTIO_F_RING_STATE negotiated, the ring-state registers
+read at the guest's stop must equal the bases the device captured.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from ..device import VirtioDevice
 from ..errors import DeviceStateError
 from ..guest.driver import GuestDevice
 from ..shadow import GuestFault, StopDialect
@@ -69,19 +75,57 @@ async def stop_not_offered(ctx: ScenarioContext) -> None:
 
 async def guest_stop(ctx: ScenarioContext) -> None:
     """Seed 2: the guest stops its device through the offered dialect, then resumes or resets."""
+    if ctx.admin:
+        await _owner_stop_resume(ctx)
+        return
     dialect = ctx.need_dialect(StopDialect.SUSPEND, StopDialect.STOP)
     src = await ctx.machine()
     dev = ctx.dev(src)
     guest = ctx.guest(src)
     io = _io(ctx, guest)
-    features = await io.start(dev.policy.dialect.feature)
-    ctx.report.check(features & dev.policy.dialect.feature, "the guest could not negotiate the stop feature")
+    spec = dev.policy.dialect
+    features = await io.start(spec.feature | spec.ring_state)
+    ctx.report.check(features & spec.feature, "the guest could not negotiate the stop feature")
     await io.io()
     bit = _stopped_bit(dialect)
     guest.transport.set_status(guest.status() | bit)
     await _wait_status(guest, lambda v: v & bit, f"{dialect.value} to show")
     ctx.report.check(not dev.rings_running, "the rings still run after the guest's stop completed")
+    _check_ring_states(ctx, guest, dev)
     await _resume_or_reset(ctx, guest, io, dialect, reset=dialect is StopDialect.STOP)
+
+
+def _check_ring_states(ctx: ScenarioContext, guest: GuestDevice, dev: VirtioDevice) -> None:
+    """With VIRTIO_F_RING_STATE negotiated, the registers read the bases the stop captured."""
+    mask = dev.policy.dialect.ring_state
+    if not mask or not guest.features & mask:
+        return
+    read = guest.read_ring_states()
+    want = {index: state.base for index, state in dev.ring_states.items()}
+    ctx.report.check(read == want, f"the ring-state registers read {read}, the device captured {want}")
+    ctx.report.notes.append(f"ring-state registers at the stop: {read}")
+
+
+async def _owner_mode(ctx: ScenarioContext, dev: VirtioDevice, stopped: bool) -> None:
+    """DEV_MODE_SET on member 1 through the owner's admin queue (v1.4 §2.12.1.4)."""
+    assert ctx.owner is not None
+    await ctx.owner.dev_mode_set(1, stopped)
+    ctx.report.check(dev.admin_stopped == stopped and dev.rings_running != stopped,
+                     f"DEV_MODE_SET {'stop' if stopped else 'resume'} completed, the rings "
+                     f"{'still run' if dev.rings_running else 'do not run'}")
+
+
+async def _owner_stop_resume(ctx: ScenarioContext) -> None:
+    """Seed 2 on the admin path: the owner stops and resumes the member; its guest reads DRIVER_OK."""
+    src = await ctx.machine()
+    dev = ctx.dev(src)
+    guest = ctx.guest(src)
+    io = _io(ctx, guest)
+    await io.start()
+    await io.io()
+    await _owner_mode(ctx, dev, True)
+    await _owner_mode(ctx, dev, False)
+    await io.io()
 
 
 async def _resume_or_reset(ctx: ScenarioContext, guest: GuestDevice, io: GuestIo, dialect: StopDialect,
@@ -126,19 +170,38 @@ async def vmm_migrates(ctx: ScenarioContext) -> None:
                      "the destination does not run the rings (or the source still does)")
 
 
+async def _owner_stop_then_migrate(ctx: ScenarioContext) -> None:
+    """2.2 on the admin path: the owner stops the member, then the VMM migrates the machine
+    (refused by the migration blockers: the admin group is not in the device state)."""
+    src = await ctx.machine()
+    dst = await ctx.destination(src)
+    guest = ctx.guest(src)
+    io = _io(ctx, guest)
+    await io.start()
+    await io.io()
+    await _owner_mode(ctx, ctx.dev(src), True)
+    report = await ctx.migrate(src, dst, guest)
+    ctx.report.check(report.ok, "the migration did not complete")
+
+
 async def _guest_stop_then_migrate(ctx: ScenarioContext, *, reset: bool) -> None:
+    if ctx.admin:
+        await _owner_stop_then_migrate(ctx)
+        return
     allowed = (StopDialect.SUSPEND, StopDialect.STOP) if reset else (StopDialect.SUSPEND,)
     dialect = ctx.need_dialect(*allowed)
     src = await ctx.machine()
     dst = await ctx.destination(src)
     guest = ctx.guest(src)
     io = _io(ctx, guest)
-    feature = ctx.dev(src).policy.dialect.feature
-    ctx.report.check(await io.start(feature) & feature, "the guest could not negotiate the stop feature")
+    spec = ctx.dev(src).policy.dialect
+    ctx.report.check(await io.start(spec.feature | spec.ring_state) & spec.feature,
+                     "the guest could not negotiate the stop feature")
     await io.io()
     bit = _stopped_bit(dialect)
     guest.transport.set_status(guest.status() | bit)
     stopped = await _wait_status(guest, lambda v: v & bit, f"{dialect.value} to show")
+    _check_ring_states(ctx, guest, ctx.dev(src))
     report = await ctx.migrate(src, dst, guest)
     ctx.report.check(report.ok, "the migration did not complete")
     shown = guest.status()
@@ -171,6 +234,7 @@ async def half_initialised(ctx: ScenarioContext) -> None:
         dst = await ctx.destination(src)
         guest = ctx.guest(src)
         io = _io(ctx, guest)
+        io.check_finish_init()
         await _init_to(guest, io, stage)
         before = guest.status()
         report = await ctx.migrate(src, dst, guest)

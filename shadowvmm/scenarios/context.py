@@ -11,6 +11,7 @@ from typing import Any
 from ..config import DeviceConfig, MachineConfig
 from ..device import VirtioDevice
 from ..errors import ScenarioError
+from ..guest.admin import AdminClient
 from ..guest.driver import GuestDevice
 from ..machine import Machine
 from ..migration.harness import move_guest
@@ -19,12 +20,14 @@ from ..migration.stream import Endpoint
 from ..shadow import StopDialect
 from ..timeline import EventKind, Timeline
 from ..virtio.constants import Status
-from .peers import StartedPeers
+from .peers import PeerSource
 
 #: The status a running driver reads (v1.4 §3.1.1 steps 1-8 done).
 LIVE = int(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK)
 #: Level of the machines the built-in scenarios run (the host VMM).
 L0 = "L0"
+#: The admin-queue owner a scenario adds on the admin stop path (an rng owning the device, member 1).
+OWNER = "adm0"
 
 
 def status_text(value: int) -> str:
@@ -103,16 +106,22 @@ class ScenarioContext:
     name: str
     cfg: MachineConfig
     device: DeviceConfig
-    peers: StartedPeers
+    peers: PeerSource
     timeline: Timeline
     workdir: Path
     report: ScenarioReport
     machines: list[Machine] = field(default_factory=list)
     guests: list[tuple[str, GuestDevice]] = field(default_factory=list)
+    #: The admin stop path: each machine gets an owner (:data:`OWNER`) whose admin queue stops
+    #: and resumes the device (DEV_MODE_SET, member 1) where the guest would write a status bit.
+    admin: bool = False
+    #: The owner's driver on the latest machine (admin path only).
+    owner: AdminClient | None = None
 
     def with_dialect(self, dialect: StopDialect) -> None:
-        """Run the device with *dialect* instead of its configured one."""
-        self.device = replace(self.device, stop_dialect=dialect)
+        """Run the device with *dialect* instead of its configured one (ring-state registers: STOP only)."""
+        self.device = replace(self.device, stop_dialect=dialect,
+                              ring_state=self.device.ring_state and dialect is StopDialect.STOP)
         self.report.dialect = dialect.value
 
     def need_dialect(self, *allowed: StopDialect) -> StopDialect:
@@ -131,14 +140,28 @@ class ScenarioContext:
         """A machine with the device (its own backend endpoint), recording on the timeline."""
         machine = Machine(self.cfg.memory_mib << 20, timeline=self.timeline, level=L0)
         self.machines.append(machine)
-        await machine.add_device(self.peers.device(self.device, 0))
+        await self.peers.add(machine, self.device, 0)
+        await self._add_owner(machine)
         return machine
+
+    async def _add_owner(self, machine: Machine) -> None:
+        if not self.admin:
+            return
+        await machine.add_device(DeviceConfig(OWNER, "inproc", {"device": "rng"}, admin_members=(self.device.name,)))
+        self.owner = AdminClient(machine.guest(OWNER))
+        if not self.machines[:-1]:
+            self.guests.append((f"{L0} {OWNER}", self.owner.guest))     # the owner's driver, as a level
+        await self.owner.start()
+        await self.owner.list_use()
 
     async def destination(self, source: Machine) -> Machine:
         """A migration destination sharing *source*'s guest memory (the local model)."""
         machine = Machine(memory=source.memory, timeline=self.timeline, level=L0, suffix="@dst")
         self.machines.append(machine)
-        await machine.add_device(self.peers.device(self.device, 1))
+        await self.peers.add(machine, self.device, 1)
+        owner = self.owner
+        await self._add_owner(machine)
+        self.owner = owner          # the guest stays on the source until the switch-over
         return machine
 
     def guest(self, machine: Machine, level: str = L0) -> GuestDevice:
@@ -166,8 +189,11 @@ class ScenarioContext:
             try:
                 report = await migrate_out(source, await endpoint.connect(), MigrationOptions(mode="local"),
                                            hooks, timeline=tap)
-            finally:
-                await asyncio.gather(receiving, return_exceptions=not receiving.done())
+            except BaseException:
+                receiving.cancel()          # a refused migration: the destination waits for nothing
+                await asyncio.gather(receiving, return_exceptions=True)
+                raise
+            await asyncio.gather(receiving, return_exceptions=not receiving.done())
         finally:
             await listener.close()
         return report

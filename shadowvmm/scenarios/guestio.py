@@ -1,17 +1,22 @@
 """The guest side of a scenario: a driver for the device's type, I/O with exactly-once accounting.
 
 blk writes blocks and reads every block written so far back (data checked against what was
-written); rng reads entropy; any other type is initialised through the generic driver core and
-does no I/O. Every request is counted when submitted and its completion when the guest's queue
-reaps it: at the end the two are equal and the guest saw no ring protocol violation.
+written); rng reads entropy; fs writes a file through FUSE and reads it back; net sends frames
+and expects each back once (a looping back-end: testpmd in io mode, vdpasim_net); any other
+type is initialised through the generic driver core and does no I/O. Every request is
+counted when submitted and its completion when the guest's queue reaps it: at the end the two
+are equal and the guest saw no ring protocol violation.
 """
 
 from __future__ import annotations
 
 import asyncio
 
+from ..errors import ScenarioError
 from ..guest.blk import WANTED, BlkDriver
 from ..guest.driver import GuestDevice
+from ..guest.fs import FsDriver
+from ..guest.net import NetDriver
 from ..guest.rng import RngDriver
 from ..virtio.constants import DeviceId, Feature, Status
 from ..workload import block_pattern
@@ -20,6 +25,9 @@ from .context import ScenarioReport
 BLOCK_BYTES = 4096
 #: Blocks written per round (spread over the queues).
 BLOCKS_PER_ROUND = 8
+#: Frames sent per round (net), and the bytes of the file written per round (fs).
+FRAMES_PER_ROUND = 16
+FILE_BYTES = 1024
 
 
 class GuestIo:
@@ -31,9 +39,13 @@ class GuestIo:
         self.packed, self.queue_size = packed, queue_size
         self.blk = BlkDriver(guest) if device_id is DeviceId.BLOCK else None
         self.rng = RngDriver(guest) if device_id is DeviceId.RNG else None
+        self.fs = FsDriver(guest) if device_id is DeviceId.FS else None
+        self.net = NetDriver(guest, ctrl_timeout=1.0) if device_id is DeviceId.NET else None
         self.expected: dict[int, bytes] = {}
         self.rounds = 0
-        report.workload = {DeviceId.BLOCK: "blk write + read-back", DeviceId.RNG: "rng read"}.get(device_id, "none")
+        report.workload = {DeviceId.BLOCK: "blk write + read-back", DeviceId.RNG: "rng read",
+                           DeviceId.FS: "fs FUSE write + read-back",
+                           DeviceId.NET: "net frames out and back"}.get(device_id, "none")
 
     @property
     def wanted(self) -> int:
@@ -45,10 +57,24 @@ class GuestIo:
             return await self.blk.start(packed=self.packed, queue_size=self.queue_size, extra_features=extra_features)
         if self.rng is not None:
             return await self.rng.start(packed=self.packed, queue_size=self.queue_size, extra_features=extra_features)
+        if self.fs is not None:
+            await self.fs.start(queue_size=self.queue_size, extra_features=extra_features)
+            return self.guest.features
+        if self.net is not None:
+            return await self.net.start(packed=self.packed, queue_size=self.queue_size, extra_features=extra_features)
         return await self.guest.initialize(extra_features, packed=self.packed, queue_size=self.queue_size)
+
+    def check_finish_init(self) -> None:
+        """Refuse (ScenarioError) a device whose guest model sets its queues up only in its own start."""
+        if self.fs is not None or self.net is not None:
+            kind = "fs" if self.fs is not None else "net"
+            raise ScenarioError(f"the {kind} guest driver model sets up its queues (and FUSE INIT or its "
+                                "receive buffers) only in its own start, so it cannot finish an "
+                                "initialisation begun before a migration")
 
     async def finish_init(self, extra_features: int = 0) -> int:
         """Finish v1.4 §3.1.1 from wherever the guest left off, without a reset (scenario 2.3)."""
+        self.check_finish_init()
         guest, t = self.guest, self.guest.transport
         status = guest.status()
         if not status & Status.ACKNOWLEDGE:
@@ -91,6 +117,10 @@ class GuestIo:
             elif self.rng is not None:
                 data = await self._counted_rng(self.rng)
                 self.report.check(len(data) == 64, f"rng returned {len(data)} bytes, not 64")
+            elif self.fs is not None:
+                await self._fs_round(self.fs)
+            elif self.net is not None:
+                await self._net_round(self.net)
         self.report.violations = list(self.guest.violations)
 
     async def _counted_rng(self, rng: RngDriver) -> bytes:
@@ -125,3 +155,30 @@ class GuestIo:
             bad += read.result() != want
         self.report.verified = len(self.expected)
         self.report.mismatches += bad
+
+    async def _fs_round(self, fs: FsDriver) -> None:
+        """Write a new file through FUSE, read it back: every request completed once, none left."""
+        data = block_pattern(self.rounds, self.rounds, FILE_BYTES)
+        before = self._completed()
+        await fs.write_file(f"scenario-{self.rounds}.bin", data)
+        read = await fs.read_file(f"scenario-{self.rounds}.bin")
+        done = self._completed() - before
+        left = sum(q.ring.in_flight for q in self.guest.queues)
+        self.report.submitted += done + left
+        self.report.completed += done
+        self.report.verified += 1
+        self.report.mismatches += read != data
+
+    async def _net_round(self, net: NetDriver) -> None:
+        """Send FRAMES_PER_ROUND frames; each must come back exactly once, in order, unchanged."""
+        src = net.mac
+        frames = [b"\xff" * 6 + src + b"\x88\xb5" + bytes([self.rounds & 0xFF, i]) + bytes(44)
+                  for i in range(FRAMES_PER_ROUND)]
+        sent = await net.send(frames)
+        got = await net.receive(len(frames), timeout=5.0)
+        extra = await net.receive(1, timeout=0.02)
+        self.report.submitted += 2 * len(frames)
+        self.report.completed += sent + len(got) + len(extra)
+        self.report.verified += len(frames)
+        self.report.mismatches += sum(a != b for a, b in zip(got, frames, strict=False))
+        self.report.check(not extra, f"round {self.rounds}: a frame came back twice")

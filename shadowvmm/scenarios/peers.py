@@ -15,13 +15,29 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
+from typing import Protocol
 
 from ..config import DeviceConfig, MachineConfig, PeerConfig
+from ..device import VirtioDevice
 from ..errors import ConfigError
+from ..machine import Machine
 from ..testing.peers import QsdBlk, find_peer
 
 #: Exports per device on its peer: the source's and a migration destination's.
 ROLES = 2
+
+
+class PeerSource(Protocol):
+    """Where a scenario's device gets its backend: entered for the run, asked once per machine."""
+
+    def __enter__(self) -> PeerSource: ...
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None: ...
+
+    async def add(self, machine: Machine, device: DeviceConfig, role: int) -> VirtioDevice:
+        """Add *device* to *machine* (role 0: the source, 1: a migration destination)."""
+        ...
 
 
 class StartedPeers:
@@ -67,6 +83,9 @@ class StartedPeers:
                      binary=find_peer("qemu-storage-daemon"))
         self._stack.enter_context(qsd)
         return list(qsd.socket_paths)
+
+    async def add(self, machine: Machine, device: DeviceConfig, role: int) -> VirtioDevice:
+        return await machine.add_device(self.device(device, role))
 
     def device(self, device: DeviceConfig, role: int = 0) -> DeviceConfig:
         """*device* with its peer's socket for *role* (0: itself, 1: a migration destination)."""

@@ -11,7 +11,7 @@ from ..config import MachineConfig
 from ..errors import ScenarioError, ShadowVmmError
 from ..timeline import Timeline
 from .context import ScenarioContext, ScenarioReport
-from .peers import StartedPeers
+from .peers import PeerSource, StartedPeers
 
 #: A scenario's body: it builds its machines through the context and checks into its report.
 ScenarioBody = Callable[[ScenarioContext], Awaitable[None]]
@@ -27,12 +27,16 @@ class Scenario:
 
 
 async def run_scenario(scenarios: Mapping[str, Scenario], name: str, cfg: MachineConfig,
-                       device: str | None = None, timeline: Timeline | None = None) -> ScenarioReport:
+                       device: str | None = None, timeline: Timeline | None = None, *,
+                       peers: PeerSource | None = None, admin: bool = False,
+                       strict: bool = False) -> ScenarioReport:
     """Run scenario *name* against *device* of *cfg* (default: its first device).
 
-    The config's ``[[peer]]`` processes are started first and stopped last. A device or
-    driver failure fails the scenario with its reason; a bad name or device raises
-    :class:`ScenarioError`.
+    The config's ``[[peer]]`` processes are started first and stopped last (*peers*: another
+    source of the device's backend, e.g. a test's running peer). *admin*: the guest's stops go
+    through an owner's admin queue (:attr:`ScenarioContext.admin`). A device or driver failure
+    fails the scenario with its reason, or with *strict* raises its typed error (a refusal
+    asserted as such); a bad name or device raises :class:`ScenarioError`.
     """
     scenario = scenarios.get(name)
     if scenario is None:
@@ -44,13 +48,16 @@ async def run_scenario(scenarios: Mapping[str, Scenario], name: str, cfg: Machin
         raise ScenarioError(f"no device {device!r} in the config ({', '.join(d.name for d in cfg.devices)})")
     report = ScenarioReport(name, chosen.name, chosen.backend, chosen.transport, chosen.stop_dialect.value)
     timeline = timeline if timeline is not None else Timeline()
-    with StartedPeers(cfg) as peers, tempfile.TemporaryDirectory(prefix="shadowvmm-scenario-") as tmp:
-        ctx = ScenarioContext(name, cfg, chosen, peers, timeline, Path(tmp), report)
+    source = peers if peers is not None else StartedPeers(cfg)
+    with source as started, tempfile.TemporaryDirectory(prefix="shadowvmm-scenario-") as tmp:
+        ctx = ScenarioContext(name, cfg, chosen, started, timeline, Path(tmp), report, admin=admin)
         try:
             await scenario.run(ctx)
         except ScenarioError:
             raise
         except (ShadowVmmError, OSError, TimeoutError) as exc:
+            if strict:
+                raise
             report.check(False, f"{type(exc).__name__}: {exc}")
         finally:
             ctx.finish()

@@ -1,0 +1,64 @@
+"""The vdpa_sim column of the scenario matrix (README.md, "Nested scenario matrix"), inside the
+vDPA VM lane: the same rows, expectations and refusals as the host matrix
+(:mod:`shadowvmm.testing.matrix`), on two vdpasim_net devices (the source's and a migration
+destination's; vdpasim_net loops every transmitted frame back to its receive queue).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from types import TracebackType
+
+import pytest
+
+from shadowvmm.config import DeviceConfig, MachineConfig
+from shadowvmm.device import VirtioDevice
+from shadowvmm.machine import Machine
+from shadowvmm.scenarios import SCENARIOS, run_scenario
+from shadowvmm.shadow import StopDialect
+from shadowvmm.testing.matrix import SCENARIOS as ROWS_SCENARIOS
+from shadowvmm.testing.matrix import BackendKind, Cell, StopPath, expected_faults
+from shadowvmm_vdpa import VdpaBackend
+
+MAC = "02:5a:00:00:4d:58"
+DIALECTS = {StopPath.SUSPEND: StopDialect.SUSPEND, StopPath.STOP: StopDialect.STOP, StopPath.ADMIN: StopDialect.NONE}
+
+
+@dataclass
+class SimPair:
+    """Two vdpasim_net devices: role 0 the source's, role 1 the destination's."""
+
+    paths: tuple[str, str]
+
+    def __enter__(self) -> SimPair:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        return None
+
+    async def add(self, machine: Machine, device: DeviceConfig, role: int) -> VirtioDevice:
+        options = {**device.backend_config, "path": self.paths[role]}
+        return await machine.add_device(replace(device, backend_config=options), VdpaBackend(options))
+
+
+@pytest.mark.parametrize("path", list(StopPath), ids=lambda p: p.value)
+@pytest.mark.parametrize("scenario", ROWS_SCENARIOS)
+async def test_vdpa_sim_cell(scenario: str, path: StopPath, vdpa_device) -> None:
+    cell = Cell(scenario, path, BackendKind.VDPA_SIM)
+    async with vdpa_device("mxa", "vdpasim_net", mac=MAC) as a, vdpa_device("mxb", "vdpasim_net", mac=MAC) as b:
+        device = DeviceConfig("dev0", "vdpa", {"device": "net"}, queue_size=64, stop_dialect=DIALECTS[path],
+                              stop_feature_bit=44, ring_state=path is StopPath.STOP)
+        cfg = MachineConfig(memory_mib=2, devices=(device,))     # vhost-vdpa pins it: stay under RLIMIT_MEMLOCK
+        run = run_scenario(SCENARIOS, scenario, cfg, peers=SimPair((a, b)), admin=path is StopPath.ADMIN, strict=True)
+        refusal = cell.refusal
+        if refusal is not None:
+            with pytest.raises(refusal.error, match=refusal.match):
+                await run
+            return
+        report = await run
+    assert report.ok, report.reasons
+    assert report.statuses == cell.statuses
+    assert report.submitted == report.completed > 0 and report.exactly_once, report.violations
+    assert report.verified > 0 and report.mismatches == 0
+    assert report.faults == expected_faults(scenario)

@@ -1,0 +1,170 @@
+"""The nested scenario matrix as data: scenario x stop path x backend, with what each cell must
+show (every status value the guest read, per level; the faults) or why it is refused.
+
+One source for the host matrix (``tests/test_nested_matrix.py``) and the vDPA VM lane
+(``plugins/vdpa/tests/vm/test_matrix_vm.py``), and for the table in README.md
+(``python -m shadowvmm.testing.matrix`` prints it; a test keeps the README in step).
+
+Extension point for the nested cells ("L1 moves L2's device", "L0 migrates L1"): add the
+scenario name to :data:`SCENARIOS`, its per-level status lists to :data:`EXPECTED` (keys
+``(scenario, path)``, levels such as ``"L0"``, ``"L1"``, ``"L2"``) and any refusal to
+:data:`REFUSALS`; the tests and the table pick them up.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+from ..errors import MigrationError, ScenarioError, ShadowVmmError
+
+R, ACK_DRV, FEAT, LIVE = 0x00, 0x03, 0x0B, 0x0F
+#: ACKNOWLEDGE|DRIVER|FEATURES_OK|SUSPEND: v1.4 §3.4, DRIVER_OK cleared while suspended.
+SUSPENDED = 0x1B
+#: DRIVER_OK|STOP (0x20): the 2021 STOP proposal, left by a reset only.
+STOPPED = 0x2F
+
+
+class StopPath(StrEnum):
+    """How the guest's own stop (scenarios 2, 2.2) is done."""
+
+    #: virtio 1.4 SUSPEND (status 0x10, feature 43); resumed by DRIVER_OK.
+    SUSPEND = "suspend"
+    #: 2021 STOP (status 0x20, feature 44) with VIRTIO_F_RING_STATE (45): the ring-state
+    #: registers are read at the stop (docs/nested.md); left by a reset.
+    STOP = "stop"
+    #: DEV_MODE_SET (v1.4 §2.12.1.4) on member 1 through an owner's admin queue (an rng of the
+    #: same machine); the member offers no stop dialect and its guest reads DRIVER_OK throughout.
+    ADMIN = "admin"
+
+
+class BackendKind(StrEnum):
+    """The matrix's columns."""
+
+    INPROC_BLK = "inproc blk"
+    REFBLK = "reference back-end blk"
+    QSD = "qemu-storage-daemon blk"
+    VIRTIOFSD = "virtiofsd fs"
+    TESTPMD = "testpmd net"
+    #: Runs in the vDPA VM lane only (vdpasim_net, loops TX to RX).
+    VDPA_SIM = "vdpa_sim net (VM lane)"
+
+
+#: The rows' scenarios, in the registry's order (shadowvmm.scenarios.SCENARIOS).
+SCENARIOS: tuple[str, ...] = ("1", "2", "2.1", "2.2", "2.2-reset", "2.3")
+MIGRATING = frozenset({"2.1", "2.2", "2.2-reset", "2.3"})
+#: The level the admin owner's driver reads under (shadowvmm.scenarios.context.OWNER).
+OWNER_LEVEL = "L0 adm0"
+
+_INIT = [R, FEAT, LIVE]
+#: Every device_status value the guest read, per level, for (scenario, path) (refusals aside).
+EXPECTED: dict[tuple[str, StopPath], dict[str, list[int]]] = {
+    ("1", StopPath.SUSPEND): {"L0": _INIT},
+    ("1", StopPath.STOP): {"L0": _INIT},
+    ("1", StopPath.ADMIN): {"L0": _INIT, OWNER_LEVEL: _INIT},
+    ("2", StopPath.SUSPEND): {"L0": [*_INIT, SUSPENDED, LIVE]},
+    ("2", StopPath.STOP): {"L0": [*_INIT, STOPPED, *_INIT]},
+    ("2", StopPath.ADMIN): {"L0": _INIT, OWNER_LEVEL: _INIT},
+    ("2.1", StopPath.SUSPEND): {"L0": _INIT},
+    ("2.1", StopPath.STOP): {"L0": _INIT},
+    ("2.2", StopPath.SUSPEND): {"L0": [*_INIT, SUSPENDED, LIVE]},
+    ("2.2-reset", StopPath.SUSPEND): {"L0": [*_INIT, SUSPENDED, *_INIT]},
+    ("2.2-reset", StopPath.STOP): {"L0": [*_INIT, STOPPED, *_INIT]},
+    ("2.3", StopPath.SUSPEND): {"L0": [R, LIVE, R, ACK_DRV, LIVE, *_INIT]},
+    ("2.3", StopPath.STOP): {"L0": [R, LIVE, R, ACK_DRV, LIVE, *_INIT]},
+}
+
+
+def expected_faults(scenario: str) -> dict[str, int]:
+    """Scenario 1: the guest writes SUSPEND and STOP with no dialect offered, two counted faults."""
+    return {"DIALECT_NOT_OFFERED": 2} if scenario == "1" else {}
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A cell that cannot work: the typed error it raises, a regex its message matches, why."""
+
+    error: type[ShadowVmmError]
+    match: str
+    reason: str
+    scenarios: frozenset[str]
+    paths: frozenset[StopPath] = frozenset(StopPath)
+    backends: frozenset[BackendKind] = frozenset(BackendKind)
+
+    def covers(self, scenario: str, path: StopPath, backend: BackendKind) -> bool:
+        return scenario in self.scenarios and path in self.paths and backend in self.backends
+
+
+_GUEST_MODELS = frozenset({BackendKind.VIRTIOFSD, BackendKind.TESTPMD, BackendKind.VDPA_SIM})
+#: Refusals, first match wins.
+REFUSALS: tuple[Refusal, ...] = (
+    Refusal(ScenarioError, "needs the stop dialect suspend",
+            "STOP is left by a reset only (2.2-reset)", frozenset({"2.2"}), frozenset({StopPath.STOP})),
+    Refusal(ScenarioError, "cannot finish an initialisation begun before a migration",
+            "the fs/net guest models set up their queues only in their own start",
+            frozenset({"2.3"}), backends=_GUEST_MODELS),
+    Refusal(MigrationError, "owns an administration virtqueue",
+            "migration blocker: the admin group is not in the device state", MIGRATING,
+            frozenset({StopPath.ADMIN})),
+    Refusal(MigrationError, "FUSE session.*does not offer DEVICE_STATE",
+            "migration blocker: virtiofsd has no DEVICE_STATE for the FUSE session", MIGRATING,
+            backends=frozenset({BackendKind.VIRTIOFSD})),
+)
+
+
+@dataclass(frozen=True)
+class Cell:
+    scenario: str
+    path: StopPath
+    backend: BackendKind
+
+    @property
+    def id(self) -> str:
+        return f"{self.scenario}-{self.path.value}-{self.backend.name.lower()}"
+
+    @property
+    def refusal(self) -> Refusal | None:
+        return next((r for r in REFUSALS if r.covers(self.scenario, self.path, self.backend)), None)
+
+    @property
+    def statuses(self) -> dict[str, list[int]]:
+        """What the guest read per level; a cell without an entry must be refused."""
+        return EXPECTED[(self.scenario, self.path)]
+
+    @property
+    def planned(self) -> str:
+        refusal = self.refusal
+        return "pass" if refusal is None else f"refused: {refusal.reason}"
+
+
+def cells(backends: tuple[BackendKind, ...] = tuple(BackendKind)) -> list[Cell]:
+    return [Cell(s, p, b) for s in SCENARIOS for p in StopPath for b in backends]
+
+
+def check_table() -> None:
+    """Every cell has expected statuses or a refusal (raises AssertionError naming the first hole)."""
+    for cell in cells():
+        assert cell.refusal is not None or (cell.scenario, cell.path) in EXPECTED, cell.id
+
+
+def render_table(outcomes: Mapping[Cell, str]) -> str:
+    """Rows scenario x stop path, columns backend; cells 'pass' or 'refused: reason'."""
+    backends = list(BackendKind)
+    lines = ["| scenario | stop path | " + " | ".join(b.value for b in backends) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in backends) + " |"]
+    for scenario in SCENARIOS:
+        for path in StopPath:
+            row = [outcomes.get(Cell(scenario, path, b), "not run") for b in backends]
+            lines.append(f"| {scenario} | {path.value} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def planned_table() -> str:
+    return render_table({cell: cell.planned for cell in cells()})
+
+
+if __name__ == "__main__":
+    check_table()
+    sys.stdout.write(planned_table())
