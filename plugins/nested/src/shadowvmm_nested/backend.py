@@ -66,6 +66,8 @@ class Phase(enum.Enum):
     PROBED = "probed"          #: ACKNOWLEDGE | DRIVER
     FEATURES_OK = "features"   #: FEATURES_OK shown
     RUNNING = "running"        #: DRIVER_OK
+    STOPPING = "stopping"      #: the stop path is stopping it: kicks are held (a driver MUST NOT
+                               #: kick after SUSPEND, v1.4 §3.4; nor after STOP or DEV_MODE_SET)
     STOPPED = "stopped"        #: stopped by the stop path (every observed buffer used)
 
 
@@ -310,7 +312,12 @@ class L1Backend(BackendBase):
         if not self._can_stop():
             raise UnsupportedError(f"{self.lower.name}: the device does not offer the {self.stop_path.name} path")
         if self.phase is Phase.RUNNING:
-            await self.stop_path.stop(self.lower)
+            self.phase = Phase.STOPPING
+            try:
+                await self.stop_path.stop(self.lower)
+            except BaseException:
+                self.phase = Phase.RUNNING
+                raise
             self.phase = Phase.STOPPED
             self._capture()
 
