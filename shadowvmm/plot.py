@@ -25,6 +25,7 @@ MARKERS: dict[EventKind, tuple[str, str]] = {
     EventKind.DRAIN_END: ("3", "tab:orange"),
     EventKind.GET_VRING_BASE: ("x", "tab:purple"),
     EventKind.ADMIN_COMMAND: ("s", "tab:brown"),
+    EventKind.RING_STATE: ("d", "tab:purple"),
     EventKind.PRECOPY_ROUND: ("o", "tab:blue"),
     EventKind.SWITCH_OVER: ("*", "tab:olive"),
     EventKind.DEST_START: ("D", "tab:green"),

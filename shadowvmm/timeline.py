@@ -46,7 +46,8 @@ class EventKind(enum.Enum):
     DRAIN_START = "DRAIN_START"          #: the sequencer began stopping rings (``how``: ``disable`` or ``suspend``)
     DRAIN_END = "DRAIN_END"              #: in-flight requests drained (or the backend suspended)
     GET_VRING_BASE = "GET_VRING_BASE"    #: one ring's state read back (``ring``, ``base``)
-    ADMIN_COMMAND = "ADMIN_COMMAND"      #: an admin virtqueue command (recorded by its handler)
+    ADMIN_COMMAND = "ADMIN_COMMAND"      #: an admin virtqueue command (recorded by its handler or driver)
+    RING_STATE = "RING_STATE"            #: a driver read or wrote a ring-state register (``op``, ``ring``, ``value``)
     PRECOPY_ROUND = "PRECOPY_ROUND"      #: one pre-copy round (``round``, ``pages``, ``dirty``)
     SWITCH_OVER = "SWITCH_OVER"          #: the destination confirmed; the guest moves
     DEST_START = "DEST_START"            #: the destination applied the device states (``devices``)

@@ -337,6 +337,10 @@ class SequencerMixin(LinkMixin):
                 # QEMU's order: disable, then the bases. The drain target is taken at the hold,
                 # so the disables overlap the drain's quiet period instead of following it.
                 target = self._drain_target(running)
+                # The target counts every buffer published so far, but a kick the guest sent for
+                # the last of them may still be on its way (a relaying driver: an L1's) and is
+                # dropped by the hold: kick once now (spurious kicks are allowed, v1.4 §2.7.13).
+                self._kick_rings(running)
                 for q in self._disable_order(running):
                     await b.set_vring_enable(q.index, False)
                 await self._drain(target)
@@ -468,6 +472,10 @@ class SequencerMixin(LinkMixin):
             self._release_kicks(rings)
         self._kick_all()
         logger.debug("%s: rings restarted", self.name)
+
+    def _kick_rings(self, rings: list[QueueRegs]) -> None:
+        for q in rings:
+            os.eventfd_write(self._kick_fds[q.index], 1)
 
     def _kick_all(self) -> None:
         """Spurious kicks are allowed (v1.4 §2.7.13): wake every started ring."""

@@ -176,7 +176,13 @@ class PciGuestTransport:
             self._w(off + 4, 4, value >> 32)
         if self.uses_msix:
             self._w(0x1A, 2, vector)
-        self._notify_offs[index] = self._r(0x1E, 2) * self.notify_multiplier
+        self._notify_offs[index] = self.queue_notify_off(index)
+
+    def queue_notify_off(self, index: int) -> int:
+        """Where queue *index*'s notifications go in the notify structure: queue_notify_off times
+        notify_off_multiplier (v1.4 §4.1.4.4); read-only, readable at any time."""
+        self._w(0x16, 2, index)
+        return self._r(0x1E, 2) * self.notify_multiplier
 
     def admin_queues(self) -> tuple[int, int]:
         """``(admin_queue_index, admin_queue_num)`` of the common cfg (v1.4 §4.1.4.3)."""
@@ -212,7 +218,12 @@ class PciGuestTransport:
         self._w(QUEUE_RING_STATE, 4, value)
 
     def notify(self, index: int) -> None:
-        self.t.write(Space.BAR, self.notify_base + self._notify_offs[index], 2, index)
+        """Notify queue *index*; a queue this driver did not set up itself (its configuration
+        restored by an owner's DEV_PARTS_SET) has its offset read on first use."""
+        off = self._notify_offs.get(index)
+        if off is None:
+            off = self._notify_offs[index] = self.queue_notify_off(index)
+        self.t.write(Space.BAR, self.notify_base + off, 2, index)
 
     def config_generation(self) -> int:
         return self._r(0x15, 1)

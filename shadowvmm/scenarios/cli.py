@@ -16,7 +16,7 @@ from .. import config as configmod
 from ..errors import ScenarioError
 from ..plot import plot_timeline
 from ..timeline import Timeline
-from . import SCENARIOS, run_scenario
+from . import all_scenarios, run_scenario
 
 
 def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser] | None = None) -> None:
@@ -40,17 +40,18 @@ def write_outputs(timeline: Timeline, json_path: Path | None, png_path: Path | N
 
 
 async def run(args: argparse.Namespace, out: TextIO) -> int:
+    scenarios = all_scenarios()
     if args.list:
-        for scenario in SCENARIOS.values():
+        for scenario in scenarios.values():
             print(f"{scenario.name:12} {scenario.summary}", file=out)
         return 0
     if not args.name or not args.config:
         raise ScenarioError("give a scenario NAME and --config FILE (or --list)")
-    if args.name not in SCENARIOS:
-        raise ScenarioError(f"no scenario {args.name!r} (known: {', '.join(SCENARIOS)})")
+    if args.name not in scenarios:
+        raise ScenarioError(f"no scenario {args.name!r} (known: {', '.join(scenarios)})")
     cfg = configmod.load(args.config)
     timeline = Timeline()
-    report = await run_scenario(SCENARIOS, args.name, cfg, args.device, timeline)
+    report = await run_scenario(scenarios, args.name, cfg, args.device, timeline)
     write_outputs(timeline, args.timeline, args.plot, f"scenario {args.name} on {report.device}")
     if args.json:
         print(json.dumps(report.as_dict(), indent=2), file=out)

@@ -4,12 +4,25 @@ below, driven through that device's transport (as Linux vp_vdpa in an L1). See
 
 from __future__ import annotations
 
+from .adminpath import AdminPath
 from .backend import L1Backend, Phase, iommu_table
 from .lower import Iommu, LowerDevice
 from .move import move_device
-from .stoppath import Derived, StopPath, SuspendPath, fresh_base, packed_state, split_state
+from .ringstate import RingStatePath
+from .stoppath import (
+    Derived,
+    QueuePlan,
+    StartPlan,
+    StopPath,
+    SuspendPath,
+    fresh_base,
+    packed_state,
+    register_start,
+    split_state,
+)
 
 __all__ = [
-    "Derived", "Iommu", "L1Backend", "LowerDevice", "Phase", "StopPath", "SuspendPath", "fresh_base",
-    "iommu_table", "move_device", "packed_state", "split_state",
+    "AdminPath", "Derived", "Iommu", "L1Backend", "LowerDevice", "Phase", "QueuePlan", "RingStatePath",
+    "StartPlan", "StopPath", "SuspendPath", "fresh_base", "iommu_table", "move_device", "packed_state",
+    "register_start", "split_state",
 ]

@@ -15,8 +15,10 @@ set_vring_*            recorded; SET_VRING_ENABLE writes queue_size/desc/driver/
 set_status DRIVER_OK   DRIVER_OK
 kick / call            L1's kick eventfds -> the notify register; the lower device's
                        vector eventfds (or INTx + ISR) -> L1's call eventfds
-suspend / resume       the :class:`~.stoppath.StopPath` (SUSPEND now)
-get_vring_base         stop (if running), then the ring state the stop path derives
+suspend / resume       the :class:`~.stoppath.StopPath` (SUSPEND, STOP + ring-state
+                       registers, or an owner's admin queue); the ring states are
+                       captured right after the stop
+get_vring_base         stop (if running), then the ring state the stop path captured
 reset                  status 0, wait for 0, then ACKNOWLEDGE | DRIVER again
 get/set_config         device config reads and writes
 =====================  ==========================================================
@@ -49,7 +51,7 @@ from shadowvmm.memory import GuestMemory
 from shadowvmm.virtio.constants import NO_VECTOR, Feature, Status
 
 from .lower import Iommu, LowerDevice
-from .stoppath import StopPath, SuspendPath, fresh_base
+from .stoppath import QueuePlan, StartPlan, StopPath, SuspendPath, fresh_base
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,8 @@ class Phase(enum.Enum):
     PROBED = "probed"          #: ACKNOWLEDGE | DRIVER
     FEATURES_OK = "features"   #: FEATURES_OK shown
     RUNNING = "running"        #: DRIVER_OK
+    STOPPING = "stopping"      #: the stop path is stopping it: kicks are held (a driver MUST NOT
+                               #: kick after SUSPEND, v1.4 §3.4; nor after STOP or DEV_MODE_SET)
     STOPPED = "stopped"        #: stopped by the stop path (every observed buffer used)
 
 
@@ -138,7 +142,7 @@ class L1Backend(BackendBase):
         return caps
 
     def _can_stop(self) -> bool:
-        return not self.stop_path.feature or bool(self.offered & self.stop_path.feature)
+        return self.offered & self.stop_path.feature == self.stop_path.feature
 
     async def connect(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -226,7 +230,6 @@ class L1Backend(BackendBase):
             raise BackendError(f"vring {index} enabled before it was configured")
         if self.phase not in (Phase.FEATURES_OK, Phase.RUNNING):
             raise BackendError(f"{self.lower.name}: vring {index} enabled while {self.phase.value}")
-        await self.stop_path.restore_bases(self.lower, {index: RingState(index, ring.base)}, self._packed)
         self._setup_lower_queue(self.lower, ring)
         ring.live = True
         if self.phase is Phase.RUNNING:
@@ -238,6 +241,9 @@ class L1Backend(BackendBase):
         if ring.num > t.queue_max_size(ring.index):
             raise BackendError(f"{lower.name}: queue {ring.index} of {ring.num} exceeds its maximum")
         t.setup_queue(ring.index, ring.num, ring.addr.desc, ring.addr.driver, ring.addr.device, ring.index + 1)
+        state = RingState(ring.index, ring.base)
+        if state != fresh_base(ring.index, self._packed):
+            self.stop_path.queue_base(lower, ring.index, state, self._packed)
         t.enable_queue(ring.index)
 
     @property
@@ -246,7 +252,7 @@ class L1Backend(BackendBase):
 
     async def get_vring_base(self, index: int) -> RingState:
         """Stop the lower device if it runs (one ring cannot be stopped alone without losing
-        its position), then the ring's state as the stop path derives it."""
+        its position), then the ring's state as the stop path captured it."""
         ring = self._ring(index)
         if not ring.live or ring.addr is None or self.memory is None:
             return RingState(index, ring.base)
@@ -254,13 +260,29 @@ class L1Backend(BackendBase):
             await self.suspend()
         if self.phase is not Phase.STOPPED:
             return fresh_base(index, self._packed)
-        state, exact = self.stop_path.ring_state(self.lower, self.memory, ring.addr, ring.num, self._packed)
-        if exact:
-            self._inexact.discard(index)
-        else:
-            self._inexact.add(index)
-        ring.base = state.base
-        return state
+        return RingState(index, ring.base)
+
+    def _capture(self) -> None:
+        """Every live ring's state from the stop path, right after its stop."""
+        assert self.memory is not None
+        for ring in self.rings.values():
+            if not ring.live or ring.addr is None:
+                continue
+            state, exact = self.stop_path.ring_state(self.lower, self.memory, ring.addr, ring.num, self._packed)
+            if exact:
+                self._inexact.discard(ring.index)
+            else:
+                self._inexact.add(ring.index)
+            ring.base = state.base
+
+    def _plan(self, states: Mapping[int, RingState] | None = None) -> StartPlan:
+        """The live rings as a lower device is brought up with them, at *states* (default:
+        where they stood at the last stop)."""
+        queues = tuple(QueuePlan(r.index, r.num, r.addr.desc, r.addr.driver, r.addr.device, r.index + 1)
+                       for r in sorted(self.rings.values(), key=lambda r: r.index) if r.live and r.addr is not None)
+        if states is None:
+            states = {q.index: RingState(q.index, self.rings[q.index].base) for q in queues}
+        return StartPlan(self.features, queues, dict(states), self._packed)
 
     def migration_blockers(self) -> list[str]:
         """Rings whose last state could not be told exactly from guest memory (:func:`packed_state`)."""
@@ -290,12 +312,18 @@ class L1Backend(BackendBase):
         if not self._can_stop():
             raise UnsupportedError(f"{self.lower.name}: the device does not offer the {self.stop_path.name} path")
         if self.phase is Phase.RUNNING:
-            await self.stop_path.stop(self.lower)
+            self.phase = Phase.STOPPING
+            try:
+                await self.stop_path.stop(self.lower)
+            except BaseException:
+                self.phase = Phase.RUNNING
+                raise
             self.phase = Phase.STOPPED
+            self._capture()
 
     async def resume(self) -> None:
         if self.phase is Phase.STOPPED:
-            await self.stop_path.resume(self.lower)
+            await self.stop_path.resume(self.lower, self._plan())
             self.phase = Phase.RUNNING
         pending, self._pending = self._pending, set()
         for index in sorted(pending):
@@ -306,29 +334,25 @@ class L1Backend(BackendBase):
     async def switch_lower(self, lower: LowerDevice, iommu: Iommu, states: Mapping[int, RingState]) -> None:
         """Re-create the stopped device on *lower* from *states*, then let the old one go.
 
-        The new device is probed, given the negotiated features and the IOMMU table, its rings
-        set at *states* (the stop path's :meth:`~.stoppath.StopPath.restore_bases`, before any
-        register of theirs is written) and DRIVER_OK. Any failure leaves the old device in use
-        (still stopped) and the new one reset, its IOMMU table as it was.
+        The new device is reset and given the IOMMU table; the stop path brings it up with the
+        negotiated features and the rings at *states* (:meth:`~.stoppath.StopPath.start`: the
+        registers, or the admin queue's DEV_PARTS_SET). Any failure leaves the old device in
+        use (still stopped) and the new one reset, its IOMMU table as it was.
         """
         if self.phase is not Phase.STOPPED or self.memory is None:
             raise BackendError(f"{self.lower.name}: a move needs the device stopped (it is {self.phase.value})")
         blockers = self.migration_blockers()
         if blockers:
             raise RefusedError("; ".join(blockers))
-        await lower.probe()
+        await lower.reset()
         table_before = list(iommu.mappings)
         try:
             offered = lower.transport.device_features()
-            if (self.features | self.stop_path.feature) & ~offered:
-                raise BackendError(f"{lower.name}: does not offer features {self.features & ~offered:#x}")
-            await lower.negotiate(self.features | self.stop_path.feature)
+            missing = (self.features | self.stop_path.feature) & ~offered
+            if missing:
+                raise BackendError(f"{lower.name}: does not offer features {missing:#x}")
             await iommu.program(iommu_table(self.memory))
-            await self.stop_path.restore_bases(lower, states, self._packed)
-            for ring in self.rings.values():
-                if ring.live:
-                    self._setup_lower_queue(lower, ring)
-            lower.write_status(_LIVE)
+            await self.stop_path.start(lower, self._plan(states), self.lower)
         except BaseException:
             await lower.reset()
             await iommu.program(table_before)

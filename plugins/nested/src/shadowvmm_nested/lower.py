@@ -48,6 +48,8 @@ class LowerDevice:
     name: str = "lower"
     #: Every status value written, in order (tests read it).
     writes: list[int] = field(default_factory=list)
+    #: How many times the status was read (the stop paths count their register accesses).
+    status_reads: int = 0
 
     @classmethod
     def pci(cls, transport: PciGuestTransport, interrupts: Interrupts, name: str = "lower") -> LowerDevice:
@@ -65,6 +67,7 @@ class LowerDevice:
     # ------------------------------------------------------------------ status
 
     def status(self) -> int:
+        self.status_reads += 1
         return self.transport.get_status()
 
     def write_status(self, value: int) -> None:

@@ -1,18 +1,21 @@
 """How the L1 stops its lower device, reads its rings' state and sets it on a fresh one.
 
-Three ways exist or are being built (/work/shared/reference/stop-and-ring-state.md):
+Three ways (/work/shared/reference/stop-and-ring-state.md), each a :class:`StopPath`:
 
-* the virtio 1.4 SUSPEND status bit (feature 43, §3.4): :class:`SuspendPath`, here;
-* the STOP dialect with ring-state registers (proposal): reads and *sets* ring bases;
-* an admin virtqueue owner device (1.4 DEV_MODE_SET, device parts).
+* the virtio 1.4 SUSPEND status bit (feature 43, §3.4): :class:`SuspendPath`, here; ring
+  states derived from guest memory, no way to set them on a fresh device;
+* the 2021 STOP dialect with ring-state registers (proposal, shadowvmm-private bits):
+  :class:`~.ringstate.RingStatePath`; reads and *sets* ring bases through registers;
+* an owner device's admin virtqueue (1.4 DEV_MODE_SET, device parts, shadowvmm's VQ_STATE
+  part): :class:`~.adminpath.AdminPath`.
 
-Each is a :class:`StopPath`; the plugin and :func:`~shadowvmm_nested.move.move_device` use
-only this interface, so the other two plug in without touching them.
+The plugin and :func:`~shadowvmm_nested.move.move_device` use only this interface.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 from shadowvmm.backends.base import RingState, VringAddr
@@ -23,32 +26,78 @@ from shadowvmm.virtio.packed import DESC_SIZE, PackedDescFlags, is_used
 
 from .lower import LowerDevice
 
-_LIVE = int(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK)
+LIVE = int(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK)
 _AVAIL = int(PackedDescFlags.AVAIL)
 #: A pvirtq_desc's flags (le16) sit at byte 14 (v1.4 §2.8.13).
 _FLAGS_OFF = 14
+
+
+@dataclass(frozen=True)
+class QueuePlan:
+    """One ring as the L1 programs it on a lower device (v1.4 §4.1.4.3 queue registers)."""
+
+    index: int
+    num: int
+    desc: int
+    driver: int
+    device: int
+    #: MSI-X vector (the L1 uses ring index + 1; vector 0 is the config vector).
+    vector: int
+
+
+@dataclass(frozen=True)
+class StartPlan:
+    """What a lower device is brought up with: the L1's negotiated features (without the stop
+    path's own bits), its live rings and where each starts."""
+
+    features: int
+    queues: tuple[QueuePlan, ...]
+    states: Mapping[int, RingState]
+    packed: bool
 
 
 class StopPath(Protocol):
     """One way to stop a lower device and carry its rings' state (module docstring)."""
 
     name: str
-    #: The feature bit the lower device must offer and the L1 accepts for it (0: none).
+    #: The feature bits the lower device must offer and the L1 accepts for it (0: none).
     feature: int
 
     async def stop(self, lower: LowerDevice) -> None:
         """Stop the device as a whole; on return every buffer it observed is used."""
 
-    async def resume(self, lower: LowerDevice) -> None:
-        """Continue after :meth:`stop`, rings where they stood."""
+    async def resume(self, lower: LowerDevice, plan: StartPlan) -> None:
+        """Continue after :meth:`stop`, rings where they stood (*plan*: the rings and the
+        states :meth:`ring_state` gave, for a path that leaves its stop by a reset)."""
 
     def ring_state(self, lower: LowerDevice, memory: GuestMemory, addr: VringAddr, num: int,
                    packed: bool) -> Derived:
         """A stopped ring's state in the vhost encoding."""
 
-    async def restore_bases(self, lower: LowerDevice, states: Mapping[int, RingState], packed: bool) -> None:
-        """Before DRIVER_OK on a fresh lower device: make its rings start at *states*
-        (:class:`~shadowvmm.errors.RefusedError` if this path cannot)."""
+    def queue_base(self, lower: LowerDevice, index: int, state: RingState, packed: bool) -> None:
+        """During a register-driven start, after queue *index*'s registers and before it is
+        enabled: make it start at *state* (:class:`~shadowvmm.errors.RefusedError` if this
+        path cannot set a base)."""
+
+    async def start(self, lower: LowerDevice, plan: StartPlan, source: LowerDevice) -> None:
+        """Bring the reset device *lower* (its IOMMU programmed) to running as *plan* says,
+        continuing what the stopped *source* did (RefusedError if this path cannot)."""
+
+
+async def register_start(path: StopPath, lower: LowerDevice, plan: StartPlan) -> None:
+    """The driver initialisation through registers (v1.4 §3.1.1): reset, ACKNOWLEDGE | DRIVER,
+    features (+ the path's bits), FEATURES_OK, each queue (registers, the path's base hook,
+    queue_enable), DRIVER_OK."""
+    await lower.probe()
+    await lower.negotiate(plan.features | path.feature)
+    t = lower.transport
+    for q in plan.queues:
+        t.setup_queue(q.index, q.num, q.desc, q.driver, q.device, q.vector)
+        state = plan.states.get(q.index)
+        if state is not None:
+            path.queue_base(lower, q.index, state, plan.packed)
+        t.enable_queue(q.index)
+    lower.write_status(LIVE)
 
 
 def fresh_base(index: int, packed: bool) -> RingState:
@@ -105,26 +154,34 @@ class SuspendPath:
     observed and sent the notifications first). Resume: set DRIVER_OK again, poll until
     SUSPEND=0 and DRIVER_OK=1. The ring state is derived from guest memory (split: the used
     idx, exact; packed: the descriptor flags, exact unless the driver published buffers the
-    device never observed, see :func:`packed_state`). virtio 1.4 has no register to set a ring base, so a
-    fresh device's rings can only start at 0: :meth:`restore_bases` refuses anything else.
+    device never observed, see :func:`packed_state`). virtio 1.4 has no register to set a ring
+    base, so a fresh device's rings can only start at 0: anything else is refused.
     """
 
     name = "suspend"
     feature = int(Feature.SUSPEND)
 
     async def stop(self, lower: LowerDevice) -> None:
-        lower.write_status(_LIVE | Status.SUSPEND)
+        lower.write_status(LIVE | Status.SUSPEND)
         await lower.wait_status(lambda v: bool(v & Status.SUSPEND) and not v & Status.DRIVER_OK, "SUSPEND")
 
-    async def resume(self, lower: LowerDevice) -> None:
-        lower.write_status(_LIVE)
+    async def resume(self, lower: LowerDevice, plan: StartPlan) -> None:
+        lower.write_status(LIVE)
         await lower.wait_status(lambda v: bool(v & Status.DRIVER_OK) and not v & Status.SUSPEND, "resume")
 
     def ring_state(self, lower: LowerDevice, memory: GuestMemory, addr: VringAddr, num: int,
                    packed: bool) -> Derived:
         return packed_state(memory, addr, num) if packed else Derived(split_state(memory, addr))
 
-    async def restore_bases(self, lower: LowerDevice, states: Mapping[int, RingState], packed: bool) -> None:
+    def queue_base(self, lower: LowerDevice, index: int, state: RingState, packed: bool) -> None:
+        self._refuse(lower, {index: state}, packed)
+
+    async def start(self, lower: LowerDevice, plan: StartPlan, source: LowerDevice) -> None:
+        self._refuse(lower, plan.states, packed=plan.packed)
+        await register_start(self, lower, plan)
+
+    @staticmethod
+    def _refuse(lower: LowerDevice, states: Mapping[int, RingState], packed: bool) -> None:
         moved = sorted(index for index, state in states.items() if state != fresh_base(index, packed))
         if moved:
             raise RefusedError(

@@ -1,0 +1,143 @@
+"""Scenario ``l1-moves-l2`` (entry point group ``shadowvmm.scenarios``; docs/nested.md
+"Running the scenarios").
+
+L0 is a machine with two devices built from the configured one (its peer's two exports of one
+image file: the device's and a destination's) and, on the admin path, an owner device (rng)
+whose members they are. L1 is an :class:`~.backend.L1Backend` on the first; L2 is a guest
+whose RAM lies inside L1's and that does blk I/O (write, read back) through L1's device. Under
+that I/O the L1 moves its L2's device to the second L0 device with :func:`~.move.move_device`.
+
+The stop path comes from the config: a device with ``stop_dialect = "stop"`` and ``ring_state
+= true`` uses :class:`~.ringstate.RingStatePath` (its reads and writes recorded as RING_STATE);
+any other the owner's admin queue, :class:`~.adminpath.AdminPath` (its commands recorded as
+ADMIN_COMMAND). The SUSPEND path cannot move rings past their start, so it is never chosen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+
+from shadowvmm.config import DeviceConfig
+from shadowvmm.errors import ScenarioError
+from shadowvmm.guest.admin import AdminClient
+from shadowvmm.guest.transport import PciGuestTransport
+from shadowvmm.machine import Machine
+from shadowvmm.memory import GuestMemory
+from shadowvmm.scenarios.context import LIVE, ScenarioContext
+from shadowvmm.scenarios.guestio import GuestIo
+from shadowvmm.scenarios.registry import Scenario
+from shadowvmm.shadow import StopDialect
+from shadowvmm.virtio.constants import DeviceId
+from shadowvmm.workload import StatusWatcher
+
+from .adminpath import AdminPath
+from .backend import L1Backend
+from .lower import LowerDevice
+from .move import move_device
+from .ringstate import RingStatePath
+from .stoppath import StopPath
+
+L0_NAMES = ("vblk0", "vblk1")
+#: I/O rounds at most while the move runs (each writes 8 blocks and reads all back).
+MAX_ROUNDS = 20
+
+
+def _lower(l0: Machine, name: str) -> LowerDevice:
+    transport = l0.guest_transport(name)
+    interrupts = l0.device(name).interrupts
+    if not isinstance(transport, PciGuestTransport) or interrupts is None:
+        raise ScenarioError(f"l1-moves-l2 needs a PCI device at L0 ({name})")
+    return LowerDevice.pci(transport, interrupts, name=f"l0-{name}")
+
+
+async def _l0(ctx: ScenarioContext, admin: bool) -> Machine:
+    l0 = Machine(ctx.cfg.memory_mib << 20, timeline=ctx.timeline, level="L0")
+    ctx.machines.append(l0)
+    if ctx.device.transport != "pci":
+        raise ScenarioError(f"l1-moves-l2 needs transport = \"pci\" ({ctx.device.name} has {ctx.device.transport!r})")
+    if admin:
+        await l0.add_device(DeviceConfig("owner", "inproc", {"device": "rng"}, admin_members=L0_NAMES))
+    for role, name in enumerate(L0_NAMES):
+        await l0.add_device(replace(ctx.peers.device(ctx.device, role), name=name))
+    return l0
+
+
+async def _path(ctx: ScenarioContext, l0: Machine, ring_state: bool) -> StopPath:
+    if ring_state:
+        return RingStatePath(ctx.device.stop_feature_bit, ctx.device.ring_state_feature_bit,
+                             tap=ctx.timeline.tap("L1", ctx.device.name))
+    client = AdminClient(l0.guest("owner"))
+    await client.start()
+    await client.list_use()
+    return AdminPath(client, {f"l0-{name}": member for member, name in enumerate(L0_NAMES, 1)},
+                     tap=ctx.timeline.tap("L1", "owner"))
+
+
+async def l1_moves_l2(ctx: ScenarioContext) -> None:
+    """L1 moves its L2's blk device to another L0 device under L2 I/O (module docstring)."""
+    dev = ctx.device
+    ring_state = dev.stop_dialect is StopDialect.STOP and dev.ring_state
+    l0 = await _l0(ctx, admin=not ring_state)
+    path = await _path(ctx, l0, ring_state)
+    ctx.report.notes.append(f"stop path: {path.name}")
+    lower, target = _lower(l0, L0_NAMES[0]), _lower(l0, L0_NAMES[1])
+    half = (ctx.cfg.memory_mib << 20) // 2
+    l2_memory = GuestMemory.alias(l0.memory, [(0, half, half)], name="l2")
+    l1 = Machine(memory=l2_memory, timeline=ctx.timeline, level="L1")
+    try:
+        backend = L1Backend(lower, l0.iommu(L0_NAMES[0]), stop_path=path)
+        await l1.add_device(DeviceConfig(dev.name, "l1", {}, queue_size=dev.queue_size), backend=backend)
+        guest = ctx.guest(l1, "L2")
+        io = GuestIo(guest, DeviceId.BLOCK, ctx.report, queue_size=min(dev.queue_size, 64))
+        if io.blk is None or backend.device_id is not DeviceId.BLOCK:
+            raise ScenarioError("l1-moves-l2 needs a blk device")
+        await io.start()
+        await io.io()
+        watcher = StatusWatcher(guest.status, interval=0).start()     # L2 polls its status meanwhile
+        start = time.perf_counter()
+        mover = asyncio.ensure_future(move_device(l1.device(dev.name), target, l0.iommu(L0_NAMES[1])))
+        rounds = 0
+        try:
+            while not mover.done() and rounds < MAX_ROUNDS:
+                await io.io()
+                rounds += 1
+            await mover
+        finally:
+            await watcher.stop()
+        took = (time.perf_counter() - start) * 1e3
+        await io.io()
+        await io.blk.flush()
+        await io.verify()
+        _check(ctx, backend, target, guest.transport.status_log.values)
+        ctx.report.notes.append(f"moved {L0_NAMES[0]} -> {L0_NAMES[1]} in {took:.3f} ms with {rounds} I/O "
+                                f"rounds during the move; {_cost(path)}")
+    finally:
+        for fault, count in l1.device(dev.name).faults.counts.items() if dev.name in l1.slots else ():
+            ctx.report.faults[fault.name] = ctx.report.faults.get(fault.name, 0) + count
+        await l1.close()
+        l2_memory.close()
+
+
+def _check(ctx: ScenarioContext, backend: L1Backend, target: LowerDevice, seen: list[int]) -> None:
+    report = ctx.report
+    report.check(backend.lower is target, f"L1's device is not on {target.name} after the move")
+    report.check(target.status() == LIVE, f"{target.name} reads {target.status():#x}, not DRIVER_OK")
+    live = seen[seen.index(LIVE):] if LIVE in seen else seen
+    report.check(live == [LIVE], f"L2 read {[hex(v) for v in live]} after DRIVER_OK, not DRIVER_OK throughout")
+
+
+def _cost(path: StopPath) -> str:
+    if isinstance(path, RingStatePath):
+        return f"{path.stop_accesses} register accesses to stop and capture, {path.base_writes} ring-state writes"
+    if isinstance(path, AdminPath):
+        return f"{path.stop_commands} admin commands to stop and capture, {path.start_commands} to start"
+    return ""
+
+
+#: The scenarios of this plugin (the ``nested`` entry point of ``shadowvmm.scenarios``).
+NESTED = {
+    "l1-moves-l2": Scenario("l1-moves-l2", "L1 moves its L2's blk device to another L0 device under L2 I/O "
+                            "(ring-state registers or the admin queue)", l1_moves_l2),
+}
