@@ -5,11 +5,13 @@ below, driven through that device's transport (as Linux vp_vdpa in an L1). See
 from __future__ import annotations
 
 from .backend import L1Backend, Phase, iommu_table
+from .l0migrate import L1Stack, build_l1, follow, migrate_l0, switch_over
 from .lower import Iommu, LowerDevice
 from .move import move_device
 from .stoppath import Derived, StopPath, SuspendPath, fresh_base, packed_state, split_state
 
 __all__ = [
-    "Derived", "Iommu", "L1Backend", "LowerDevice", "Phase", "StopPath", "SuspendPath", "fresh_base",
-    "iommu_table", "move_device", "packed_state", "split_state",
+    "Derived", "Iommu", "L1Backend", "L1Stack", "LowerDevice", "Phase", "StopPath", "SuspendPath", "build_l1",
+    "follow", "fresh_base", "iommu_table", "migrate_l0", "move_device", "packed_state", "split_state",
+    "switch_over",
 ]
