@@ -42,7 +42,7 @@ def write_outputs(timeline: Timeline, json_path: Path | None, png_path: Path | N
 async def run(args: argparse.Namespace, out: TextIO) -> int:
     if args.list:
         for scenario in SCENARIOS.values():
-            print(f"{scenario.name:12} {scenario.summary}", file=out)
+            print(f"{scenario.name:20} {scenario.summary}", file=out)
         return 0
     if not args.name or not args.config:
         raise ScenarioError("give a scenario NAME and --config FILE (or --list)")

@@ -130,8 +130,14 @@ def switch_over(stack: L1Stack, source: Machine, dest: Machine, name: str) -> No
         dest.device(name).notify(index)
 
 
+#: The options of :func:`migrate_l0`: the local model; a stop bound that a device behind a
+#: busy external back-end (requests drained at L0 under L2's load) meets on a shared host.
+L0_OPTIONS = MigrationOptions(mode="local", stop_timeout=2.0)
+
+
 async def migrate_l0(source: Machine, dest: Machine, stack: L1Stack, name: str, workdir: Path, *,
-                     timeline: Timeline | None = None) -> tuple[MigrationReport, DestinationReport]:
+                     timeline: Timeline | None = None,
+                     options: MigrationOptions = L0_OPTIONS) -> tuple[MigrationReport, DestinationReport]:
     """Live-migrate L0's *source* machine to *dest* (the local model: *dest* shares its memory)
     over a unix socket in *workdir*; L1 moves at switch-over (:func:`switch_over`). With a
     *timeline* the phases, SWITCH_OVER and DEST_START go on row ``(L0, "migration")``."""
@@ -144,8 +150,7 @@ async def migrate_l0(source: Machine, dest: Machine, stack: L1Stack, name: str, 
             return await migrate_in(dest, await listener.accept(10), timeline=tap)
         receiving = asyncio.ensure_future(incoming())
         try:
-            report = await migrate_out(source, await endpoint.connect(), MigrationOptions(mode="local"),
-                                       hooks, timeline=tap)
+            report = await migrate_out(source, await endpoint.connect(), options, hooks, timeline=tap)
         except BaseException:
             await asyncio.gather(receiving, return_exceptions=True)
             raise
