@@ -21,6 +21,7 @@ from ..memory import PAGE_SIZE
 from ..state.transport import StatefulTransport, TransportImage
 from ..timeline import EventKind, Tap
 from ..transport.pci import PCI_CAP_ID_MSIX
+from .iommu import IommuTables, unmap_all
 from .options import MODES, MachineLike, auto_busy_poll, busy_polling
 from .pages import PageSet, memory_digest, memory_identity, memory_layout
 from .report import DestinationReport, applied
@@ -94,6 +95,7 @@ async def _migrate_in(machine: MachineLike, channel: Channel, reader: StreamRead
             await _refuse(answer, error)
         await channel.close()
         await _unstage_all(machine)
+        await unmap_all(machine)
         if not _touched(machine):
             written.zero()
         if isinstance(exc, TimeoutError):
@@ -177,9 +179,11 @@ async def _unstage_all(machine: MachineLike) -> None:
 
 async def _receive(machine: MachineLike, reader: StreamReader, report: DestinationReport,
                    written: PageSet) -> dict[str, DeviceState]:
-    """Read to END: pages written as they come, each device state decoded and checked as it comes."""
+    """Read to END: pages written as they come, the IOMMU tables programmed (:mod:`.iommu`), each
+    device state decoded and checked as it comes."""
     memory = machine.memory
     states: dict[str, DeviceState] = {}
+    mapped = False
     while True:
         record: Record = await reader.read()
         if record.type is RecordType.PAGES:
@@ -205,6 +209,11 @@ async def _receive(machine: MachineLike, reader: StreamReader, report: Destinati
             check_state(state, slot.device, slot.transport)
             states[state.name] = state
             report.device_state_bytes += len(record.payload)
+        elif record.type is RecordType.IOMMU:
+            if states or mapped:
+                raise StreamError("IOMMU record after a device state, or sent twice")
+            mapped = True
+            await IommuTables.unpack(record).apply(machine)
         elif record.type is RecordType.ABORT:
             raise MigrationError(f"the source abandoned the migration: {record.decode().get('reason')}")
         elif record.type is RecordType.END:

@@ -11,7 +11,8 @@ Phases, source side (:func:`migrate_out`, :mod:`.source`):
    of the pages the dirty log marked, until a round's dirty set is small.
 3. **stop-and-copy**: every device stopped at once (``asyncio.gather``) with
    a per-device bound; one that misses it abandons the migration. Then the
-   final dirty pages, each device's state (ring bases, DEVICE_STATE where
+   final dirty pages, the devices' IOMMU tables (:mod:`.iommu`, when any is
+   programmed), each device's state (ring bases, DEVICE_STATE where
    negotiated) and END.
 4. **resume** on the destination (:func:`migrate_in`, :mod:`.destination`):
    it validates everything it buffered, applies the device states and starts

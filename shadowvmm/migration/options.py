@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..device import VirtioDevice
+from ..device import DmaMap, VirtioDevice
 from ..errors import MigrationError
 from ..memory import GuestMemory
 
@@ -28,6 +28,10 @@ class SlotLike(Protocol):
 
     @property
     def transport(self) -> Any: ...
+
+    @property
+    def iommu(self) -> DmaMap:
+        """The device's IOMMU table (migrated in the IOMMU record when not empty)."""
 
 
 class MachineLike(Protocol):

@@ -16,6 +16,7 @@ from ..memory import DirtyLog, GuestMemory
 from ..shadow import RunState
 from ..timeline import EventKind, Tap
 from .blockers import refuse_if_blocked
+from .iommu import IommuTables
 from .options import DEFAULT_OPTIONS, MachineLike, MigrationHooks, MigrationOptions, busy_polling, call_hook
 from .pages import Outcome, final_pages, memory_digest, memory_identity, memory_layout, precopy, send_pages
 from .report import MigrationReport, check_confirmation
@@ -201,6 +202,9 @@ class Outgoing:
         self.check()
         await send_pages(writer, final, options.batch_pages)
         report.pages_sent += len(final)
+        tables = IommuTables.of(self.machine)
+        if tables.tables:
+            await writer.write(RecordType.IOMMU, tables.pack())
         sent: dict[str, str] = {}
         for state in states:
             blob = state.pack()

@@ -57,6 +57,7 @@ class RecordType(enum.IntEnum):
     END = 6        #: [src->dst] end marker
     RESULT = 7     #: [dst->src] destination outcome: running, or refused and why
     ABORT = 8      #: [src->dst] the source abandoned the migration
+    IOMMU = 9      #: [src->dst] the devices' IOMMU tables, before any DEVICE (:mod:`.iommu`)
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
     scenarios = all_scenarios()
     if args.list:
         for scenario in scenarios.values():
-            print(f"{scenario.name:12} {scenario.summary}", file=out)
+            print(f"{scenario.name:20} {scenario.summary}", file=out)
         return 0
     if not args.name or not args.config:
         raise ScenarioError("give a scenario NAME and --config FILE (or --list)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from .adminpath import AdminPath
 from .backend import L1Backend, Phase, iommu_table
+from .l0migrate import L1Stack, build_l1, follow, migrate_l0, switch_over
 from .lower import Iommu, LowerDevice
 from .move import move_device
 from .ringstate import RingStatePath
@@ -22,7 +23,7 @@ from .stoppath import (
 )
 
 __all__ = [
-    "AdminPath", "Derived", "Iommu", "L1Backend", "LowerDevice", "Phase", "QueuePlan", "RingStatePath",
-    "StartPlan", "StopPath", "SuspendPath", "fresh_base", "iommu_table", "move_device", "packed_state",
-    "register_start", "split_state",
+    "AdminPath", "Derived", "Iommu", "L1Backend", "L1Stack", "LowerDevice", "Phase", "QueuePlan",
+    "RingStatePath", "StartPlan", "StopPath", "SuspendPath", "build_l1", "follow", "fresh_base", "iommu_table",
+    "migrate_l0", "move_device", "packed_state", "register_start", "split_state", "switch_over",
 ]

@@ -329,6 +329,25 @@ class L1Backend(BackendBase):
         for index in sorted(pending):
             self._notify(index)
 
+    # ------------------------------------------------------------------ L0 migrates L1 (l0migrate.py)
+
+    def rebind(self, lower: LowerDevice, iommu: Iommu) -> None:
+        """L0 migrated the machine this L1 runs in: the same L0 device (its state, its status,
+        its IOMMU table) is now served by *lower*. Unlike :meth:`switch_lower` nothing is
+        re-created and no register is written: the interrupts the old instance had raised are
+        delivered first, then the new instance's interrupt lines are watched."""
+        if lower.device_id != self.lower.device_id:
+            raise ArgumentError(f"{lower.name}: a {lower.device_id.name} device cannot stand for "
+                                f"{self.lower.name}, a {self.lower.device_id.name} one")
+        if self.memory is not None and list(iommu.mappings) != iommu_table(self.memory):
+            raise BackendError(f"{lower.name}: its IOMMU table {iommu.mappings} is not the one L1 programmed; "
+                               "the migration must carry it")
+        watching = bool(self._irq_fds)
+        self._unwatch_interrupts()
+        self.lower, self.iommu = lower, iommu
+        if watching:
+            self._watch_interrupts()
+
     # ------------------------------------------------------------------ the move (move.py)
 
     async def switch_lower(self, lower: LowerDevice, iommu: Iommu, states: Mapping[int, RingState]) -> None:

@@ -27,6 +27,7 @@ from shadowvmm.machine import Machine
 from shadowvmm.memory import GuestMemory
 from shadowvmm.scenarios.context import LIVE, ScenarioContext
 from shadowvmm.scenarios.guestio import GuestIo
+from shadowvmm.scenarios.peers import StartedPeers
 from shadowvmm.scenarios.registry import Scenario
 from shadowvmm.shadow import StopDialect
 from shadowvmm.virtio.constants import DeviceId
@@ -59,8 +60,11 @@ async def _l0(ctx: ScenarioContext, admin: bool) -> Machine:
         raise ScenarioError(f"l1-moves-l2 needs transport = \"pci\" ({ctx.device.name} has {ctx.device.transport!r})")
     if admin:
         await l0.add_device(DeviceConfig("owner", "inproc", {"device": "rng"}, admin_members=L0_NAMES))
+    peers = ctx.peers
+    if not isinstance(peers, StartedPeers):
+        raise ScenarioError("l1-moves-l2 takes its backends from the config's [[peer]] tables")
     for role, name in enumerate(L0_NAMES):
-        await l0.add_device(replace(ctx.peers.device(ctx.device, role), name=name))
+        await l0.add_device(replace(peers.device(ctx.device, role), name=name))
     return l0
 
 
