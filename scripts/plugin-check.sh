@@ -20,7 +20,13 @@ for name in "$@"; do
   venv="$work/$name"
   echo "== plugin $name: fresh venv $venv"
   "$python" -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check "$root" "$dir[test]"
+  # A plugin whose tests drive another first-party plugin (nested's qsd tests need vhost-user)
+  # names it in local-test-plugins, one folder name per line: installed from here, never fetched.
+  local_deps=()
+  if [ -f "$dir/local-test-plugins" ]; then
+    while read -r dep; do [ -n "$dep" ] && local_deps+=("$root/plugins/$dep"); done < "$dir/local-test-plugins"
+  fi
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check "$root" "${local_deps[@]}" "$dir[test]"
   "$venv/bin/python" - "$name" <<'PY'
 import sys
 from importlib import metadata
