@@ -62,9 +62,11 @@ class SocketWatch:
         return self
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            if os.path.exists(self.path):
-                self.seen_at = time.perf_counter()
+        while True:
+            if os.path.exists(self.path):       # looked at before the stop flag: join() comes
+                self.seen_at = time.perf_counter()   # only after the socket exists
+                return
+            if self._stop.is_set():
                 return
             time.sleep(0.00005)
 

@@ -21,7 +21,7 @@ from helpers import wait_for_count, wait_until
 from shadowvmm import cli
 from shadowvmm import config as configmod
 from shadowvmm.backends.base import Backend, Capability, load_backend
-from shadowvmm.backends.inproc import InProcBackend
+from shadowvmm.backends.inproc import BlkModel, InProcBackend
 from shadowvmm.config import DeviceConfig
 from shadowvmm.device import VirtioDevice
 from shadowvmm.errors import ArgumentError, BackendError, DeviceStateError
@@ -36,6 +36,7 @@ from shadowvmm.testing.guards import guarded
 from shadowvmm.testing.peers import QsdBlk, RefBlk
 from shadowvmm.testing.plugin import require_peer
 from shadowvmm.virtio.constants import Feature, Status
+from shadowvmm.virtio.split import SplitDeviceQueue, SplitLayout
 from shadowvmm.workload import StatusWatcher
 from shadowvmm_vhost_user import VhostUserBackend
 
@@ -289,6 +290,39 @@ async def test_ref_backend_killed_mid_io_resubmits_inflight_exactly_once(tmp_pat
         finally:
             await rig.close()
         assert writers.check_image(ref.image.read_bytes()) == []
+
+
+@pytest.mark.peer
+async def test_completion_published_unsignalled_by_a_killed_backend_reaches_the_guest(tmp_path: Path) -> None:
+    """A back-end killed after publishing a used entry but before signalling its call fd
+    (libvhost-user's vu_queue_push then vu_queue_notify) leaves a completion the guest was never
+    told about; the new session has nothing in flight on that ring and never signals it. The
+    device signals every ring once when a new session's rings start (a spurious interrupt is
+    allowed, v1.4 §2.7.10), so the guest reaps it. The dying back-end is played by the test: the
+    process is frozen with the request kicked, the test uses the request in guest memory (a
+    throwaway model executes it), then the process is killed and restarted."""
+    with RefBlk(tmp_path, size=IMAGE_BYTES, queues=2) as ref:
+        rig = await make_rig(vhost_blk(ref.socket_path, 2), reconnect=RECONNECT)
+        try:
+            await rig.driver.start(queue_size=64)
+            await asyncio.wait_for(rig.driver.write(0, pattern(0, 1), 1), 5)
+            os.kill(ref.pid, signal.SIGSTOP)
+            pending = asyncio.ensure_future(rig.driver.write(8, pattern(1, 1), 1))
+            q = rig.device.queues[1]
+            ring = SplitDeviceQueue(rig.device.memory, SplitLayout(q.size, q.desc, q.driver, q.device),
+                                    event_idx=bool(rig.device.driver_features & Feature.EVENT_IDX),
+                                    last_avail_idx=rig.device.memory.load_u16(q.device + 2))
+            await wait_until(lambda: ring.avail_idx() != ring.last_avail_idx, timeout=2, what="the kicked write")
+            chain = ring.pop()
+            assert chain is not None
+            ring.push(chain.head, BlkModel({"size": IMAGE_BYTES}).handle(rig.device.memory, chain))
+            await asyncio.to_thread(ref.kill)
+            await asyncio.to_thread(ref.restart)
+            await asyncio.wait_for(pending, 5)
+            await asyncio.wait_for(rig.driver.write(16, pattern(2, 1), 1), 5)
+            assert rig.device.stats.reconnects == 1 and not rig.guest.violations
+        finally:
+            await rig.close()
 
 
 # ---------------------------------------------------------------------- reset + immediate re-init

@@ -234,6 +234,7 @@ class SequencerMixin(LinkMixin):
             self._release_kicks(rings)
         logger.info("%s: backend started, %d rings running", self.name, len(rings))
         if fresh and self.stats.reconnects:
+            self._signal_rings(rings)
             self.stats.last_reconnect_seconds = self.clock() - self._lost_at
             after = f"{self.stats.last_reconnect_seconds * 1e3:.1f} ms after the loss"
             logger.info("%s: rings resumed on the new session %s", self.name, after)
@@ -472,6 +473,13 @@ class SequencerMixin(LinkMixin):
             self._release_kicks(rings)
         self._kick_all()
         logger.debug("%s: rings restarted", self.name)
+
+    def _signal_rings(self, rings: list[QueueRegs]) -> None:
+        """Interrupt the guest once per ring after a lost session: a back-end killed between
+        publishing a used entry and signalling it left a completion nobody announced, and the
+        new session has no reason to (a spurious interrupt is allowed, v1.4 §2.7.10)."""
+        for q in rings:
+            os.eventfd_write(self.call_fd(q.index), 1)
 
     def _kick_rings(self, rings: list[QueueRegs]) -> None:
         for q in rings:
