@@ -3,7 +3,7 @@
 Conventions (docs/README.md):
 
 * a fenced block whose first line is ``# file: NAME`` (python, toml, ...) is written to
-  ``NAME`` in the guide's work directory, not run by itself;
+  ``NAME`` (directories created) under the current directory, not run by itself;
 * ``sh`` blocks run in bash (``set -eo pipefail``); ``python`` blocks run as ``python -``
   under the same shell state; exported variables, the current directory and an activated
   venv carry over from one block to the next, as in one terminal;
@@ -81,7 +81,8 @@ def runnable(block: Block) -> bool:
 def script(block: Block) -> str:
     """The bash text that does what a reader does with *block*."""
     if block.file is not None:
-        return f"cat > {shlex.quote(block.file)} <<'{EOF}'\n{block.text}{EOF}\n"
+        name = shlex.quote(block.file)
+        return f"mkdir -p \"$(dirname {name})\"\ncat > {name} <<'{EOF}'\n{block.text}{EOF}\n"
     if block.lang == "python":
         return f"python - <<'{EOF}'\n{block.text}{EOF}\n"
     return block.text

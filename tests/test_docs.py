@@ -51,3 +51,13 @@ def test_unknown_language_and_unclosed_fence_are_errors(tmp_path: Path) -> None:
     guide.write_text("```sh\ntrue\n")
     with pytest.raises(ValueError, match="unclosed"):
         blocks(guide)
+
+
+def test_the_plugin_guide_names_every_capability() -> None:
+    from shadowvmm.backends.base import MANDATORY, Capability
+
+    text = (ROOT / "docs" / "guide-plugin.md").read_text()
+    missing = [c.name for c in Capability if c.name and c.name != "NONE" and f"`{c.name}`" not in text]
+    assert not missing, f"docs/guide-plugin.md does not describe {missing}"
+    undocumented = [op for op in MANDATORY if f"`{op}" not in text]
+    assert not undocumented, f"docs/guide-plugin.md does not describe {undocumented}"

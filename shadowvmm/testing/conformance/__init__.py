@@ -24,15 +24,24 @@ or ``SHARED_MEMORY``: a page the device writes is logged), ``events``
 (:attr:`Capability.EVENTS`: nothing reported that nobody caused), ``close``
 (every fd and task released).
 
-In a plugin's tests, :func:`conformance_suite` makes one pytest test per step.
+In a plugin's tests, :func:`conformance_suite` makes one pytest test per step (imported on
+first use: the kit itself runs without pytest installed).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from .report import ConformanceReport, Outcome, StepResult
 from .rig import ConformanceOptions, Factory
 from .runner import STEP_NAMES, expected_outcomes, not_offered, run_conformance
-from .suite import conformance_suite
 
 __all__ = ["STEP_NAMES", "ConformanceOptions", "ConformanceReport", "Factory", "Outcome", "StepResult",
            "conformance_suite", "expected_outcomes", "not_offered", "run_conformance"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "conformance_suite":
+        from .suite import conformance_suite
+        return conformance_suite
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
