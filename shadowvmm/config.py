@@ -109,6 +109,9 @@ class RunConfig:
     stop_after: int = 500
     stop_hold_ms: float = 20.0
     seed: int = 1
+    #: blk: compare what is read back with what was written (false for a disk that keeps
+    #: nothing: a qemu-storage-daemon null-co node reads zeroes).
+    verify: bool = True
     #: virtio-fs: files created, written, read back and unlinked through FUSE.
     files: int = 16
     #: virtio-fs: bytes per file.
@@ -246,6 +249,8 @@ RUN = OptionSchema(
     Option("stop_hold_ms", float, _RUN.stop_hold_ms, "how long the backend stays stopped",
            min=0, max=60_000),
     Option("seed", int, _RUN.seed, "workload seed", min=-(1 << 63), max=(1 << 63) - 1),
+    Option("verify", bool, _RUN.verify, "blk: compare the read-back with what was written "
+           "(false for a null-co disk, which reads zeroes)"),
     Option("files", int, _RUN.files, "virtio-fs: files created, read back and unlinked", min=1, max=10**6),
     Option("file_bytes", int, _RUN.file_bytes, "virtio-fs: bytes per file", min=1, max=16 << 20),
     Option("frames", int, _RUN.frames, "virtio-net: frames sent and expected back", min=1, max=10**8),

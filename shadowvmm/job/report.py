@@ -109,7 +109,7 @@ def not_negotiated(dev_cfg: DeviceConfig, offered: int, negotiated: int) -> list
     spec = dev_cfg.dialect_spec()
     wanted: list[tuple[str, int, str]] = []
     if dev_cfg.packed:
-        wanted.append(("packed = true", int(Feature.RING_PACKED), "VIRTIO_F_RING_PACKED (split rings used)"))
+        wanted.append(("packed = true", int(Feature.RING_PACKED), "VIRTIO_F_RING_PACKED"))
     if spec.dialect is not StopDialect.NONE:
         bit = spec.feature.bit_length() - 1
         wanted.append((f'stop_dialect = "{spec.dialect.value}"', spec.feature, f"its feature bit {bit}"))
@@ -122,5 +122,6 @@ def not_negotiated(dev_cfg: DeviceConfig, offered: int, negotiated: int) -> list
             continue
         why = "the device offered it but the guest driver did not accept it" if offered & mask \
             else "the device did not offer it"
-        out.append(f"{asked} asked for, {what} not negotiated: {why}")
+        fallback = " (split rings used)" if mask == Feature.RING_PACKED else ""
+        out.append(f"{asked} asked for, {what} not negotiated{fallback}: {why}")
     return out
