@@ -262,7 +262,7 @@ def _config_space(table: dict[str, Any], path: str) -> bytes | None:
     if not table:
         return None
     kind = table.get("device")
-    if kind not in CONFIG_SPACES:
+    if not isinstance(kind, str) or kind not in CONFIG_SPACES:
         raise ConfigError(f"{path}.device", f"expected one of {', '.join(map(repr, CONFIG_SPACES))}, got {kind!r}")
     values = CONFIG_SPACES[kind].validate(table, path)
     try:
@@ -271,8 +271,10 @@ def _config_space(table: dict[str, Any], path: str) -> bytes | None:
         return NetConfig(mac=NetConfig.parse_mac(values["mac"]), mtu=values["mtu"],
                          max_virtqueue_pairs=values["max_virtqueue_pairs"]).pack(NET_CONFIG_BASE_SIZE)
     except (ArgumentError, ValueError) as exc:
-        key = "tag" if kind == "fs" else "mac"
-        raise ConfigError(f"{path}.{key}", str(exc)) from None
+        if kind == "fs":
+            raise ConfigError(f"{path}.tag", str(exc)) from None
+        raise ConfigError(f"{path}.mac", f'expected six hex bytes such as "52:54:00:12:34:56", got '
+                                         f"{values['mac']!r} ({exc})") from None
 
 
 def plugin_options(name: str, key: str) -> OptionSchema | None:
