@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import sys
+import textwrap
 from collections.abc import Sequence
 from importlib import metadata
 from typing import Any, Protocol, TextIO
@@ -34,6 +35,8 @@ COMMANDS_GROUP = "shadowvmm.commands"
 #: Entry-point groups through which a distribution plugs into shadowvmm (``--version`` lists them).
 PLUGIN_GROUPS = ("shadowvmm.backends", COMMANDS_GROUP, "shadowvmm.scenarios")
 PACKAGE = "shadowvmm"
+#: Columns of a command's description in its --help (its examples are kept as written).
+HELP_WIDTH = 88
 
 
 class Command(Protocol):
@@ -225,6 +228,7 @@ def build_parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=command.help, description=command.help, parents=[common],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         command.add_arguments(p)
+        p.description = "\n\n".join(textwrap.fill(par, HELP_WIDTH) for par in (p.description or "").split("\n\n"))
         examples.append(f"  {name:<10} {command.help}\n             e.g. {_first_example(p.epilog) or '-'}")
     parser.epilog = "commands (shadowvmm COMMAND --help for each one's options and examples):\n" + "\n".join(examples)
     return parser

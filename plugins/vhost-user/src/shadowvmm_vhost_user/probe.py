@@ -244,10 +244,14 @@ class ProbeCommand:
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.description = (
-            f"{self.help}. The process listening on SOCKET is looked up first (without connecting): "
-            "its device type names the device feature bits unless --device is given. "
-            f"{ONE_SHOT[0].upper()}{ONE_SHOT[1:]}: probe refuses without --force (exit 2). "
-            f"{ONE_AT_A_TIME[0].upper()}{ONE_AT_A_TIME[1:]}.")
+            "Probe a vhost-user back-end: its features by name, protocol features, queues, memory "
+            "slots and config space. The process listening on SOCKET is looked up first, without "
+            "connecting: its device type (qemu-storage-daemon: blk, virtiofsd: fs, dpdk-testpmd: "
+            "net) names the device feature bits unless --device is given.\n\n"
+            "virtiofsd serves one session and exits when it ends, so a probe would use it up: "
+            "probe refuses (exit 2) unless --force, also for --device fs. qemu-storage-daemon "
+            "serves one front-end at a time per export: while a VMM holds the export a probe "
+            "waits, then times out, and says why.")
         parser.epilog = ("examples:\n  shadowvmm probe /run/qsd/blk0.sock\n"
                          "  shadowvmm probe --device net --json /tmp/testpmd.sock\n"
                          "  shadowvmm probe --device fs --force /tmp/virtiofsd.sock   # uses up its session")
