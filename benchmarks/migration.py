@@ -86,7 +86,7 @@ async def one_migration(tmp: Path, sockets: list[Path] | None, image: Path, paus
         await asyncio.sleep(0.1)
         await load.stop()
         bad = await load.verify()
-        return {"downtime_ms": report.downtime_s * 1e3, "stop_ms": report.stop_s * 1e3, "in_flight": in_flight,
+        return {"downtime_ms": report.downtime_ms, "stop_ms": report.stop_ms, "in_flight": in_flight,
                 "ok": not bad and not load.stats.errors}
     finally:
         guest.close()

@@ -144,7 +144,9 @@ VOCABULARY = ["machine", "memory_mib", "device", "run", "name", "backend", "back
               "packed", "vmm_features",
               "reconnect", "interval_ms", "deadline_ms", "size", "queues", "image", "latency_us", "socket",
               "timeout", "requests", "queue_depth", "request_bytes", "stop_after", "stop_hold_ms", "seed",
-              "inproc", "vhost-user", "vdpa", "blk", "rng", "pci", "mmio", "suspend", "stop", "none", "x"]
+              "inproc", "vhost-user", "vdpa", "blk", "rng", "pci", "mmio", "suspend", "stop", "none", "x",
+              "config_space", "tag", "mac", "mtu", "num_request_queues", "max_virtqueue_pairs", "fs", "net",
+              "verify", "files", "file_bytes", "frames", "peer", "source"]
 
 
 def _value(d: Data, depth: int) -> Any:

@@ -21,7 +21,7 @@ MAX_FUNCTION_LINES = 80
 LAYERS: list[tuple[str, ...]] = [
     ("shadowvmm.errors",),
     ("shadowvmm.memory",),
-    ("shadowvmm.virtio", "shadowvmm.options"),
+    ("shadowvmm.virtio", "shadowvmm.options", "shadowvmm.progress"),
     ("shadowvmm.backends",),
     ("shadowvmm.state",),
     ("shadowvmm.shadow", "shadowvmm.lifecycle", "shadowvmm.timeline"),
@@ -32,6 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("shadowvmm.migration",),
     ("shadowvmm.testing",),
     ("shadowvmm.scenarios", "shadowvmm.plot"),
+    ("shadowvmm.job",),
     ("shadowvmm.cli", "shadowvmm.__main__"),
     ("shadowvmm_vhost_user", "shadowvmm_vdpa", "shadowvmm_faulty", "shadowvmm_nested"),
 ]

@@ -1,8 +1,10 @@
 """Command line: ``shadowvmm run | migrate | scenario`` plus the commands plugins add (``probe``).
 
-Plugins add subcommands through the ``shadowvmm.commands`` entry-point group: each entry
-resolves to a :class:`Command`. ``-v`` (INFO: lifecycle transitions) and ``--trace`` (DEBUG:
-every backend message) work before or after the subcommand.
+Every command is a :class:`Command` in one table: :func:`builtin_commands` for the core's,
+the ``shadowvmm.commands`` entry-point group for the plugins'. ``-v`` (INFO: lifecycle
+transitions) and ``--trace`` (DEBUG: every backend message) work before or after the
+subcommand; ``--version`` names the package and every plugin distribution with its version.
+Every report command takes ``--json``; progress goes to stderr only when it is a terminal.
 
 Every :class:`~shadowvmm.errors.ShadowVmmError` (a bad config above all: the
 file, the key path and what was expected) ends the command with one line,
@@ -14,183 +16,117 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
-import time
-from dataclasses import dataclass, field
+import textwrap
+from collections.abc import Sequence
 from importlib import metadata
-from typing import Protocol, TextIO
+from typing import Any, Protocol, TextIO
 
 from . import config as configmod
-from .backends.base import load_backend
-from .device import VirtioDevice
-from .errors import ConfigError, DeviceFailedError, GuestMemoryError, PluginError, ShadowVmmError
-from .guest.blk import BlkDriver
-from .guest.rng import RngDriver
-from .lifecycle import unless_failed
-from .machine import Machine
+from .errors import PluginError, ShadowVmmError
+from .job import run as job
 from .migration import cli as migration_cli
 from .scenarios import cli as scenario_cli
 from .timeline import Timeline
-from .virtio.constants import BlkFeature, DeviceId, Status, feature_names
-from .workload import StatusWatcher, blk_write_verify
-
-
-@dataclass
-class StopReport:
-    in_flight_at_stop: int = 0
-    stop_ms: float = 0.0
-    held_ms: float = 0.0
-    kicks_while_stopped: int = 0
-    ring_states: list[tuple[int, int]] = field(default_factory=list)
-
-
-async def _stop_midway(device, guest, after: int, hold: float, report: StopReport,
-                       finished: asyncio.Event) -> None:
-    while (sum(q.completed for q in guest.queues) < after
-           or not sum(q.ring.in_flight for q in guest.queues)) and not finished.is_set():
-        await asyncio.sleep(0.0001)
-    report.in_flight_at_stop = sum(q.ring.in_flight for q in guest.queues)
-    kicks = device.stats.kicks
-    t0 = time.perf_counter()
-    states = await device.stop()
-    report.stop_ms = (time.perf_counter() - t0) * 1e3
-    report.ring_states = [(s.index, s.base) for s in states]
-    await asyncio.sleep(hold)
-    report.kicks_while_stopped = device.stats.kicks - kicks
-    report.held_ms = (time.perf_counter() - t0) * 1e3
-    await device.resume()
-
-
-def _status_text(values: set[int]) -> str:
-    return ", ".join(f"{v:#04x} ({'|'.join(str(b.name) for b in Status if v & b)})"
-                     for v in sorted(values))
-
-
-def _machine(cfg: configmod.MachineConfig) -> Machine:
-    try:
-        return Machine(cfg.memory_mib << 20)
-    except OSError as exc:
-        raise cfg.error("machine.memory_mib", f"cannot map {cfg.memory_mib} MiB of guest memory: "
-                                              f"{exc.strerror or exc}") from exc
-
-
-async def _add_device(machine: Machine, cfg: configmod.MachineConfig, index: int) -> VirtioDevice:
-    """Build device *index*. A ConfigError from its backend (refusing an option when built, or
-    when it connects: a queue count the back-end lacks) names the file and the full key path."""
-    dev_cfg = cfg.devices[index]
-    factory = load_backend(dev_cfg.backend)
-    try:
-        return await machine.add_device(dev_cfg, factory(dev_cfg.backend_config))
-    except ConfigError as exc:
-        raise cfg.backend_error(index, exc) from exc
-
-
-async def run(cfg: configmod.MachineConfig, out=sys.stdout) -> int:
-    """The main job: bring up every device, drive I/O, stop transparently mid-I/O."""
-    machine = _machine(cfg)
-    failures = 0
-    try:
-        for index, dev_cfg in enumerate(cfg.devices):
-            device = await _add_device(machine, cfg, index)
-            guest = machine.guest(dev_cfg.name)
-            print(f"== {dev_cfg.name}: {device.device_id.name} over {dev_cfg.transport}, "
-                  f"backend {dev_cfg.backend} ({device.backend.implementation})", file=out)
-            try:
-                if device.device_id == DeviceId.BLOCK:
-                    failures += await unless_failed(device, _run_blk(cfg, dev_cfg, device, guest, out))
-                elif device.device_id == DeviceId.RNG:
-                    failures += await unless_failed(device, _run_rng(dev_cfg, guest, out))
-                else:
-                    print("   (no workload for this device type)", file=out)
-            except DeviceFailedError as exc:
-                failures += 1
-                print(f"   FAILED: the backend of {dev_cfg.name} failed: {exc.__cause__ or exc}", file=out)
-            except GuestMemoryError as exc:
-                raise cfg.error("machine.memory_mib", f"{cfg.memory_mib} MiB of guest memory does not hold "
-                                                      f"{dev_cfg.name}'s rings and buffers ({exc})") from exc
-            guest.close()
-            print(f"   guest faults counted: {device.faults.total}", file=out)
-    finally:
-        await machine.close()
-    print("RESULT:", "PASS" if not failures else f"FAIL ({failures})", file=out)
-    return 1 if failures else 0
-
-
-async def _run_rng(dev_cfg, guest, out) -> int:
-    rng = RngDriver(guest)
-    await rng.start(packed=dev_cfg.packed)
-    data = await rng.read(64)
-    print(f"   rng: read {len(data)} bytes: {data[:16].hex()}...", file=out)
-    return int(len(data) != 64)
-
-
-def _check_run(cfg: configmod.MachineConfig, dev_cfg: configmod.DeviceConfig, driver: BlkDriver) -> None:
-    """The [run] table against what the started disk offers (its size, its request slots)."""
-    slots = min(min(queue.size, driver.slots_per_queue) for queue in driver.dev.queues)
-    if cfg.run.queue_depth > slots:
-        raise cfg.error("run.queue_depth", f"{cfg.run.queue_depth} is more than the {slots} requests "
-                                           f"{dev_cfg.name} takes per queue (its queue_size, at most "
-                                           f"{driver.slots_per_queue})")
-    if cfg.run.request_bytes > driver.capacity_bytes:
-        raise cfg.error("run.request_bytes", f"{cfg.run.request_bytes} is larger than {dev_cfg.name}'s "
-                                             f"disk ({driver.capacity_bytes} bytes)")
-
-
-async def _run_blk(cfg, dev_cfg, device, guest, out) -> int:
-    run_cfg = cfg.run
-    driver = BlkDriver(guest)
-    features = await driver.start(packed=dev_cfg.packed, queue_size=dev_cfg.queue_size)
-    _check_run(cfg, dev_cfg, driver)
-    c = driver.config
-    assert c is not None
-    print(f"   negotiated: {', '.join(feature_names(features, BlkFeature))}", file=out)
-    print(f"   capacity {driver.capacity_bytes >> 20} MiB, {c.num_queues} queue(s), "
-          f"seg_max {c.seg_max}, id {await driver.get_id()!r}", file=out)
-    watcher = StatusWatcher(guest.status).start()
-    report = StopReport()
-    finished = asyncio.Event()
-    stopper = asyncio.create_task(_stop_midway(device, guest, run_cfg.stop_after,
-                                               run_cfg.stop_hold_ms / 1e3, report, finished))
-    t0 = time.perf_counter()
-    try:
-        res = await blk_write_verify(driver, requests=run_cfg.requests,
-                                     queue_depth=run_cfg.queue_depth,
-                                     block_bytes=run_cfg.request_bytes, seed=run_cfg.seed)
-        finished.set()
-        await stopper
-        elapsed = time.perf_counter() - t0
-        await driver.flush()
-    finally:
-        if not stopper.done():      # the run failed: the stop/resume cycle has nothing to finish
-            stopper.cancel()
-            await asyncio.gather(stopper, return_exceptions=True)
-        await watcher.stop()
-    ok = not res.mismatches and watcher.values == {int(Status.ACKNOWLEDGE | Status.DRIVER
-                                                       | Status.FEATURES_OK | Status.DRIVER_OK)}
-    print(f"   I/O: {res.writes} writes + {res.reads} read-back of {run_cfg.request_bytes} B "
-          f"in {elapsed:.2f} s, {len(res.mismatches)} mismatches", file=out)
-    print(f"   transparent stop after {run_cfg.stop_after} completions: "
-          f"{report.in_flight_at_stop} requests in flight, stop took {report.stop_ms:.2f} ms, "
-          f"held {report.held_ms:.1f} ms, {report.kicks_while_stopped} guest kicks while stopped",
-          file=out)
-    print(f"   ring state at stop (queue, last_avail): {report.ring_states}", file=out)
-    print(f"   guest read device_status {watcher.reads} times, values seen: "
-          f"{_status_text(watcher.values)}", file=out)
-    return 0 if ok else 1
-
 
 COMMANDS_GROUP = "shadowvmm.commands"
+#: Entry-point groups through which a distribution plugs into shadowvmm (``--version`` lists them).
+PLUGIN_GROUPS = ("shadowvmm.backends", COMMANDS_GROUP, "shadowvmm.scenarios")
+PACKAGE = "shadowvmm"
+#: Columns of a command's description in its --help (its examples are kept as written).
+HELP_WIDTH = 88
 
 
 class Command(Protocol):
-    """A subcommand a plugin adds (entry-point group ``shadowvmm.commands``)."""
+    """A subcommand (entry-point group ``shadowvmm.commands`` for a plugin's). ``add_arguments``
+    may set ``parser.description`` and ``parser.epilog`` (examples); ``shadowvmm --help`` lists
+    each command with the first example of its epilog."""
 
     help: str
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
 
     async def run(self, args: argparse.Namespace, out: TextIO) -> int: ...
+
+
+async def run(cfg: configmod.MachineConfig, out: TextIO = sys.stdout, err: TextIO | None = None) -> int:
+    """The main job of *cfg* with its text report on *out*; the exit code (0 pass or skipped, 1 fail)."""
+    return (await job.run(cfg, out, err)).exit_code
+
+
+def _check_text(cfg: configmod.MachineConfig) -> str:
+    devices = ", ".join(f"{d.name} ({d.backend}{', peer ' + d.peer if d.peer else ''})" for d in cfg.devices)
+    peers = ", ".join(f"{p.name} ({p.kind})" for p in cfg.peers) or "none"
+    return f"{cfg.source}: OK: {len(cfg.devices)} device(s): {devices or 'none'}; peers: {peers}"
+
+
+class RunCommand:
+    help = "run the configured machine's main job (every device's workload) and report"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.description = (
+            "Bring up every device of CONFIG (starting its [[peer]]s, stopping them after), run "
+            "each device type's workload (blk: random writes with a transparent stop mid-I/O and a "
+            "read-back; rng: entropy; fs: FUSE create/write/read/readdir/unlink; net: frames echoed "
+            "by the peer), report. A device type without a workload is SKIPPED; RESULT is PASS only "
+            "if every device with a workload passed. Exit 0 pass or skipped, 1 fail, 2 bad config.")
+        parser.epilog = ("examples:\n  shadowvmm run configs/default.toml\n"
+                         "  shadowvmm run configs/blk-qsd.toml --json\n"
+                         "  shadowvmm run --check configs/fs-virtiofsd.toml\n"
+                         "  shadowvmm run configs/default.toml --set run.requests=200")
+        parser.add_argument("config", help="machine config (TOML)")
+        parser.add_argument("--json", action="store_true", help="print the report as JSON")
+        parser.add_argument("--check", action="store_true",
+                            help="validate the config (and --set) and exit without starting anything")
+        parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", dest="overrides",
+                            help="override a config value (repeatable): run.requests=200, device[0].packed=true")
+
+    async def run(self, args: argparse.Namespace, out: TextIO) -> int:
+        cfg = configmod.load(args.config, args.overrides)
+        if args.check:
+            text = json.dumps({"config": cfg.source, "ok": True, "devices": [d.name for d in cfg.devices],
+                               "peers": [p.name for p in cfg.peers]}, indent=2) if args.json else _check_text(cfg)
+            print(text, file=out)
+            return 0
+        report = await job.run(cfg, None if args.json else out, sys.stderr)
+        if args.json:
+            print(json.dumps(report.as_dict(), indent=2), file=out)
+        return report.exit_code
+
+
+class MigrateCommand:
+    help = migration_cli.HELP
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        migration_cli.add_arguments(parser)
+
+    async def run(self, args: argparse.Namespace, out: TextIO) -> int:
+        timeline = Timeline() if args.timeline or args.plot else None
+        code = await migration_cli.run(args, out=out, timeline=timeline)
+        if timeline is not None:
+            scenario_cli.write_outputs(timeline, args.timeline, args.plot, "shadowvmm migrate")
+        return code
+
+
+class ScenarioCommand:
+    help = scenario_cli.HELP
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        scenario_cli.add_arguments(parser)
+
+    async def run(self, args: argparse.Namespace, out: TextIO) -> int:
+        return await scenario_cli.run(args, out)
+
+
+def builtin_commands() -> dict[str, Command]:
+    """The core's commands, in the order ``--help`` lists them."""
+    return {
+        "run": RunCommand(),
+        "migrate": MigrateCommand(),
+        "scenario": ScenarioCommand(),
+    }
 
 
 def plugin_commands() -> dict[str, Command]:
@@ -202,6 +138,55 @@ def plugin_commands() -> dict[str, Command]:
         except Exception as exc:
             raise PluginError(f"command {ep.name!r} ({ep.value}) failed to load: {exc}") from exc
     return found
+
+
+def all_commands() -> dict[str, Command]:
+    """Built-in commands, then the plugins' (sorted); a plugin may not take a built-in name."""
+    builtin = builtin_commands()
+    plugins = plugin_commands()
+    for name in sorted(plugins):
+        if name in builtin:
+            raise PluginError(f"command {name!r} of a plugin clashes with the built-in command")
+    return {**builtin, **dict(sorted(plugins.items()))}
+
+
+def plugin_versions() -> list[dict[str, Any]]:
+    """Each distribution (other than the core) with an entry point in :data:`PLUGIN_GROUPS`:
+    its name, version and entry points (discovered, not imported)."""
+    found: dict[str, dict[str, Any]] = {}
+    for group in PLUGIN_GROUPS:
+        for ep in metadata.entry_points(group=group):
+            dist = ep.dist
+            name = dist.name if dist is not None else ep.module.partition(".")[0]
+            if name == PACKAGE:
+                continue
+            entry = found.setdefault(name, {"name": name, "version": dist.version if dist else "?",
+                                            "entry_points": []})
+            entry["entry_points"].append(f"{group.rpartition('.')[2]}:{ep.name}")
+    return sorted(found.values(), key=lambda e: e["name"])
+
+
+def version_text() -> str:
+    try:
+        version = metadata.version(PACKAGE)
+    except metadata.PackageNotFoundError:
+        version = "unknown (not installed)"
+    lines = [f"{PACKAGE} {version}", f"python {sys.version.split()[0]}"]
+    plugins = plugin_versions()
+    lines.append("plugins:" if plugins else "plugins: none")
+    lines += [f"  {p['name']} {p['version']} ({', '.join(p['entry_points'])})" for p in plugins]
+    return "\n".join(lines)
+
+
+class _Version(argparse.Action):
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the version of shadowvmm and of every plugin, and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(version_text())
+        parser.exit()
 
 
 def _runner() -> asyncio.Runner:
@@ -227,22 +212,31 @@ def _verbosity() -> argparse.ArgumentParser:
     return common
 
 
+def _first_example(epilog: str | None) -> str:
+    lines = [ln.strip() for ln in (epilog or "").splitlines() if ln.strip().startswith("shadowvmm ")]
+    return lines[0] if lines else ""
+
+
 def build_parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
     common = _verbosity()
-    parser = argparse.ArgumentParser(prog="shadowvmm", description=__doc__, parents=[common])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_run = sub.add_parser("run", help="run the configured machine's main job", parents=[common])
-    p_run.add_argument("config")
-    migration_cli.add_parser(sub, parents=[common])
-    scenario_cli.add_parser(sub, parents=[common])
-    for name, command in sorted(commands.items()):
-        command.add_arguments(sub.add_parser(name, help=command.help, parents=[common]))
+    parser = argparse.ArgumentParser(prog="shadowvmm", description=__doc__, parents=[common],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action=_Version)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    examples = []
+    for name, command in commands.items():
+        p = sub.add_parser(name, help=command.help, description=command.help, parents=[common],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        command.add_arguments(p)
+        p.description = "\n\n".join(textwrap.fill(par, HELP_WIDTH) for par in (p.description or "").split("\n\n"))
+        examples.append(f"  {name:<10} {command.help}\n             e.g. {_first_example(p.epilog) or '-'}")
+    parser.epilog = "commands (shadowvmm COMMAND --help for each one's options and examples):\n" + "\n".join(examples)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        commands = plugin_commands()
+        commands = all_commands()
     except ShadowVmmError as exc:
         print(f"shadowvmm: error: {_one_line(exc)}", file=sys.stderr)
         return 2
@@ -251,30 +245,14 @@ def main(argv: list[str] | None = None) -> int:
         logging.INFO if getattr(args, "verbose", False) else logging.ERROR
     logging.basicConfig(level=level, format="%(relativeCreated)9.3f %(levelname)s %(name)s: %(message)s")
     try:
-        if args.command == "run":
-            cfg = configmod.load(args.config)
-            with _runner() as runner:
-                return runner.run(run(cfg, sys.stdout))
-        if args.command in commands:
-            with _runner() as runner:
-                return runner.run(commands[args.command].run(args, sys.stdout))
-        if args.command == "migrate":
-            timeline = Timeline() if args.timeline or args.plot else None
-            with _runner() as runner:
-                code = runner.run(migration_cli.run(args, timeline=timeline))
-            if timeline is not None:
-                scenario_cli.write_outputs(timeline, args.timeline, args.plot, "shadowvmm migrate")
-            return code
-        if args.command == "scenario":
-            with _runner() as runner:
-                return runner.run(scenario_cli.run(args, sys.stdout))
+        with _runner() as runner:
+            return runner.run(commands[args.command].run(args, sys.stdout))
     except ShadowVmmError as exc:
         print(f"shadowvmm: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"shadowvmm: error: {_one_line(exc)}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -11,17 +11,20 @@ and names the file alone when it is not a readable UTF-8 TOML file.
 
 from __future__ import annotations
 
+import re
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .backends import base as plugins
-from .errors import ConfigError, PluginError
+from .errors import ArgumentError, ConfigError, PluginError
 from .lifecycle import ReconnectPolicy
 from .options import MAX_QUEUES, REQUIRED, Option, OptionSchema
 from .shadow import STOP_FEATURE_BITS, DialectSpec, FeaturePolicy, StopDialect
 from .virtio.constants import MAX_QUEUE_SIZE, Feature
+from .virtio.devcfg import FS_CONFIG_BASE_SIZE, FS_TAG_BYTES, NET_CONFIG_BASE_SIZE, FsConfig, NetConfig
 
 TRANSPORTS = ("pci", "mmio")
 #: Guest memory a machine may have (one memfd, mapped lazily).
@@ -65,6 +68,9 @@ class DeviceConfig:
     #: Devices of the same machine this one owns through an admin queue (v1.4 §2.12, SR-IOV
     #: group, member ids 1..N in this order); PCI only.
     admin_members: tuple[str, ...] = ()
+    #: Device config space the VMM serves when the backend serves none (``[device.config_space]``:
+    #: a virtio-fs tag, a virtio-net MAC), packed (:mod:`shadowvmm.virtio.devcfg`); None: the backend's.
+    config_space: bytes | None = None
 
     def dialect_spec(self) -> DialectSpec:
         """The stop dialect's bits (ConfigError with ``device.*`` keys if unusable)."""
@@ -73,7 +79,7 @@ class DeviceConfig:
 
 
 #: Peers a ``[[peer]]`` table may start (``kind``).
-PEER_KINDS = ("qemu-storage-daemon",)
+PEER_KINDS = ("qemu-storage-daemon", "virtiofsd", "dpdk-testpmd")
 #: Block node drivers of a qemu-storage-daemon peer: an image file (created sparse in the
 #: peer's work directory unless ``image`` names one) or ``null-co`` (reads return no data).
 PEER_DRIVERS = ("file", "null-co")
@@ -91,6 +97,8 @@ class PeerConfig:
     image: str = ""
     size: int = 64 << 20
     num_queues: int = 1
+    #: virtiofsd: the shared directory ("": a new empty one in the peer's work directory).
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,15 @@ class RunConfig:
     stop_after: int = 500
     stop_hold_ms: float = 20.0
     seed: int = 1
+    #: blk: compare what is read back with what was written (false for a disk that keeps
+    #: nothing: a qemu-storage-daemon null-co node reads zeroes).
+    verify: bool = True
+    #: virtio-fs: files created, written, read back and unlinked through FUSE.
+    files: int = 16
+    #: virtio-fs: bytes per file.
+    file_bytes: int = 16384
+    #: virtio-net: frames sent (and expected back from a looping peer).
+    frames: int = 512
 
 
 @dataclass(frozen=True)
@@ -167,7 +184,10 @@ PEER = OptionSchema(
                                             "temporary directory, removed afterwards)"),
     Option("size", int, PeerConfig.size, "bytes of a new image or of null-co", min=1 << 20, max=1 << 40,
            check=_sectors),
-    Option("num_queues", int, PeerConfig.num_queues, "queues of each export", min=1, max=64),
+    Option("num_queues", int, PeerConfig.num_queues, "queues of each export (testpmd: of its port)",
+           min=1, max=64),
+    Option("source", str, PeerConfig.source, 'virtiofsd: the shared directory ("": a new empty one in '
+                                              "a temporary directory, removed afterwards)"),
 )
 
 MACHINE = OptionSchema(
@@ -199,7 +219,22 @@ DEVICE = OptionSchema(
     Option("reconnect", object, "off", 'backend loss policy: "off", "unbounded" or a table'),
     Option("peer", str, DeviceConfig.peer, "a [[peer]] whose socket is the backend's socket option"),
     Option("admin_members", list, [], "names of the devices this owner controls through its admin queue"),
+    Option("config_space", dict, {}, "config space the VMM serves for a backend that serves none "
+                                     '(vhost-user without CONFIG): device = "fs" with tag, or "net" with mac'),
 )
+
+#: ``[device.config_space]`` per device type (v1.4 §5.11.4 virtio_fs_config, §5.1.4 virtio_net_config).
+CONFIG_SPACES = {
+    "fs": OptionSchema(
+        Option("device", str, REQUIRED, "device type"),
+        Option("tag", str, REQUIRED, f"the file system tag (1..{FS_TAG_BYTES} bytes)"),
+        Option("num_request_queues", int, 1, "request queues", min=1, max=MAX_QUEUES)),
+    "net": OptionSchema(
+        Option("device", str, REQUIRED, "device type"),
+        Option("mac", str, REQUIRED, 'MAC address ("52:54:00:12:34:56"); offer it with vmm_features'),
+        Option("mtu", int, 1500, "MTU", min=68, max=65535),
+        Option("max_virtqueue_pairs", int, 1, "queue pairs", min=1, max=0x8000)),
+}
 
 #: What ``socket`` is while a peer-fed backend_config is validated (the peer gives the real one).
 PEER_SOCKET_PLACEHOLDER = "/run/shadowvmm-peer.sock"
@@ -214,7 +249,32 @@ RUN = OptionSchema(
     Option("stop_hold_ms", float, _RUN.stop_hold_ms, "how long the backend stays stopped",
            min=0, max=60_000),
     Option("seed", int, _RUN.seed, "workload seed", min=-(1 << 63), max=(1 << 63) - 1),
+    Option("verify", bool, _RUN.verify, "blk: compare the read-back with what was written "
+           "(false for a null-co disk, which reads zeroes)"),
+    Option("files", int, _RUN.files, "virtio-fs: files created, read back and unlinked", min=1, max=10**6),
+    Option("file_bytes", int, _RUN.file_bytes, "virtio-fs: bytes per file", min=1, max=16 << 20),
+    Option("frames", int, _RUN.frames, "virtio-net: frames sent and expected back", min=1, max=10**8),
 )
+
+
+def _config_space(table: dict[str, Any], path: str) -> bytes | None:
+    """``[device.config_space]`` packed, or None when the table is empty."""
+    if not table:
+        return None
+    kind = table.get("device")
+    if not isinstance(kind, str) or kind not in CONFIG_SPACES:
+        raise ConfigError(f"{path}.device", f"expected one of {', '.join(map(repr, CONFIG_SPACES))}, got {kind!r}")
+    values = CONFIG_SPACES[kind].validate(table, path)
+    try:
+        if kind == "fs":
+            return FsConfig(values["tag"], values["num_request_queues"]).pack(FS_CONFIG_BASE_SIZE)
+        return NetConfig(mac=NetConfig.parse_mac(values["mac"]), mtu=values["mtu"],
+                         max_virtqueue_pairs=values["max_virtqueue_pairs"]).pack(NET_CONFIG_BASE_SIZE)
+    except (ArgumentError, ValueError) as exc:
+        if kind == "fs":
+            raise ConfigError(f"{path}.tag", str(exc)) from None
+        raise ConfigError(f"{path}.mac", f'expected six hex bytes such as "52:54:00:12:34:56", got '
+                                         f"{values['mac']!r} ({exc})") from None
 
 
 def plugin_options(name: str, key: str) -> OptionSchema | None:
@@ -254,7 +314,8 @@ def _device(table: Any, path: str) -> DeviceConfig:
         packed=values["packed"], ring_state=values["ring_state"],
         ring_state_feature_bit=values["ring_state_feature_bit"], vmm_features=values["vmm_features"],
         reconnect=ReconnectPolicy.parse(values["reconnect"], f"{path}.reconnect"), peer=values["peer"],
-        admin_members=_admin_members(values["admin_members"], f"{path}.admin_members"))
+        admin_members=_admin_members(values["admin_members"], f"{path}.admin_members"),
+        config_space=_config_space(values["config_space"], f"{path}.config_space"))
     try:
         config.dialect_spec()
     except ConfigError as exc:
@@ -268,6 +329,9 @@ def _peers(tables: list[Any], devices: list[DeviceConfig]) -> tuple[PeerConfig, 
         values = PEER.validate(table, f"peer[{index}]")
         if any(p.name == values["name"] for p in peers):
             raise ConfigError(f"peer[{index}].name", f"duplicate peer name {values['name']!r}")
+        if values["source"] and values["kind"] != "virtiofsd":
+            raise ConfigError(f"peer[{index}].source",
+                              f"only a virtiofsd peer shares a directory, not {values['kind']!r}")
         if values["image"] and values["driver"] != "file":
             raise ConfigError(f"peer[{index}].image", f"an image needs driver \"file\", not {values['driver']!r}")
         peers.append(PeerConfig(**values))
@@ -346,8 +410,48 @@ def _read(source: str) -> str:
                                   f"{exc.start})") from None
 
 
-def load(path: str | Path) -> MachineConfig:
-    """Read and validate a TOML config file; every error names the file."""
+_STEP = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:\[(\d+)\])?$")
+
+
+def _override_value(text: str) -> Any:
+    """A ``--set`` value: a TOML value (``200``, ``true``, ``"x"``), else the text as a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except (ValueError, RecursionError):
+        return text
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Set ``KEY.PATH=VALUE`` (``run.requests=200``, ``device[0].queue_size=64``) in a decoded
+    document; a missing table is created. ConfigError (key ``--set``) for a malformed one."""
+    key, sep, text = assignment.partition("=")
+    steps = [_STEP.match(part) for part in key.strip().split(".")]
+    if not sep or not key.strip() or not all(steps):
+        raise ConfigError("--set", f"expected KEY.PATH=VALUE (run.requests=200, device[0].packed=true), "
+                                   f"got {assignment!r}")
+    node: Any = data
+    for i, match in enumerate(steps):
+        assert match is not None
+        name, index = match.group(1), match.group(2)
+        last = i == len(steps) - 1
+        if index is not None:
+            items = node.get(name) if isinstance(node, dict) else None
+            if not isinstance(items, list) or int(index) >= len(items) or not isinstance(items[int(index)], dict):
+                raise ConfigError("--set", f"{key}: the config has no table {name}[{index}]")
+            if last:
+                raise ConfigError("--set", f"{key}: give a key inside {name}[{index}]")
+            node = items[int(index)]
+        elif last:
+            node[name] = _override_value(text.strip())
+        else:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise ConfigError("--set", f"{key}: {name} is not a table")
+
+
+def load(path: str | Path, overrides: Sequence[str] = ()) -> MachineConfig:
+    """Read and validate a TOML config file (each of *overrides*, ``KEY.PATH=VALUE``, applied
+    before validation); every error names the file."""
     source = str(path)
     text = _read(source)
     try:
@@ -356,6 +460,8 @@ def load(path: str | Path) -> MachineConfig:
         raise ConfigError(source, f"invalid TOML: {exc}") from exc
     except RecursionError as exc:
         raise ConfigError(source, "invalid TOML: nested too deeply") from exc
+    for assignment in overrides:
+        apply_override(data, assignment)
     try:
         cfg = parse(data)
     except ConfigError as exc:

@@ -13,7 +13,8 @@ and queue, the value and its limit.
     ├── ArgumentError (ValueError)  a caller passed a value the API refuses
     │   ├── ArgumentTypeError (TypeError)
     │   ├── TimelineFormatError     a timeline document that cannot be read
-    │   └── ScenarioError           an unknown scenario, or one the device cannot run
+    │   ├── ScenarioError           an unknown scenario, or one the device cannot run
+    │   └── ProbeRefused            probing would use up a one-shot back-end's only session
     ├── GuestMemoryError            a guest-physical access outside guest memory
     ├── AdminStatusError            an administration command refused (its status and qualifier)
     │   └── AdminFormatError        a malformed command or part (status EINVAL)
@@ -85,6 +86,11 @@ class ArgumentTypeError(ArgumentError, TypeError):
 
 class TimelineFormatError(ArgumentError):
     """A timeline document (:meth:`shadowvmm.timeline.Timeline.from_json`) that cannot be read."""
+
+
+class ProbeRefused(ArgumentError):
+    """A probe not done: it would use up the only session of a one-shot back-end (virtiofsd
+    exits after its session); the caller may insist (``shadowvmm probe --force``)."""
 
 
 class ScenarioError(ArgumentError):

@@ -74,7 +74,8 @@ class Machine:
                                vmm_emulated=base.vmm_emulated | config.vmm_features | admin_bit)
         device = VirtioDevice(backend, self.memory, name=config.name, num_queues=config.num_queues,
                               queue_size=config.queue_size, policy=policy,
-                              config_override=config_override, reconnect=config.reconnect,
+                              config_override=config.config_space if config_override is None else config_override,
+                              reconnect=config.reconnect,
                               timeline=self.tap(config.name + self.suffix), admin_queue=owner)
         await device.realize()
         try:

@@ -125,7 +125,7 @@ def test_copy_migration_between_namespaces(tmp_path: Path, netns: Netns) -> None
     assert sum(src_report["dirty_per_round"]) > 0, "nothing was dirtied during pre-copy"
     assert dst_report["pages_received"] == src_report["pages_sent"] > 0
     assert dst_report["running"] == {"blk0": True}
-    assert "pre-copy round 0" in source.stderr
+    assert src_report["rounds"] >= 1
 
 
 @pytest.mark.peer

@@ -26,16 +26,23 @@ from ..errors import MigrationError
 from ..guest.blk import BlkDriver
 from ..guest.driver import GuestDevice
 from ..machine import Machine
+from ..progress import Progress
 from ..timeline import Timeline
 from ..virtio.constants import DeviceId
 from .harness import BlkLoad, move_guest
 from .migrate import MigrationHooks, MigrationOptions, RoundInfo, migrate_in, migrate_out
 from .stream import Endpoint
 
+HELP = "live-migrate a machine's devices (and memory) under guest load"
+EXAMPLES = """examples:
+  shadowvmm migrate configs/src.toml configs/dst.toml --to unix:/tmp/mig.sock --mode local
+  shadowvmm migrate configs/src.toml configs/dst.toml --to unix:/tmp/mig.sock --mode copy --json
+  shadowvmm migrate SRC DST --to tcp:10.99.0.2:4444 --role source   # one side per host"""
 
-def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser] | None = None) -> None:
-    p = sub.add_parser("migrate", help="live-migrate a machine's devices (and memory) under guest load",
-                       parents=parents or [])
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``migrate`` options (pre-copy rounds show on stderr when it is a terminal)."""
+    p.epilog = EXAMPLES
     p.add_argument("source_config")
     p.add_argument("dest_config")
     p.add_argument("--to", required=True, help="tcp:HOST:PORT, unix:PATH or file:PATH")
@@ -100,9 +107,11 @@ async def _start_load(machine: Machine, cfg: configmod.MachineConfig, read_share
 
 
 def _progress(err: TextIO):
+    progress = Progress("migrate", stream=err)
+
     def show(info: RoundInfo) -> None:
-        print(f"pre-copy round {info.round}: sent {info.pages} pages in {info.seconds * 1e3:.1f} ms, "
-              f"{info.dirty} dirty", file=err, flush=True)
+        progress.note(f"pre-copy round {info.round}: sent {info.pages} pages in {info.ms:.1f} ms, "
+                      f"{info.dirty} dirty")
     return show
 
 

@@ -80,10 +80,10 @@ async def _migrate_in(machine: MachineLike, channel: Channel, reader: StreamRead
                 report.memory_digest = memory_digest(machine.memory)
             await asyncio.gather(*(machine.slots[name].device.import_state(state, machine.slots[name].transport)
                                    for name, state in states.items()))
-            report.apply_s = clock() - t_apply
+            report.apply_ms = (clock() - t_apply) * 1e3
             if timeline is not None:
                 timeline.record(EventKind.DEST_START, devices=",".join(states),
-                                apply_ms=round(report.apply_s * 1e3, 3))
+                                apply_ms=round(report.apply_ms, 3))
             report.bytes_received = reader.bytes
             report.applied = applied(states.values(), report.pages_received)
     except BaseException as exc:
@@ -104,7 +104,7 @@ async def _migrate_in(machine: MachineLike, channel: Channel, reader: StreamRead
             raise error from exc
         raise
     log.info("incoming migration applied: %d pages, %d bytes of device state, applied in %.3f ms",
-             report.pages_received, report.device_state_bytes, report.apply_s * 1e3)
+             report.pages_received, report.device_state_bytes, report.apply_ms)
     if answer is not None:
         await answer.write_map(RecordType.RESULT, {"ok": True, "report": report.as_dict()})
     await channel.close()

@@ -103,12 +103,12 @@ DEFAULT_OPTIONS = MigrationOptions()
 
 @dataclass(frozen=True)
 class RoundInfo:
-    """One pre-copy round: pages sent, pages the dirty log marked meanwhile, its duration."""
+    """One pre-copy round: pages sent, pages the dirty log marked meanwhile, its duration (ms)."""
 
     round: int
     pages: int
     dirty: int
-    seconds: float
+    ms: float
 
 
 Hook = Callable[[], Awaitable[None] | None]

@@ -105,11 +105,11 @@ async def precopy(memory: GuestMemory, writer: StreamWriter, dirty_log: DirtyLog
         report.pages_sent += sent
         dirty = dirty_log.take()
         report.rounds = round_no + 1
-        info = RoundInfo(round_no, sent, len(dirty), clock() - t_round)
+        info = RoundInfo(round_no, sent, len(dirty), (clock() - t_round) * 1e3)
         report.round_info.append(info)
         await writer.write_map(RecordType.ROUND, {"round": round_no, "pages": sent})
         log.info("pre-copy round %d: %d pages sent, %d dirtied meanwhile (%.1f ms)",
-                 round_no, sent, len(dirty), info.seconds * 1e3)
+                 round_no, sent, len(dirty), info.ms)
         if hooks.progress is not None:
             hooks.progress(info)
         if timeline is not None:

@@ -13,20 +13,21 @@ from .state import DeviceState, shown
 
 @dataclass
 class MigrationReport:
-    """What the source measured."""
+    """What the source measured; durations in milliseconds (``_ms``), the unit and the names of
+    :meth:`as_dict` (the ``--json`` report) and of every shadowvmm report."""
 
     mode: str
     ok: bool = False
-    total_s: float = 0.0
-    setup_s: float = 0.0
-    precopy_s: float = 0.0
-    downtime_s: float = 0.0
-    stop_s: float = 0.0
+    total_ms: float = 0.0
+    setup_ms: float = 0.0
+    precopy_ms: float = 0.0
+    downtime_ms: float = 0.0
+    stop_ms: float = 0.0
     rounds: int = 0
     pages_sent: int = 0
     bytes_sent: int = 0
     device_state_bytes: int = 0
-    stop_times_s: dict[str, float] = field(default_factory=dict)
+    stop_ms_per_device: dict[str, float] = field(default_factory=dict)
     round_info: list[RoundInfo] = field(default_factory=list)
     memory_digest: str = ""
     destination: dict[str, Any] = field(default_factory=dict)
@@ -35,12 +36,12 @@ class MigrationReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "ok": self.ok, "confirmed": self.confirmed, "mode": self.mode, "total_ms": round(self.total_s * 1e3, 3),
-            "setup_ms": round(self.setup_s * 1e3, 3), "precopy_ms": round(self.precopy_s * 1e3, 3),
-            "downtime_ms": round(self.downtime_s * 1e3, 3), "stop_ms": round(self.stop_s * 1e3, 3),
+            "ok": self.ok, "confirmed": self.confirmed, "mode": self.mode, "total_ms": round(self.total_ms, 3),
+            "setup_ms": round(self.setup_ms, 3), "precopy_ms": round(self.precopy_ms, 3),
+            "downtime_ms": round(self.downtime_ms, 3), "stop_ms": round(self.stop_ms, 3),
             "rounds": self.rounds, "pages_sent": self.pages_sent, "bytes_sent": self.bytes_sent,
             "device_state_bytes": self.device_state_bytes,
-            "stop_ms_per_device": {k: round(v * 1e3, 3) for k, v in self.stop_times_s.items()},
+            "stop_ms_per_device": {k: round(v, 3) for k, v in self.stop_ms_per_device.items()},
             "dirty_per_round": [r.dirty for r in self.round_info],
             "memory_digest": self.memory_digest, "destination": self.destination,
         }
@@ -57,14 +58,14 @@ class DestinationReport:
     bytes_received: int = 0
     device_state_bytes: int = 0
     memory_digest: str = ""
-    apply_s: float = 0.0
+    apply_ms: float = 0.0
     applied: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "devices": self.devices, "pages_received": self.pages_received,
                 "rounds": self.rounds, "bytes_received": self.bytes_received,
                 "device_state_bytes": self.device_state_bytes, "memory_digest": self.memory_digest,
-                "apply_ms": round(self.apply_s * 1e3, 3), "applied": self.applied}
+                "apply_ms": round(self.apply_ms, 3), "applied": self.applied}
 
 
 def applied(states: Iterable[DeviceState], pages: int) -> dict[str, Any]:

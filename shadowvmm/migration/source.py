@@ -159,9 +159,9 @@ class Outgoing:
             self.logging_on = True
             self.dirty_log = dlog
             await asyncio.gather(*(d.start_dirty_log(dlog) for d in devices.values()))
-        self.report.setup_s = self.clock() - self.t0
+        self.report.setup_ms = (self.clock() - self.t0) * 1e3
         log.info("migration setup: %s model, %d device(s) %s, %.1f ms", options.mode, len(devices),
-                 sorted(devices), self.report.setup_s * 1e3)
+                 sorted(devices), self.report.setup_ms)
 
     async def precopy(self) -> None:
         """Copy model: the pre-copy rounds, then the blockers again (the guest ran meanwhile)."""
@@ -171,7 +171,7 @@ class Outgoing:
         self.dirty_log.take()
         await precopy(self.memory, self.writer, self.dirty_log, self.options, self.hooks, self.report,
                       self.pending, self.clock, self.check, self.timeline)
-        self.report.precopy_s = self.clock() - t_pre
+        self.report.precopy_ms = (self.clock() - t_pre) * 1e3
         await refuse_if_blocked(self.devices, self.options.mode, self.options.fs_session)
 
     async def stop(self) -> None:
@@ -183,9 +183,10 @@ class Outgoing:
         self.stopped = True
         self.polling.enter_context(busy_polling(self.devices.values(),
                                                 self.options.busy_poll_seconds(len(self.devices))))
-        self.report.stop_times_s = await stop_all(self.devices, self.options.stop_timeout, self.clock)
-        self.report.stop_s = self.clock() - self.t_stop
-        log.info("devices stopped in %.3f ms", self.report.stop_s * 1e3)
+        stopped = await stop_all(self.devices, self.options.stop_timeout, self.clock)
+        self.report.stop_ms_per_device = {name: seconds * 1e3 for name, seconds in stopped.items()}
+        self.report.stop_ms = (self.clock() - self.t_stop) * 1e3
+        log.info("devices stopped in %.3f ms", self.report.stop_ms)
 
     async def send_state(self) -> dict[str, Any]:
         """The final dirty pages, each device's state and END; returns what the destination must confirm."""
@@ -237,9 +238,9 @@ class Outgoing:
             report.confirmed = True
         else:
             await self.channel.close()
-        report.downtime_s = self.clock() - self.t_stop
-        log.info("downtime %.3f ms (stop %.3f ms), destination %s", report.downtime_s * 1e3,
-                 report.stop_s * 1e3, "confirmed" if report.confirmed else "not asked to confirm")
+        report.downtime_ms = (self.clock() - self.t_stop) * 1e3
+        log.info("downtime %.3f ms (stop %.3f ms), destination %s", report.downtime_ms,
+                 report.stop_ms, "confirmed" if report.confirmed else "not asked to confirm")
 
     async def abandon(self, exc: BaseException) -> MigrationError | None:
         """Put the source back as it was after *exc*; the error to raise from it (None: *exc* itself)."""
@@ -283,11 +284,11 @@ class Outgoing:
         report = self.report
         report.bytes_sent = self.writer.bytes
         report.ok = True
-        report.total_s = self.clock() - self.t0
+        report.total_ms = (self.clock() - self.t0) * 1e3
         if self.channel.duplex:
             await self.channel.close()
         log.info("migration complete: %.1f ms in all, %d round(s), %d pages, %d bytes sent",
-                 report.total_s * 1e3, report.rounds, report.pages_sent, report.bytes_sent)
+                 report.total_ms, report.rounds, report.pages_sent, report.bytes_sent)
         return report
 
 
@@ -333,7 +334,7 @@ async def migrate_out(machine: MachineLike, channel: Channel, options: Migration
             expected = await run.send_state()
             await run.confirm(expected, confirm)
         if timeline is not None:
-            timeline.record(EventKind.SWITCH_OVER, downtime_ms=round(run.report.downtime_s * 1e3, 3))
+            timeline.record(EventKind.SWITCH_OVER, downtime_ms=round(run.report.downtime_ms, 3))
         with phase("switch-over"):
             await call_hook(run.hooks.switch_over)
     except BaseException as exc:

@@ -18,10 +18,16 @@ from ..plot import plot_timeline
 from ..timeline import Timeline
 from . import all_scenarios, run_scenario
 
+HELP = "run a stop/migration scenario against a configured device"
+EXAMPLES = """examples:
+  shadowvmm scenario --list
+  shadowvmm scenario 2.1 --config configs/default.toml --device blk0 --json
+  shadowvmm scenario 2.2 --config configs/nested-qsd.toml --timeline t.json --plot t.png"""
 
-def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser] | None = None) -> None:
-    p = sub.add_parser("scenario", help="run a stop/migration scenario against a configured device",
-                       parents=parents or [])
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``scenario`` options."""
+    p.epilog = EXAMPLES
     p.add_argument("name", nargs="?", help="scenario name (--list names them)")
     p.add_argument("--config", help="machine config (TOML)")
     p.add_argument("--device", help="device of the config to run it on (default: the first)")

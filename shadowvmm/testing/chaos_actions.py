@@ -215,7 +215,7 @@ class Actions:
         self.host.active = target
         self.machines.remove(source_machine)
         await source_machine.close()
-        self.note(f"migrated to export {target} (downtime {getattr(report, 'downtime_s', 0) * 1e3:.1f} ms)")
+        self.note(f"migrated to export {target} (downtime {getattr(report, 'downtime_ms', 0):.1f} ms)")
 
     @staticmethod
     async def _incoming(listener: Listener, machine: Machine) -> Any:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from shadowvmm.errors import BackendDisconnected, BackendTimeout
-from shadowvmm.testing.peers import QsdBlk
+from shadowvmm import cli
+from shadowvmm.errors import BackendDisconnected, BackendTimeout, ProbeRefused
+from shadowvmm.testing.peers import QsdBlk, Virtiofsd
 from shadowvmm.testing.plugin import require_peer
 from shadowvmm.virtio.constants import Feature
 from shadowvmm_vhost_user import format_probe, probe
@@ -30,6 +34,12 @@ def qsd(tmp_path: Path) -> Iterator[QsdBlk]:
     with QsdBlk(tmp_path, size=IMAGE_SIZE, num_queues=2, writable=True, binary=binary) as peer:
         assert "driver=null-co,node-name=n0,size=67108864,read-zeroes=off" in peer.argv()
         yield peer
+
+
+@pytest.fixture
+def plain_asyncio(monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvloop keeps a pipe per process from its first loop on, which the fd check would count."""
+    monkeypatch.setattr(cli, "_runner", asyncio.Runner)
 
 
 @pytest.mark.peer
@@ -107,3 +117,46 @@ async def test_probe_reference_backend_process(tmp_path: Path) -> None:
     assert info["queue_num"] == 2
     assert info["config"] is not None and info["config"]["size"] == 60
     assert int.from_bytes(bytes.fromhex(info["config"]["hex"])[:8], "little") > 0
+
+
+@pytest.mark.peer
+async def test_probe_finds_the_listener_and_names_its_device_bits(qsd: QsdBlk) -> None:
+    """Without --device the listening process (found without connecting) gives the type."""
+    info = await probe(qsd.socket_path, 5.0)
+    assert info["listener"]["name"] == "qemu-storage-daemon" and info["listener"]["pid"] == qsd.pid
+    assert info["device"] == "blk" and {"BLK_SIZE", "SEG_MAX", "MQ"} <= set(info["feature_names"])
+    assert not any(name.startswith("bit ") for name in info["feature_names"])
+    assert any("one front-end at a time" in note for note in info["notes"])
+    assert "listener           qemu-storage-daemon" in format_probe(info)
+
+
+@pytest.mark.peer
+def test_probe_device_option_and_json(qsd: QsdBlk, capsys: pytest.CaptureFixture[str], plain_asyncio: None) -> None:
+    assert cli.main(["probe", "--device", "net", "--json", str(qsd.socket_path)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["device"] == "net" and not any("assumed" in note for note in info["notes"])
+    assert "GUEST_CSUM" in info["feature_names"]   # bit 1 read as a net bit: what --device asked for
+
+
+@pytest.mark.peer
+def test_probe_says_why_a_held_qsd_export_times_out(qsd: QsdBlk, capsys: pytest.CaptureFixture[str],
+                                                   plain_asyncio: None) -> None:
+    with socket.socket(socket.AF_UNIX) as holder:      # a front-end holding the export
+        holder.connect(str(qsd.socket_path))
+        assert cli.main(["probe", "--timeout", "0.3", str(qsd.socket_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no reply within 0.3 s" in err and "serves one front-end at a time" in err
+
+
+@pytest.mark.peer
+async def test_probe_refuses_to_use_up_virtiofsd_unless_forced(virtiofsd: Virtiofsd) -> None:
+    with pytest.raises(ProbeRefused, match="virtiofsd serves one front-end session and exits"):
+        await probe(virtiofsd.socket_path, 5.0)
+    assert virtiofsd.running
+    info = await probe(virtiofsd.socket_path, 5.0, force=True)
+    assert info["device"] == "fs" and info["listener"]["name"] == "virtiofsd"
+    assert "VERSION_1" in info["feature_names"]
+    deadline = time.monotonic() + 5
+    while virtiofsd.running and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert not virtiofsd.running, "virtiofsd outlived the probe's session"

@@ -1,0 +1,1 @@
+"""``shadowvmm run``: the main job (:mod:`.run`) and its report (:mod:`.report`)."""
