@@ -37,6 +37,11 @@ PLUGIN_GROUPS = ("shadowvmm.backends", COMMANDS_GROUP, "shadowvmm.scenarios")
 PACKAGE = "shadowvmm"
 #: Columns of a command's description in its --help (its examples are kept as written).
 HELP_WIDTH = 88
+#: What ``shadowvmm --help`` says first (the module docstring is for the source's readers).
+DESCRIPTION = ("shadowvmm: a VMM device layer for virtio devices. It runs guest driver models against "
+               "vhost-user, vDPA and in-process backends, stops them behind the guest's back, migrates "
+               "them, and runs the nested-virtualisation scenarios. -v and --trace work anywhere on the "
+               "line; every report takes --json; errors end with one 'shadowvmm: error:' line, exit 2.")
 
 
 class Command(Protocol):
@@ -219,8 +224,8 @@ def _first_example(epilog: str | None) -> str:
 
 def build_parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
     common = _verbosity()
-    parser = argparse.ArgumentParser(prog="shadowvmm", description=__doc__, parents=[common],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="shadowvmm", description=textwrap.fill(DESCRIPTION, HELP_WIDTH),
+                                     parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     examples = []
