@@ -2,9 +2,10 @@
 
 The vhost-user plugin logs every message it sends and every reply at DEBUG on the
 ``shadowvmm_vhost_user`` loggers (request, flags, size, fds, latency). While a
-:class:`MessageTrace` is installed those records go to its ring buffer only; records at
-or above the level the logger had before still reach the root handlers (pytest's log
-capture) as they would have, so a test's captured log does not fill with the trace.
+:class:`MessageTrace` is installed those records reach its ring buffer; a record that would
+not have been emitted without the trace is marked *trace only* (:data:`TRACE_ONLY`), and
+:class:`TraceOnlyFilter` on a handler (the plugin puts one on pytest's log capture) drops
+it, so a test's captured log does not fill with the trace.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Final, Self
 VHOST_USER_LOGGER: Final = "shadowvmm_vhost_user"
 #: Messages kept by default.
 DEFAULT_MESSAGES: Final = 50
+#: Attribute set on every record a trace saw: True when it is there only for the trace.
+TRACE_ONLY: Final = "shadowvmm_trace_only"
 #: The level an installed trace gives the logger: DEBUG passes, and a level set by anyone
 #: else during the test (``caplog.set_level``) is told apart from it.
 _OWN_LEVEL: Final = logging.DEBUG - 1
@@ -26,10 +29,10 @@ _OWN_LEVEL: Final = logging.DEBUG - 1
 class MessageTrace(logging.Handler):
     """The last *capacity* records of *logger* (DEBUG and up) while installed (``with``).
 
-    Installing lets DEBUG through the logger and stops its propagation; a record that would
-    have propagated without the trace (at or above the logger's own level, or the root
-    logger's when it has none; or the level a test sets with ``caplog.set_level`` meanwhile)
-    is still handed to the root logger's handlers. Leaving restores the level and propagation.
+    Installing lets DEBUG through the logger; a record below the level that would have let
+    it through without the trace (the logger's own level, or the root logger's when it has
+    none; or the level a test sets with ``caplog.set_level`` meanwhile) is marked
+    :data:`TRACE_ONLY`. Leaving restores the level.
     """
 
     def __init__(self, capacity: int = DEFAULT_MESSAGES, logger: str = VHOST_USER_LOGGER) -> None:
@@ -37,20 +40,19 @@ class MessageTrace(logging.Handler):
         self.records: deque[logging.LogRecord] = deque(maxlen=max(1, capacity))
         self.seen = 0
         self._logger = logging.getLogger(logger)
-        self._saved: tuple[int, bool] | None = None
+        self._saved: int | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
         self.seen += 1
-        if record.levelno >= self._propagation_level():
-            logging.getLogger().handle(record)
+        setattr(record, TRACE_ONLY, record.levelno < self._propagation_level())
 
     def _propagation_level(self) -> int:
-        """The level from which a record would reach the root handlers without this trace."""
+        """The level from which a record would have been emitted without this trace."""
         level = self._logger.level
         if level != _OWN_LEVEL:
             return level                    # set during the test (caplog.set_level)
-        saved = logging.NOTSET if self._saved is None else self._saved[0]
+        saved = logging.NOTSET if self._saved is None else self._saved
         if saved != logging.NOTSET:
             return saved
         return logging.getLogger().getEffectiveLevel()
@@ -69,9 +71,8 @@ class MessageTrace(logging.Handler):
         if self._saved is not None:
             return self
         logger = self._logger
-        self._saved = (logger.level, logger.propagate)
+        self._saved = logger.level
         logger.setLevel(_OWN_LEVEL)
-        logger.propagate = False
         logger.addHandler(self)
         return self
 
@@ -80,8 +81,7 @@ class MessageTrace(logging.Handler):
             return
         logger = self._logger
         logger.removeHandler(self)
-        logger.setLevel(self._saved[0])
-        logger.propagate = self._saved[1]
+        logger.setLevel(self._saved)
         self._saved = None
 
     def __enter__(self) -> Self:
@@ -90,3 +90,10 @@ class MessageTrace(logging.Handler):
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.uninstall()
+
+
+class TraceOnlyFilter(logging.Filter):
+    """Drops the records a :class:`MessageTrace` marked :data:`TRACE_ONLY`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.__dict__.get(TRACE_ONLY, False)
