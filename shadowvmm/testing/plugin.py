@@ -100,7 +100,11 @@ def _asyncio_defaults(config: pytest.Config) -> None:
     (pytest-asyncio reads the mode from ``config.option`` first, then from the ini file)."""
     if config.getoption("asyncio_mode", None) is None and not _ini_given(config, "asyncio_mode"):
         config.option.asyncio_mode = "auto"
-    if not config.getini("asyncio_default_fixture_loop_scope"):
+    try:
+        scope = config.getini("asyncio_default_fixture_loop_scope")
+    except ValueError:              # pytest-asyncio < 0.24 has no such setting
+        return
+    if not scope:
         cache = getattr(config, "_inicache", None)
         if isinstance(cache, dict):
             cache["asyncio_default_fixture_loop_scope"] = "function"

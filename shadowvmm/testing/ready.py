@@ -134,15 +134,17 @@ async def ready_device(device_type: str, backend_config: Mapping[str, Any], *, b
                        transport: str = "pci", queue_size: int = 256, packed: bool = False,
                        memory_bytes: int = 64 << 20, name: str | None = None,
                        start: Mapping[str, Any] | None = None, device_options: Mapping[str, Any] | None = None,
-                       timeout: float = READY_TIMEOUT) -> AsyncIterator[ReadyDevice]:
+                       vmm_config: bool = True, timeout: float = READY_TIMEOUT) -> AsyncIterator[ReadyDevice]:
     """Build a *device_type* device on backend plugin *backend* with *backend_config*; yield
     it ready (see the module docstring), close everything on leaving.
 
     *transport*: ``pci`` or ``mmio``; *queue_size*: the device's queue size; *packed*: offer
     and negotiate packed rings (§2.8); *start*: keyword arguments of the driver's ``start()``;
-    *device_options*: ``tag`` (fs) or ``mac`` (net), served when the back-end serves no
-    config space. Raises :class:`DeviceNotReadyError` (cause chained) if the device is not
-    ready within *timeout* seconds or fails on the way.
+    *device_options*: ``tag`` (fs) or ``mac`` (net) of the config space the VMM serves for
+    fs and net (vhost-user back-ends such as virtiofsd and DPDK serve none); *vmm_config*
+    False takes the back-end's config space instead (vDPA). Raises
+    :class:`DeviceNotReadyError` (cause chained) if the device is not ready within *timeout*
+    seconds or fails on the way.
     """
     kind = DEVICE_KINDS.get(device_type)
     if kind is None:
@@ -159,8 +161,8 @@ async def ready_device(device_type: str, backend_config: Mapping[str, Any], *, b
             async with asyncio.timeout(timeout):
                 device = await machine.add_device(
                     DeviceConfig(name, backend, config, transport=transport, queue_size=queue_size, packed=packed,
-                                 vmm_features=kind.vmm_features),
-                    load_backend(backend)(config), config_override=kind.config(extra))
+                                 vmm_features=kind.vmm_features if vmm_config else 0),
+                    load_backend(backend)(config), config_override=kind.config(extra) if vmm_config else None)
                 guest = machine.guest(name)
                 driver = kind.driver(guest)
                 await driver.start(**_start_options(packed, start))
