@@ -20,9 +20,10 @@ import pytest
 
 from shadowvmm.errors import ArgumentError, DeviceNotReadyError, PeerStartError
 from shadowvmm.testing import plugin, requires
-from shadowvmm.testing.peers import Daemon, process
-from shadowvmm.testing.ready import ReadyDevice, vhost_user_ready
+from shadowvmm.testing.peers import Daemon, QsdBlk, RefBlk, Virtiofsd, process
+from shadowvmm.testing.ready import NET_MAC, ReadyDevice, vhost_user_ready
 from shadowvmm.testing.trace import TRACE_ONLY, MessageTrace, TraceOnlyFilter
+from shadowvmm.virtio.devcfg import NetConfig
 from shadowvmm_vhost_user.refbackend import RefBlkServer
 
 EXAMPLES = Path(__file__).parent / "user_examples"
@@ -170,3 +171,39 @@ def test_the_plugin_registers_its_markers_and_asyncio_defaults(pytestconfig: pyt
     assert any(m.startswith("peer(*names):") for m in markers)
     assert any(m.startswith("shadowvmm_trace:") for m in markers)
     assert pytestconfig.getini("asyncio_default_fixture_loop_scope") == "function"
+
+
+# --------------------------------------------------------------------- the device fixtures
+
+
+@pytest.mark.peer("qemu-storage-daemon")
+@pytest.mark.parametrize("qsd_blk", ["null-co"], indirect=True)
+async def test_qsd_blk_on_null_co(qsd_blk: ReadyDevice) -> None:
+    assert qsd_blk.blk.capacity_bytes == 1 << 30 and len(qsd_blk.guest.queues) == 2
+    assert isinstance(qsd_blk.peer, QsdBlk) and qsd_blk.peer.image is None and qsd_blk.peer.running
+    await qsd_blk.blk.write(0, b"q" * 512)                          # taken and dropped
+
+
+@pytest.mark.peer("virtiofsd")
+async def test_virtiofsd_fs_shares_a_temporary_directory(virtiofsd_fs: ReadyDevice) -> None:
+    assert isinstance(virtiofsd_fs.peer, Virtiofsd)
+    await virtiofsd_fs.fs.write_file("note.txt", b"from the guest\n")
+    assert (virtiofsd_fs.peer.source / "note.txt").read_bytes() == b"from the guest\n"
+    assert await virtiofsd_fs.fs.listdir("/") == ["note.txt"]
+
+
+@pytest.mark.peer("dpdk-testpmd")
+async def test_dpdk_net_echoes_frames(dpdk_net: ReadyDevice) -> None:
+    src = NetConfig.parse_mac(NET_MAC)
+    frames = [b"\xff" * 6 + src + b"\x88\xb5" + bytes([i]) * 50 for i in range(4)]
+    assert await dpdk_net.net.send(frames) == 4
+    assert sorted(await dpdk_net.net.receive(4, timeout=5.0)) == frames
+
+
+async def test_reference_backend_survives_a_stop(reference_backend: ReadyDevice) -> None:
+    assert isinstance(reference_backend.peer, RefBlk) and reference_backend.peer.running
+    await reference_backend.blk.write(2, b"r" * 4096)
+    states = await reference_backend.device.stop()
+    assert [s.index for s in states] == [0, 1]
+    await reference_backend.device.resume()
+    assert await reference_backend.blk.read(2, 4096) == b"r" * 4096
