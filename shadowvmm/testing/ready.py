@@ -61,7 +61,7 @@ class DeviceKind:
     """What one device type needs: its guest driver, the config space the VMM serves in
     place of a back-end that serves none, and the feature bits the VMM serves with it."""
 
-    driver: Callable[[GuestDevice], Driver]
+    driver: Callable[..., Driver]
     config: Callable[[Mapping[str, Any]], bytes | None] = lambda _: None
     vmm_features: int = 0
     packed: bool = True
@@ -133,13 +133,15 @@ async def ready_device(device_type: str, backend_config: Mapping[str, Any], *, b
                        peer: Peer | None = None, socket_path: str | os.PathLike[str] | None = None,
                        transport: str = "pci", queue_size: int = 256, packed: bool = False,
                        memory_bytes: int = 64 << 20, name: str | None = None,
-                       start: Mapping[str, Any] | None = None, device_options: Mapping[str, Any] | None = None,
-                       vmm_config: bool = True, timeout: float = READY_TIMEOUT) -> AsyncIterator[ReadyDevice]:
+                       start: Mapping[str, Any] | None = None, driver: Mapping[str, Any] | None = None,
+                       device_options: Mapping[str, Any] | None = None, vmm_config: bool = True,
+                       timeout: float = READY_TIMEOUT) -> AsyncIterator[ReadyDevice]:
     """Build a *device_type* device on backend plugin *backend* with *backend_config*; yield
     it ready (see the module docstring), close everything on leaving.
 
     *transport*: ``pci`` or ``mmio``; *queue_size*: the device's queue size; *packed*: offer
-    and negotiate packed rings (§2.8); *start*: keyword arguments of the driver's ``start()``;
+    and negotiate packed rings (§2.8); *driver*: keyword arguments of the guest driver's
+    constructor (e.g. ``BlkDriver``'s ``max_request``); *start*: those of its ``start()``;
     *device_options*: ``tag`` (fs) or ``mac`` (net) of the config space the VMM serves for
     fs and net (vhost-user back-ends such as virtiofsd and DPDK serve none); *vmm_config*
     False takes the back-end's config space instead (vDPA). Raises
@@ -155,7 +157,7 @@ async def ready_device(device_type: str, backend_config: Mapping[str, Any], *, b
     extra = dict(device_options or {})
     config = dict(backend_config)
     machine = Machine(memory_bytes)
-    driver: Driver | None = None
+    model: Driver | None = None
     try:
         try:
             async with asyncio.timeout(timeout):
@@ -164,8 +166,8 @@ async def ready_device(device_type: str, backend_config: Mapping[str, Any], *, b
                                  vmm_features=kind.vmm_features if vmm_config else 0),
                     load_backend(backend)(config), config_override=kind.config(extra) if vmm_config else None)
                 guest = machine.guest(name)
-                driver = kind.driver(guest)
-                await driver.start(**_start_options(packed, start))
+                model = kind.driver(guest, **(driver or {}))
+                await model.start(**_start_options(packed, start))
                 await device.settle()
         except TimeoutError as exc:
             raise DeviceNotReadyError(f"{name}: {device_type} device on {backend} not ready within {timeout:g} s"
@@ -176,16 +178,16 @@ async def ready_device(device_type: str, backend_config: Mapping[str, Any], *, b
         if device.failure is not None or not device.rings_running:
             raise DeviceNotReadyError(f"{name}: backend did not start (failure: {device.failure})"
                                       f"{_peer_note(peer)}") from device.failure
-        yield ReadyDevice(device_type, machine, device, guest, driver,
+        yield ReadyDevice(device_type, machine, device, guest, model,
                           None if socket_path is None else Path(socket_path), peer,
                           MappingProxyType({**config, **extra, "transport": transport, "packed": packed}))
     finally:
         try:
             # a failed device (a peer the test killed) is not reset through: it is closed below
-            if isinstance(driver, FsDriver | NetDriver) and driver.dev.queues and machine.slots \
+            if isinstance(model, FsDriver | NetDriver) and model.dev.queues and machine.slots \
                     and machine.device(name).failure is None:
                 async with asyncio.timeout(CLOSE_TIMEOUT):
-                    await driver.close()
+                    await model.close()
         finally:
             await machine.close()
 
@@ -209,10 +211,10 @@ def vhost_user_ready(socket_path: str | os.PathLike[str], device_type: str, *, p
     """:func:`ready_device` on the vhost-user plugin for a back-end listening on *socket_path*.
 
     *options* takes :func:`ready_device`'s keywords (``transport``, ``queue_size``,
-    ``packed``, ``memory_bytes``, ``name``, ``start``, ``timeout``), ``tag``/``mac`` for the
-    config space the VMM serves, and every other key as a vhost-user backend option
-    (``queues``, ``timeout`` is the ready bound, per-request ``request_timeout`` maps to the
-    backend's ``timeout``; see ``shadowvmm_vhost_user.backend`` for the rest).
+    ``packed``, ``memory_bytes``, ``name``, ``driver``, ``start``, ``timeout``), ``tag`` and
+    ``mac`` for the config space the VMM serves, and every other key as a vhost-user backend
+    option (``queues``; ``timeout`` is the ready bound, so the backend's per-request
+    ``timeout`` is given as ``request_timeout``; see ``shadowvmm_vhost_user.backend``).
     """
     keywords = {k: options.pop(k) for k in _READY_KEYWORDS if k in options}
     device_options: dict[str, Any] = {k: options.pop(k) for k in ("tag", "mac") if k in options}
@@ -223,4 +225,4 @@ def vhost_user_ready(socket_path: str | os.PathLike[str], device_type: str, *, p
                         device_options=device_options, **keywords)
 
 
-_READY_KEYWORDS: Final = ("transport", "queue_size", "packed", "memory_bytes", "name", "start", "timeout")
+_READY_KEYWORDS: Final = ("transport", "queue_size", "packed", "memory_bytes", "name", "start", "driver", "timeout")
