@@ -43,8 +43,10 @@ def run_user_pytest(tmp_path: Path, *examples: str, args: tuple[str, ...] = ()) 
 
 
 @pytest.mark.peer("qemu-storage-daemon")
-def test_a_user_file_with_no_configuration_passes(tmp_path: Path) -> None:
-    result = run_user_pytest(tmp_path, "blk_roundtrip")
+@pytest.mark.parametrize("args", [(), ("-o", "asyncio_default_test_loop_scope=module")], ids=["default", "module-loop"])
+def test_a_user_file_with_no_configuration_passes(tmp_path: Path, args: tuple[str, ...]) -> None:
+    """As is, and with tests on a module-scoped loop: the fixtures follow the tests' loop."""
+    result = run_user_pytest(tmp_path, "blk_roundtrip", args=args)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
     assert "2 passed" in out and "warning" not in out.lower(), out

@@ -11,8 +11,9 @@ configuration in the user's project:
   (``qemu-storage-daemon``, ``virtiofsd``, ``dpdk-testpmd``, ``qemu-img``);
   ``shadowvmm_trace`` - keep the vhost-user message trace of a test that builds its
   devices itself; ``leaks_fds`` - exempt from :mod:`shadowvmm.testing.leaks`;
-* pytest-asyncio in ``auto`` mode with function-scoped event loops for fixtures, unless
-  the project chose a mode or a loop scope itself;
+* pytest-asyncio in ``auto`` mode, async fixtures on the tests' event loop (function
+  scope unless the project sets ``asyncio_default_test_loop_scope``), unless the project
+  chose a mode or a fixture loop scope itself;
 * when a test fails, its report gets a section with the last vhost-user messages
   (``--shadowvmm-trace-messages``, default 50) and one with the tail of each peer's log
   (``--shadowvmm-log-lines``, default 40).
@@ -96,18 +97,25 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _asyncio_defaults(config: pytest.Config) -> None:
-    """``asyncio_mode=auto`` and ``asyncio_default_fixture_loop_scope=function`` unless set
-    (pytest-asyncio reads the mode from ``config.option`` first, then from the ini file)."""
+    """``asyncio_mode=auto`` unless the project chose a mode (pytest-asyncio reads it from
+    ``config.option`` first, then from the ini file), and, unless set, async fixtures run in
+    the tests' event loop (``asyncio_default_fixture_loop_scope`` = the test loop scope,
+    ``function`` by default): a device a fixture built is used on the loop it was built on."""
     if config.getoption("asyncio_mode", None) is None and not _ini_given(config, "asyncio_mode"):
         config.option.asyncio_mode = "auto"
     try:
         scope = config.getini("asyncio_default_fixture_loop_scope")
     except ValueError:              # pytest-asyncio < 0.24 has no such setting
         return
-    if not scope:
-        cache = getattr(config, "_inicache", None)
-        if isinstance(cache, dict):
-            cache["asyncio_default_fixture_loop_scope"] = "function"
+    if scope:
+        return
+    try:
+        test_scope = config.getini("asyncio_default_test_loop_scope") or "function"
+    except ValueError:              # pytest-asyncio < 0.26: tests run in a function loop
+        test_scope = "function"
+    cache = getattr(config, "_inicache", None)
+    if isinstance(cache, dict):
+        cache["asyncio_default_fixture_loop_scope"] = test_scope
 
 
 def _ini_given(config: pytest.Config, name: str) -> bool:
