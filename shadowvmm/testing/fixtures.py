@@ -9,7 +9,8 @@ vhost-user messages and the tail of each peer's log (:mod:`shadowvmm.testing.rep
 
 * ``vhost_user_device(socket_path, device_type, **options)`` - any back-end already
   listening (``await`` it; ``options``: :func:`.ready.vhost_user_ready`);
-* ``vhost_user_daemon(argv, socket_path, *, ready="socket")`` - launch your own back-end;
+* ``vhost_user_daemon(argv, socket_path, *, ready="socket", env=None, name="daemon",
+  start_timeout=10.0)`` - launch your own back-end, wait for its socket, log its output;
 * ``qsd_blk`` - qemu-storage-daemon, a 64 MiB image (``indirect`` parameter ``"null-co"``:
   a 1 GiB null-co node that reads back no data);
 * ``virtiofsd_fs`` - virtiofsd sharing a temporary directory (``rd.peer.source``);
