@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 PLUGINS := plugins/vhost-user plugins/vdpa plugins/faulty plugins/nested
 
-.PHONY: run test lint setup peers bench soak fuzz clean plugin-check
+.PHONY: run test lint setup peers bench soak fuzz clean plugin-check user-fixtures-check
 
 # The core and the first-party plugins, from this clone (nothing is fetched for them).
 $(STAMP): pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
@@ -37,11 +37,17 @@ lint: setup
 test: setup peers lint
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory plugin-check
+	$(MAKE) --no-print-directory user-fixtures-check
 
 # Each plugin installed on its own into a fresh venv (the core from this clone), its tests run
 # from its folder; the VM lane there boots one kernel, the main run above covers both.
 plugin-check:
 	SHADOWVMM_VDPA_VM_KERNELS=6.12 scripts/plugin-check.sh
+
+# The pytest plugin's fixtures as a user gets them: non-editable shadowvmm[pytest] and the
+# vhost-user plugin in a fresh venv, a config-less test file outside the clone (about 20 s).
+user-fixtures-check:
+	scripts/user-fixtures-check.sh
 
 bench: setup peers
 	$(PY) benchmarks/register_access.py

@@ -22,6 +22,7 @@ and queue, the value and its limit.
     ├── RingError                   a malformed virtqueue in guest memory
     ├── DeviceStateError            an operation in a state that does not allow it
     │   ├── DeviceFailedError       the device failed (NEEDS_RESET) while waited on
+    │   ├── DeviceNotReadyError     a test device was not ready (started) within its bound
     │   └── DmaSpaceError           a DMA space (IOMMU mapping) change while the device runs
     ├── BackendError                a backend failed or answered wrongly
     │   ├── BackendTimeout, BackendDisconnected   (should_reconnect)
@@ -138,6 +139,12 @@ class DeviceFailedError(DeviceStateError):
     def __init__(self, device: str, reason: BaseException | None) -> None:
         super().__init__(f"{device}: device failed (DEVICE_NEEDS_RESET): {reason}")
         self.device = device
+
+
+class DeviceNotReadyError(DeviceStateError):
+    """A device built for a test (:mod:`shadowvmm.testing.ready`) did not get ready: machine
+    built, device realized, the guest driver at DRIVER_OK and the backend started, within
+    its bound; the cause is the underlying error or the timeout."""
 
 
 class DmaSpaceError(DeviceStateError):

@@ -228,7 +228,9 @@ async def test_started_hook_failure_is_chained():
         await machine.close()
 
 
-async def test_guest_without_a_settle_hook_still_initializes():
+async def test_guest_without_a_settle_hook_waits_through_its_transport():
+    """A driver core built by hand (no settle hook) still returns from initialize() only once
+    the backend has started: the transport's settle is the default hook."""
     machine = await blk_machine()
     try:
         device = machine.device("blk0")
@@ -237,6 +239,7 @@ async def test_guest_without_a_settle_hook_still_initializes():
                             machine.allocator)
         try:
             await guest.initialize(0, queue_size=16)
+            assert device.rings_running
             await guest.started()
             assert guest.status() & Status.DRIVER_OK
         finally:

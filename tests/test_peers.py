@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import wait_until_sync
 
-from shadowvmm.testing import plugin
+from shadowvmm.testing import plugin, requires
 from shadowvmm.testing.peers import (
     DpdkTestpmd,
     PeerError,
@@ -206,7 +206,7 @@ def test_require_peer_skips_or_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -> N
     def missing(name: str) -> str:
         raise PeerMissing(name, ["/nowhere"])
 
-    monkeypatch.setattr(plugin, "find_peer", missing)
+    monkeypatch.setattr(requires, "find_peer", missing)
     monkeypatch.delenv("CI", raising=False)
     with pytest.raises(pytest.skip.Exception):
         plugin.require_peer("virtiofsd")

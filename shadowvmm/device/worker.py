@@ -126,8 +126,12 @@ class WorkerMixin(InterruptsMixin):
     async def settle(self) -> None:
         """Wait until every queued guest-triggered operation has been carried out.
 
-        A backend being reconnected is waited for (what it takes is carried out once it is
-        back). A device that failed shows DEVICE_NEEDS_RESET (:attr:`failure` says why).
+        Register writes return to the guest at once and their effect (a DRIVER_OK starts the
+        backend) runs on the device's worker; this is the point where it has. Guest driver
+        models await it in ``start()`` (:meth:`GuestDevice.started`, through their transport),
+        and :func:`shadowvmm.testing.ready.ready_device` before it yields. A backend being
+        reconnected is waited for (what it takes is carried out once it is back). A device
+        that failed shows DEVICE_NEEDS_RESET (:attr:`failure` says why).
         """
         while True:
             await self._submit_wait(Op(OpKind.RECONCILE))

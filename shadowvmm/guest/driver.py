@@ -161,14 +161,15 @@ class GuestDevice:
     def __init__(self, transport: GuestTransport, memory: GuestMemory, interrupts: Interrupts,
                  allocator: GuestAllocator, *, loop: asyncio.AbstractEventLoop | None = None,
                  settle: Callable[[], Awaitable[None]] | None = None) -> None:
-        """*settle* waits until the device has acted on every register write so far
-        (:meth:`VirtioDevice.settle`); without it :meth:`started` does not wait."""
+        """*settle* waits until the device has acted on every register write so far; by
+        default the transport's (:meth:`VirtioDevice.settle`), so :meth:`started` (and every
+        driver's ``start()``) returns once the backend has started."""
         self.transport = transport
         self.memory = memory
         self.interrupts = interrupts
         self.alloc = DeviceArena(allocator)
         self.loop = loop or asyncio.get_running_loop()
-        self._settle = settle
+        self._settle: Callable[[], Awaitable[None]] | None = settle if settle is not None else transport.settle
         self.features = 0
         self.queues: list[GuestQueue] = []
         self.on_config_change: Callable[[], None] | None = None
@@ -273,7 +274,7 @@ class GuestDevice:
         A device that failed to start raises :class:`DeviceStateError` (chained to the
         failure when the settle hook reports it; DEVICE_NEEDS_RESET otherwise, v1.4 §2.1.2).
         """
-        if self._settle is None:
+        if self._settle is None:        # a guest that does not wait for the VMM (tests set it)
             return
         try:
             await self._settle()
@@ -383,12 +384,12 @@ class GuestDevice:
     def rebind(self, transport: GuestTransport, interrupts: Interrupts, *,
                settle: Callable[[], Awaitable[None]] | None = None) -> None:
         """Attach this driver to another device instance (migration switch-over);
-        *settle* is the new device's hook (the old device's is dropped)."""
+        *settle* is the new device's hook (default: the new transport's; the old one is dropped)."""
         active = bool(self._readers)
         self._stop_interrupts()
         self.transport = transport
         self.interrupts = interrupts
-        self._settle = settle
+        self._settle = settle if settle is not None else transport.settle
         if active:
             self._start_interrupts()
 

@@ -79,6 +79,7 @@ class GuestTransport(Protocol):
     def write_config(self, offset: int, width: int, value: int) -> None: ...
     def set_config_vector(self, vector: int) -> None: ...
     def interrupt_status(self) -> int: ...
+    async def settle(self) -> None: ...
 
 
 class PciGuestTransport:
@@ -241,6 +242,10 @@ class PciGuestTransport:
     def interrupt_status(self) -> int:
         return self.t.read(Space.BAR, self.isr_off, 1)
 
+    async def settle(self) -> None:
+        """Wait until the device has acted on every access so far (:meth:`VirtioDevice.settle`)."""
+        await self.t.device.settle()
+
 
 class MmioGuestTransport:
     """A virtio_mmio v2 driver's register accesses (v1.4 §4.2.3)."""
@@ -329,4 +334,8 @@ class MmioGuestTransport:
         if value:
             self.t.write(0x064, 4, value)
         return value
+
+    async def settle(self) -> None:
+        """Wait until the device has acted on every access so far (:meth:`VirtioDevice.settle`)."""
+        await self.t.device.settle()
 

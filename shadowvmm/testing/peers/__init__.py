@@ -8,7 +8,8 @@ Three backends come from Debian bookworm packages (see
 * :class:`Virtiofsd` - the C ``virtiofsd`` of QEMU 7.2 (one session per process);
 * :class:`DpdkTestpmd` - ``dpdk-testpmd`` with the ``net_vhost`` PMD, no hugepages;
 * :class:`RefBlk` - the Python reference vhost-user-blk back-end
-  (:mod:`shadowvmm_vhost_user.refbackend`) in its own process.
+  (:mod:`shadowvmm_vhost_user.refbackend`) in its own process;
+* :class:`Daemon` - any user's back-end daemon, from its command line.
 
 Every launcher owns exactly one child process, writes its log into the work
 directory, and is a context manager (``with QsdBlk(...) as qsd: ...``).
@@ -19,6 +20,7 @@ back on the same socket and image.
 
 from shadowvmm.errors import PeerCommandError, PeerError, PeerMissing, PeerStartError
 
+from .daemon import READY_PROBES, Daemon
 from .probe import StrPath, probe_features
 from .process import PEER_CANDIDATES, Peer, find_peer
 from .qsd import QsdBlk
@@ -31,7 +33,9 @@ _Peer = Peer
 
 __all__ = [
     "PEER_CANDIDATES",
+    "READY_PROBES",
     "TESTPMD_FORWARD_MODES",
+    "Daemon",
     "DpdkTestpmd",
     "Peer",
     "PeerCommandError",
