@@ -38,6 +38,7 @@ from ..guest.driver import GuestDevice
 from ..guest.fs import FsDriver
 from ..guest.net import NetDriver
 from ..guest.rng import RngDriver
+from ..lifecycle import ReconnectPolicy
 from ..machine import Machine
 from ..virtio.constants import NetFeature
 from ..virtio.devcfg import FS_CONFIG_BASE_SIZE, NET_CONFIG_BASE_SIZE, FsConfig, NetConfig, NetStatus
@@ -135,6 +136,7 @@ async def ready_device(device_type: str, backend_config: Mapping[str, Any], *, b
                        memory_bytes: int = 64 << 20, name: str | None = None,
                        start: Mapping[str, Any] | None = None, driver: Mapping[str, Any] | None = None,
                        device_options: Mapping[str, Any] | None = None, vmm_config: bool = True,
+                       reconnect: ReconnectPolicy | None = None,
                        timeout: float = READY_TIMEOUT) -> AsyncIterator[ReadyDevice]:
     """Build a *device_type* device on backend plugin *backend* with *backend_config*; yield
     it ready (see the module docstring), close everything on leaving.
@@ -144,7 +146,8 @@ async def ready_device(device_type: str, backend_config: Mapping[str, Any], *, b
     constructor (e.g. ``BlkDriver``'s ``max_request``); *start*: those of its ``start()``;
     *device_options*: ``tag`` (fs) or ``mac`` (net) of the config space the VMM serves for
     fs and net (vhost-user back-ends such as virtiofsd and DPDK serve none); *vmm_config*
-    False takes the back-end's config space instead (vDPA). Raises
+    False takes the back-end's config space instead (vDPA); *reconnect*: what the device does
+    when the back-end's session is lost (default: NEEDS_RESET at once, no reconnect). Raises
     :class:`DeviceNotReadyError` (cause chained) if the device is not ready within *timeout*
     seconds or fails on the way.
     """
@@ -163,7 +166,8 @@ async def ready_device(device_type: str, backend_config: Mapping[str, Any], *, b
             async with asyncio.timeout(timeout):
                 device = await machine.add_device(
                     DeviceConfig(name, backend, config, transport=transport, queue_size=queue_size, packed=packed,
-                                 vmm_features=kind.vmm_features if vmm_config else 0),
+                                 vmm_features=kind.vmm_features if vmm_config else 0,
+                                 reconnect=reconnect or ReconnectPolicy.off()),
                     load_backend(backend)(config), config_override=kind.config(extra) if vmm_config else None)
                 guest = machine.guest(name)
                 model = kind.driver(guest, **(driver or {}))
@@ -211,7 +215,7 @@ def vhost_user_ready(socket_path: str | os.PathLike[str], device_type: str, *, p
     """:func:`ready_device` on the vhost-user plugin for a back-end listening on *socket_path*.
 
     *options* takes :func:`ready_device`'s keywords (``transport``, ``queue_size``,
-    ``packed``, ``memory_bytes``, ``name``, ``driver``, ``start``, ``timeout``), ``tag`` and
+    ``packed``, ``memory_bytes``, ``name``, ``driver``, ``start``, ``timeout``, ``reconnect``), ``tag`` and
     ``mac`` for the config space the VMM serves, and every other key as a vhost-user backend
     option (``queues``; ``timeout`` is the ready bound, so the backend's per-request
     ``timeout`` is given as ``request_timeout``; see ``shadowvmm_vhost_user.backend``).
@@ -225,4 +229,5 @@ def vhost_user_ready(socket_path: str | os.PathLike[str], device_type: str, *, p
                         device_options=device_options, **keywords)
 
 
-_READY_KEYWORDS: Final = ("transport", "queue_size", "packed", "memory_bytes", "name", "start", "driver", "timeout")
+_READY_KEYWORDS: Final = ("transport", "queue_size", "packed", "memory_bytes", "name", "start", "driver", "timeout",
+                          "reconnect")
