@@ -200,3 +200,24 @@ async def test_the_owner_records_admin_commands_on_the_timeline() -> None:
                    ("DEV_MODE_SET", 2, int(AdminStatus.EINVAL))]
     assert events[-1].detail["qualifier"] == AdminQualifier.INVALID_MEMBER and events[0].detail["by"] == "device"
     await src.close()
+
+
+async def test_a_command_posted_during_the_migration_is_served_by_the_destination() -> None:
+    src, client, member_guest = await started_source()
+    await src.device("owner").stop()
+    pending = asyncio.ensure_future(client.list_query())     # kicks the held source owner
+    await asyncio.sleep(0.02)
+    states = {name: await export(src, name) for name in ("owner", "rng1")}
+    assert not pending.done() and states["owner"].admin is not None
+    assert states["owner"].admin.group is not None and states["owner"].admin.group.ring_base == 3
+    dst = await rig(src)
+    for name, state in states.items():
+        await dst.device(name).import_state(state, dst.slots[name].transport)
+    for name, guest in (("owner", client.guest), ("rng1", member_guest)):
+        move_guest(guest, src.device(name), dst.device(name), dst.slots[name].transport)   # replays the kick
+    async with asyncio.timeout(2):
+        assert AdminOpcode.DEV_MODE_SET in await pending
+    server = dst.device("owner").admin
+    assert server is not None and server.ring_position() == (4, False)   # type: ignore[attr-defined]
+    await dst.close()
+    await src.close()

@@ -211,8 +211,6 @@ class PersistenceMixin(SequencerMixin):
         if regs.guest_status & Status.NEEDS_RESET:
             self._set_run_state(RunState.FAILED)
         await self.settle()
-        if self.admin is not None:
-            self.admin.poll()       # what the driver posted after the source's stop
 
     # ------------------------------------------------------------------ a destination's staging
 
