@@ -177,7 +177,7 @@ class AdminServer:
             await asyncio.shield(task)
 
     def release(self) -> None:
-        """The owner runs again: pop what the driver posted meanwhile (its kicks were consumed)."""
+        """The owner runs again: serve its kicks, and look at the ring for what was posted meanwhile."""
         if self._held:
             self._held = False
             self._loop.add_reader(self.kick_fd, self._on_kick)
