@@ -232,7 +232,7 @@ CASES = [
     ("config-msix-vector-60000", _set(_transport, "!config_msix_vector", 60000), IncompatibleStateError,
      r"blk0: config_msix_vector 60000 is beyond the MSI-X table \(3 vectors"),
     ("format-99", lambda d: d.__setitem__("!format", 99), IncompatibleStateError,
-     r"blk0: state format 99 is newer than this reader supports \(formats 1\.\.1\)"),
+     r"blk0: state format 99 is newer than this reader supports \(formats 1\.\.2\)"),
     ("feature-not-offered-by-destination", _features(1 << 50, offered=True), IncompatibleStateError,
      r"blk0: the guest negotiated features 0x4000000000000 the destination does not offer"),
     ("feature-never-offered", _features(1 << 50, offered=False), StreamError,

@@ -26,8 +26,17 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..errors import AdminFormatError, AdminStatusError, GuestMemoryError, RingError, ShadowVmmError
+from ..errors import (
+    AdminFormatError,
+    AdminStatusError,
+    GuestMemoryError,
+    IncompatibleStateError,
+    RingError,
+    ShadowVmmError,
+)
 from ..memory import GuestMemory
+from ..state import AdminGroup, AdminObject, QueueState
+from ..timeline import EventKind, Tap
 from ..virtio.admin import (
     AdminCommand,
     AdminOpcode,
@@ -95,6 +104,8 @@ class OwnerHost(Protocol):
     def driver_features(self) -> int: ...
     @property
     def admin_queue(self) -> AdminRingRegs | None: ...
+    @property
+    def timeline(self) -> Tap | None: ...
 
     def read_status(self) -> int: ...
     def call_fd(self, index: int) -> int: ...
@@ -131,6 +142,11 @@ class AdminServer:
         self.results: list[tuple[int, int, int]] = []     #: (opcode, status, qualifier) per command
         self._ring: SplitDeviceQueue | PackedDeviceQueue | None = None
         self._pending: deque[DescChain] = deque()
+        #: Where the next ring opens (vhost base encoding): None for a fresh ring, or what a
+        #: migration restored.
+        self._base: int | None = None
+        #: The owner is stopped by the VMM: nothing is popped until :meth:`release`.
+        self._held = False
         self._task: asyncio.Task[None] | None = None
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(kick_fd, self._on_kick)
@@ -146,12 +162,78 @@ class AdminServer:
         a command still running on a member completes there, its result is dropped."""
         self._ring = None
         self._pending.clear()
+        self._base = None
         self.used = frozenset({AdminOpcode.LIST_QUERY, AdminOpcode.LIST_USE})
         self.objects.clear()
+
+    # ------------------------------------------------------------------ VMM stop and migration
+
+    async def hold(self) -> None:
+        """The owner's VMM stop: pop nothing more, and let the commands already popped complete
+        (a DEV_MODE_SET completes once its member stopped), so no command is half-done."""
+        self._held = True
+        task = self._task
+        if task is not None and not task.done():
+            await asyncio.shield(task)
+
+    def release(self) -> None:
+        """The owner runs again: serve its kicks, and look at the ring for what was posted meanwhile."""
+        if self._held:
+            self._held = False
+            self._loop.add_reader(self.kick_fd, self._on_kick)
+            self.poll()
+
+    def poll(self) -> None:
+        """Look at the ring as if kicked (spurious notifications are allowed, v1.4 §2.7.13)."""
+        os.eventfd_write(self.kick_fd, 1)
+
+    def ring_position(self) -> tuple[int, bool]:
+        """Where the VMM is on the admin ring (vhost base encoding), and whether it is packed."""
+        packed = bool(self.owner.driver_features & Feature.RING_PACKED)
+        ring = self._ring
+        if isinstance(ring, SplitDeviceQueue):
+            return ring.last_avail_idx, False
+        if isinstance(ring, PackedDeviceQueue):
+            return ring.ring_state(self.index).base, True
+        if self._base is not None:
+            return self._base, packed
+        return (RingState.packed(self.index, 0, True, 0, True).base if packed else 0), packed
+
+    def snapshot(self, queue: QueueState) -> AdminGroup:
+        """The group as a state record (:class:`~shadowvmm.state.AdminGroup`); the owner is held."""
+        base, packed = self.ring_position()
+        objects = tuple(AdminObject(member, obj, int(kind)) for (member, obj), kind in sorted(self.objects.items()))
+        return AdminGroup(tuple(m.name for m in self.members), tuple(sorted(self.used)), objects, queue, base, packed)
+
+    def check_restore(self, group: AdminGroup) -> None:
+        """Refuse (:class:`IncompatibleStateError`) a group this owner does not serve."""
+        names = tuple(m.name for m in self.members)
+        if group.members != names:
+            raise IncompatibleStateError(f"{self.owner.name}: the source's admin group is {list(group.members)}, "
+                                         f"the destination's {list(names)}")
+        unsupported = set(group.used) - self.supported()
+        if unsupported:
+            raise IncompatibleStateError(f"{self.owner.name}: the driver uses admin opcodes "
+                                         f"{sorted(unsupported)} the destination does not serve")
+        if any(o.obj_id >= OBJECTS_PER_MEMBER for o in group.objects):
+            raise IncompatibleStateError(f"{self.owner.name}: resource object ids beyond {OBJECTS_PER_MEMBER - 1}")
+
+    def restore(self, group: AdminGroup) -> None:
+        """Take the source's group: LIST_USE, the resource objects, the ring position (the ring
+        opens there at the next kick, or at :meth:`release`)."""
+        self.check_restore(group)
+        self._ring = None
+        self._pending.clear()
+        self.used = frozenset(group.used)
+        self.objects = group.object_kinds()
+        self._base = group.ring_base
 
     # ------------------------------------------------------------------ ring
 
     def _on_kick(self) -> None:
+        if self._held:      # the kick stays in the eventfd: a migration replays it on the destination
+            self._loop.remove_reader(self.kick_fd)
+            return
         try:
             os.eventfd_read(self.kick_fd)
         except BlockingIOError:
@@ -175,12 +257,14 @@ class AdminServer:
             return None
         memory = self.owner.memory
         event_idx = bool(self.owner.driver_features & Feature.EVENT_IDX)
+        base = self._base
         if self.owner.driver_features & Feature.RING_PACKED:
+            state = RingState.packed(self.index, 0, True, 0, True) if base is None else RingState(self.index, base)
             self._ring = PackedDeviceQueue(memory, PackedLayout(q.size, q.desc, q.driver, q.device),
-                                           event_idx=event_idx, state=RingState.packed(self.index, 0, True, 0, True))
+                                           event_idx=event_idx, state=state)
         else:
             self._ring = SplitDeviceQueue(memory, SplitLayout(q.size, q.desc, q.driver, q.device),
-                                          event_idx=event_idx)
+                                          event_idx=event_idx, last_avail_idx=base or 0)
         return self._ring
 
     async def _serve(self, ring: SplitDeviceQueue | PackedDeviceQueue) -> None:
@@ -205,6 +289,7 @@ class AdminServer:
         if room < AdminResult.STRUCT.size:
             log.warning("%s: admin command without room for its result (%d bytes)", self.owner.name, room)
             return 0
+        request = b""
         if chain.readable_len > ADMIN_REQUEST_MAX:
             result = AdminResult.error(AdminStatus.EINVAL, AdminQualifier.INVALID_COMMAND)
             opcode = -1
@@ -213,7 +298,19 @@ class AdminServer:
             opcode = int.from_bytes(request[:2], "little") if len(request) >= 2 else -1
             result = await self.execute(request, room - AdminResult.STRUCT.size)
         self.results.append((opcode, result.status, result.qualifier))
+        self._record(opcode, request, result)
         return chain.write(memory, result.pack())
+
+    def _record(self, opcode: int, request: bytes, result: AdminResult) -> None:
+        """An ADMIN_COMMAND event on the owner's timeline row: the opcode's name (its number if
+        unknown, -1 if unread), the member id, the status and qualifier of the result."""
+        tap = self.owner.timeline
+        if tap is None:
+            return
+        known = AdminOpcode._value2member_map_.get(opcode)
+        member = AdminCommand.unpack(request).member_id if len(request) >= AdminCommand.STRUCT.size else -1
+        tap.record(EventKind.ADMIN_COMMAND, opcode=known.name if isinstance(known, AdminOpcode) else opcode,
+                   member=member, status=int(result.status), qualifier=int(result.qualifier), by="device")
 
     # ------------------------------------------------------------------ commands
 

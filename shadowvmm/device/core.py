@@ -24,6 +24,7 @@ from ..errors import BackendDisconnected, DeviceStateError
 from ..lifecycle import EventLog, LinkState, ReconnectPolicy
 from ..memory import GuestMemory
 from ..shadow import FaultCounter, FeaturePolicy, RunState, StatusShadow
+from ..state import AdminGroup, QueueState
 from ..timeline import Tap
 from ..virtio.constants import NO_VECTOR, DeviceId
 from ..virtio.ledger import SplitLedger
@@ -91,10 +92,28 @@ class QueueRegs:
 
 
 class AdminEndpoint(Protocol):
-    """What the registers need of an owner's administration queue server (:mod:`.adminq`)."""
+    """What the device needs of an owner's administration queue server (:mod:`.adminq`)."""
 
     def reset(self) -> None:
         """The owner was reset (v1.4 §2.12.1): drop the ring, forget LIST_USE and resource objects."""
+
+    async def hold(self) -> None:
+        """The owner's VMM stop: pop nothing more, let the popped commands complete."""
+
+    def release(self) -> None:
+        """The owner's VMM resume: serve again, and what was posted meanwhile."""
+
+    def poll(self) -> None:
+        """Look at the ring as if kicked (a migration destination after its import)."""
+
+    def snapshot(self, queue: QueueState) -> AdminGroup:
+        """The group as a state record, the admin queue's registers *queue* included."""
+
+    def check_restore(self, group: AdminGroup) -> None:
+        """Refuse (IncompatibleStateError) a group this owner does not serve."""
+
+    def restore(self, group: AdminGroup) -> None:
+        """Take a migrated group."""
 
 
 @dataclass

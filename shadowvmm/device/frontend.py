@@ -168,6 +168,8 @@ class VirtioDevice(PartsMixin):
         self._set_run_state(RunState.STOPPING)
         self._vmm_stop = True
         try:
+            if self.admin is not None:      # the VMM-served admin queue stops with its owner
+                await self.admin.hold()
             await self._submit_wait(Op(OpKind.RECONCILE))
             if self.link is not LinkState.UP:
                 raise BackendDisconnected(f"{self.name}: backend lost during the stop") from self._lost_error
@@ -175,6 +177,8 @@ class VirtioDevice(PartsMixin):
             # Not stopped: a failed backend (FAILED) recovers through the guest's reset into
             # a running device, not into a VMM stop nobody will resume.
             self._vmm_stop = False
+            if self.admin is not None:
+                self.admin.release()
             if self.run_state is RunState.STOPPING:
                 self._set_run_state(RunState.RUNNING)
             raise
@@ -196,6 +200,8 @@ class VirtioDevice(PartsMixin):
         self._vmm_stop = False
         self._set_run_state(RunState.RUNNING)
         await self._submit_wait(Op(OpKind.RECONCILE))
+        if self.admin is not None:
+            self.admin.release()
         if self.timeline is not None:
             self.timeline.record(EventKind.RESUME, by="vmm", running=self.rings_running)
 

@@ -21,6 +21,7 @@ from ..lifecycle import LinkState
 from ..shadow import RunState
 from ..state import (
     STANDARD_TYPES,
+    AdminState,
     DeviceState,
     OpaquePart,
     QueueState,
@@ -76,7 +77,42 @@ class PersistenceMixin(SequencerMixin):
             blob = await self.backend.save_state()
             if blob is not None:
                 opaque = OpaquePart(self.backend.implementation, self.backend.implementation_version, bytes(blob))
-        return DeviceState(self.name, int(self.device_id), regs, rings, standard, opaque)
+        return DeviceState(self.name, int(self.device_id), regs, rings, standard, opaque, admin=self._admin_state())
+
+    def _admin_state(self) -> AdminState | None:
+        """An owner's group (its admin queue held by the stop) and a member's stopped mode."""
+        group = None
+        aq = self.admin_queue
+        if self.admin is not None and aq is not None:
+            group = self.admin.snapshot(QueueState(aq.index, aq.size, aq.enabled, aq.desc, aq.driver, aq.device,
+                                                   aq.msix_vector, aq.max_size))
+        return AdminState(group, self._admin_stop) if group is not None or self._admin_stop else None
+
+    def _check_admin(self, state: DeviceState) -> None:
+        group = state.admin.group if state.admin is not None else None
+        if group is None:
+            return
+        if self.admin is None or self.admin_queue is None:
+            raise IncompatibleStateError(f"{self.name}: the source owns an admin group {list(group.members)}, "
+                                         "the destination device has no admin queue with members")
+        if group.queue.index != self.admin_queue.index or group.queue.size > self.admin_queue.max_size:
+            raise IncompatibleStateError(f"{self.name}: admin queue {group.queue.index} of size {group.queue.size}, "
+                                         f"the destination's is {self.admin_queue.index} of at most "
+                                         f"{self.admin_queue.max_size}")
+        self.admin.check_restore(group)
+
+    def _import_admin(self, state: DeviceState) -> None:
+        admin = state.admin
+        if admin is None:
+            return
+        self._admin_stop = admin.stopped
+        group, aq = admin.group, self.admin_queue
+        if group is None or aq is None or self.admin is None:
+            return
+        saved = group.queue
+        aq.size, aq.enabled, aq.msix_vector = saved.size, saved.enabled, saved.msix_vector
+        aq.desc, aq.driver, aq.device = saved.desc, saved.driver, saved.device
+        self.admin.restore(group)
 
     def check_import(self, state: DeviceState, transport: StatefulTransport | None = None) -> None:
         """Refuse (IncompatibleStateError) a state this device cannot take; changes nothing."""
@@ -110,6 +146,7 @@ class PersistenceMixin(SequencerMixin):
             raise IncompatibleStateError(f"{self.name}: MMIO state cannot load into a PCI transport")
         if state.standard is not None:
             state.standard.check_destination(bytes(self.config), self.name)
+        self._check_admin(state)
         if state.opaque is not None:
             state.opaque.check_loadable(self.backend.implementation, self.backend.implementation_version,
                                         self.name)
@@ -127,7 +164,7 @@ class PersistenceMixin(SequencerMixin):
         half-way, stays as it was and the guest continues on this one.
         """
         self._require_realized()
-        if self.started or self.shadow.guest_status or self._ops or self._vmm_stop:
+        if self.started or self.shadow.guest_status or self._ops or self._vmm_stop or self._admin_stop:
             raise DeviceStateError(f"{self.name}: import_state needs a freshly realized, untouched device")
         self.check_import(state, transport)
         regs = state.transport
@@ -165,6 +202,7 @@ class PersistenceMixin(SequencerMixin):
             q.resetting = False
             q.ring_base = saved.ring_base
         self.ring_states = state.ring_states()
+        self._import_admin(state)
         assert self.interrupts is not None
         self.interrupts.msix_enabled = regs.msix_enabled
         if regs.kind == "pci" and transport is not None:

@@ -130,6 +130,13 @@ class FsDriver:
                     extra_features: int = 0, max_readahead: int = 128 << 10,
                     init_flags: int = INIT_FLAGS) -> InitOut:
         """Initialise the device, set up hiprio + request queues and send FUSE_INIT."""
+        await self.dev.initialize(WANTED | extra_features, queue_size=queue_size,
+                                  num_queues=self.queue_count(request_queues))
+        return await self.attach(max_readahead=max_readahead, init_flags=init_flags)
+
+    def queue_count(self, request_queues: int | None = None) -> int:
+        """hiprio and the request queues a driver sets up (v1.4 §5.11.2): *request_queues*, at
+        most what the config and the transport offer."""
         transport = self.dev.transport
         config = self.read_config()
         available = transport.num_queues() - FIRST_REQUEST_QUEUE
@@ -137,14 +144,21 @@ class FsDriver:
         count = min(wanted, config.num_request_queues, available)
         if count < 1:
             raise DeviceStateError(f"virtio-fs device has no request queue ({transport.num_queues()} queues)")
-        await self.dev.initialize(WANTED | extra_features, queue_size=queue_size,
-                                  num_queues=FIRST_REQUEST_QUEUE + count)
-        self.config = config
-        self._slots[HIPRIO_QUEUE] = [self._alloc_slot(fuse.InHeader.SIZE + ForgetIn.SIZE, 0)
-                                     for _ in range(min(self.hiprio_slots, self.dev.queues[0].size))]
-        self._request_queues = list(range(FIRST_REQUEST_QUEUE, FIRST_REQUEST_QUEUE + count))
+        return FIRST_REQUEST_QUEUE + count
+
+    async def attach(self, *, max_readahead: int = 128 << 10, init_flags: int = INIT_FLAGS) -> InitOut:
+        """Take the device as its core initialised it (:meth:`start`, or a driver that finished,
+        on a migration destination, an initialisation begun before: scenario 2.3): slots for
+        hiprio and each request queue set up, then FUSE_INIT (v1.4 §5.11.6)."""
+        queues = self.dev.queues
+        if len(queues) <= FIRST_REQUEST_QUEUE:
+            raise DeviceStateError(f"virtio-fs: {len(queues)} queue(s) set up, no request queue")
+        self.config = self.read_config()
+        self._slots = {HIPRIO_QUEUE: [self._alloc_slot(fuse.InHeader.SIZE + ForgetIn.SIZE, 0)
+                                      for _ in range(min(self.hiprio_slots, queues[HIPRIO_QUEUE].size))]}
+        self._request_queues = [q.index for q in queues[FIRST_REQUEST_QUEUE:]]
         for index in self._request_queues:
-            size = self.dev.queues[index].size
+            size = queues[index].size
             self._slots[index] = [self._alloc_slot(REQUEST_HEADROOM + self.max_payload,
                                                    fuse.OutHeader.SIZE + max(self.max_payload, MAX_FIXED_REPLY))
                                   for _ in range(min(size, self.slots_per_queue))]

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import astuple, dataclass, field
 
 from ..errors import ArgumentError, DeviceStateError, NetCtrlError
-from ..virtio.constants import Feature, NetFeature
+from ..virtio.constants import Feature, NetFeature, Status
 from ..virtio.devcfg import (
     CTRL_HEADER,
     CTRL_MQ,
@@ -205,23 +205,7 @@ class NetDriver:
             raise DeviceStateError(f"virtio-net needs {count} queues, device has {transport.num_queues()}")
         features = await self.dev.initialize(want, packed=packed, queue_size=queue_size, num_queues=count,
                                              set_driver_ok=False)
-        self.config = self.read_config(features)
-        self._mrg = bool(features & NetFeature.MRG_RXBUF)
-        need = NET_HDR_SIZE + ETH_HEADER + max(self.config.mtu, ETH_DEFAULT_MTU)
-        if not self._mrg and self.buffer_size < need:
-            raise DeviceStateError(f"receive buffers of {self.buffer_size} bytes, MTU {self.config.mtu} "
-                                   f"needs {need} without MRG_RXBUF")
-        alloc = self.dev.alloc
-        queues = self.dev.queues
-        self.rx = [RxQueue(queues[2 * k], [alloc.alloc(self.buffer_size, 64) for _ in range(queues[2 * k].size)])
-                   for k in range(max_pairs)]
-        self.tx = [TxQueue(queues[2 * k + 1], [alloc.alloc(self.buffer_size, 64)
-                                               for _ in range(min(self.tx_slots, queues[2 * k + 1].size))])
-                   for k in range(max_pairs)]
-        if ctrl:
-            self._ctrl = queues[2 * max_pairs]
-            self._ctrl_buffer = alloc.alloc(CTRL_BUFFER, 64)
-        self._running = True
+        self._take_queues(features)
         for rx in self.rx:
             self._fill(rx)
         self.dev.driver_ok()
@@ -232,6 +216,48 @@ class NetDriver:
         if features & NetFeature.MQ:
             await self.set_queue_pairs(pairs)
         return features
+
+    def queue_count(self, features: int) -> int:
+        """The queues a driver with *features* sets up: every pair, and the control queue if
+        negotiated (v1.4 §5.1.2)."""
+        pairs = self.read_config(features & NetFeature.MQ).max_virtqueue_pairs
+        return 2 * pairs + int(bool(features & NetFeature.CTRL_VQ))
+
+    def attach(self) -> None:
+        """Take the device as its core initialised it (a driver that finished, on a migration
+        destination, an initialisation begun before: scenario 2.3): the queues' buffers, then
+        the receive buffers made available and kicked (v1.4 §5.1.6.3). Pair 0 runs."""
+        if not self.dev.status() & Status.DRIVER_OK:
+            raise DeviceStateError("virtio-net: attach before DRIVER_OK")
+        self._take_queues(self.dev.features)
+        for rx in self.rx:
+            self._fill(rx)
+            rx.queue.kick()
+        self.active_pairs = 1
+
+    def _take_queues(self, features: int) -> None:
+        """Config, receive and transmit buffers and the control buffer for the set-up queues."""
+        self.config = self.read_config(features)
+        self._mrg = bool(features & NetFeature.MRG_RXBUF)
+        need = NET_HDR_SIZE + ETH_HEADER + max(self.config.mtu, ETH_DEFAULT_MTU)
+        if not self._mrg and self.buffer_size < need:
+            raise DeviceStateError(f"receive buffers of {self.buffer_size} bytes, MTU {self.config.mtu} "
+                                   f"needs {need} without MRG_RXBUF")
+        pairs = self.config.max_virtqueue_pairs
+        queues = self.dev.queues
+        if len(queues) < self.queue_count(features):
+            raise DeviceStateError(f"virtio-net needs {self.queue_count(features)} queues set up, "
+                                   f"the driver has {len(queues)}")
+        alloc = self.dev.alloc
+        self.rx = [RxQueue(queues[2 * k], [alloc.alloc(self.buffer_size, 64) for _ in range(queues[2 * k].size)])
+                   for k in range(pairs)]
+        self.tx = [TxQueue(queues[2 * k + 1], [alloc.alloc(self.buffer_size, 64)
+                                               for _ in range(min(self.tx_slots, queues[2 * k + 1].size))])
+                   for k in range(pairs)]
+        if features & NetFeature.CTRL_VQ:
+            self._ctrl = queues[2 * pairs]
+            self._ctrl_buffer = alloc.alloc(CTRL_BUFFER, 64)
+        self._running = True
 
     # ------------------------------------------------------------------ receive
 

@@ -6,6 +6,10 @@ the contract (:mod:`shadowvmm.backends.base`): its capabilities
 (``DIRTY_LOG``, ``SHARED_MEMORY``, ``DEVICE_STATE``), the process serving it
 (:meth:`~shadowvmm.backends.base.Backend.peer_identity`) and its own
 :meth:`~shadowvmm.backends.base.Backend.migration_blockers`.
+
+An admin-queue owner is no blocker: its group (members, LIST_USE, resource objects, the
+admin ring's position) and each member's stopped mode travel in the device states
+(:mod:`shadowvmm.state.admin`), and the owner's VMM stop lets a command under way complete.
 """
 
 from __future__ import annotations
@@ -85,17 +89,9 @@ async def _fs_session_blockers(name: str, device: VirtioDevice, fs_session: str)
     return out
 
 
-#: Why an admin-queue owner refuses a migration (v1.4 §2.12): its group is not in the device state.
-ADMIN_GROUP_BLOCKER = ("it owns an administration virtqueue (v1.4 §2.12), and the admin state (the "
-                       "queue's commands, its resource objects, its members' stopped mode) is not part "
-                       "of the migrated device state")
-
-
 async def blockers(name: str, device: VirtioDevice, mode: str, fs_session: str = "refuse") -> list[str]:
     """Why *device* cannot migrate now (empty: it can); checked before anything stops."""
     out = []
-    if device.admin_queue is not None:
-        out.append(f"{name}: {ADMIN_GROUP_BLOCKER}")
     if mode == "copy" and (reason := _memory_blocker(name, device)) is not None:
         out.append(reason)
     caps = device.backend_caps

@@ -80,6 +80,9 @@ async def _migrate_in(machine: MachineLike, channel: Channel, reader: StreamRead
                 report.memory_digest = memory_digest(machine.memory)
             await asyncio.gather(*(machine.slots[name].device.import_state(state, machine.slots[name].transport)
                                    for name, state in states.items()))
+            for slot in machine.slots.values():     # an owner looks at its admin ring once every
+                if slot.device.admin is not None:   # member is in place (v1.4 §2.7.13: may be spurious)
+                    slot.device.admin.poll()
             report.apply_ms = (clock() - t_apply) * 1e3
             if timeline is not None:
                 timeline.record(EventKind.DEST_START, devices=",".join(states),

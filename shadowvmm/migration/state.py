@@ -18,6 +18,9 @@ A :class:`DeviceState` has four parts:
 * an optional :class:`OpaquePart`: implementation state (for vhost-user the
   DEVICE_STATE blob) that only the same implementation may load.
 
+An admin-queue owner, or a member its DEV_MODE_SET left stopped, also carries an
+:class:`~shadowvmm.state.AdminState` (format 2, :mod:`shadowvmm.state.admin`).
+
 Versioning. The envelope carries :data:`FORMAT_VERSION`. Every field is
 declared in a schema (:class:`FieldSpec`) with the format version that
 introduced it. On the wire a required field's key is prefixed with ``!``;

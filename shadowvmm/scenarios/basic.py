@@ -170,9 +170,10 @@ async def vmm_migrates(ctx: ScenarioContext) -> None:
                      "the destination does not run the rings (or the source still does)")
 
 
-async def _owner_stop_then_migrate(ctx: ScenarioContext) -> None:
-    """2.2 on the admin path: the owner stops the member, then the VMM migrates the machine
-    (refused by the migration blockers: the admin group is not in the device state)."""
+async def _owner_stop_then_migrate(ctx: ScenarioContext, *, reset: bool) -> None:
+    """2.2 on the admin path: the owner stops the member, the VMM migrates the machine (owner and
+    member: the group and the stopped mode are in the device states); on the destination the
+    member stays stopped until the owner resumes it (DEV_MODE_SET), or its guest resets it."""
     src = await ctx.machine()
     dst = await ctx.destination(src)
     guest = ctx.guest(src)
@@ -182,11 +183,23 @@ async def _owner_stop_then_migrate(ctx: ScenarioContext) -> None:
     await _owner_mode(ctx, ctx.dev(src), True)
     report = await ctx.migrate(src, dst, guest)
     ctx.report.check(report.ok, "the migration did not complete")
+    dev = ctx.dev(dst)
+    ctx.report.check(dev.admin_stopped and not dev.rings_running,
+                     "the destination runs the member the owner had stopped")
+    ctx.report.check(guest.status() == LIVE, f"the member's guest reads {status_text(guest.status())} on the "
+                                             f"destination, expected {status_text(LIVE)}")
+    if reset:
+        await io.start()        # a member's reset clears its stopped mode (v1.4 §2.12.1.4)
+    else:
+        await _owner_mode(ctx, dev, False)
+    ctx.report.check(dev.rings_running, "the destination does not run the rings after the "
+                                        + ("reset" if reset else "owner's resume"))
+    await io.io()
 
 
 async def _guest_stop_then_migrate(ctx: ScenarioContext, *, reset: bool) -> None:
     if ctx.admin:
-        await _owner_stop_then_migrate(ctx)
+        await _owner_stop_then_migrate(ctx, reset=reset)
         return
     allowed = (StopDialect.SUSPEND, StopDialect.STOP) if reset else (StopDialect.SUSPEND,)
     dialect = ctx.need_dialect(*allowed)
@@ -234,7 +247,6 @@ async def half_initialised(ctx: ScenarioContext) -> None:
         dst = await ctx.destination(src)
         guest = ctx.guest(src)
         io = _io(ctx, guest)
-        io.check_finish_init()
         await _init_to(guest, io, stage)
         before = guest.status()
         report = await ctx.migrate(src, dst, guest)

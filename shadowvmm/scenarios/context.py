@@ -144,10 +144,14 @@ class ScenarioContext:
         await self._add_owner(machine)
         return machine
 
-    async def _add_owner(self, machine: Machine) -> None:
+    async def _add_owner(self, machine: Machine, *, start: bool = True) -> None:
+        """The owner device; on a source its driver starts the admin queue and declares LIST_USE
+        (a destination's owner takes its group from the migrated state)."""
         if not self.admin:
             return
         await machine.add_device(DeviceConfig(OWNER, "inproc", {"device": "rng"}, admin_members=(self.device.name,)))
+        if not start:
+            return
         self.owner = AdminClient(machine.guest(OWNER))
         if not self.machines[:-1]:
             self.guests.append((f"{L0} {OWNER}", self.owner.guest))     # the owner's driver, as a level
@@ -159,9 +163,7 @@ class ScenarioContext:
         machine = Machine(memory=source.memory, timeline=self.timeline, level=L0, suffix="@dst")
         self.machines.append(machine)
         await self.peers.add(machine, self.device, 1)
-        owner = self.owner
-        await self._add_owner(machine)
-        self.owner = owner          # the guest stays on the source until the switch-over
+        await self._add_owner(machine, start=False)     # the owner's driver moves at the switch-over
         return machine
 
     def guest(self, machine: Machine, level: str = L0) -> GuestDevice:
@@ -180,8 +182,11 @@ class ScenarioContext:
         endpoint = Endpoint.parse(f"unix:{self.workdir / 'migrate.sock'}")
         listener = await endpoint.listen()
         tap = self.timeline.tap(L0, "migration")
-        hooks = MigrationHooks(pause_guest=pause, switch_over=lambda: move_guest(
-            guest, source.device(name), dest.device(name), dest.slots[name].transport))
+        def switch_over() -> None:
+            move_guest(guest, source.device(name), dest.device(name), dest.slots[name].transport)
+            if self.owner is not None and OWNER in dest.slots:
+                move_guest(self.owner.guest, source.device(OWNER), dest.device(OWNER), dest.slots[OWNER].transport)
+        hooks = MigrationHooks(pause_guest=pause, switch_over=switch_over)
         try:
             async def incoming() -> None:
                 await migrate_in(dest, await listener.accept(10), timeline=tap)

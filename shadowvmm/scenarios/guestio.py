@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 
-from ..errors import ScenarioError
-from ..guest.blk import WANTED, BlkDriver
+from ..guest.blk import WANTED as BLK_WANTED
+from ..guest.blk import BlkDriver
 from ..guest.driver import GuestDevice
+from ..guest.fs import WANTED as FS_WANTED
 from ..guest.fs import FsDriver
+from ..guest.net import WANTED as NET_WANTED
 from ..guest.net import NetDriver
 from ..guest.rng import RngDriver
 from ..virtio.constants import DeviceId, Feature, Status
@@ -49,7 +51,12 @@ class GuestIo:
 
     @property
     def wanted(self) -> int:
-        return WANTED if self.blk is not None else 0
+        """The device-type features the driver asks for (VERSION_1 aside)."""
+        if self.blk is not None:
+            return BLK_WANTED
+        if self.net is not None:
+            return NET_WANTED
+        return FS_WANTED if self.fs is not None else 0
 
     async def start(self, extra_features: int = 0) -> int:
         """The full initialisation (a reset first): v1.4 §3.1.1."""
@@ -64,17 +71,20 @@ class GuestIo:
             return await self.net.start(packed=self.packed, queue_size=self.queue_size, extra_features=extra_features)
         return await self.guest.initialize(extra_features, packed=self.packed, queue_size=self.queue_size)
 
-    def check_finish_init(self) -> None:
-        """Refuse (ScenarioError) a device whose guest model sets its queues up only in its own start."""
-        if self.fs is not None or self.net is not None:
-            kind = "fs" if self.fs is not None else "net"
-            raise ScenarioError(f"the {kind} guest driver model sets up its queues (and FUSE INIT or its "
-                                "receive buffers) only in its own start, so it cannot finish an "
-                                "initialisation begun before a migration")
+    def _queue_count(self) -> int:
+        """The queues the guest's driver sets up for what it negotiated."""
+        if self.rng is not None:
+            return 1
+        if self.net is not None:
+            return self.net.queue_count(self.guest.features)
+        if self.fs is not None:
+            return self.fs.queue_count()
+        return self.guest.transport.num_queues()
 
     async def finish_init(self, extra_features: int = 0) -> int:
-        """Finish v1.4 §3.1.1 from wherever the guest left off, without a reset (scenario 2.3)."""
-        self.check_finish_init()
+        """Finish v1.4 §3.1.1 from wherever the guest left off, without a reset (scenario 2.3):
+        the missing status steps and queues, DRIVER_OK, then the type's driver takes the device
+        (blk its request slots, net its buffers with the receive queues filled, fs FUSE_INIT)."""
         guest, t = self.guest, self.guest.transport
         status = guest.status()
         if not status & Status.ACKNOWLEDGE:
@@ -88,7 +98,7 @@ class GuestIo:
             guest.features = accepted
         guest._start_interrupts()
         t.set_config_vector(0)
-        count = 1 if self.rng is not None else t.num_queues()
+        count = self._queue_count()
         for index in range(len(guest.queues), count):
             guest.queues.append(guest._setup_queue(index, self.queue_size))
         guest.driver_ok()
@@ -97,6 +107,10 @@ class GuestIo:
             self.blk.attach()
         elif self.rng is not None:
             self.rng.buffer = guest.alloc.alloc(self.rng.buffer_size, 16)
+        elif self.net is not None:
+            self.net.attach()
+        elif self.fs is not None:
+            await self.fs.attach()
         return guest.features
 
     def _completed(self) -> int:

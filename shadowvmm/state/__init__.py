@@ -10,6 +10,7 @@ registers and rings, :mod:`.standard` the part per device type,
 
 from __future__ import annotations
 
+from .admin import AdminGroup, AdminObject, AdminState
 from .device_state import DeviceState, OpaquePart
 from .records import QueueState, RingPart, TransportState
 from .schema import FORMAT_VERSION, MIN_FORMAT_VERSION, REQUIRED, FieldSpec, Section, check_range, shown
@@ -31,7 +32,8 @@ from .transport import StatefulTransport, TransportImage
 
 __all__ = [
     "EMPTY_TRANSPORT", "FORMAT_VERSION", "MIN_FORMAT_VERSION", "REQUIRED", "STANDARD_BY_ID", "STANDARD_BY_NAME",
-    "STANDARD_TYPES", "U16", "U32", "U64", "BlkStandard", "DeviceState", "FieldSpec", "FsStandard",
+    "STANDARD_TYPES", "U16", "U32", "U64", "AdminGroup", "AdminObject", "AdminState",
+    "BlkStandard", "DeviceState", "FieldSpec", "FsStandard",
     "NetStandard", "OpaquePart", "QueueState", "RingPart", "RngStandard", "Section", "StatefulTransport",
     "Standard", "TransportImage", "TransportState", "check_range", "shown",
 ]

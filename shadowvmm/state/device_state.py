@@ -4,7 +4,8 @@ A :class:`DeviceState` has four parts: the :class:`~.records.TransportState`,
 a :class:`~.records.RingPart` per started ring, the standard part of its device
 type (:mod:`.standard`) and an optional :class:`OpaquePart` (implementation
 state, for vhost-user the DEVICE_STATE blob, that only the same implementation
-may load). :meth:`DeviceState.digest` is the sha256 of the canonical encoding
+may load); an admin-queue owner or a stopped admin member also carries an
+:class:`~.admin.AdminState` (format 2). :meth:`DeviceState.digest` is the sha256 of the canonical encoding
 at the state's own format: what a destination applied, confirmed to the source.
 """
 
@@ -18,6 +19,7 @@ import msgpack
 
 from ..errors import IncompatibleStateError, StateFormatError, UnknownRequiredFieldError
 from ..virtio.vring import RingState
+from .admin import ADMIN_SINCE, AdminState
 from .records import RingPart, TransportState
 from .schema import FORMAT_VERSION, MIN_FORMAT_VERSION, REQUIRED, FieldSpec, Section, shown
 from .standard import STANDARD_BY_NAME, Standard
@@ -56,6 +58,8 @@ class DeviceState(Section):
     standard: Standard | None = None
     opaque: OpaquePart | None = None
     format: int = field(default=FORMAT_VERSION, compare=False)
+    #: The admin group part (:mod:`.admin`): an owner's group, a member's stopped mode.
+    admin: AdminState | None = None
 
     SCHEMA: ClassVar = (
         FieldSpec("name", str), FieldSpec("device_id", int), FieldSpec("transport", TransportState),
@@ -90,6 +94,11 @@ class DeviceState(Section):
         out = super().to_wire(version)
         if self.standard is not None:
             out[REQUIRED + "standard"] = {REQUIRED + "type": self.standard.TYPE, **self.standard.to_wire(version)}
+        if self.admin is not None:
+            if version < ADMIN_SINCE:
+                raise StateFormatError(f"{self.name}: the admin part needs state format {ADMIN_SINCE}, "
+                                       f"asked for {version}")
+            out[REQUIRED + "admin"] = self.admin.to_wire(version)
         return out
 
     @classmethod
@@ -98,6 +107,9 @@ class DeviceState(Section):
             raise StateFormatError(f"{where}: expected a map, got {type(data).__name__}")
         rest = dict(data)
         raw_standard = rest.pop(REQUIRED + "standard", rest.pop("standard", None))
+        raw_admin = rest.pop(REQUIRED + "admin", None)
+        if raw_admin is not None and version < ADMIN_SINCE:
+            raise StateFormatError(f"{where}.admin: in a state of format {version} (introduced in {ADMIN_SINCE})")
         state = super().from_wire(rest, version, where)
         standard = None
         if raw_standard is not None:
@@ -110,7 +122,8 @@ class DeviceState(Section):
                 raise UnknownRequiredFieldError(f"{where}.standard: device type {kind_name!r} is unknown "
                                                 f"to this reader (format {FORMAT_VERSION})")
             standard = kind.from_wire(body, version, f"{where}.standard")
-        obj = cls(state.name, state.device_id, state.transport, state.rings, standard, state.opaque, version)
+        admin = None if raw_admin is None else AdminState.from_wire(raw_admin, version, f"{where}.admin")
+        obj = cls(state.name, state.device_id, state.transport, state.rings, standard, state.opaque, version, admin)
         obj.validate()
         return obj
 

@@ -17,7 +17,8 @@ from ..errors import StateFormatError, UnknownRequiredFieldError
 
 #: Current state format. Bump when a field is added (a reader refuses formats newer than its
 #: own); mark it required only if a reader must refuse a state that carries it unknown.
-FORMAT_VERSION = 1
+#: Format 2 added the admin group part (:mod:`.admin`).
+FORMAT_VERSION = 2
 #: Oldest format this reader accepts.
 MIN_FORMAT_VERSION = 1
 #: Wire-key prefix of a field the reader must understand.

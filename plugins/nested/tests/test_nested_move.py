@@ -143,8 +143,8 @@ async def test_l1_moves_l2s_device_under_l2_io(path: str, disk: Disk) -> None:
                 writes = [(ring, value) for op, ring, value in ops if op == "write"]
                 assert reads == writes and len(writes) == 2 and any(value > 0 for _, value in writes)
             else:
-                ops = [(e.detail["opcode"], e.detail["member"]) for e in timeline.events
-                       if e.kind is EventKind.ADMIN_COMMAND]
+                ops = [(e.detail["opcode"], e.detail["member"])
+                       for e in timeline.of(EventKind.ADMIN_COMMAND, level="L1")]
                 assert ops == [("DEV_MODE_SET", 1), ("DEV_PARTS_GET", 1), ("DEV_MODE_SET", 2),
                                ("DEV_PARTS_SET", 2), ("DEV_MODE_SET", 2)]
                 assert isinstance(c.path, AdminPath)

@@ -42,7 +42,7 @@ def test_l1_moves_l2_over_qsd_through_the_cli(config: str, path: str, kind: Even
     assert report["ok"] and report["exactly_once"] and report["submitted"] > 0 and report["mismatches"] == 0
     assert report["verified_blocks"] > 0 and f"stop path: {path}" in report["notes"]
     assert report["statuses"]["L2"] == ["0x00", "0x0b", "0x0f"] and report["status_reads"] > 10
-    events = Timeline.from_json(js.read_text()).of(kind)
+    events = Timeline.from_json(js.read_text()).of(kind, level="L1")
     if path == "ring-state":
         ops = [(e.detail["op"], e.detail["ring"], e.detail["value"]) for e in events]
         reads = [(ring, value) for op, ring, value in ops[:2] if op == "read"]
