@@ -152,6 +152,7 @@ async def migrate_l0(source: Machine, dest: Machine, stack: L1Stack, name: str, 
         try:
             report = await migrate_out(source, await endpoint.connect(), options, hooks, timeline=tap)
         except BaseException:
+            receiving.cancel()          # a refused migration: the destination waits for nothing
             await asyncio.gather(receiving, return_exceptions=True)
             raise
         return report, await receiving
