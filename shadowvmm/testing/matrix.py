@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
-from ..errors import MigrationError, ScenarioError, ShadowVmmError
+from ..errors import MigrationError, RefusedError, ScenarioError, ShadowVmmError
 
 R, ACK_DRV, FEAT, LIVE = 0x00, 0x03, 0x0B, 0x0F
 #: ACKNOWLEDGE|DRIVER|FEATURES_OK|SUSPEND: v1.4 §3.4, DRIVER_OK cleared while suspended.
@@ -114,6 +114,55 @@ REFUSALS: tuple[Refusal, ...] = (
 )
 
 
+# ---------------------------------------------------------------------- the nested rows
+#: The nested rows: scenarios of the L1 plugin (shadowvmm_nested, entry-point group
+#: ``shadowvmm.scenarios``), run by ``plugins/nested/tests/test_nested_matrix_rows.py`` (the core
+#: runs none of them). ``l1-moves-l2``: L1 moves L2's device to another L0 device under L2 I/O;
+#: ``l0-migrates-l1`` (2.1 one level down), ``-2.2`` (L1 had stopped its L0 device), ``-2.3``
+#: (L2 had not initialised its device).
+NESTED: tuple[str, ...] = ("l1-moves-l2", "l0-migrates-l1", "l0-migrates-l1-2.2", "l0-migrates-l1-2.3")
+#: Levels: L2's reads of its device; L1's of its L0 device (``L1``), of the L0 device it moves
+#: L2's device to (``L1 dst``) and of the admin owner (``L1 owner``).
+L1_DST, L1_OWNER = "L1 dst", "L1 owner"
+#: ACKNOWLEDGE|DRIVER: L1 probed its L0 device, L2 had not initialised its own (2.3).
+_L1_23 = [R, ACK_DRV, FEAT, LIVE]
+EXPECTED.update({
+    ("l1-moves-l2", StopPath.STOP): {"L2": _INIT, "L1": [*_INIT, STOPPED, R], L1_DST: _INIT},
+    #: DEV_PARTS_SET gives the destination its status (DRIVER_OK) at once: L1 reads no FEATURES_OK.
+    ("l1-moves-l2", StopPath.ADMIN): {"L2": _INIT, "L1": [*_INIT, R], L1_DST: [R, LIVE], L1_OWNER: _INIT},
+    ("l0-migrates-l1", StopPath.SUSPEND): {"L2": _INIT, "L1": _INIT},
+    ("l0-migrates-l1", StopPath.STOP): {"L2": _INIT, "L1": _INIT},
+    ("l0-migrates-l1-2.2", StopPath.SUSPEND): {"L2": _INIT, "L1": [*_INIT, SUSPENDED, LIVE]},
+    ("l0-migrates-l1-2.3", StopPath.SUSPEND): {"L2": _INIT, "L1": _L1_23},
+    ("l0-migrates-l1-2.3", StopPath.STOP): {"L2": _INIT, "L1": _L1_23},
+})
+NESTED_MIGRATING = frozenset(NESTED[1:])
+#: The nested refusals (first match wins; ahead of the built-in rows', which name other scenarios).
+REFUSALS = (
+    Refusal(RefusedError, "FUSE session .* lives in this device's back-end",
+            "the FUSE session lives in the first L0 device's virtiofsd, not in the rings",
+            frozenset({"l1-moves-l2"}), backends=frozenset({BackendKind.VIRTIOFSD})),
+    Refusal(RefusedError, "SUSPEND offers no way to set ring bases",
+            "SUSPEND cannot start the new L0 device's rings past 0", frozenset({"l1-moves-l2"}),
+            frozenset({StopPath.SUSPEND})),
+    Refusal(ScenarioError, "needs the stop dialect suspend",
+            "STOP is left by a reset only: L1 stops with SUSPEND", frozenset({"l0-migrates-l1-2.2"}),
+            frozenset({StopPath.STOP})),
+    Refusal(MigrationError, "owns an administration virtqueue",
+            "migration blocker: the admin group is not in the device state", NESTED_MIGRATING,
+            frozenset({StopPath.ADMIN})),
+    Refusal(MigrationError, "FUSE session.*does not offer DEVICE_STATE",
+            "migration blocker: virtiofsd has no DEVICE_STATE for the FUSE session",
+            NESTED_MIGRATING - {"l0-migrates-l1-2.3"}, backends=frozenset({BackendKind.VIRTIOFSD})),
+    Refusal(ScenarioError, "L0 needs 16 MiB of memory or more",
+            "the lane's L0 has 2 MiB (vhost-vdpa maps it under RLIMIT_MEMLOCK); L2's RAM is half of 16 MiB",
+            NESTED_MIGRATING, backends=frozenset({BackendKind.VDPA_SIM})),
+    *REFUSALS,
+)
+#: Every row of the table: the built-in scenarios, then the nested ones.
+ROWS: tuple[str, ...] = (*SCENARIOS, *NESTED)
+
+
 @dataclass(frozen=True)
 class Cell:
     scenario: str
@@ -139,8 +188,8 @@ class Cell:
         return "pass" if refusal is None else f"refused: {refusal.reason}"
 
 
-def cells(backends: tuple[BackendKind, ...] = tuple(BackendKind)) -> list[Cell]:
-    return [Cell(s, p, b) for s in SCENARIOS for p in StopPath for b in backends]
+def cells(backends: tuple[BackendKind, ...] = tuple(BackendKind), rows: tuple[str, ...] = ROWS) -> list[Cell]:
+    return [Cell(s, p, b) for s in rows for p in StopPath for b in backends]
 
 
 def check_table() -> None:
@@ -154,7 +203,7 @@ def render_table(outcomes: Mapping[Cell, str]) -> str:
     backends = list(BackendKind)
     lines = ["| scenario | stop path | " + " | ".join(b.value for b in backends) + " |",
              "| --- | --- | " + " | ".join("---" for _ in backends) + " |"]
-    for scenario in SCENARIOS:
+    for scenario in ROWS:
         for path in StopPath:
             row = [outcomes.get(Cell(scenario, path, b), "not run") for b in backends]
             lines.append(f"| {scenario} | {path.value} | " + " | ".join(row) + " |")

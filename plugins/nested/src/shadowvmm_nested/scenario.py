@@ -33,9 +33,9 @@ from shadowvmm.machine import Machine
 from shadowvmm.memory import GuestMemory
 from shadowvmm.scenarios.context import LIVE, ScenarioContext
 from shadowvmm.scenarios.guestio import GuestIo
+from shadowvmm.scenarios.peers import StartedPeers
 from shadowvmm.scenarios.registry import Scenario
 from shadowvmm.shadow import StopDialect
-from shadowvmm.virtio.constants import DeviceId
 from shadowvmm.workload import StatusWatcher
 
 from .adminpath import AdminPath
@@ -67,8 +67,12 @@ async def _l0(ctx: ScenarioContext, admin: bool) -> Machine:
         raise ScenarioError(f"l1-moves-l2 needs transport = \"pci\" ({ctx.device.name} has {ctx.device.transport!r})")
     if admin:
         await l0.add_device(DeviceConfig("owner", "inproc", {"device": "rng"}, admin_members=L0_NAMES))
+    peers = ctx.peers
     for role, name in enumerate(L0_NAMES):
-        await ctx.peers.add(l0, replace(ctx.device, name=name), role)
+        if isinstance(peers, StartedPeers):     # the config's [[peer]]: its exports are the device's
+            await l0.add_device(replace(peers.device(ctx.device, role), name=name))
+        else:
+            await peers.add(l0, replace(ctx.device, name=name), role)
     return l0
 
 

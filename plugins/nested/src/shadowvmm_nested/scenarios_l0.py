@@ -28,6 +28,7 @@ from shadowvmm.shadow import StopDialect
 from shadowvmm.virtio.constants import Status
 
 from .l0migrate import L1, L2, L1Stack, build_l1, migrate_l0
+from .ringstate import RingStatePath
 
 _SUSPENDED = int(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.SUSPEND)
 _PROBED = int(Status.ACKNOWLEDGE | Status.DRIVER)
@@ -43,8 +44,11 @@ async def _stack(ctx: ScenarioContext) -> tuple[L1Stack, GuestIo]:
     if memory < 16 << 20:
         raise ScenarioError(f"{ctx.name}: L0 needs 16 MiB of memory or more (L2's RAM is its upper half)")
     src = ctx.machines[0]
-    stack = await build_l1(src, ctx.device.name, l2_base=memory // 2, l2_size=memory // 2, device=L2_DISK,
-                           timeline=ctx.timeline)
+    dev = ctx.device
+    path = RingStatePath(dev.stop_feature_bit, dev.ring_state_feature_bit) \
+        if dev.stop_dialect is StopDialect.STOP and dev.ring_state else None
+    stack = await build_l1(src, dev.name, l2_base=memory // 2, l2_size=memory // 2, device=L2_DISK,
+                           timeline=ctx.timeline, stop_path=path)
     ctx.guests.append((L2, stack.guest))
     return stack, GuestIo(stack.guest, stack.backend.device_id, ctx.report, packed=ctx.device.packed,
                           queue_size=64)
