@@ -154,9 +154,6 @@ REFUSALS = (
     Refusal(MigrationError, "FUSE session.*does not offer DEVICE_STATE",
             "migration blocker: virtiofsd has no DEVICE_STATE for the FUSE session",
             NESTED_MIGRATING - {"l0-migrates-l1-2.3"}, backends=frozenset({BackendKind.VIRTIOFSD})),
-    Refusal(ScenarioError, "L0 needs 16 MiB of memory or more",
-            "the lane's L0 has 2 MiB (vhost-vdpa maps it under RLIMIT_MEMLOCK); L2's RAM is half of 16 MiB",
-            NESTED_MIGRATING, backends=frozenset({BackendKind.VDPA_SIM})),
     *REFUSALS,
 )
 #: Every row of the table: the built-in scenarios, then the nested ones.
