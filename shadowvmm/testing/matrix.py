@@ -8,7 +8,9 @@ One source for the host matrix (``tests/test_nested_matrix.py``) and the vDPA VM
 Extension point for the nested cells ("L1 moves L2's device", "L0 migrates L1"): add the
 scenario name to :data:`SCENARIOS`, its per-level status lists to :data:`EXPECTED` (keys
 ``(scenario, path)``, levels such as ``"L0"``, ``"L1"``, ``"L2"``) and any refusal to
-:data:`REFUSALS`; the tests and the table pick them up.
+:data:`REFUSALS`; the tests and the table pick them up. The nested rows are :data:`NESTED`
+(scenarios of the ``shadowvmm-nested`` plugin; the table's rows are :data:`ROWS`), run by
+``plugins/nested/tests/test_nested_matrix_rows.py`` and, for vdpa_sim, the VM lane.
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ from shadowvmm.device import VirtioDevice
 from shadowvmm.machine import Machine
 from shadowvmm.scenarios import all_scenarios, run_scenario
 from shadowvmm.shadow import StopDialect
-from shadowvmm.testing.matrix import SCENARIOS as ROWS_SCENARIOS
 from shadowvmm.testing.matrix import NESTED, BackendKind, Cell, StopPath, expected_faults
+from shadowvmm.testing.matrix import SCENARIOS as ROWS_SCENARIOS
 from shadowvmm_vdpa import VdpaBackend
 
 MAC = "02:5a:00:00:4d:58"
