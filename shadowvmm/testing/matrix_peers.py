@@ -87,16 +87,17 @@ class Source:
     backend: BackendKind
     peers: Sockets | FreshVirtiofsd | None
     kind: str = "blk"
-    testpmds: tuple[DpdkTestpmd, ...] = ()
+    testpmd: DpdkTestpmd | None = None
 
     def clear_stats(self) -> None:
-        for pmd in self.testpmds:
-            pmd.clear_stats()
+        if self.testpmd is not None:
+            self.testpmd.clear_stats()
 
     def port_stats(self) -> tuple[int, int]:
-        """testpmd's RX and TX packets, summed over its processes."""
-        stats = [pmd.port_stats()[0] for pmd in self.testpmds]
-        return sum(s["RX-packets"] for s in stats), sum(s["TX-packets"] for s in stats)
+        """testpmd's RX and TX packets on its port."""
+        assert self.testpmd is not None
+        stats = self.testpmd.port_stats()[0]
+        return stats["RX-packets"], stats["TX-packets"]
 
 
 def _testpmd(stack: contextlib.ExitStack, workdir: Path, name: str) -> DpdkTestpmd:
@@ -108,10 +109,10 @@ def _testpmd(stack: contextlib.ExitStack, workdir: Path, name: str) -> DpdkTestp
     return pmd
 
 
-def open_source(stack: contextlib.ExitStack, backend: BackendKind, workdir: Path, *,
-                two_ports: bool = False) -> Source:
-    """Start *backend*'s peer on *stack*. *two_ports*: the two roles are used at once (an L1
-    moving its L2's device has both L0 devices connected): testpmd gets a process per role."""
+def open_source(stack: contextlib.ExitStack, backend: BackendKind, workdir: Path) -> Source:
+    """Start *backend*'s peer on *stack*. testpmd serves both roles on its one port (as a switch
+    port that follows the device): a frame in flight when the source stops is retried and then
+    delivered to the destination, where a second process would drop it."""
     if backend is BackendKind.INPROC_BLK:
         return Source(backend, None)
     if backend is BackendKind.REFBLK:           # two back-ends on one image: source's, destination's
@@ -129,10 +130,10 @@ def open_source(stack: contextlib.ExitStack, backend: BackendKind, workdir: Path
         return Source(backend, FreshVirtiofsd(workdir, share, require_peer("virtiofsd")), "fs")
     if backend is not BackendKind.TESTPMD:
         raise AssertionError(f"{backend.value} runs in the vDPA VM lane only")
-    pmds = tuple(_testpmd(stack, workdir, f"testpmd{role}") for role in range(2 if two_ports else 1))
+    pmd = _testpmd(stack, workdir, "testpmd")
     config = NetConfig(mac=MAC, status=NetStatus.LINK_UP, max_virtqueue_pairs=1).pack(NET_CONFIG_BASE_SIZE)
-    sockets = (pmds[0].socket_path, pmds[-1].socket_path)
-    return Source(backend, Sockets("net", sockets, config, int(NetFeature.MAC | NetFeature.STATUS)), "net", pmds)
+    sockets = (pmd.socket_path, pmd.socket_path)
+    return Source(backend, Sockets("net", sockets, config, int(NetFeature.MAC | NetFeature.STATUS)), "net", pmd)
 
 
 def device_config(cell: Cell, workdir: Path, kind: str, name: str = "dev0") -> DeviceConfig:

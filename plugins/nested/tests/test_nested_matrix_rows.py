@@ -9,7 +9,7 @@ read back through the L0 device L2's device ends on, i.e. from the peer's image;
 read back; every frame back once, and the testpmd processes' counters both ways); no fault. A
 refused cell raises exactly its typed error from the scenario's own code path. The peers are
 the matrix's columns (:func:`shadowvmm.testing.matrix_peers.open_source`, one per module per
-backend; testpmd with a process per role, since L1 holds both L0 devices at once).
+backend; testpmd's one port serves both L0 devices, in ``io retry`` mode).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ HOST = tuple(b for b in BackendKind if b is not BackendKind.VDPA_SIM)
 def source(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Source]:
     """The column's peer, started once per module (pytest groups the cells by it)."""
     with contextlib.ExitStack() as stack:
-        yield open_source(stack, request.param, tmp_path_factory.mktemp("nested-matrix"), two_ports=True)
+        yield open_source(stack, request.param, tmp_path_factory.mktemp("nested-matrix"))
 
 
 def _column(backend: BackendKind) -> object:
@@ -65,5 +65,5 @@ async def test_nested_cell(scenario: str, path: StopPath, source: Source, tmp_pa
     assert report.submitted == report.completed > 0 and report.exactly_once, report.violations
     assert report.verified > 0 and report.mismatches == 0
     assert report.faults == expected_faults(scenario)
-    if source.testpmds:                    # every frame through testpmd, counted both ways
+    if source.testpmd is not None:                    # every frame through testpmd, counted both ways
         assert source.port_stats() == (report.verified, report.verified)

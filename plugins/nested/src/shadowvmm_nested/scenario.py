@@ -48,7 +48,8 @@ from .stoppath import StopPath, SuspendPath
 L0_NAMES = ("vblk0", "vblk1")
 #: The report's levels for L1's reads of the two L0 devices and of the admin owner.
 SOURCE_LEVEL, TARGET_LEVEL, OWNER_LEVEL = "L1", "L1 dst", "L1 owner"
-#: I/O rounds at most while the move runs (each writes 8 blocks and reads all back).
+#: I/O rounds at most while the move runs (GuestIo rounds: blk 8 blocks written and all read back,
+#: fs a file, net 16 frames).
 MAX_ROUNDS = 20
 
 
