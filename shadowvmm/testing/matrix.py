@@ -8,7 +8,9 @@ One source for the host matrix (``tests/test_nested_matrix.py``) and the vDPA VM
 Extension point for the nested cells ("L1 moves L2's device", "L0 migrates L1"): add the
 scenario name to :data:`SCENARIOS`, its per-level status lists to :data:`EXPECTED` (keys
 ``(scenario, path)``, levels such as ``"L0"``, ``"L1"``, ``"L2"``) and any refusal to
-:data:`REFUSALS`; the tests and the table pick them up.
+:data:`REFUSALS`; the tests and the table pick them up. The nested rows are :data:`NESTED`
+(scenarios of the ``shadowvmm-nested`` plugin; the table's rows are :data:`ROWS`), run by
+``plugins/nested/tests/test_nested_matrix_rows.py`` and, for vdpa_sim, the VM lane.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
-from ..errors import MigrationError, ScenarioError, ShadowVmmError
+from ..errors import MigrationError, RefusedError, ScenarioError, ShadowVmmError
 
 R, ACK_DRV, FEAT, LIVE = 0x00, 0x03, 0x0B, 0x0F
 #: ACKNOWLEDGE|DRIVER|FEATURES_OK|SUSPEND: v1.4 §3.4, DRIVER_OK cleared while suspended.
@@ -115,6 +117,55 @@ REFUSALS: tuple[Refusal, ...] = (
 )
 
 
+# ---------------------------------------------------------------------- the nested rows
+#: The nested rows: scenarios of the L1 plugin (shadowvmm_nested, entry-point group
+#: ``shadowvmm.scenarios``), run by ``plugins/nested/tests/test_nested_matrix_rows.py`` (the core
+#: runs none of them). ``l1-moves-l2``: L1 moves L2's device to another L0 device under L2 I/O;
+#: ``l0-migrates-l1`` (2.1 one level down), ``-2.2`` (L1 had stopped its L0 device), ``-2.3``
+#: (L2 had not initialised its device).
+NESTED: tuple[str, ...] = ("l1-moves-l2", "l0-migrates-l1", "l0-migrates-l1-2.2", "l0-migrates-l1-2.3")
+#: Levels: L2's reads of its device; L1's of its L0 device (``L1``), of the L0 device it moves
+#: L2's device to (``L1 dst``) and of the admin owner (``L1 owner``).
+L1_DST, L1_OWNER = "L1 dst", "L1 owner"
+#: ACKNOWLEDGE|DRIVER: L1 probed its L0 device, L2 had not initialised its own (2.3).
+_L1_23 = [R, ACK_DRV, FEAT, LIVE]
+EXPECTED.update({
+    ("l1-moves-l2", StopPath.STOP): {"L2": _INIT, "L1": [*_INIT, STOPPED, R], L1_DST: _INIT},
+    #: DEV_PARTS_SET gives the destination its status (DRIVER_OK) at once: L1 reads no FEATURES_OK.
+    ("l1-moves-l2", StopPath.ADMIN): {"L2": _INIT, "L1": [*_INIT, R], L1_DST: [R, LIVE], L1_OWNER: _INIT},
+    ("l0-migrates-l1", StopPath.SUSPEND): {"L2": _INIT, "L1": _INIT},
+    ("l0-migrates-l1", StopPath.STOP): {"L2": _INIT, "L1": _INIT},
+    ("l0-migrates-l1-2.2", StopPath.SUSPEND): {"L2": _INIT, "L1": [*_INIT, SUSPENDED, LIVE]},
+    ("l0-migrates-l1-2.3", StopPath.SUSPEND): {"L2": _INIT, "L1": _L1_23},
+    ("l0-migrates-l1-2.3", StopPath.STOP): {"L2": _INIT, "L1": _L1_23},
+    #: L0's device is member 1 of an owner (L0 adm0); the group migrates with it (the ``!admin`` record).
+    ("l0-migrates-l1", StopPath.ADMIN): {"L2": _INIT, "L1": _INIT, OWNER_LEVEL: _INIT},
+    ("l0-migrates-l1-2.3", StopPath.ADMIN): {"L2": _INIT, "L1": _L1_23, OWNER_LEVEL: _INIT},
+})
+NESTED_MIGRATING = frozenset(NESTED[1:])
+#: The nested refusals (first match wins; ahead of the built-in rows', which name other scenarios).
+REFUSALS = (
+    Refusal(RefusedError, "FUSE session .* lives in this device's back-end",
+            "the FUSE session lives in the first L0 device's virtiofsd, not in the rings",
+            frozenset({"l1-moves-l2"}), backends=frozenset({BackendKind.VIRTIOFSD})),
+    Refusal(RefusedError, "SUSPEND offers no way to set ring bases",
+            "SUSPEND cannot start the new L0 device's rings past 0", frozenset({"l1-moves-l2"}),
+            frozenset({StopPath.SUSPEND})),
+    Refusal(ScenarioError, "needs the stop dialect suspend",
+            "STOP is left by a reset only: L1 stops with SUSPEND", frozenset({"l0-migrates-l1-2.2"}),
+            frozenset({StopPath.STOP})),
+    Refusal(ScenarioError, "stop through the owner's admin queue is not wired",
+            "L1's DEV_MODE_SET stop is not wired into the L0-migrates-L1 stack",
+            frozenset({"l0-migrates-l1-2.2"}), frozenset({StopPath.ADMIN})),
+    Refusal(MigrationError, "FUSE session.*does not offer DEVICE_STATE",
+            "migration blocker: virtiofsd has no DEVICE_STATE for the FUSE session",
+            NESTED_MIGRATING - {"l0-migrates-l1-2.3"}, backends=frozenset({BackendKind.VIRTIOFSD})),
+    *REFUSALS,
+)
+#: Every row of the table: the built-in scenarios, then the nested ones.
+ROWS: tuple[str, ...] = (*SCENARIOS, *NESTED)
+
+
 @dataclass(frozen=True)
 class Cell:
     scenario: str
@@ -140,8 +191,8 @@ class Cell:
         return "pass" if refusal is None else f"refused: {refusal.reason}"
 
 
-def cells(backends: tuple[BackendKind, ...] = tuple(BackendKind)) -> list[Cell]:
-    return [Cell(s, p, b) for s in SCENARIOS for p in StopPath for b in backends]
+def cells(backends: tuple[BackendKind, ...] = tuple(BackendKind), rows: tuple[str, ...] = ROWS) -> list[Cell]:
+    return [Cell(s, p, b) for s in rows for p in StopPath for b in backends]
 
 
 def check_table() -> None:
@@ -155,7 +206,7 @@ def render_table(outcomes: Mapping[Cell, str]) -> str:
     backends = list(BackendKind)
     lines = ["| scenario | stop path | " + " | ".join(b.value for b in backends) + " |",
              "| --- | --- | " + " | ".join("---" for _ in backends) + " |"]
-    for scenario in SCENARIOS:
+    for scenario in ROWS:
         for path in StopPath:
             row = [outcomes.get(Cell(scenario, path, b), "not run") for b in backends]
             lines.append(f"| {scenario} | {path.value} | " + " | ".join(row) + " |")

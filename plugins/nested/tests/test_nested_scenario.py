@@ -29,7 +29,7 @@ def test_the_registry_finds_the_plugins_scenario_through_its_entry_point() -> No
 @pytest.mark.peer
 @pytest.mark.parametrize("config,path,kind", [
     ("nested-l1-qsd.toml", "ring-state", EventKind.RING_STATE),
-    ("nested-qsd.toml", "admin", EventKind.ADMIN_COMMAND),
+    ("nested-admin-qsd.toml", "admin", EventKind.ADMIN_COMMAND),
 ])
 def test_l1_moves_l2_over_qsd_through_the_cli(config: str, path: str, kind: EventKind, tmp_path: Path) -> None:
     require_peer("qemu-storage-daemon")

@@ -4,6 +4,7 @@ qemu-storage-daemon through the CLI with its timeline."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from shadowvmm.config import DeviceConfig, MachineConfig
-from shadowvmm.errors import ScenarioError
+from shadowvmm.errors import MigrationError, ScenarioError
 from shadowvmm.scenarios import all_scenarios, run_scenario
 from shadowvmm.shadow import StopDialect
 from shadowvmm.testing.plugin import require_peer
@@ -74,3 +75,11 @@ def test_l0_migrates_l1_2_2_over_qsd_through_the_cli(tmp_path: Path) -> None:
     assert report["statuses"] == {"L2": ["0x00", "0x0b", "0x0f"], "L1": ["0x00", "0x0b", "0x0f", "0x1b", "0x0f"]}
     timeline = Timeline.from_json(js.read_text())
     assert {level for level, _ in timeline.rows()} == {"L0", "L1", "L2"}
+
+
+async def test_a_refused_l0_migration_returns_at_once(tmp_path: Path) -> None:
+    """With an admin owner on L0 the migration blockers refuse before anything stops; the
+    destination stops waiting for a stream that never comes (it used to wait out its 60 s)."""
+    async with asyncio.timeout(5):
+        with pytest.raises(MigrationError, match="owns an administration virtqueue"):
+            await run_scenario(SCENARIOS, "l0-migrates-l1", inproc(tmp_path), admin=True, strict=True)

@@ -48,7 +48,7 @@ from shadowvmm.backends.base import (
 from shadowvmm.device import DmaMapping
 from shadowvmm.errors import ArgumentError, BackendError, DmaSpaceError, RefusedError, UnsupportedError
 from shadowvmm.memory import GuestMemory
-from shadowvmm.virtio.constants import NO_VECTOR, Feature, Status
+from shadowvmm.virtio.constants import NO_VECTOR, DeviceId, Feature, Status
 
 from .lower import Iommu, LowerDevice
 from .stoppath import QueuePlan, StartPlan, StopPath, SuspendPath, fresh_base
@@ -285,11 +285,18 @@ class L1Backend(BackendBase):
         return StartPlan(self.features, queues, dict(states), self._packed)
 
     def migration_blockers(self) -> list[str]:
-        """Rings whose last state could not be told exactly from guest memory (:func:`packed_state`)."""
-        if not self._inexact:
-            return []
-        return [f"{self.lower.name}: the {self.stop_path.name} path could not tell the position of packed "
-                f"rings {sorted(self._inexact)} (buffers made available the device never observed)"]
+        """Rings whose last state could not be told exactly from guest memory (:func:`packed_state`);
+        a virtio-fs device whose FUSE session has begun (it lives in the lower device's back-end,
+        not in the rings: another lower device would answer EIO, v1.4 §5.11)."""
+        blockers = []
+        if self._inexact:
+            blockers.append(f"{self.lower.name}: the {self.stop_path.name} path could not tell the position of "
+                            f"packed rings {sorted(self._inexact)} (buffers made available the device never "
+                            "observed)")
+        if self.device_id is DeviceId.FS and self.rings:
+            blockers.append(f"{self.lower.name}: the FUSE session (INIT, the inode table, open files) lives in "
+                            "this device's back-end, not in its rings: another lower device has none")
+        return blockers
 
     async def set_status(self, status: int) -> None:
         if status & Status.DRIVER_OK and self.phase is Phase.FEATURES_OK:

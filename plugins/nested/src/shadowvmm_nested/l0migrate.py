@@ -45,6 +45,7 @@ from shadowvmm.transport.pci import PciTransport
 
 from .backend import L1Backend
 from .lower import LowerDevice
+from .stoppath import StopPath
 
 #: The levels on the timeline: L0's VMM and migration, L1's driver of its L0 device and
 #: L1's own VMM, L2's driver.
@@ -81,14 +82,16 @@ def _lower(l0: Machine, name: str) -> tuple[PciGuestTransport, LowerDevice]:
 
 
 async def build_l1(l0: Machine, name: str, *, l2_base: int, l2_size: int, device: str = "blk0",
-                   transport: str = "pci", timeline: Timeline | None = None) -> L1Stack:
+                   transport: str = "pci", timeline: Timeline | None = None,
+                   stop_path: StopPath | None = None) -> L1Stack:
     """L1 on L0's device *name*: L2's RAM is L1 GPA ``[l2_base, l2_base + l2_size)`` at L2 GPA 0,
     L1's device *device* is backed by L0's. With a *timeline*, L1's reads of L0's device go on
-    row ``(L1, name)``, L1's VMM's device on ``(L1, device)`` and L2's reads on ``(L2, device)``."""
+    row ``(L1, name)``, L1's VMM's device on ``(L1, device)`` and L2's reads on ``(L2, device)``.
+    *stop_path*: how L1 stops L0's device (default SUSPEND)."""
     pci, lower = _lower(l0, name)
     if timeline is not None:
         pci.status_log.timeline = timeline.tap(L1, name)
-    backend = L1Backend(lower, l0.iommu(name))
+    backend = L1Backend(lower, l0.iommu(name), stop_path=stop_path)
     l2_memory = GuestMemory.alias(l0.memory, [(0, l2_base, l2_size)], name="l2")
     l1 = Machine(memory=l2_memory, timeline=timeline, level=L1)
     try:
@@ -152,6 +155,7 @@ async def migrate_l0(source: Machine, dest: Machine, stack: L1Stack, name: str, 
         try:
             report = await migrate_out(source, await endpoint.connect(), options, hooks, timeline=tap)
         except BaseException:
+            receiving.cancel()          # a refused migration: the destination waits for nothing
             await asyncio.gather(receiving, return_exceptions=True)
             raise
         return report, await receiving

@@ -1,16 +1,22 @@
 """Scenario ``l1-moves-l2`` (entry point group ``shadowvmm.scenarios``; docs/nested.md
 "Running the scenarios").
 
-L0 is a machine with two devices built from the configured one (its peer's two exports of one
-image file: the device's and a destination's) and, on the admin path, an owner device (rng)
-whose members they are. L1 is an :class:`~.backend.L1Backend` on the first; L2 is a guest
-whose RAM lies inside L1's and that does blk I/O (write, read back) through L1's device. Under
+L0 is a machine with two devices built from the configured one (its peer's two endpoints: the
+device's and a destination's, :class:`~shadowvmm.scenarios.peers.PeerSource` role 0 and 1) and,
+on the admin path, an owner device (rng) whose members they are. L1 is an
+:class:`~.backend.L1Backend` on the first; L2 is a guest whose RAM lies inside L1's and that does
+I/O through L1's device (blk write and read back, fs a FUSE file, net frames out and back). Under
 that I/O the L1 moves its L2's device to the second L0 device with :func:`~.move.move_device`.
 
 The stop path comes from the config: a device with ``stop_dialect = "stop"`` and ``ring_state
 = true`` uses :class:`~.ringstate.RingStatePath` (its reads and writes recorded as RING_STATE);
-any other the owner's admin queue, :class:`~.adminpath.AdminPath` (its commands recorded as
-ADMIN_COMMAND). The SUSPEND path cannot move rings past their start, so it is never chosen.
+the admin path (``run_scenario(admin=True)``) or a device with no dialect the owner's admin
+queue, :class:`~.adminpath.AdminPath` (its commands recorded as ADMIN_COMMAND); SUSPEND the
+:class:`~.stoppath.SuspendPath`, which cannot start rings past their start: the move is
+refused (:class:`~shadowvmm.errors.RefusedError`) and L2's device resumes on the first.
+
+The report's levels: ``L2`` (L2's reads of its device), ``L1`` and ``L1 dst`` (L1's reads of
+the two L0 devices), ``L1 owner`` (L1's admin driver of the owner, admin path).
 """
 
 from __future__ import annotations
@@ -30,7 +36,6 @@ from shadowvmm.scenarios.guestio import GuestIo
 from shadowvmm.scenarios.peers import StartedPeers
 from shadowvmm.scenarios.registry import Scenario
 from shadowvmm.shadow import StopDialect
-from shadowvmm.virtio.constants import DeviceId
 from shadowvmm.workload import StatusWatcher
 
 from .adminpath import AdminPath
@@ -38,10 +43,13 @@ from .backend import L1Backend
 from .lower import LowerDevice
 from .move import move_device
 from .ringstate import RingStatePath
-from .stoppath import StopPath
+from .stoppath import StopPath, SuspendPath
 
 L0_NAMES = ("vblk0", "vblk1")
-#: I/O rounds at most while the move runs (each writes 8 blocks and reads all back).
+#: The report's levels for L1's reads of the two L0 devices and of the admin owner.
+SOURCE_LEVEL, TARGET_LEVEL, OWNER_LEVEL = "L1", "L1 dst", "L1 owner"
+#: I/O rounds at most while the move runs (GuestIo rounds: blk 8 blocks written and all read back,
+#: fs a file, net 16 frames).
 MAX_ROUNDS = 20
 
 
@@ -61,18 +69,27 @@ async def _l0(ctx: ScenarioContext, admin: bool) -> Machine:
     if admin:
         await l0.add_device(DeviceConfig("owner", "inproc", {"device": "rng"}, admin_members=L0_NAMES))
     peers = ctx.peers
-    if not isinstance(peers, StartedPeers):
-        raise ScenarioError("l1-moves-l2 takes its backends from the config's [[peer]] tables")
     for role, name in enumerate(L0_NAMES):
-        await l0.add_device(replace(peers.device(ctx.device, role), name=name))
+        if isinstance(peers, StartedPeers):     # the config's [[peer]]: its exports are the device's
+            await l0.add_device(replace(peers.device(ctx.device, role), name=name))
+        else:
+            await peers.add(l0, replace(ctx.device, name=name), role)
     return l0
 
 
-async def _path(ctx: ScenarioContext, l0: Machine, ring_state: bool) -> StopPath:
-    if ring_state:
-        return RingStatePath(ctx.device.stop_feature_bit, ctx.device.ring_state_feature_bit,
-                             tap=ctx.timeline.tap("L1", ctx.device.name))
+def _admin(ctx: ScenarioContext) -> bool:
+    """The admin path: asked for, or the only one a device with no stop dialect has."""
+    return ctx.admin or ctx.device.stop_dialect is StopDialect.NONE
+
+
+async def _path(ctx: ScenarioContext, l0: Machine) -> StopPath:
+    dev = ctx.device
+    if dev.stop_dialect is StopDialect.STOP and dev.ring_state and not ctx.admin:
+        return RingStatePath(dev.stop_feature_bit, dev.ring_state_feature_bit, tap=ctx.timeline.tap("L1", dev.name))
+    if not _admin(ctx):
+        return SuspendPath()
     client = AdminClient(l0.guest("owner"))
+    ctx.guests.append((OWNER_LEVEL, client.guest))
     await client.start()
     await client.list_use()
     return AdminPath(client, {f"l0-{name}": member for member, name in enumerate(L0_NAMES, 1)},
@@ -80,11 +97,10 @@ async def _path(ctx: ScenarioContext, l0: Machine, ring_state: bool) -> StopPath
 
 
 async def l1_moves_l2(ctx: ScenarioContext) -> None:
-    """L1 moves its L2's blk device to another L0 device under L2 I/O (module docstring)."""
+    """L1 moves its L2's device to another L0 device under L2 I/O (module docstring)."""
     dev = ctx.device
-    ring_state = dev.stop_dialect is StopDialect.STOP and dev.ring_state
-    l0 = await _l0(ctx, admin=not ring_state)
-    path = await _path(ctx, l0, ring_state)
+    l0 = await _l0(ctx, admin=_admin(ctx))
+    path = await _path(ctx, l0)
     ctx.report.notes.append(f"stop path: {path.name}")
     lower, target = _lower(l0, L0_NAMES[0]), _lower(l0, L0_NAMES[1])
     half = (ctx.cfg.memory_mib << 20) // 2
@@ -94,9 +110,7 @@ async def l1_moves_l2(ctx: ScenarioContext) -> None:
         backend = L1Backend(lower, l0.iommu(L0_NAMES[0]), stop_path=path)
         await l1.add_device(DeviceConfig(dev.name, "l1", {}, queue_size=dev.queue_size), backend=backend)
         guest = ctx.guest(l1, "L2")
-        io = GuestIo(guest, DeviceId.BLOCK, ctx.report, queue_size=min(dev.queue_size, 64))
-        if io.blk is None or backend.device_id is not DeviceId.BLOCK:
-            raise ScenarioError("l1-moves-l2 needs a blk device")
+        io = GuestIo(guest, backend.device_id, ctx.report, queue_size=min(dev.queue_size, 64))
         await io.start()
         await io.io()
         watcher = StatusWatcher(guest.status, interval=0).start()     # L2 polls its status meanwhile
@@ -112,7 +126,8 @@ async def l1_moves_l2(ctx: ScenarioContext) -> None:
             await watcher.stop()
         took = (time.perf_counter() - start) * 1e3
         await io.io()
-        await io.blk.flush()
+        if io.blk is not None:
+            await io.blk.flush()
         await io.verify()
         _check(ctx, backend, target, guest.transport.status_log.values)
         ctx.report.notes.append(f"moved {L0_NAMES[0]} -> {L0_NAMES[1]} in {took:.3f} ms with {rounds} I/O "
@@ -120,6 +135,9 @@ async def l1_moves_l2(ctx: ScenarioContext) -> None:
     finally:
         for fault, count in l1.device(dev.name).faults.counts.items() if dev.name in l1.slots else ():
             ctx.report.faults[fault.name] = ctx.report.faults.get(fault.name, 0) + count
+        for level, seen in ((SOURCE_LEVEL, lower), (TARGET_LEVEL, target)):
+            ctx.report.statuses[level] = list(seen.transport.status_log.values)
+            ctx.report.status_reads += seen.transport.status_log.reads
         await l1.close()
         l2_memory.close()
 
@@ -142,6 +160,6 @@ def _cost(path: StopPath) -> str:
 
 #: The scenarios of this plugin (the ``nested`` entry point of ``shadowvmm.scenarios``).
 NESTED = {
-    "l1-moves-l2": Scenario("l1-moves-l2", "L1 moves its L2's blk device to another L0 device under L2 I/O "
-                            "(ring-state registers or the admin queue)", l1_moves_l2),
+    "l1-moves-l2": Scenario("l1-moves-l2", "L1 moves its L2's device to another L0 device under L2 I/O "
+                            "(ring-state registers or the admin queue; SUSPEND refused)", l1_moves_l2),
 }

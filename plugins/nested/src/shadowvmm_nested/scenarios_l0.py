@@ -1,6 +1,6 @@
 """Scenarios "L0 migrates L1" (entry point ``nested`` of group ``shadowvmm.scenarios``).
 
-The configured device is L0's (a virtio-pci blk); an L1 hypervisor drives it through the L1
+The configured device is L0's (virtio-pci: blk, fs, net); an L1 hypervisor drives it through the L1
 plugin for its L2 guest, whose RAM is the upper half of L0's guest memory
 (:func:`~.l0migrate.build_l1`). L0 live-migrates its machine (local model) and L1 moves at
 switch-over (:func:`~.l0migrate.migrate_l0`):
@@ -12,7 +12,8 @@ switch-over (:func:`~.l0migrate.migrate_l0`):
                         L1's probe); L2 initialises it on the destination.
 
 The report's ``statuses`` has L2's reads of its device (``L2``) and L1's of its L0 device
-(``L1``); exactly-once and the data check count L2's requests.
+(``L1``); exactly-once and the data check count L2's requests (blk blocks, an fs file, net
+frames: whatever L0's device is).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from shadowvmm.scenarios.context import LIVE, ScenarioContext, status_text
 from shadowvmm.scenarios.guestio import GuestIo
 from shadowvmm.scenarios.registry import Scenario
 from shadowvmm.shadow import StopDialect
-from shadowvmm.virtio.constants import DeviceId, Status
+from shadowvmm.virtio.constants import Status
 
 from .l0migrate import L1, L2, L1Stack, build_l1, migrate_l0
+from .ringstate import RingStatePath
 
 _SUSPENDED = int(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.SUSPEND)
 _PROBED = int(Status.ACKNOWLEDGE | Status.DRIVER)
@@ -42,14 +44,14 @@ async def _stack(ctx: ScenarioContext) -> tuple[L1Stack, GuestIo]:
     if memory < 16 << 20:
         raise ScenarioError(f"{ctx.name}: L0 needs 16 MiB of memory or more (L2's RAM is its upper half)")
     src = ctx.machines[0]
-    stack = await build_l1(src, ctx.device.name, l2_base=memory // 2, l2_size=memory // 2, device=L2_DISK,
-                           timeline=ctx.timeline)
-    if stack.backend.device_id is not DeviceId.BLOCK:
-        await stack.close()
-        raise ScenarioError(f"{ctx.name}: L2's I/O is virtio-blk; {ctx.device.name} is "
-                            f"{stack.backend.device_id.name.lower()}")
+    dev = ctx.device
+    path = RingStatePath(dev.stop_feature_bit, dev.ring_state_feature_bit) \
+        if dev.stop_dialect is StopDialect.STOP and dev.ring_state else None
+    stack = await build_l1(src, dev.name, l2_base=memory // 2, l2_size=memory // 2, device=L2_DISK,
+                           timeline=ctx.timeline, stop_path=path)
     ctx.guests.append((L2, stack.guest))
-    return stack, GuestIo(stack.guest, DeviceId.BLOCK, ctx.report, packed=ctx.device.packed, queue_size=64)
+    return stack, GuestIo(stack.guest, stack.backend.device_id, ctx.report, packed=ctx.device.packed,
+                          queue_size=64)
 
 
 def _account(ctx: ScenarioContext, stack: L1Stack) -> None:
@@ -63,6 +65,9 @@ def _account(ctx: ScenarioContext, stack: L1Stack) -> None:
 
 async def _run(ctx: ScenarioContext, case: str) -> None:
     if case == "2.2":
+        if ctx.admin:
+            raise ScenarioError(f"{ctx.name}: L1's stop through the owner's admin queue is not wired into "
+                                "this stack (L1 stops its L0 device with SUSPEND)")
         ctx.need_dialect(StopDialect.SUSPEND)
     src = await ctx.machine()
     dst = await ctx.destination(src)

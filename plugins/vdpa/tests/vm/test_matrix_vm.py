@@ -2,10 +2,18 @@
 vDPA VM lane: the same rows, expectations and refusals as the host matrix
 (:mod:`shadowvmm.testing.matrix`), on two vdpasim_net devices (the source's and a migration
 destination's; vdpasim_net loops every transmitted frame back to its receive queue).
+
+The nested rows (:data:`~shadowvmm.testing.matrix.NESTED`, scenarios of the ``shadowvmm-nested``
+plugin, found through ``all_scenarios()``) run on the same pair: L1 moves L2's device from the
+first to the second, or L0 migrates the machine L1 runs in. Their L0 has 16 MiB (L2's RAM is
+its upper half), more than vhost-vdpa may pin under the default RLIMIT_MEMLOCK: the test (root
+in the lane) raises the limit first.
 """
 
 from __future__ import annotations
 
+import resource
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from types import TracebackType
 
@@ -14,14 +22,28 @@ import pytest
 from shadowvmm.config import DeviceConfig, MachineConfig
 from shadowvmm.device import VirtioDevice
 from shadowvmm.machine import Machine
-from shadowvmm.scenarios import SCENARIOS, run_scenario
+from shadowvmm.scenarios import all_scenarios, run_scenario
 from shadowvmm.shadow import StopDialect
+from shadowvmm.testing.matrix import NESTED, BackendKind, Cell, StopPath, expected_faults
 from shadowvmm.testing.matrix import SCENARIOS as ROWS_SCENARIOS
-from shadowvmm.testing.matrix import BackendKind, Cell, StopPath, expected_faults
 from shadowvmm_vdpa import VdpaBackend
 
 MAC = "02:5a:00:00:4d:58"
 DIALECTS = {StopPath.SUSPEND: StopDialect.SUSPEND, StopPath.STOP: StopDialect.STOP, StopPath.ADMIN: StopDialect.NONE}
+#: L0's memory per row: vhost-vdpa pins it, the built-in rows stay under RLIMIT_MEMLOCK's
+#: default 8 MiB; the nested rows need 16 MiB (L2's RAM is L0's upper half).
+MEMORY_MIB = {**dict.fromkeys(ROWS_SCENARIOS, 2), **dict.fromkeys(NESTED, 16)}
+NESTED_MEMLOCK = 64 << 20
+
+
+@pytest.fixture
+def memlock(scenario: str) -> Iterator[None]:
+    """A nested row's 16 MiB pinned: raise RLIMIT_MEMLOCK for the cell (root in the lane)."""
+    before = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if scenario in NESTED:
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (NESTED_MEMLOCK, max(NESTED_MEMLOCK, before[1])))
+    yield
+    resource.setrlimit(resource.RLIMIT_MEMLOCK, before)
 
 
 @dataclass
@@ -43,14 +65,15 @@ class SimPair:
 
 
 @pytest.mark.parametrize("path", list(StopPath), ids=lambda p: p.value)
-@pytest.mark.parametrize("scenario", ROWS_SCENARIOS)
-async def test_vdpa_sim_cell(scenario: str, path: StopPath, vdpa_device) -> None:
+@pytest.mark.parametrize("scenario", [*ROWS_SCENARIOS, *NESTED])
+async def test_vdpa_sim_cell(scenario: str, path: StopPath, vdpa_device, memlock: None) -> None:
     cell = Cell(scenario, path, BackendKind.VDPA_SIM)
     async with vdpa_device("mxa", "vdpasim_net", mac=MAC) as a, vdpa_device("mxb", "vdpasim_net", mac=MAC) as b:
         device = DeviceConfig("dev0", "vdpa", {"device": "net"}, queue_size=64, stop_dialect=DIALECTS[path],
                               stop_feature_bit=44, ring_state=path is StopPath.STOP)
-        cfg = MachineConfig(memory_mib=2, devices=(device,))     # vhost-vdpa pins it: stay under RLIMIT_MEMLOCK
-        run = run_scenario(SCENARIOS, scenario, cfg, peers=SimPair((a, b)), admin=path is StopPath.ADMIN, strict=True)
+        cfg = MachineConfig(memory_mib=MEMORY_MIB[scenario], devices=(device,))
+        run = run_scenario(all_scenarios(), scenario, cfg, peers=SimPair((a, b)), admin=path is StopPath.ADMIN,
+                           strict=True)
         refusal = cell.refusal
         if refusal is not None:
             with pytest.raises(refusal.error, match=refusal.match):
