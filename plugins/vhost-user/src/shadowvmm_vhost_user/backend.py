@@ -371,7 +371,9 @@ class VhostUserBackend(BackendBase):
             avail=self._user_address(addr.driver, driver_len),
             log=addr.log or addr.device,
         )
-        await self.connection.request(FR.SET_VRING_ADDR, payload)
+        # Acked while logging (QEMU does the same): the ring's used-ring writes must be logged
+        # before the caller goes on to copy memory.
+        await self.connection.request(FR.SET_VRING_ADDR, payload, ack=addr.log_enabled)
 
     async def set_vring_base(self, index: int, base: int) -> None:
         await self.connection.request(FR.SET_VRING_BASE, vu.VringState(index, base))
