@@ -171,21 +171,21 @@ async def _recv_exact_async(loop: asyncio.AbstractEventLoop, sock: socket.socket
 
 
 async def capture_stop(device: Any) -> list[bytes]:
-    """The messages one stop sends (send_message wrapped for this one, untimed, stop)."""
+    """The messages one stop sends (the connection's send wrapped for this one untimed stop)."""
     sent: list[bytes] = []
-    original = connection.send_message
+    original = connection.send_nowait
 
-    async def recording(sock: socket.socket, data: bytes, fds: Sequence[int]) -> None:
+    def recording(sock: socket.socket, data: bytes, fds: Sequence[int]) -> int:
         if fds:
             raise RuntimeError("a stop sent fds: the floor replays fd-less messages only")
         sent.append(bytes(data))
-        await original(sock, data, fds)
+        return original(sock, data, fds)
 
-    connection.send_message = recording     # type: ignore[assignment]
+    connection.send_nowait = recording     # type: ignore[assignment]
     try:
         await device.stop()
     finally:
-        connection.send_message = original  # type: ignore[assignment]
+        connection.send_nowait = original  # type: ignore[assignment]
     await device.resume()
     return sent
 

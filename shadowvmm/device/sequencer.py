@@ -340,7 +340,8 @@ class SequencerMixin(LinkMixin):
                 # The target counts every buffer published so far, but a kick the guest sent for
                 # the last of them may still be on its way (a relaying driver: an L1's) and is
                 # dropped by the hold: kick once now (spurious kicks are allowed, v1.4 §2.7.13).
-                self._kick_rings(running)
+                # A ring whose used idx already reached its avail idx has nothing to be kicked for.
+                self._kick_rings([q for q, avail, used in target[1] if avail != used] if target[1] else running)
                 for q in self._disable_order(running):
                     await b.set_vring_enable(q.index, False)
                 await self._drain(target)
@@ -411,7 +412,7 @@ class SequencerMixin(LinkMixin):
         target = [(q, avail) for q, avail, _ in rings]
         last = [used for _, _, used in rings]   # quiet since the hold unless it moved since
         counted = all(self.backend.in_flight(q.index) is not None for q, _ in target)
-        stops_fetch = self.backend.disable_stops_fetch()
+        stops_fetch: bool | None = None     # asked only when the rings did not drain at once
         while True:
             if self.link is not LinkState.UP:
                 raise BackendDisconnected(f"{self.name}: backend lost while draining") from self._lost_error
@@ -432,6 +433,8 @@ class SequencerMixin(LinkMixin):
                 quiet = now - quiet_since
                 if reached and quiet >= DRAIN_QUIET:
                     return
+                if stops_fetch is None:
+                    stops_fetch = self.backend.disable_stops_fetch()
                 if stops_fetch and quiet >= DRAIN_STALL:
                     return      # what it had not fetched at the disable it never will
             if now >= deadline:

@@ -42,7 +42,7 @@ from shadowvmm.errors import (
 
 from .channel import BACKEND_ERROR, MAX_PENDING, BackendChannel, BackendHandler, BackendMessage, HandlerResult
 from .endpoint import Connector, unix_connector, wait_for_path
-from .framing import Framer, Message, close_fds, send_message, wait_fd
+from .framing import Framer, Message, close_fds, send_nowait, send_rest, wait_fd
 from .peer import listener_pid, process_has_memory
 from .protocol import (
     FRONTEND_SPECS,
@@ -358,17 +358,28 @@ class Connection:
     async def _exchange(self, request: FrontendRequest, header: Header, body: bytes, fds: Sequence[int],
                         wants_reply: bool, limit: float) -> Message | None:
         """Send one message and wait for its reply (if *wants_reply*) within *limit* seconds;
-        any failure but a typed one from the reader tears the session down."""
-        assert self._sock is not None and self._loop is not None
-        pending = self._loop.create_future() if wants_reply else None
+        any failure but a typed one from the reader tears the session down. The common case,
+        a message the socket takes at once, costs one timer handle while a reply is awaited."""
+        sock, loop = self._sock, self._loop
+        assert sock is not None and loop is not None
+        deadline = loop.time() + limit
+        pending = loop.create_future() if wants_reply else None
         self._pending = pending
         sent_at = self._trace_send(request, header, len(fds)) if log.isEnabledFor(logging.DEBUG) else 0.0
+        data = header.pack() + body
+        timer: asyncio.TimerHandle | None = None
         try:
-            async with asyncio.timeout(limit):
-                await send_message(self._sock, header.pack() + body, fds)
-                if pending is not None and self.busy_poll > 0:
-                    self._poll(pending)
-                message = await pending if pending is not None else None
+            sent = send_nowait(sock, data, fds)
+            if sent < len(data):
+                async with asyncio.timeout_at(deadline):    # the socket buffer is full: rare
+                    await send_rest(sock, data, sent, fds)
+            if pending is None:
+                return None
+            if self.busy_poll > 0:
+                self._poll(pending)
+            if not pending.done():
+                timer = loop.call_at(deadline, self._expire, request, limit)
+            message = await pending
         except TimeoutError:
             self._discard(pending)
             timeout_error = BackendTimeout(f"{self.name}: {request.name}: no reply within {limit:g} s")
@@ -386,11 +397,17 @@ class Connection:
             raise
         finally:
             self._pending = None
-        if message is not None and sent_at:
+            if timer is not None:
+                timer.cancel()
+        if sent_at:
             reply = message.header
             log.debug("%s: recv %s reply flags=%#x size=%d fds=%d latency=%.0fus", self.name, request.name,
                       reply.flags, reply.size, len(message.fds), (time.perf_counter() - sent_at) * 1e6)
         return message
+
+    def _expire(self, request: FrontendRequest, limit: float) -> None:
+        """The reply to *request* is late: the session is lost (the waiter gets the error)."""
+        self._teardown(BackendTimeout(f"{self.name}: {request.name}: no reply within {limit:g} s"))
 
     def _trace_send(self, request: FrontendRequest, header: Header, nfds: int) -> float:
         """Log an outgoing message (DEBUG); returns the send time for the reply's latency."""
