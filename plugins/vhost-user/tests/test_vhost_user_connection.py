@@ -222,7 +222,7 @@ async def test_reply_ack_used_and_nonzero_ack_is_typed(env: Env) -> None:
     assert info.value.status == 6
     await conn.request(F.SET_OWNER)
     flags = [(m.request, m.flags) for m in fake.received]
-    assert dict(flags)[F.SET_PROTOCOL_FEATURES] == 0x1, "REPLY_ACK is not negotiated until SET_PROTOCOL_FEATURES is done"
+    assert dict(flags)[F.SET_PROTOCOL_FEATURES] == 0x1, "REPLY_ACK applies after SET_PROTOCOL_FEATURES"
     assert dict(flags)[F.SET_FEATURES] == 0x9 and dict(flags)[F.SET_OWNER] == 0x9
     assert [f for r, f in flags if r == F.SET_VRING_NUM] == [0x1, 0x9]
     assert dict(flags)[F.GET_FEATURES] == 0x1

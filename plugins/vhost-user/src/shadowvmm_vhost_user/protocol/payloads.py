@@ -11,9 +11,9 @@ import enum
 import functools
 import operator
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, fields
-from typing import ClassVar, Self
+from typing import ClassVar, Self, cast
 from uuid import UUID
 
 from shadowvmm.errors import ProtocolError
@@ -44,15 +44,16 @@ def _is_member(kind: type[enum.IntEnum], value: int) -> bool:
 
 
 @functools.cache
-def _field_getter(kind: type) -> Callable[[object], tuple[object, ...]]:
-    """A function returning *kind*'s field values as a tuple (dataclass field order)."""
-    names = [f.name for f in fields(kind)]
-    if not names:
-        return lambda _obj: ()
+def _field_getter(kind: Hashable) -> Callable[[object], tuple[object, ...]]:
+    """A function returning the field values of dataclass *kind* as a tuple (field order)."""
+    names = [f.name for f in fields(cast(type, kind))]
     if len(names) == 1:
         single = operator.attrgetter(names[0])
         return lambda obj: (single(obj),)
-    return operator.attrgetter(*names)  # type: ignore[return-value]
+    if not names:
+        return lambda _obj: ()
+    many = operator.attrgetter(*names)
+    return lambda obj: cast(tuple[object, ...], many(obj))
 
 
 class Payload:
@@ -72,7 +73,7 @@ class Payload:
 
     def _values(self) -> tuple[object, ...]:
         """The fields in declaration order (IntEnum/IntFlag members pack as their value)."""
-        return _field_getter(type(self))(self)
+        return _field_getter(cast(Hashable, type(self)))(self)
 
     def pack(self) -> bytes:
         """Validate, then encode (one struct pack when the subclass adds no checks)."""
