@@ -714,6 +714,31 @@ async def test_a_failed_realize_releases_everything() -> None:
         await machine.close()
 
 
+async def test_a_session_lost_before_a_ring_was_kicked_resumes() -> None:
+    """The back-end hangs up on the first SET_VRING_NUM of the start: ring 0 was never handed
+    over (no KICK), so nothing of it is outstanding and the reconnect resumes the start; it
+    once counted as live from its first message, had no ledger, and the device gave up
+    (NEEDS_RESET: 'the outstanding requests are not known exactly')."""
+    from shadowvmm_vhost_user.fake import CLOSE, FakeBackend
+
+    fake = FakeBackend()
+    fake.on(8, CLOSE)                                                   # SET_VRING_NUM: hang up
+    backend = VhostUserBackend({"socket": "/nonexistent", "device": "blk", "queues": 2}, connector=fake.connector)
+    rig = await make_rig(backend, reconnect=ReconnectPolicy.bounded(interval=0.01, deadline=2.0))
+    try:
+        await asyncio.wait_for(rig.driver.start(queue_size=64), 5)
+        for _ in range(200):        # the hang-up may be seen after the start returned
+            if rig.device.stats.reconnects or needs_reset(rig.guest):
+                break
+            await asyncio.sleep(0.01)
+        await rig.device.settle()
+        assert rig.device.stats.reconnects == 1 and rig.device.rings_running
+        assert not needs_reset(rig.guest)
+    finally:
+        await rig.close()
+        fake.stop()
+
+
 async def test_a_session_lost_right_after_a_reply_records_nothing_for_the_next() -> None:
     """The back-end acks the memory table and hangs up at once: the connection reads the ack
     and the EOF in one go, so the loss is handled before the start resumes. The start must not

@@ -258,14 +258,15 @@ class SequencerMixin(LinkMixin):
             base = self._saved_base(index)
             if send_call:
                 await b.set_vring_call(index, self.call_fd(index))
-            self._same_session(session)
-            self._live_rings.add(index)
             if sizes.get(index) != q.size:
                 await b.set_vring_num(index, q.size)
             await b.set_vring_base(index, base)
             await b.set_vring_addr(VringAddr(index, q.desc, q.driver, q.device, log=q.device,
                                              log_enabled=self.dirty_logging))
             self._same_session(session)
+            # Live (a lost session's ring to park) only from here: before its ledger and KICK
+            # the backend never saw the ring, and a loss meanwhile leaves nothing outstanding.
+            self._live_rings.add(index)
             self._track_ring(q, base)
             self._drain_kick(index)
             await b.set_vring_kick(index, self._kick_fds[index])
