@@ -53,8 +53,11 @@ def test_migration_prints_downtime_goals() -> None:
     goals = {"guest_paused": 2.0, "guest_running": 3.0}
     for variant, goal in goals.items():
         figures = doc["downtime"][variant]
-        assert figures["runs"] == 1 and figures["all_verified"] is True and figures["abandoned"] == []
-        assert figures["goal_ms"] == goal and figures["meets_goal"] == (figures["median_ms"] <= goal)
+        assert figures["runs"] == 1 and figures["all_verified"] is True
+        # A stop beyond its bound on a loaded host abandons that migration: listed, not fatal.
+        assert len(figures["abandoned"]) == (figures["median_ms"] is None)
+        met = figures["median_ms"] is not None and figures["median_ms"] <= goal
+        assert figures["goal_ms"] == goal and figures["meets_goal"] == met
         assert doc["goals"]["downtime"][variant] == {"median_ms": figures["median_ms"], "goal_ms": goal,
                                                      "met": figures["meets_goal"]}
         check_profile(figures["profile"])
