@@ -748,6 +748,73 @@ async def test_a_failed_realize_releases_everything() -> None:
         await machine.close()
 
 
+async def test_an_idle_stop_pipelines_its_disables_and_waits_for_nothing_else() -> None:
+    """Issue 14: the stop of an idle 2-ring device writes both SET_VRING_ENABLE 0 without
+    NEED_REPLY (they pipeline), then the two GET_VRING_BASE round trips; it kicks no ring (all
+    its buffers were used) and never asks whether the backend stops fetching (a /proc read)."""
+    from shadowvmm_vhost_user import protocol as vu
+    from shadowvmm_vhost_user.fake import FakeBackend
+
+    fake = FakeBackend()
+    backend = VhostUserBackend({"socket": "/nonexistent", "device": "blk", "queues": 2}, connector=fake.connector)
+    asked: list[bool] = []
+    answer = backend.disable_stops_fetch
+
+    def counting() -> bool:
+        asked.append(answer())
+        return asked[-1]
+
+    backend.disable_stops_fetch = counting      # type: ignore[method-assign]
+    rig = await make_rig(backend)
+    try:
+        await rig.driver.start(queue_size=64)
+        await rig.device.settle()
+        await backend.request(vu.FrontendRequest.GET_FEATURES)     # everything before it was received
+        mark = len(fake.received)
+        kick_fds = [rig.device._kick_fds[i] for i in (0, 1)]
+        for fd in kick_fds:         # the fake does not read them: empty them (the start's kicks)
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(fd)
+        await rig.device.stop()
+        stop = [(m.request, m.flags, vu.VringState.unpack(m.payload)) for m in fake.received[mark:]]
+        assert stop == [(18, 0x1, vu.VringState(0, 0)), (18, 0x1, vu.VringState(1, 0)),
+                        (11, 0x1, vu.VringState(0, 0)), (11, 0x1, vu.VringState(1, 0))]
+        assert asked == []
+        for fd in kick_fds:
+            with pytest.raises(BlockingIOError):
+                os.eventfd_read(fd)
+        await rig.device.resume()
+        assert rig.device.rings_running and not needs_reset(rig.guest)
+    finally:
+        await rig.close()
+        fake.stop()
+
+
+async def test_a_session_lost_before_a_ring_was_kicked_resumes() -> None:
+    """The back-end hangs up on the first SET_VRING_NUM of the start: ring 0 was never handed
+    over (no KICK), so nothing of it is outstanding and the reconnect resumes the start; it
+    once counted as live from its first message, had no ledger, and the device gave up
+    (NEEDS_RESET: 'the outstanding requests are not known exactly')."""
+    from shadowvmm_vhost_user.fake import CLOSE, FakeBackend
+
+    fake = FakeBackend()
+    fake.on(8, CLOSE)                                                   # SET_VRING_NUM: hang up
+    backend = VhostUserBackend({"socket": "/nonexistent", "device": "blk", "queues": 2}, connector=fake.connector)
+    rig = await make_rig(backend, reconnect=ReconnectPolicy.bounded(interval=0.01, deadline=2.0))
+    try:
+        await asyncio.wait_for(rig.driver.start(queue_size=64), 5)
+        for _ in range(200):        # the hang-up may be seen after the start returned
+            if rig.device.stats.reconnects or needs_reset(rig.guest):
+                break
+            await asyncio.sleep(0.01)
+        await rig.device.settle()
+        assert rig.device.stats.reconnects == 1 and rig.device.rings_running
+        assert not needs_reset(rig.guest)
+    finally:
+        await rig.close()
+        fake.stop()
+
+
 async def test_a_session_lost_right_after_a_reply_records_nothing_for_the_next() -> None:
     """The back-end acks the memory table and hangs up at once: the connection reads the ack
     and the EOF in one go, so the loss is handled before the start resumes. The start must not

@@ -259,14 +259,15 @@ class SequencerMixin(LinkMixin):
             base = self._saved_base(index)
             if send_call:
                 await b.set_vring_call(index, self.call_fd(index))
-            self._same_session(session)
-            self._live_rings.add(index)
             if sizes.get(index) != q.size:
                 await b.set_vring_num(index, q.size)
             await b.set_vring_base(index, base)
             await b.set_vring_addr(VringAddr(index, q.desc, q.driver, q.device, log=q.device,
                                              log_enabled=self.dirty_logging))
             self._same_session(session)
+            # Live (a lost session's ring to park) only from here: before its ledger and KICK
+            # the backend never saw the ring, and a loss meanwhile leaves nothing outstanding.
+            self._live_rings.add(index)
             self._track_ring(q, base)
             self._drain_kick(index)
             await b.set_vring_kick(index, self._kick_fds[index])
@@ -341,7 +342,8 @@ class SequencerMixin(LinkMixin):
                 # The target counts every buffer published so far, but a kick the guest sent for
                 # the last of them may still be on its way (a relaying driver: an L1's) and is
                 # dropped by the hold: kick once now (spurious kicks are allowed, v1.4 §2.7.13).
-                self._kick_rings(running)
+                # A ring whose used idx already reached its avail idx has nothing to be kicked for.
+                self._kick_rings([q for q, avail, used in target[1] if avail != used] if target[1] else running)
                 for q in self._disable_order(running):
                     await b.set_vring_enable(q.index, False)
                 await self._drain(target)
@@ -412,7 +414,7 @@ class SequencerMixin(LinkMixin):
         target = [(q, avail) for q, avail, _ in rings]
         last = [used for _, _, used in rings]   # quiet since the hold unless it moved since
         counted = all(self.backend.in_flight(q.index) is not None for q, _ in target)
-        stops_fetch = self.backend.disable_stops_fetch()
+        stops_fetch: bool | None = None     # asked only when the rings did not drain at once
         while True:
             if self.link is not LinkState.UP:
                 raise BackendDisconnected(f"{self.name}: backend lost while draining") from self._lost_error
@@ -433,6 +435,8 @@ class SequencerMixin(LinkMixin):
                 quiet = now - quiet_since
                 if reached and quiet >= DRAIN_QUIET:
                     return
+                if stops_fetch is None:
+                    stops_fetch = self.backend.disable_stops_fetch()
                 if stops_fetch and quiet >= DRAIN_STALL:
                     return      # what it had not fetched at the disable it never will
             if now >= deadline:

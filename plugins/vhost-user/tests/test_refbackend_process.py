@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import mmap
 import os
+import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -233,6 +234,35 @@ async def test_latency_keeps_requests_in_flight(slow: RefBlkServer, front: Front
         assert eventfd_count(front.call) >= 1
     finally:
         await conn.disconnect()
+
+
+async def test_pipelined_messages_keep_their_own_fds(tmp_path: Path, image: Path) -> None:
+    """A front-end that does not wait for acks writes messages back to back: an fd-less
+    SET_VRING_NUM then SET_VRING_CALL with its eventfd arrive in one read, and the fd must
+    go to SET_VRING_CALL (the server once gave every fd of a read to its first message)."""
+    srv = await server(tmp_path, image)
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    call = os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        await loop.sock_connect(sock, srv.path)
+        header = vu.Header.STRUCT
+        sock.sendmsg([header.pack(FR.SET_VRING_NUM, vu.VERSION, 8) + vu.VringState(0, QUEUE_SIZE).pack()])
+        sock.sendmsg([header.pack(FR.SET_VRING_CALL, vu.VERSION, 8) + vu.VringFile(0).pack()],
+                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", call))])
+        sock.sendmsg([header.pack(FR.GET_FEATURES, vu.VERSION, 0)])
+        async with asyncio.timeout(2.0):
+            reply = await loop.sock_recv(sock, header.size + 8)
+        assert header.unpack_from(reply)[0] == FR.GET_FEATURES
+        assert srv.last_error == ""
+        assert srv.received == [FR.SET_VRING_NUM, FR.SET_VRING_CALL, FR.GET_FEATURES]
+        session = srv._session
+        assert session is not None and session.rings[0].call >= 0 and session.rings[0].num == QUEUE_SIZE
+    finally:
+        os.close(call)
+        sock.close()
+        await srv.close()
 
 
 async def test_kick_before_enable_is_served_on_enable(tmp_path: Path, image: Path, front: Front) -> None:

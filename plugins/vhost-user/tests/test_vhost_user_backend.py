@@ -242,7 +242,7 @@ async def start_two_rings(backend: VhostUserBackend, memory: GuestMemory) -> Non
 async def test_reset_stops_rings_like_qemu(env: Env) -> None:
     fake, backend = await env.connected()
     await start_two_rings(backend, env.memory([(0, 1 << 20)]))
-    mark = len(fake.received)
+    mark = len(await settle(fake, backend)) + 1
     await backend.reset()
     stop = [(m.request, vu.VringState.unpack(m.payload)) for m in fake.received[mark:]]
     assert stop == [(F.SET_VRING_ENABLE, vu.VringState(0, 0)), (F.SET_VRING_ENABLE, vu.VringState(1, 0)),
@@ -256,7 +256,7 @@ async def test_reset_stops_rings_like_qemu(env: Env) -> None:
 async def test_reset_device_when_negotiated(env: Env) -> None:
     fake, backend = await env.connected(env.fake(protocol_features=0x8F2B | PF.RESET_DEVICE | PF.STATUS))
     await start_two_rings(backend, env.memory([(0, 1 << 20)]))
-    mark = len(fake.received)
+    mark = len(await settle(fake, backend)) + 1
     await backend.reset()
     assert fake.requests()[mark:] == [F.RESET_DEVICE]
     assert Capability.RESET_DEVICE in backend.capabilities()

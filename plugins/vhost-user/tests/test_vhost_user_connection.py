@@ -205,20 +205,27 @@ async def test_one_request_in_flight(env: Env) -> None:
 
 async def test_reply_ack_used_and_nonzero_ack_is_typed(env: Env) -> None:
     fake = env.fake()
-    fake.acks[int(F.SET_VRING_NUM)] = 5
+    fake.acks[int(F.SET_FEATURES)] = 5
+    fake.acks[int(F.SET_VRING_NUM)] = 6
     conn = await env.connect(fake)
     await conn.request(F.GET_FEATURES)
     await conn.request(F.GET_PROTOCOL_FEATURES)
     await conn.request(F.SET_PROTOCOL_FEATURES, vu.U64(PF.REPLY_ACK))
     with pytest.raises(RequestFailed) as info:
-        await conn.request(F.SET_VRING_NUM, vu.VringState(0, 128))
-    assert info.value.status == 5 and info.value.request is F.SET_VRING_NUM
+        await conn.request(F.SET_FEATURES, vu.U64(0))
+    assert info.value.status == 5 and info.value.request is F.SET_FEATURES
     assert conn.runstate is Runstate.RUNNING
+    # A ring message is acked only when the caller asks: by default it is only written.
+    assert (await conn.request(F.SET_VRING_NUM, vu.VringState(0, 128))).payload is None
+    with pytest.raises(RequestFailed) as info:
+        await conn.request(F.SET_VRING_NUM, vu.VringState(0, 128), ack=True)
+    assert info.value.status == 6
     await conn.request(F.SET_OWNER)
-    flags = {m.request: m.flags for m in fake.received}
-    assert flags[F.SET_PROTOCOL_FEATURES] == 0x1, "REPLY_ACK is not negotiated until SET_PROTOCOL_FEATURES is done"
-    assert flags[F.SET_VRING_NUM] == 0x9 and flags[F.SET_OWNER] == 0x9
-    assert flags[F.GET_FEATURES] == 0x1
+    flags = [(m.request, m.flags) for m in fake.received]
+    assert dict(flags)[F.SET_PROTOCOL_FEATURES] == 0x1, "REPLY_ACK applies after SET_PROTOCOL_FEATURES"
+    assert dict(flags)[F.SET_FEATURES] == 0x9 and dict(flags)[F.SET_OWNER] == 0x9
+    assert [f for r, f in flags if r == F.SET_VRING_NUM] == [0x1, 0x9]
+    assert dict(flags)[F.GET_FEATURES] == 0x1
 
 
 async def test_without_reply_ack_nothing_waits(env: Env) -> None:

@@ -151,6 +151,8 @@ class VhostUserBackend(BackendBase):
         self._inflight: tuple[vu.Inflight, int] | None = None
         #: A read-only map of that area, for :meth:`in_flight`.
         self._inflight_map: mmap.mmap | None = None
+        #: (pid, /proc/PID/comm) of the peer last asked about (:meth:`disable_stops_fetch`).
+        self._peer_name: tuple[int, str | None] | None = None
         self._reset_session()
 
     def _reset_session(self) -> None:
@@ -220,6 +222,7 @@ class VhostUserBackend(BackendBase):
         if self._conn is not None and self._conn.runstate is Runstate.RUNNING:
             raise DeviceStateError(f"vhost-user {self.socket_path}: already connected")
         self._reset_session()
+        self._peer_name = None
         conn = Connection(self._connector, timeout=self.timeout, loop=self._loop,
                           name=f"vhost-user {self.socket_path}",
                           backend_handlers={vu.BackendRequest.CONFIG_CHANGE_MSG: self._on_config_change})
@@ -371,7 +374,9 @@ class VhostUserBackend(BackendBase):
             avail=self._user_address(addr.driver, driver_len),
             log=addr.log or addr.device,
         )
-        await self.connection.request(FR.SET_VRING_ADDR, payload)
+        # Acked while logging (QEMU does the same): the ring's used-ring writes must be logged
+        # before the caller goes on to copy memory.
+        await self.connection.request(FR.SET_VRING_ADDR, payload, ack=addr.log_enabled)
 
     async def set_vring_base(self, index: int, base: int) -> None:
         await self.connection.request(FR.SET_VRING_BASE, vu.VringState(index, base))
@@ -497,7 +502,11 @@ class VhostUserBackend(BackendBase):
         if self._ring_disable != "auto":
             return self._ring_disable == "stops"
         pid = self._conn.peer_pid if self._conn is not None else None
-        return pid is None or process_name(pid) not in RING_DISABLE_IGNORED
+        if pid is None:
+            return True
+        if self._peer_name is None or self._peer_name[0] != pid:
+            self._peer_name = (pid, process_name(pid))     # /proc read once per peer, not per stop
+        return self._peer_name[1] not in RING_DISABLE_IGNORED
 
     def lost_peer_alive(self) -> bool | None:
         """Whether the process behind the last session (SO_PEERCRED) can still write guest memory."""

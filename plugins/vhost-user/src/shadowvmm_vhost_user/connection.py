@@ -42,7 +42,7 @@ from shadowvmm.errors import (
 
 from .channel import BACKEND_ERROR, MAX_PENDING, BackendChannel, BackendHandler, BackendMessage, HandlerResult
 from .endpoint import Connector, unix_connector, wait_for_path
-from .framing import Framer, Message, close_fds, send_message, wait_fd
+from .framing import Framer, Message, close_fds, send_nowait, send_rest, wait_fd
 from .peer import listener_pid, process_has_memory
 from .protocol import (
     FRONTEND_SPECS,
@@ -67,6 +67,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 5.0
+_FLAGS = VERSION
+_FLAGS_ACKED = VERSION | int(HeaderFlags.NEED_REPLY)
 
 
 class Runstate(enum.Enum):
@@ -151,6 +153,8 @@ class Connection:
         self.features_acked = 0
         self.protocol_features_offered = ProtocolFeature(0)
         self.protocol_features = ProtocolFeature(0)
+        self._protocol_bits = 0
+        self._reply_ack = False
 
     @property
     def runstate(self) -> Runstate:
@@ -282,23 +286,26 @@ class Connection:
         else:
             self._handlers[request] = handler
 
-    def _check_request(self, request: FrontendRequest, spec: MessageSpec, payload: Payload | None,
-                       fds: Sequence[int]) -> None:
+    def _encode(self, request: FrontendRequest, spec: MessageSpec, payload: Payload | None,
+                fds: Sequence[int]) -> bytes:
+        """Check a request against its spec and the session; its payload bytes."""
         if spec.request is None:
             if payload is not None:
                 raise ArgumentTypeError(f"{request.name} takes no payload")
+            body = b""
         elif not isinstance(payload, spec.request):
             raise ArgumentTypeError(f"{request.name} takes a {spec.request.__name__} payload, not {payload!r}")
-        if payload is not None:
-            payload.validate()
+        else:
+            body = payload.pack()    # validates
         if len(fds) != spec.request_fds(payload):
             raise ArgumentError(f"{request.name} carries {spec.request_fds(payload)} fds, not {len(fds)}")
-        if missing := int(spec.gate) & ~int(self.protocol_features):
+        if missing := int(spec.gate) & ~self._protocol_bits:
             raise UnsupportedError(f"{self.name}: {request.name} needs protocol feature {ProtocolFeature(missing)!r}, "
                                    "which was not negotiated")
         if missing_bits := spec.virtio_gate & ~self.features_offered:
             raise UnsupportedError(f"{self.name}: {request.name} needs feature bits {missing_bits:#x}, "
                                    "which the back-end does not offer")
+        return body
 
     @staticmethod
     def _discard(pending: asyncio.Future[Message] | None) -> None:
@@ -307,22 +314,24 @@ class Connection:
             pending.result().close_fds()
 
     async def request(self, request: FrontendRequest, payload: Payload | None = None, fds: Sequence[int] = (),
-                      *, timeout: float | None = None) -> Reply:
+                      *, timeout: float | None = None, ack: bool | None = None) -> Reply:
         """Send *request* and return its checked reply.
 
-        *fds* stay owned by the caller. With REPLY_ACK negotiated every request
-        without a reply body goes out with NEED_REPLY and its ack is checked
-        (non-zero: :class:`RequestFailed`, connection kept). Returns a
-        :class:`Reply` whose payload is ``None`` for requests without a body.
+        *fds* stay owned by the caller. With REPLY_ACK negotiated a request without a reply
+        body goes out with NEED_REPLY when its spec says ``ack`` (*ack* overrides that) and
+        its ack is checked (non-zero: :class:`RequestFailed`, connection kept). Any other
+        request without a reply body is only written: requests pipeline, and a back-end that
+        failed one shows it at the next reply (an ack, a GET_*, GET_VRING_BASE) or by closing
+        the session. Returns a :class:`Reply` whose payload is ``None`` for requests without a body.
         """
-        self._require((Runstate.RUNNING,), request.name)
+        if self._runstate is not Runstate.RUNNING:
+            self._require((Runstate.RUNNING,), request.name)
         spec = FRONTEND_SPECS.get(request)
         if spec is None:
             raise UnsupportedError(f"{self.name}: {request.name} has no specified wire format")
-        self._check_request(request, spec, payload, fds)
-        acked = spec.reply is None and ProtocolFeature.REPLY_ACK in self.protocol_features
-        body = payload.pack() if payload is not None else b""
-        header = Header(request, VERSION | (HeaderFlags.NEED_REPLY if acked else 0), len(body))
+        body = self._encode(request, spec, payload, fds)
+        acked = spec.reply is None and self._reply_ack and (spec.ack if ack is None else ack)
+        header = Header(request, _FLAGS_ACKED if acked else _FLAGS, len(body))
         limit = self.timeout if timeout is None else timeout
         assert self._lock is not None
         async with self._lock:
@@ -349,17 +358,28 @@ class Connection:
     async def _exchange(self, request: FrontendRequest, header: Header, body: bytes, fds: Sequence[int],
                         wants_reply: bool, limit: float) -> Message | None:
         """Send one message and wait for its reply (if *wants_reply*) within *limit* seconds;
-        any failure but a typed one from the reader tears the session down."""
-        assert self._sock is not None and self._loop is not None
-        pending = self._loop.create_future() if wants_reply else None
+        any failure but a typed one from the reader tears the session down. The common case,
+        a message the socket takes at once, costs one timer handle while a reply is awaited."""
+        sock, loop = self._sock, self._loop
+        assert sock is not None and loop is not None
+        deadline = loop.time() + limit
+        pending = loop.create_future() if wants_reply else None
         self._pending = pending
         sent_at = self._trace_send(request, header, len(fds)) if log.isEnabledFor(logging.DEBUG) else 0.0
+        data = header.pack() + body
+        timer: asyncio.TimerHandle | None = None
         try:
-            async with asyncio.timeout(limit):
-                await send_message(self._sock, header.pack() + body, fds)
-                if pending is not None and self.busy_poll > 0:
-                    self._poll(pending)
-                message = await pending if pending is not None else None
+            sent = send_nowait(sock, data, fds)
+            if sent < len(data):
+                async with asyncio.timeout_at(deadline):    # the socket buffer is full: rare
+                    await send_rest(sock, data, sent, fds)
+            if pending is None:
+                return None
+            if self.busy_poll > 0:
+                self._poll(pending)
+            if not pending.done():
+                timer = loop.call_at(deadline, self._expire, request, limit)
+            message = await pending
         except TimeoutError:
             self._discard(pending)
             timeout_error = BackendTimeout(f"{self.name}: {request.name}: no reply within {limit:g} s")
@@ -377,11 +397,17 @@ class Connection:
             raise
         finally:
             self._pending = None
-        if message is not None and sent_at:
+            if timer is not None:
+                timer.cancel()
+        if sent_at:
             reply = message.header
             log.debug("%s: recv %s reply flags=%#x size=%d fds=%d latency=%.0fus", self.name, request.name,
                       reply.flags, reply.size, len(message.fds), (time.perf_counter() - sent_at) * 1e6)
         return message
+
+    def _expire(self, request: FrontendRequest, limit: float) -> None:
+        """The reply to *request* is late: the session is lost (the waiter gets the error)."""
+        self._teardown(BackendTimeout(f"{self.name}: {request.name}: no reply within {limit:g} s"))
 
     def _trace_send(self, request: FrontendRequest, header: Header, nfds: int) -> float:
         """Log an outgoing message (DEBUG); returns the send time for the reply's latency."""
@@ -396,6 +422,8 @@ class Connection:
             self.protocol_features_offered = ProtocolFeature(reply.value)
         elif request is FrontendRequest.SET_PROTOCOL_FEATURES and isinstance(payload, U64):
             self.protocol_features = ProtocolFeature(payload.value)
+            self._protocol_bits = payload.value
+            self._reply_ack = ProtocolFeature.REPLY_ACK in self.protocol_features
             log.info("%s: protocol features negotiated: %#x (%s)", self.name, payload.value,
                      "|".join(flag.name or "?" for flag in self.protocol_features) or "none")
         elif request is FrontendRequest.SET_FEATURES and isinstance(payload, U64):

@@ -23,7 +23,7 @@ from shadowvmm.errors import BackendDisconnected, BackendError, ProtocolError
 
 from .protocol import MAX_FDS, Header
 
-__all__ = ["Framer", "Message", "close_fds", "request_name", "send_message", "wait_fd"]
+__all__ = ["Framer", "Message", "close_fds", "request_name", "send_message", "send_nowait", "send_rest", "wait_fd"]
 
 _FD_ITEM = array.array("i").itemsize
 _ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * _FD_ITEM)
@@ -70,7 +70,8 @@ def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
 
 
 class Framer:
-    """Assembles messages from a non-blocking socket; call :meth:`on_readable` when readable.
+    """Assembles messages from a non-blocking socket; call :meth:`on_readable` when readable
+    (a level-triggered reader: each call delivers at most one message).
 
     A consumer that cannot keep up sets :attr:`paused`: reading stops after the current
     message (the socket buffer, then the peer, absorb the rest).
@@ -129,6 +130,9 @@ class Framer:
             message = Message(self._header, bytes(self._buf), self._fds)
             self._header, self._buf, self._fds = None, bytearray(), []
             self._on_message(message)
+            # One message per call: the reader is level-triggered, so a next message already
+            # queued brings the next call, and a lone reply costs no extra EAGAIN receive.
+            return
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
@@ -153,16 +157,22 @@ async def wait_fd(fd: int, *, writable: bool = False) -> None:
             loop.remove_reader(fd)
 
 
-async def send_message(sock: socket.socket, data: bytes, fds: Sequence[int]) -> None:
-    """Send *data*; *fds* go with its first byte. OSError on a broken socket."""
+def send_nowait(sock: socket.socket, data: bytes, fds: Sequence[int]) -> int:
+    """Send what the socket takes of *data* now, *fds* with its first byte; the bytes sent
+    (0: nothing, fds not sent either). OSError on a broken socket."""
     ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    try:
+        return sock.sendmsg([data], ancdata, socket.MSG_NOSIGNAL)
+    except BlockingIOError:
+        return 0
+
+
+async def send_rest(sock: socket.socket, data: bytes, sent: int, fds: Sequence[int]) -> None:
+    """Finish sending *data* of which *sent* bytes went out (with *fds*, when *sent* > 0)."""
     view = memoryview(data)
-    while True:
-        try:
-            sent = sock.sendmsg([view], ancdata, socket.MSG_NOSIGNAL)
-            break
-        except BlockingIOError:
-            await wait_fd(sock.fileno(), writable=True)
+    while not sent:
+        await wait_fd(sock.fileno(), writable=True)
+        sent = send_nowait(sock, data, fds)
     view = view[sent:]
     while view:
         try:
@@ -171,3 +181,8 @@ async def send_message(sock: socket.socket, data: bytes, fds: Sequence[int]) -> 
             await wait_fd(sock.fileno(), writable=True)
 
 
+async def send_message(sock: socket.socket, data: bytes, fds: Sequence[int]) -> None:
+    """Send *data*; *fds* go with its first byte. OSError on a broken socket."""
+    sent = send_nowait(sock, data, fds)
+    if sent < len(data):
+        await send_rest(sock, data, sent, fds)

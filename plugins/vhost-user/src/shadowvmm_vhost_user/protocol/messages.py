@@ -73,6 +73,12 @@ class MessageSpec:
     ``gate``: protocol features that must be negotiated; ``virtio_gate``:
     virtio/vhost feature bits that must be offered (front-end requests) or
     acknowledged (back-end requests). ``check``: reply-vs-request consistency.
+    ``ack``: with REPLY_ACK negotiated the front-end sets NEED_REPLY on it and waits for the
+    ack ("REPLY_ACK": "the front-end *may* set" it); the rest goes out without a reply and a
+    failure shows at the next message that has one. QEMU's vhost-user.c acks the same handful:
+    the memory table, the back-end channel, config, MTU, status, features; shadowvmm adds
+    SET_OWNER (the realize handshake ends on a known-good session), RESET_DEVICE and
+    SET_INFLIGHT_FD, whose effect the next start relies on.
     """
 
     request: type[Payload] | None
@@ -83,6 +89,7 @@ class MessageSpec:
     virtio_gate: int = 0
     reply_may_be_empty: bool = False
     check: ReplyCheck | None = None
+    ack: bool = False
 
     @property
     def has_reply(self) -> bool:
@@ -116,10 +123,10 @@ P = ProtocolFeature
 #: Every front-end request ("Front-end message types"), except GET_SHMEM_CONFIG.
 FRONTEND_SPECS: Mapping[FrontendRequest, MessageSpec] = MappingProxyType({
     F.GET_FEATURES: MessageSpec(None, U64),
-    F.SET_FEATURES: MessageSpec(U64),
-    F.SET_OWNER: MessageSpec(None),
+    F.SET_FEATURES: MessageSpec(U64, ack=True),
+    F.SET_OWNER: MessageSpec(None, ack=True),
     F.RESET_OWNER: MessageSpec(None),
-    F.SET_MEM_TABLE: MessageSpec(MemoryTable, fds=None),
+    F.SET_MEM_TABLE: MessageSpec(MemoryTable, fds=None, ack=True),
     F.SET_LOG_BASE: MessageSpec(Log, U64, fds=1, gate=P.LOG_SHMFD, reply_may_be_empty=True),
     F.SET_LOG_FD: MessageSpec(None, fds=1),
     F.SET_VRING_NUM: MessageSpec(VringState),
@@ -134,27 +141,27 @@ FRONTEND_SPECS: Mapping[FrontendRequest, MessageSpec] = MappingProxyType({
     F.GET_QUEUE_NUM: MessageSpec(None, U64, gate=P.MQ),
     F.SET_VRING_ENABLE: MessageSpec(VringState, virtio_gate=F_PROTOCOL_FEATURES),
     F.SEND_RARP: MessageSpec(U64, gate=P.RARP),
-    F.NET_SET_MTU: MessageSpec(U64, gate=P.NET_MTU),
-    F.SET_BACKEND_REQ_FD: MessageSpec(None, fds=1, gate=P.BACKEND_REQ),
+    F.NET_SET_MTU: MessageSpec(U64, gate=P.NET_MTU, ack=True),
+    F.SET_BACKEND_REQ_FD: MessageSpec(None, fds=1, gate=P.BACKEND_REQ, ack=True),
     F.IOTLB_MSG: MessageSpec(IotlbMsg, U64, virtio_gate=F_ACCESS_PLATFORM),
     F.SET_VRING_ENDIAN: MessageSpec(VringState, gate=P.CROSS_ENDIAN),
     F.GET_CONFIG: MessageSpec(Config, Config, gate=P.CONFIG, reply_may_be_empty=True,
                               check=_same_config_window),
-    F.SET_CONFIG: MessageSpec(Config, gate=P.CONFIG),
+    F.SET_CONFIG: MessageSpec(Config, gate=P.CONFIG, ack=True),
     F.CREATE_CRYPTO_SESSION: MessageSpec(Opaque, Opaque, gate=P.CRYPTO_SESSION),
     F.CLOSE_CRYPTO_SESSION: MessageSpec(U64, gate=P.CRYPTO_SESSION),
     F.POSTCOPY_ADVISE: MessageSpec(None, Empty, reply_fds=1, gate=P.PAGEFAULT),
-    F.POSTCOPY_LISTEN: MessageSpec(None, gate=P.PAGEFAULT),
+    F.POSTCOPY_LISTEN: MessageSpec(None, gate=P.PAGEFAULT, ack=True),
     F.POSTCOPY_END: MessageSpec(None, U64, gate=P.PAGEFAULT),
     F.GET_INFLIGHT_FD: MessageSpec(Inflight, Inflight, reply_fds=None, gate=P.INFLIGHT_SHMFD),
-    F.SET_INFLIGHT_FD: MessageSpec(Inflight, fds=1, gate=P.INFLIGHT_SHMFD),
+    F.SET_INFLIGHT_FD: MessageSpec(Inflight, fds=1, gate=P.INFLIGHT_SHMFD, ack=True),
     F.GPU_SET_SOCKET: MessageSpec(None, fds=1),
-    F.RESET_DEVICE: MessageSpec(None, gate=P.RESET_DEVICE),
+    F.RESET_DEVICE: MessageSpec(None, gate=P.RESET_DEVICE, ack=True),
     F.VRING_KICK: MessageSpec(VringState, gate=P.INBAND_NOTIFICATIONS),
     F.GET_MAX_MEM_SLOTS: MessageSpec(None, U64, gate=P.CONFIGURE_MEM_SLOTS),
-    F.ADD_MEM_REG: MessageSpec(SingleMemRegion, fds=1, gate=P.CONFIGURE_MEM_SLOTS),
-    F.REM_MEM_REG: MessageSpec(SingleMemRegion, gate=P.CONFIGURE_MEM_SLOTS),
-    F.SET_STATUS: MessageSpec(U64, gate=P.STATUS),
+    F.ADD_MEM_REG: MessageSpec(SingleMemRegion, fds=1, gate=P.CONFIGURE_MEM_SLOTS, ack=True),
+    F.REM_MEM_REG: MessageSpec(SingleMemRegion, gate=P.CONFIGURE_MEM_SLOTS, ack=True),
+    F.SET_STATUS: MessageSpec(U64, gate=P.STATUS, ack=True),
     F.GET_STATUS: MessageSpec(None, U64, gate=P.STATUS),
     F.GET_SHARED_OBJECT: MessageSpec(SharedObject, FdResult, reply_fds=None, gate=P.SHARED_OBJECT),
     F.SET_DEVICE_STATE_FD: MessageSpec(DeviceStateTransfer, DeviceStateResult, fds=1, reply_fds=None,

@@ -8,9 +8,12 @@ raises :class:`~shadowvmm.errors.ProtocolError`.
 from __future__ import annotations
 
 import enum
+import functools
+import operator
 import struct
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, fields
-from typing import ClassVar, Self
+from typing import ClassVar, Self, cast
 from uuid import UUID
 
 from shadowvmm.errors import ProtocolError
@@ -32,17 +35,25 @@ from .codes import (
 )
 
 
-def _plain(value: int) -> int:
-    """An IntEnum/IntFlag member as a plain int (for struct packing)."""
-    return int(value)
-
-
 def _is_member(kind: type[enum.IntEnum], value: int) -> bool:
     try:
         kind(value)
     except ValueError:
         return False
     return True
+
+
+@functools.cache
+def _field_getter(kind: Hashable) -> Callable[[object], tuple[object, ...]]:
+    """A function returning the field values of dataclass *kind* as a tuple (field order)."""
+    names = [f.name for f in fields(cast(type, kind))]
+    if len(names) == 1:
+        single = operator.attrgetter(names[0])
+        return lambda obj: (single(obj),)
+    if not names:
+        return lambda _obj: ()
+    many = operator.attrgetter(*names)
+    return lambda obj: cast(tuple[object, ...], many(obj))
 
 
 class Payload:
@@ -61,12 +72,19 @@ class Payload:
         return cls.STRUCT.size
 
     def _values(self) -> tuple[object, ...]:
-        return tuple(_plain(v) if isinstance(v, int) else v
-                     for v in (getattr(self, f.name) for f in fields(self)))  # type: ignore[arg-type]
+        """The fields in declaration order (IntEnum/IntFlag members pack as their value)."""
+        return _field_getter(cast(Hashable, type(self)))(self)
 
     def pack(self) -> bytes:
+        """Validate, then encode (one struct pack when the subclass adds no checks)."""
+        values = self._values()
+        if type(self).validate is Payload.validate:
+            try:
+                return self.STRUCT.pack(*values)
+            except struct.error as exc:
+                raise ProtocolError(f"{type(self).__name__}: {exc}") from None
         self.validate()
-        return self.STRUCT.pack(*self._values())
+        return self.STRUCT.pack(*values)
 
     @classmethod
     def unpack(cls, buf: bytes | bytearray | memoryview) -> Self:

@@ -148,11 +148,17 @@ class RefBlkServer(BlkRings):
             self._loop.add_reader(self._listener.fileno(), self._accept)
 
     def _on_readable(self) -> None:
+        """Read one message: exactly its header, then exactly its body, so the fds that came
+        with it ("fds ride with the first byte of the header") are never given to another
+        message sent right before or after it (a front-end that pipelines)."""
         s = self._session
         if s is None:
             return
+        hsize = vu.Header.STRUCT.size
+        want = hsize - len(s.buf) if len(s.buf) < hsize else \
+            hsize + vu.Header.STRUCT.unpack_from(s.buf)[2] - len(s.buf)
         try:
-            data, anc, _, _ = s.sock.recvmsg(65536, _ANC, socket.MSG_CMSG_CLOEXEC)
+            data, anc, _, _ = s.sock.recvmsg(max(want, 1), _ANC, socket.MSG_CMSG_CLOEXEC)
         except BlockingIOError:
             return
         except OSError:
@@ -166,15 +172,15 @@ class RefBlkServer(BlkRings):
             self._end_session()
             return
         s.buf += data
-        while len(s.buf) >= vu.Header.STRUCT.size:
-            header = vu.Header(*vu.Header.STRUCT.unpack_from(s.buf))
-            end = vu.Header.STRUCT.size + header.size
-            if len(s.buf) < end:
-                break
-            body = bytes(s.buf[vu.Header.STRUCT.size:end])
-            del s.buf[:end]
-            fds, s.fds = s.fds, []
-            self._queue.put_nowait((s, header, body, fds))
+        if len(s.buf) < hsize:
+            return
+        header = vu.Header(*vu.Header.STRUCT.unpack_from(s.buf))
+        if len(s.buf) < hsize + header.size:
+            return
+        body = bytes(s.buf[hsize:])
+        s.buf.clear()
+        fds, s.fds = s.fds, []
+        self._queue.put_nowait((s, header, body, fds))
 
     async def _work(self) -> None:
         while True:
