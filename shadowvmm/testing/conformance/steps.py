@@ -1,14 +1,14 @@
 """The conformance steps: each builds what it needs from a fresh backend, checks one part of the
 contract through the public API (the backend's own methods, or :class:`Machine` +
 :class:`VirtioDevice` + a guest driver model), and returns what it saw. A failed check raises
-AssertionError; any other exception is the backend's (or the device's) error."""
+AssertionError; any other exception is the backend's (or the device's) error. The order, the
+dependencies and the spec sections are in :mod:`.catalog`; the later steps (config, queue reset,
+reconnect, migration) in :mod:`.lifecycle`."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 from ...backends.base import Capability, RingState, check_backend
 from ...guest.driver import GuestQueue
@@ -19,9 +19,9 @@ from ...shadow import RunState
 from ...virtio.constants import DeviceId, Feature
 from ...virtio.split import SplitDriverQueue
 from ..leaks import open_fds
-from .rig import LIVE, Context, Rig, close_rig, open_rig, rig
+from .rig import LIVE, Context, Rig, close_rig, close_shared, open_rig, rig, session_backend
 
-__all__ = ["STEPS", "Step", "expect"]
+__all__ = ["cap_names", "check_bases", "expect", "stop_cycle"]
 
 #: How long a request made while the device is stopped must stay pending.
 STOPPED_FOR = 0.05
@@ -55,7 +55,7 @@ def check_bases(r: Rig, states: list[RingState], *, quiet: bool) -> str:
         used = _used_idx(r.guest.queue(s.index))
         if used is None:
             continue
-        base, made = s.base & 0xFFFF, r.workload.made_available[s.index] & 0xFFFF
+        base, made = s.base & 0xFFFF, r.workload.available(s.index) & 0xFFFF
         expect(base == used, f"ring {s.index}: base {base} but used idx {used}: requests taken and not "
                              f"completed at the stop")
         expect(base == made if quiet else (made - base) & 0xFFFF < 0x8000,
@@ -113,24 +113,18 @@ async def contract(ctx: Context) -> str:
 
 
 async def connect(ctx: Context) -> str:
-    backend = ctx.factory()
-    try:
-        await backend.connect()
+    async with session_backend(ctx) as backend:
         caps = backend.capabilities()
         expect(isinstance(caps, Capability), "capabilities() is not a Capability")
         expect(backend.device_id == ctx.device_id,
                f"device_id is {backend.device_id!r}, the run is for {ctx.device_id.name}")
         ctx.caps = caps
         ctx.queue_num = await backend.get_queue_num()
-    finally:
-        await backend.close()
     return f"capabilities {cap_names(caps)}"
 
 
 async def features(ctx: Context) -> str:
-    backend = ctx.factory()
-    try:
-        await backend.connect()
+    async with session_backend(ctx) as backend:
         offered = await backend.get_features()
         expect(offered & Feature.VERSION_1, f"features {offered:#x} lack VERSION_1 (bit 32)")
         queues = await backend.get_queue_num()
@@ -140,8 +134,6 @@ async def features(ctx: Context) -> str:
         if size:
             data = await backend.get_config(0, size)
             expect(len(data) == size, f"get_config(0, {size}) gave {len(data)} bytes")
-    finally:
-        await backend.close()
     return f"features {offered:#x}, {queues} queue(s), {size}-byte config"
 
 
@@ -203,6 +195,8 @@ async def queues(ctx: Context) -> str:
     await ctx.capabilities()
     count = ctx.queue_num or 0
     expect(count >= 1, f"get_queue_num() is {count}")
+    if ctx.shared is not None:      # one session: the queues it was realized with
+        count = ctx.shared.device.num_queues
     async with rig(ctx, num_queues=count) as r:
         expect(r.device.num_queues == count, f"device has {r.device.num_queues} queues, backend said {count}")
         if not r.workload.any_queue:
@@ -277,11 +271,13 @@ async def events(ctx: Context) -> str:
 
 
 async def close(ctx: Context) -> str:
-    gc.collect()
-    fds = open_fds()
-    tasks = asyncio.all_tasks()
+    if ctx.baseline is None:
+        gc.collect()
+        ctx.baseline = (open_fds(), asyncio.all_tasks())
+    fds, tasks = ctx.baseline
     async with rig(ctx):
         pass            # the guest started the rings: call and kick fds, readers, the worker
+    await close_shared(ctx)
     await asyncio.sleep(0)
     gc.collect()
     leaked = sorted((fd, target) for fd, target in open_fds().items() if fds.get(fd) != target)
@@ -289,33 +285,3 @@ async def close(ctx: Context) -> str:
     left = sorted(t.get_name() for t in asyncio.all_tasks() - tasks if not t.done())
     expect(not left, f"tasks left running after close: {left[:6]}")
     return "after a guest start: every fd and task released"
-
-
-@dataclass(frozen=True)
-class Step:
-    """One named step. It is skipped when a step it *needs* failed, when the backend offers
-    none of *requires*, or (with *io*) when the device type has no verified I/O."""
-
-    name: str
-    run: Callable[[Context], Awaitable[str]]
-    needs: tuple[str, ...] = ()
-    requires: Capability = Capability.NONE
-    io: bool = False
-
-
-STEPS: tuple[Step, ...] = (
-    Step("contract", contract),
-    Step("connect", connect),
-    Step("features", features, ("connect",)),
-    Step("realize", realize, ("connect",)),
-    Step("driver-init", driver_init, ("realize",)),
-    Step("io", io, ("driver-init",), io=True),
-    Step("stop-resume", stop_resume, ("io",), io=True),
-    Step("suspend-resume", suspend_resume, ("io",), Capability.SUSPEND, io=True),
-    Step("reset-reinit", reset_reinit, ("io",), io=True),
-    Step("queues", queues, ("io",), Capability.MQ),
-    Step("device-state", device_state, ("io",), Capability.DEVICE_STATE, io=True),
-    Step("dirty-log", dirty_log, ("io",), Capability.DIRTY_LOG | Capability.SHARED_MEMORY, io=True),
-    Step("events", events, ("stop-resume",), Capability.EVENTS),
-    Step("close", close, ("realize",)),
-)
