@@ -31,6 +31,7 @@ from .lifecycle import unless_failed
 from .machine import Machine
 from .migration import cli as migration_cli
 from .scenarios import cli as scenario_cli
+from .testing.conformance.command import COMMAND as CHECK_COMMAND
 from .timeline import Timeline
 from .virtio.constants import BlkFeature, DeviceId, Status, feature_names
 from .workload import StatusWatcher, blk_write_verify
@@ -242,7 +243,7 @@ def build_parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        commands = plugin_commands()
+        commands = {"check": CHECK_COMMAND, **plugin_commands()}
     except ShadowVmmError as exc:
         print(f"shadowvmm: error: {_one_line(exc)}", file=sys.stderr)
         return 2

@@ -14,21 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from .fds import open_fds
 
-def open_fds() -> dict[int, str]:
-    """This process's open fds and what they point at."""
-    fds = {}
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            continue
-    return fds
+__all__ = ["no_fd_leak", "no_task_leak", "open_fds"]
 
 
 @pytest.fixture(autouse=True)

@@ -28,7 +28,7 @@ from ...transport.mmio import MmioTransport
 from ...transport.pci import PciTransport
 from ...virtio.constants import DeviceId, Status
 from ...virtio.devcfg import FS_CONFIG_BASE_SIZE, FsConfig
-from ..leaks import open_fds
+from ..fds import open_fds
 from .workloads import Workload, WorkloadOptions, workload_for
 
 __all__ = ["LIVE", "ConformanceOptions", "Context", "Factory", "Rig", "close_rig", "close_shared", "open_rig",

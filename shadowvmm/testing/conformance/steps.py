@@ -18,7 +18,7 @@ from ...migration.harness import move_guest
 from ...shadow import RunState
 from ...virtio.constants import DeviceId, Feature
 from ...virtio.split import SplitDriverQueue
-from ..leaks import open_fds
+from ..fds import open_fds
 from .rig import LIVE, Context, Rig, close_rig, close_shared, open_rig, rig, session_backend
 
 __all__ = ["cap_names", "check_bases", "expect", "stop_cycle"]

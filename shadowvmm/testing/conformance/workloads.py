@@ -217,6 +217,7 @@ class NetWorkload(Workload):
     device_id = DeviceId.NET
     base_queues = 2
     RX, TX = 0, 1
+
     #: Frames per round trip.
     BATCH = 4
 
@@ -253,12 +254,11 @@ class NetWorkload(Workload):
         tx.kick()
         await _within(asyncio.gather(*sent), self.options.timeout, f"transmit of {len(frames)} frames (tag {tag})")
         self.sent += len(frames)
-        try:
-            lengths = await asyncio.wait_for(asyncio.gather(*received), self.options.timeout)
-        except TimeoutError:
-            back = sum(f.done() for f in received)
-            raise AssertionError(f"{back} of {len(frames)} frames (tag {tag}) came back within "
-                                 f"{self.options.timeout} s") from None
+        _, late = await asyncio.wait(received, timeout=self.options.timeout)
+        if late:
+            raise AssertionError(f"{len(received) - len(late)} of {len(frames)} frames (tag {tag}) came back "
+                                 f"within {self.options.timeout} s")
+        lengths = [future.result() for future in received]
         self.received += len(frames)
         got = sorted(memory.read(gpa + NET_HDR_V1, length - NET_HDR_V1)
                      for (gpa, _), length in zip(rx_buffers, lengths))
