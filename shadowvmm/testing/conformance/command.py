@@ -131,8 +131,9 @@ def _factory(name: str, config: Mapping[str, Any]) -> Factory:
     return make
 
 
-def _socket_backend(socket: str, device: str, timeout: float) -> dict[str, Any]:
-    return {"socket": socket, "device": device, "timeout": timeout}
+def _socket_backend(socket: str, args: argparse.Namespace) -> dict[str, Any]:
+    config = {"socket": socket, "device": args.device, "timeout": args.timeout}
+    return config if args.queues is None else {**config, "queues": args.queues}
 
 
 def _socket_form(args: argparse.Namespace) -> tuple[str, dict[str, Any], PeerInfo]:
@@ -149,14 +150,14 @@ def _socket_form(args: argparse.Namespace) -> tuple[str, dict[str, Any], PeerInf
         if os.path.abspath(args.migrate_to) == os.path.abspath(args.socket):
             raise ArgumentError("--migrate-to must name another socket than the one checked")
         options["migrate_factory"] = _factory(SOCKET_BACKEND,
-                                              _socket_backend(args.migrate_to, args.device, args.timeout))
-    options["factory"] = _factory(SOCKET_BACKEND, _socket_backend(args.socket, args.device, args.timeout))
+                                              _socket_backend(args.migrate_to, args))
+    options["factory"] = _factory(SOCKET_BACKEND, _socket_backend(args.socket, args))
     if peer.one_shot:
         options["single_session"] = peer.warning
     return args.device, options, peer
 
 
-def _config_form(args: argparse.Namespace) -> tuple[str, dict[str, Any], PeerInfo]:
+async def _config_form(args: argparse.Namespace) -> tuple[str, dict[str, Any], PeerInfo]:
     """(device type, run_conformance options, peer) of ``check --config FILE --name DEVICE``."""
     if args.name is None:
         raise ArgumentError("check --config FILE needs --name DEVICE")
@@ -169,6 +170,7 @@ def _config_form(args: argparse.Namespace) -> tuple[str, dict[str, Any], PeerInf
         backend = load_backend(dev.backend)(dev.backend_config)
     except ConfigError as exc:
         raise cfg.backend_error(index, exc) from exc
+    await backend.close()       # built for its device type only (a backend takes it from its config)
     device = backend.device_id.name.lower() if args.device is None else args.device
     if device_id_of(device) is not backend.device_id:
         raise ArgumentError(f"--device {device}, but {args.name} is a {backend.device_id.name} device")
@@ -209,6 +211,8 @@ class CheckCommand:
         parser.add_argument("--name", help="the device of --config to check")
         parser.add_argument("--migrate-to", metavar="SOCKET2",
                             help="migrate to this second socket (with --config: another device's name)")
+        parser.add_argument("--queues", type=int, help="queues the socket's backend serves (default: the "
+                                                       "device type's minimum); the queues step uses each")
         parser.add_argument("--json", action="store_true", help="print the report as JSON")
         parser.add_argument("--single-session", action="store_true",
                             help="run every step on one session (a peer that exits after its session)")
@@ -218,7 +222,7 @@ class CheckCommand:
     async def run(self, args: argparse.Namespace, out: TextIO) -> int:
         if (args.socket is None) == (args.config is None):
             raise ArgumentError("check takes a SOCKET or --config FILE --name DEVICE (one of them)")
-        device, options, peer = _socket_form(args) if args.socket is not None else _config_form(args)
+        device, options, peer = _socket_form(args) if args.socket is not None else await _config_form(args)
         factory = options.pop("factory")
         report = await run_conformance(factory, device, io_timeout=args.timeout,
                                        step_timeout=max(60.0, 6 * args.timeout), **options)

@@ -95,10 +95,25 @@ async def queue_reset(ctx: Context) -> str:
                                                        f"queue reset")
         await r.guest.restart_queue(index)
         w.made_available[index] = 0
-        await w.round_trip(ctx.tag())
+        try:
+            await w.round_trip(ctx.tag())
+        except AssertionError as exc:
+            raise AssertionError(f"after the reset of queue {index}: {exc}{await _diagnose(ctx, r)}") from None
         if w.keeps_data:
             await w.verify(first)
         return f"queue {index} reset (queue_reset read back 0), set up again; I/O verified after"
+
+
+async def _diagnose(ctx: Context, r: Rig) -> str:
+    """Whether a whole-device stop and resume (every ring restarted) brings the I/O back."""
+    try:
+        await r.device.stop()
+        await r.device.resume()
+        await r.workload.round_trip(ctx.tag())
+    except Exception:       # a diagnosis only: the step fails either way
+        return ""
+    return ("; a whole-device stop and resume restores it: the backend takes GET_VRING_BASE of one ring "
+            "as a stop of the whole device (DPDK's vhost library does), so a single ring cannot restart")
 
 
 async def reconnect_applies(ctx: Context) -> str | None:
