@@ -18,7 +18,7 @@ import pytest
 from shadowvmm import cli
 from shadowvmm.backends.base import Backend
 from shadowvmm.backends.inproc import InProcBackend
-from shadowvmm.errors import ArgumentError, ConfigError
+from shadowvmm.errors import ArgumentError, BackendError, ConfigError
 from shadowvmm.testing.conformance import STEP_NAMES, Outcome, expected_outcomes, not_offered, run_conformance
 from shadowvmm.testing.conformance.command import COMMAND, identify_listener, peer_info
 
@@ -122,6 +122,11 @@ def test_usage_error_exit_status_is_2(tmp_path: Path) -> None:
     assert proc.stderr == "shadowvmm: error: --migrate-to must name another socket than the one checked\n"
 
 
+def test_the_command_line_does_not_import_pytest() -> None:
+    code = "import sys, shadowvmm.cli; sys.exit('pytest' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=30).returncode == 0
+
+
 def test_identify_listener_without_connecting(tmp_path: Path) -> None:
     path = tmp_path / "peer.sock"
     assert identify_listener(str(path)) is None
@@ -159,6 +164,18 @@ async def test_single_session_runs_every_step_on_one_backend() -> None:
     assert report["reconnect"].detail == "single-session peer: a test peer"
     assert report.warnings == ["single-session peer: a test peer; every step ran on one session"]
     assert "every fd and task released" in report["close"].detail
+
+
+async def test_single_session_skips_the_rest_after_a_failure() -> None:
+    class BadRead(InProcBackend):
+        async def get_vring_base(self, index: int) -> Any:
+            raise BackendError("broken")
+
+    report = await run_conformance(lambda: BadRead({"device": "blk", "queues": 1}), "blk", single_session="x",
+                                   io_timeout=1, step_timeout=5, steps=("connect", "driver-init", "io",
+                                                                        "stop-resume", "reset-reinit", "close"))
+    assert [s.outcome for s in report] == [PASS, PASS, PASS, FAIL, SKIP, PASS], report.format()
+    assert report["reset-reinit"].detail == "the single session failed at stop-resume"
 
 
 async def test_migrate_needs_data_on_the_destination() -> None:

@@ -75,7 +75,7 @@ async def _run_step(ctx: Context, step: Step, broken: set[str]) -> StepResult:
         broken.add(step.name)
         return result(Outcome.SKIP, f"needs {blocked[0]}, which failed")
     if ctx.options.single_session and broken and step.name != "close":
-        return result(Outcome.SKIP, f"the single session failed at {sorted(broken)[0]}")
+        return result(Outcome.SKIP, f"the single session failed at {min(broken, key=STEP_NAMES.index)}")
     timeout = ctx.options.step_timeout
     deadline = asyncio.timeout(timeout)
     try:

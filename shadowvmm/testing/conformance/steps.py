@@ -275,9 +275,10 @@ async def close(ctx: Context) -> str:
         gc.collect()
         ctx.baseline = (open_fds(), asyncio.all_tasks())
     fds, tasks = ctx.baseline
-    async with rig(ctx):
-        pass            # the guest started the rings: call and kick fds, readers, the worker
-    await close_shared(ctx)
+    if ctx.shared is None:
+        async with rig(ctx):
+            pass        # the guest started the rings: call and kick fds, readers, the worker
+    await close_shared(ctx)     # a single-session run: its one device, as the earlier steps left it
     await asyncio.sleep(0)
     gc.collect()
     leaked = sorted((fd, target) for fd, target in open_fds().items() if fds.get(fd) != target)
