@@ -73,7 +73,7 @@ def test_check_config_subprocess_all_pass_with_migration(machine_toml: Path) -> 
                            "--name", "disk", "--migrate-to", "twin"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith("conformance of inproc-blk (block): 18 passed, 0 failed, 0 skipped"), proc.stdout
+    assert lines[0].startswith("conformance of inproc-blk (block): 19 passed, 0 failed, 0 skipped"), proc.stdout
     assert lines[1].split()[:4] == ["step", "outcome", "seconds", "spec"]
     rows = {line.split()[0]: line for line in lines[2:]}
     assert set(rows) == set(STEP_NAMES)

@@ -59,7 +59,7 @@ def test_check_qsd_text_table_and_migration(tmp_path: Path) -> None:
                               timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0] == "conformance of vhost-user (block): 16 passed, 0 failed, 2 skipped"
+    assert lines[0] == "conformance of vhost-user (block): 17 passed, 0 failed, 2 skipped"
     migrate = next(line for line in lines if line.startswith("migrate "))
     assert migrate.split()[1] == "PASS" and "vhost-user: GET_VRING_BASE at the source" in migrate
     assert "data written before read back there" in migrate

@@ -89,4 +89,4 @@ def test_check_subprocess_names_the_failed_step(faulty_toml: Path) -> None:
     assert {name for name, row in rows.items() if row[1] == "FAIL"} == {"device-state"}
     assert "vhost-user: SET_DEVICE_STATE_FD" in rows["device-state"][3]
     assert "ProtocolError: faulty: injected failure of save_state() (call 1)" in rows["device-state"][3]
-    assert proc.stdout.splitlines()[0].endswith("16 passed, 1 failed, 1 skipped")
+    assert proc.stdout.splitlines()[0].endswith("17 passed, 1 failed, 1 skipped")

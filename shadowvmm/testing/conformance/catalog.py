@@ -42,6 +42,8 @@ STEPS: tuple[Step, ...] = (
          spec="virtio 1.2 §2.5.1, §4.1.5.3; vhost-user: GET_CONFIG, SET_CONFIG"),
     Step("stop-resume", s.stop_resume, ("io",), io=True,
          spec="vhost-user: SET_VRING_ENABLE, GET_VRING_BASE, SET_VRING_BASE"),
+    Step("stop-in-flight", s.stop_in_flight, ("stop-resume",), io=True,
+         spec="vhost-user: SET_VRING_ENABLE 0, drain, GET_VRING_BASE with requests in flight"),
     Step("suspend-resume", s.suspend_resume, ("io",), Capability.SUSPEND, io=True,
          spec="vhost-vdpa: SUSPEND, RESUME; virtio 1.3 §2.1 (SUSPEND)"),
     Step("reset-reinit", s.reset_reinit, ("io",), io=True, spec="virtio 1.2 §2.4, §3.1.1; vhost-user: RESET_DEVICE"),

@@ -25,6 +25,8 @@ __all__ = ["cap_names", "check_bases", "expect", "stop_cycle"]
 
 #: How long a request made while the device is stopped must stay pending.
 STOPPED_FOR = 0.05
+#: Round trips left running when a stop with requests in flight starts.
+IN_FLIGHT = 4
 
 
 def expect(condition: object, message: str) -> None:
@@ -63,6 +65,16 @@ def check_bases(r: Rig, states: list[RingState], *, quiet: bool) -> str:
     return ", ".join(f"{s.index}:{s.base}" for s in states)
 
 
+async def _until_in_flight(r: Rig, running: list[asyncio.Future[None]], bound: float = 1.0) -> None:
+    """Wait until the device holds a request of *running* (or they all completed already)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + bound
+    while running and not all(task.done() for task in running) and loop.time() < deadline:
+        if any(q.ring.in_flight for q in r.guest.queues):
+            return
+        await asyncio.sleep(0.0002)
+
+
 async def stop_cycle(ctx: Context, r: Rig, *, in_flight: int = 0) -> str:
     """Round trip, *in_flight* more requests left running, stop, check, a request made while
     stopped stays pending, resume, it completes, and the data is all there."""
@@ -73,6 +85,7 @@ async def stop_cycle(ctx: Context, r: Rig, *, in_flight: int = 0) -> str:
                                            for _ in range(in_flight)]
     pending: asyncio.Future[None] | None = None
     try:
+        await _until_in_flight(r, running)
         bases = check_bases(r, await device.stop(), quiet=not in_flight)
         expect(r.status() == LIVE, f"the guest read status {r.status():#x} during a VMM stop, not {LIVE:#x}")
         pending = asyncio.ensure_future(w.round_trip(ctx.tag()))
@@ -169,10 +182,18 @@ async def stop_resume(ctx: Context) -> str:
         return f"stopped ({path}) with ring bases {bases}; I/O made while stopped completed after the resume"
 
 
+async def stop_in_flight(ctx: Context) -> str:
+    async with rig(ctx) as r:
+        bases = await stop_cycle(ctx, r, in_flight=IN_FLIGHT)
+        path = "suspend" if r.device.backend_caps & Capability.SUSPEND else "disable, drain, get_vring_base"
+        return (f"stopped ({path}) with {IN_FLIGHT} round trips in flight, ring bases {bases} (each used in "
+                f"full); every request completed after the resume, data verified")
+
+
 async def suspend_resume(ctx: Context) -> str:
     async with rig(ctx) as r:
         for _ in range(3):
-            await stop_cycle(ctx, r, in_flight=4 if r.workload.no_io is None else 0)
+            await stop_cycle(ctx, r, in_flight=IN_FLIGHT if r.workload.no_io is None else 0)
         return "3 suspend/resume cycles with requests in flight; every request completed once, data verified"
 
 
