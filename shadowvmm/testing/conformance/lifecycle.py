@@ -58,6 +58,12 @@ async def _config_write(ctx: Context, r: Rig) -> str:
 
 
 async def config(ctx: Context) -> str:
+    """The guest's config read against the backend's; a guest write; two device-side changes.
+
+    The changes are delivered by the VMM (:meth:`VirtioDevice.update_config`), as a backend's
+    config-change notification is (v1.2 §2.5.1): the kit cannot make an arbitrary backend change
+    its config, so this checks the notification path with the backend in place, not the backend's.
+    """
     async with rig(ctx) as r:
         size = len(r.device.config)
         if not size:
@@ -77,7 +83,8 @@ async def config(ctx: Context) -> str:
         await _config_interrupt(ctx, r, original, "config change back")
         if r.workload.no_io is None:
             await r.workload.round_trip(ctx.tag())
-        return (f"{size}-byte {source} config read; {wrote}; 2 changes: interrupt, config_generation "
+        return (f"{size}-byte {source} config read; {wrote}; 2 device-side changes (delivered by the VMM): "
+                f"interrupt, config_generation "
                 f"{r.guest.transport.config_generation()}, new bytes read" +
                 ("; I/O after" if r.workload.no_io is None else ""))
 
