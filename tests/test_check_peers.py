@@ -49,20 +49,22 @@ def test_check_qsd_all_pass(qsd_blk_file: QsdBlk) -> None:
 
 
 def test_check_qsd_text_table_and_migration(tmp_path: Path) -> None:
-    """Two exports of one disk: the data written before the migration is read on the second."""
+    """Two exports of one disk: the data written before the migration is read on the second; with
+    ``--queues 2`` the queues step does I/O on both."""
     binary = require_peer("qemu-storage-daemon")
-    with QsdBlk(tmp_path, image=tmp_path / "disk.img", size=16 << 20, create=True, exports=2,
+    with QsdBlk(tmp_path, image=tmp_path / "disk.img", size=16 << 20, create=True, exports=2, num_queues=2,
                 binary=binary) as qsd:
         first, second = (str(path) for path in qsd.socket_paths)
         proc = subprocess.run([sys.executable, "-m", "shadowvmm.cli", "check", first, "--device", "blk",
-                               "--migrate-to", second, "--timeout", "5"], capture_output=True, text=True,
-                              timeout=120)
+                               "--migrate-to", second, "--queues", "2", "--timeout", "5"], capture_output=True,
+                              text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == "conformance of vhost-user (block): 17 passed, 0 failed, 2 skipped"
     migrate = next(line for line in lines if line.startswith("migrate "))
     assert migrate.split()[1] == "PASS" and "vhost-user: GET_VRING_BASE at the source" in migrate
     assert "data written before read back there" in migrate
+    assert "2 queue(s), I/O verified on each" in next(line for line in lines if line.startswith("queues "))
     assert lines[-1].startswith("warning: qemu-storage-daemon serves one front-end at a time")
 
 
