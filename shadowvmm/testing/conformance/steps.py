@@ -81,7 +81,7 @@ async def stop_cycle(ctx: Context, r: Rig, *, in_flight: int = 0) -> str:
     w, device = r.workload, r.device
     first = ctx.tag()
     await w.round_trip(first)
-    running: list[asyncio.Future[None]] = [asyncio.ensure_future(w.round_trip(ctx.tag()))
+    running: list[asyncio.Future[None]] = [asyncio.ensure_future(w.in_flight_trip(ctx.tag()))
                                            for _ in range(in_flight)]
     pending: asyncio.Future[None] | None = None
     try:
@@ -172,7 +172,8 @@ async def io(ctx: Context) -> str:
     async with rig(ctx) as r:
         for _ in range(3):
             await r.workload.round_trip(ctx.tag())
-        return "3 round trips verified"
+        tally = r.workload.tally()
+        return "3 round trips verified" + (f": {tally}" if tally else "")
 
 
 async def stop_resume(ctx: Context) -> str:
