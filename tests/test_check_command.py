@@ -101,14 +101,20 @@ async def test_check_config_json_and_not_offered(machine_toml: Path) -> None:
     ([], "a SOCKET or --config"),
     (["/nonexistent.sock"], "needs --device"),
     (["/nonexistent.sock", "--device", "blk"], "no socket at"),
+    (["SOCKET", "--device", "blk", "--queues", "0"], "queues"),
     (["--config", "CONFIG"], "needs --name"),
     (["--config", "CONFIG", "--name", "nope"], "no device named 'nope'"),
     (["--config", "CONFIG", "--name", "disk", "--migrate-to", "disk"], "name another configured device"),
     (["--config", "CONFIG", "--name", "disk", "--device", "net"], "is a BLOCK device"),
 ])
 async def test_usage_errors(machine_toml: Path, argv: list[str], message: str) -> None:
-    with pytest.raises((ArgumentError, ConfigError), match=message):
-        await check(*[str(machine_toml) if arg == "CONFIG" else arg for arg in argv])
+    sock = machine_toml.parent / "listening.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(sock))
+        listener.listen(1)
+        names = {"CONFIG": str(machine_toml), "SOCKET": str(sock)}
+        with pytest.raises((ArgumentError, ConfigError), match=message):
+            await check(*[names.get(arg, arg) for arg in argv])
 
 
 def test_usage_error_exit_status_is_2(tmp_path: Path) -> None:

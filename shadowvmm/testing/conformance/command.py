@@ -136,7 +136,7 @@ def _socket_backend(socket: str, args: argparse.Namespace) -> dict[str, Any]:
     return config if args.queues is None else {**config, "queues": args.queues}
 
 
-def _socket_form(args: argparse.Namespace) -> tuple[str, dict[str, Any], PeerInfo]:
+async def _socket_form(args: argparse.Namespace) -> tuple[str, dict[str, Any], PeerInfo]:
     """(device type, run_conformance options, peer) of ``check SOCKET --device ...``."""
     if args.device is None:
         raise ArgumentError(f"check SOCKET needs --device ({'|'.join(SOCKET_DEVICES)})")
@@ -152,6 +152,7 @@ def _socket_form(args: argparse.Namespace) -> tuple[str, dict[str, Any], PeerInf
         options["migrate_factory"] = _factory(SOCKET_BACKEND,
                                               _socket_backend(args.migrate_to, args))
     options["factory"] = _factory(SOCKET_BACKEND, _socket_backend(args.socket, args))
+    await options["factory"]().close()      # its options refused now are a usage error, not a step's
     if peer.one_shot:
         options["single_session"] = peer.warning
     return args.device, options, peer
@@ -222,7 +223,8 @@ class CheckCommand:
     async def run(self, args: argparse.Namespace, out: TextIO) -> int:
         if (args.socket is None) == (args.config is None):
             raise ArgumentError("check takes a SOCKET or --config FILE --name DEVICE (one of them)")
-        device, options, peer = _socket_form(args) if args.socket is not None else await _config_form(args)
+        form = _socket_form if args.socket is not None else _config_form
+        device, options, peer = await form(args)
         factory = options.pop("factory")
         report = await run_conformance(factory, device, io_timeout=args.timeout,
                                        step_timeout=max(60.0, 6 * args.timeout), **options)
