@@ -29,6 +29,7 @@ from .errors import PluginError, ShadowVmmError
 from .job import run as job
 from .migration import cli as migration_cli
 from .scenarios import cli as scenario_cli
+from .testing.conformance.command import COMMAND as CHECK_COMMAND
 from .timeline import Timeline
 
 COMMANDS_GROUP = "shadowvmm.commands"
@@ -131,6 +132,7 @@ def builtin_commands() -> dict[str, Command]:
         "run": RunCommand(),
         "migrate": MigrateCommand(),
         "scenario": ScenarioCommand(),
+        "check": CHECK_COMMAND,
     }
 
 

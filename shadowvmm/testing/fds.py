@@ -1,4 +1,4 @@
-"""The process's open fds (no pytest needed: the conformance kit and `shadowvmm check` use it)."""
+"""This process's open file descriptors (no pytest: the ``check`` command uses it too)."""
 
 from __future__ import annotations
 

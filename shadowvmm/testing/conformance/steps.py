@@ -1,14 +1,14 @@
 """The conformance steps: each builds what it needs from a fresh backend, checks one part of the
 contract through the public API (the backend's own methods, or :class:`Machine` +
 :class:`VirtioDevice` + a guest driver model), and returns what it saw. A failed check raises
-AssertionError; any other exception is the backend's (or the device's) error."""
+AssertionError; any other exception is the backend's (or the device's) error. The order, the
+dependencies and the spec sections are in :mod:`.catalog`; the later steps (config, queue reset,
+reconnect, migration) in :mod:`.lifecycle`."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 from ...backends.base import Capability, RingState, check_backend
 from ...guest.driver import GuestQueue
@@ -19,12 +19,14 @@ from ...shadow import RunState
 from ...virtio.constants import DeviceId, Feature
 from ...virtio.split import SplitDriverQueue
 from ..fds import open_fds
-from .rig import LIVE, Context, Rig, close_rig, open_rig, rig
+from .rig import LIVE, Context, Rig, close_rig, close_shared, open_rig, rig, session_backend
 
-__all__ = ["STEPS", "Step", "expect"]
+__all__ = ["cap_names", "check_bases", "expect", "stop_cycle"]
 
 #: How long a request made while the device is stopped must stay pending.
 STOPPED_FOR = 0.05
+#: Round trips left running when a stop with requests in flight starts.
+IN_FLIGHT = 4
 
 
 def expect(condition: object, message: str) -> None:
@@ -55,12 +57,22 @@ def check_bases(r: Rig, states: list[RingState], *, quiet: bool) -> str:
         used = _used_idx(r.guest.queue(s.index))
         if used is None:
             continue
-        base, made = s.base & 0xFFFF, r.workload.made_available[s.index] & 0xFFFF
+        base, made = s.base & 0xFFFF, r.workload.available(s.index) & 0xFFFF
         expect(base == used, f"ring {s.index}: base {base} but used idx {used}: requests taken and not "
                              f"completed at the stop")
         expect(base == made if quiet else (made - base) & 0xFFFF < 0x8000,
                f"ring {s.index}: base {base}, the guest made {made} buffers available")
     return ", ".join(f"{s.index}:{s.base}" for s in states)
+
+
+async def _until_in_flight(r: Rig, running: list[asyncio.Future[None]], bound: float = 1.0) -> None:
+    """Wait until the device holds a request of *running* (or they all completed already)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + bound
+    while running and not all(task.done() for task in running) and loop.time() < deadline:
+        if any(q.ring.in_flight for q in r.guest.queues):
+            return
+        await asyncio.sleep(0.0002)
 
 
 async def stop_cycle(ctx: Context, r: Rig, *, in_flight: int = 0) -> str:
@@ -69,10 +81,11 @@ async def stop_cycle(ctx: Context, r: Rig, *, in_flight: int = 0) -> str:
     w, device = r.workload, r.device
     first = ctx.tag()
     await w.round_trip(first)
-    running: list[asyncio.Future[None]] = [asyncio.ensure_future(w.round_trip(ctx.tag()))
+    running: list[asyncio.Future[None]] = [asyncio.ensure_future(w.in_flight_trip(ctx.tag()))
                                            for _ in range(in_flight)]
     pending: asyncio.Future[None] | None = None
     try:
+        await _until_in_flight(r, running)
         bases = check_bases(r, await device.stop(), quiet=not in_flight)
         expect(r.status() == LIVE, f"the guest read status {r.status():#x} during a VMM stop, not {LIVE:#x}")
         pending = asyncio.ensure_future(w.round_trip(ctx.tag()))
@@ -113,24 +126,18 @@ async def contract(ctx: Context) -> str:
 
 
 async def connect(ctx: Context) -> str:
-    backend = ctx.factory()
-    try:
-        await backend.connect()
+    async with session_backend(ctx) as backend:
         caps = backend.capabilities()
         expect(isinstance(caps, Capability), "capabilities() is not a Capability")
         expect(backend.device_id == ctx.device_id,
                f"device_id is {backend.device_id!r}, the run is for {ctx.device_id.name}")
         ctx.caps = caps
         ctx.queue_num = await backend.get_queue_num()
-    finally:
-        await backend.close()
     return f"capabilities {cap_names(caps)}"
 
 
 async def features(ctx: Context) -> str:
-    backend = ctx.factory()
-    try:
-        await backend.connect()
+    async with session_backend(ctx) as backend:
         offered = await backend.get_features()
         expect(offered & Feature.VERSION_1, f"features {offered:#x} lack VERSION_1 (bit 32)")
         queues = await backend.get_queue_num()
@@ -140,8 +147,6 @@ async def features(ctx: Context) -> str:
         if size:
             data = await backend.get_config(0, size)
             expect(len(data) == size, f"get_config(0, {size}) gave {len(data)} bytes")
-    finally:
-        await backend.close()
     return f"features {offered:#x}, {queues} queue(s), {size}-byte config"
 
 
@@ -167,7 +172,8 @@ async def io(ctx: Context) -> str:
     async with rig(ctx) as r:
         for _ in range(3):
             await r.workload.round_trip(ctx.tag())
-        return "3 round trips verified"
+        tally = r.workload.tally()
+        return "3 round trips verified" + (f": {tally}" if tally else "")
 
 
 async def stop_resume(ctx: Context) -> str:
@@ -177,10 +183,18 @@ async def stop_resume(ctx: Context) -> str:
         return f"stopped ({path}) with ring bases {bases}; I/O made while stopped completed after the resume"
 
 
+async def stop_in_flight(ctx: Context) -> str:
+    async with rig(ctx) as r:
+        bases = await stop_cycle(ctx, r, in_flight=IN_FLIGHT)
+        path = "suspend" if r.device.backend_caps & Capability.SUSPEND else "disable, drain, get_vring_base"
+        return (f"stopped ({path}) with {IN_FLIGHT} round trips in flight, ring bases {bases} (each used in "
+                f"full); every request completed after the resume, data verified")
+
+
 async def suspend_resume(ctx: Context) -> str:
     async with rig(ctx) as r:
         for _ in range(3):
-            await stop_cycle(ctx, r, in_flight=4 if r.workload.no_io is None else 0)
+            await stop_cycle(ctx, r, in_flight=IN_FLIGHT if r.workload.no_io is None else 0)
         return "3 suspend/resume cycles with requests in flight; every request completed once, data verified"
 
 
@@ -203,6 +217,8 @@ async def queues(ctx: Context) -> str:
     await ctx.capabilities()
     count = ctx.queue_num or 0
     expect(count >= 1, f"get_queue_num() is {count}")
+    if ctx.shared is not None:      # one session: the queues it was realized with
+        count = ctx.shared.device.num_queues
     async with rig(ctx, num_queues=count) as r:
         expect(r.device.num_queues == count, f"device has {r.device.num_queues} queues, backend said {count}")
         if not r.workload.any_queue:
@@ -277,11 +293,14 @@ async def events(ctx: Context) -> str:
 
 
 async def close(ctx: Context) -> str:
-    gc.collect()
-    fds = open_fds()
-    tasks = asyncio.all_tasks()
-    async with rig(ctx):
-        pass            # the guest started the rings: call and kick fds, readers, the worker
+    if ctx.baseline is None:
+        gc.collect()
+        ctx.baseline = (open_fds(), asyncio.all_tasks())
+    fds, tasks = ctx.baseline
+    if ctx.shared is None:
+        async with rig(ctx):
+            pass        # the guest started the rings: call and kick fds, readers, the worker
+    await close_shared(ctx)     # a single-session run: its one device, as the earlier steps left it
     await asyncio.sleep(0)
     gc.collect()
     leaked = sorted((fd, target) for fd, target in open_fds().items() if fds.get(fd) != target)
@@ -289,33 +308,3 @@ async def close(ctx: Context) -> str:
     left = sorted(t.get_name() for t in asyncio.all_tasks() - tasks if not t.done())
     expect(not left, f"tasks left running after close: {left[:6]}")
     return "after a guest start: every fd and task released"
-
-
-@dataclass(frozen=True)
-class Step:
-    """One named step. It is skipped when a step it *needs* failed, when the backend offers
-    none of *requires*, or (with *io*) when the device type has no verified I/O."""
-
-    name: str
-    run: Callable[[Context], Awaitable[str]]
-    needs: tuple[str, ...] = ()
-    requires: Capability = Capability.NONE
-    io: bool = False
-
-
-STEPS: tuple[Step, ...] = (
-    Step("contract", contract),
-    Step("connect", connect),
-    Step("features", features, ("connect",)),
-    Step("realize", realize, ("connect",)),
-    Step("driver-init", driver_init, ("realize",)),
-    Step("io", io, ("driver-init",), io=True),
-    Step("stop-resume", stop_resume, ("io",), io=True),
-    Step("suspend-resume", suspend_resume, ("io",), Capability.SUSPEND, io=True),
-    Step("reset-reinit", reset_reinit, ("io",), io=True),
-    Step("queues", queues, ("io",), Capability.MQ),
-    Step("device-state", device_state, ("io",), Capability.DEVICE_STATE, io=True),
-    Step("dirty-log", dirty_log, ("io",), Capability.DIRTY_LOG | Capability.SHARED_MEMORY, io=True),
-    Step("events", events, ("stop-resume",), Capability.EVENTS),
-    Step("close", close, ("realize",)),
-)

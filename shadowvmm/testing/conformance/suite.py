@@ -20,12 +20,13 @@ went wrong.
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from typing import Any
-
-import pytest
+from typing import TYPE_CHECKING, Any
 
 from .report import Outcome
 from .runner import STEP_NAMES, run_conformance
+
+if TYPE_CHECKING:
+    import pytest
 
 __all__ = ["conformance_suite"]
 
@@ -35,6 +36,8 @@ def conformance_suite(factory_fixture: str, device_type: str | Any, *, destinati
     """A pytest test function parametrized over the kit's steps, each run on its own against
     the factory fixture *factory_fixture* (and *destination_fixture*, the device-state step's
     ``destination_factory``); *options* go to :func:`run_conformance`."""
+    import pytest  # here, not at import: the ``check`` command runs the kit without pytest
+
     fixtures = [factory_fixture, *([destination_fixture] if destination_fixture else [])]
 
     @pytest.mark.usefixtures(*fixtures)

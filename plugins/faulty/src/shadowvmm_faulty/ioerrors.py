@@ -80,11 +80,10 @@ class IoErrorInjector:
 
     def set_addr(self, addr: VringAddr) -> None:
         ring = self.ring(addr.index)
-        same = ring.addr is not None and (ring.addr.desc, ring.addr.driver, ring.addr.device) == (
-            addr.desc, addr.driver, addr.device)
         ring.addr = addr
-        if not same:        # a (re)started ring: what is already used was seen, or predates us
-            ring.cursor = self.memory.load_u16(addr.device + 2) if self.memory is not None else 0
+        # A (re)started ring: what is already used was seen, or predates us. Read even at the same
+        # addresses: a queue reset (v1.2 §2.6.1) sets a fresh ring up where the old one was.
+        ring.cursor = self.memory.load_u16(addr.device + 2) if self.memory is not None else 0
 
     def call_fd(self, index: int, fd: int) -> int:
         """The fd to give the inner backend instead of the device's *fd*."""
