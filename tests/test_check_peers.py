@@ -86,15 +86,15 @@ def test_check_virtiofsd_one_session(virtiofsd: Virtiofsd) -> None:
 
 
 def test_check_testpmd_frames_echoed(testpmd: DpdkTestpmd) -> None:
-    """Everything passes but the per-queue reset: DPDK's vhost library takes GET_VRING_BASE of one
-    ring as a stop of the whole device, so the other ring stalls until every ring restarts."""
+    """Everything passes; the per-queue reset is not offered: DPDK's vhost library takes
+    GET_VRING_BASE of one ring as a stop of the whole device (the other ring stalled until every
+    ring restarted), so the vhost-user backend drops Capability.RING_RESTART for a DPDK peer
+    (``ring_restart = "auto"``) and VIRTIO_F_RING_RESET is not offered to the guest."""
     code, report = check(str(testpmd.socket_path), "--device", "net", timeout=3)
     steps = outcomes(report)
     failed = {name for name, (outcome, _) in steps.items() if outcome == "FAIL"}
-    assert failed == {"queue-reset"}, json.dumps(report, indent=1)
-    assert code == 1 and report["passed"] is False
-    assert "a whole-device stop and resume restores it" in steps["queue-reset"][1]
-    assert not_offered(report) == {"suspend-resume", "device-state", "migrate"}
+    assert not failed and code == 0 and report["passed"] is True, json.dumps(report, indent=1)
+    assert not_offered(report) == {"suspend-resume", "queue-reset", "device-state", "migrate"}
     assert steps["io"][0] == "PASS"
     assert steps["io"][1].startswith("3 round trips verified: ") and steps["io"][1].endswith(" stray")
     sent = int(steps["io"][1].split(": ")[1].split()[0])

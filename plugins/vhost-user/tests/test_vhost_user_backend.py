@@ -86,6 +86,16 @@ async def settle(fake: FakeBackend, backend: VhostUserBackend) -> list[int]:
 def sent(fake: FakeBackend, request: F) -> list[Received]:
     return [m for m in fake.received if m.request == request]
 
+async def received(fake: FakeBackend, count: int, timeout: float = 2.0) -> list[Received]:
+    """The fake's messages once it has read *count* of them: a message sent without NEED_REPLY
+    returns before the peer read it (bounded wait)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while len(fake.received) < count:
+        assert loop.time() < deadline, f"the fake read {len(fake.received)} messages, not {count}"
+        await asyncio.sleep(0.001)
+    return fake.received
+
 
 async def test_handshake_follows_qemu_order(env: Env) -> None:
     fake, backend = await env.connected()
@@ -180,13 +190,14 @@ async def test_vring_setup_translates_guest_addresses(env: Env) -> None:
     with pytest.raises(GuestMemoryError):
         await backend.set_vring_addr(VringAddr(0, desc=(1 << 30) + 0xFF800, driver=0x2000, device=0x3000))
     kick = os.eventfd(0, os.EFD_CLOEXEC)
+    before = len(fake.received)
     try:
         await backend.set_vring_kick(0, kick)
         await backend.set_vring_call(0, -1)
         await backend.set_vring_err(0, kick)
     finally:
         os.close(kick)
-    files = [(m.request, vu.VringFile.unpack(m.payload), m.nfds) for m in fake.received[-3:]]
+    files = [(m.request, vu.VringFile.unpack(m.payload), m.nfds) for m in (await received(fake, before + 3))[-3:]]
     assert files == [(F.SET_VRING_KICK, vu.VringFile(0), 1), (F.SET_VRING_CALL, vu.VringFile(0, True), 0),
                      (F.SET_VRING_ERR, vu.VringFile(0), 1)]
     await backend.set_vring_enable(0, True)

@@ -98,6 +98,10 @@ PROTOCOL_CAPABILITIES: tuple[tuple[vu.ProtocolFeature, Capability], ...] = (
 #: Peer processes (``/proc/PID/comm``, 15 characters at most) whose libvhost-user keeps
 #: processing a ring after SET_VRING_ENABLE 0 (qemu-storage-daemon 7.2, QEMU's contrib daemons).
 RING_DISABLE_IGNORED = frozenset({"qemu-storage-da", "vhost-user-blk", "vhost-user-scsi"})
+#: Peer processes whose vhost library treats GET_VRING_BASE on one ring as the stop of the whole
+#: device (DPDK's ``vhost_user_get_vring_base`` destroys the device): a single ring cannot be
+#: stopped and restarted under a running device, so VIRTIO_F_RING_RESET is not offered.
+RING_RESTART_UNSUPPORTED = frozenset({"dpdk-testpmd", "ovs-vswitchd"})
 
 
 class VhostUserBackend(BackendBase):
@@ -130,6 +134,9 @@ class VhostUserBackend(BackendBase):
         Option("ring_disable", str, "auto", "whether the back-end stops fetching from a disabled ring: "
                "\"stops\", \"ignored\" (libvhost-user) or \"auto\" (known peers by process name)",
                choices=("auto", "stops", "ignored")),
+        Option("ring_restart", str, "auto", "whether one ring can be stopped and restarted under a running "
+               "device (VIRTIO_F_RING_RESET): \"yes\", \"no\" or \"auto\" (no for DPDK peers by process name)",
+               choices=("auto", "yes", "no")),
     )
 
     def __init__(self, config: Mapping[str, Any], *, loop: asyncio.AbstractEventLoop | None = None,
@@ -146,6 +153,7 @@ class VhostUserBackend(BackendBase):
         self._connector = connector or unix_connector(self.socket_path)
         self.busy_poll = options["busy_poll_us"] / 1e6
         self._ring_disable = options["ring_disable"]
+        self._ring_restart = options["ring_restart"]
         self._conn: Connection | None = None
         #: The inflight area (GET_INFLIGHT_FD) and its fd: kept across sessions, dropped by reset().
         self._inflight: tuple[vu.Inflight, int] | None = None
@@ -208,7 +216,16 @@ class VhostUserBackend(BackendBase):
                 caps |= cap
         if PF.LOG_SHMFD in protocol and self._offered & vu.F_LOG_ALL:
             caps |= Capability.DIRTY_LOG
+        if not self._rings_restart():
+            caps &= ~Capability.RING_RESTART
         return caps
+
+    def _rings_restart(self) -> bool:
+        """From the ``ring_restart`` option; ``auto``: False for a peer process known to stop the
+        whole device at one ring's GET_VRING_BASE (:data:`RING_RESTART_UNSUPPORTED`)."""
+        if self._ring_restart != "auto":
+            return self._ring_restart == "yes"
+        return self._peer_process() not in RING_RESTART_UNSUPPORTED
 
     def set_busy_poll(self, seconds: float) -> float:
         """Busy-poll each reply for up to *seconds* (0: off); returns the previous setting."""
@@ -501,12 +518,16 @@ class VhostUserBackend(BackendBase):
         on libvhost-user, which keeps popping a disabled ring (:data:`RING_DISABLE_IGNORED`)."""
         if self._ring_disable != "auto":
             return self._ring_disable == "stops"
+        return self._peer_process() not in RING_DISABLE_IGNORED
+
+    def _peer_process(self) -> str | None:
+        """The peer's process name (``/proc/PID/comm``), read once per peer; None if unknown."""
         pid = self._conn.peer_pid if self._conn is not None else None
         if pid is None:
-            return True
+            return None
         if self._peer_name is None or self._peer_name[0] != pid:
             self._peer_name = (pid, process_name(pid))     # /proc read once per peer, not per stop
-        return self._peer_name[1] not in RING_DISABLE_IGNORED
+        return self._peer_name[1]
 
     def lost_peer_alive(self) -> bool | None:
         """Whether the process behind the last session (SO_PEERCRED) can still write guest memory."""
