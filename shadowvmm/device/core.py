@@ -267,6 +267,11 @@ class DeviceCore:
         return self._loop
 
     @property
+    def config_override(self) -> bytes | None:
+        """The config space the VMM serves in place of a backend without one (None: the backend's)."""
+        return self._config_override
+
+    @property
     def num_queues(self) -> int:
         """Queues the guest's num_queues shows (the admin queue is not among them)."""
         return len(self.queues)

@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, TypeVar
@@ -40,6 +40,7 @@ from ..guest.net import NetDriver
 from ..guest.rng import RngDriver
 from ..lifecycle import ReconnectPolicy
 from ..machine import Machine
+from ..migration.harness import machine_sharing, move_guest
 from ..virtio.constants import NetFeature
 from ..virtio.devcfg import FS_CONFIG_BASE_SIZE, NET_CONFIG_BASE_SIZE, FsConfig, NetConfig, NetStatus
 from .peers import Peer
@@ -231,3 +232,38 @@ def vhost_user_ready(socket_path: str | os.PathLike[str], device_type: str, *, p
 
 _READY_KEYWORDS: Final = ("transport", "queue_size", "packed", "memory_bytes", "name", "start", "driver", "timeout",
                           "reconnect")
+
+
+@contextlib.asynccontextmanager
+async def migrated(rd: ReadyDevice, socket_path: str | os.PathLike[str], *, peer: Peer | None = None,
+                   timeout: float = READY_TIMEOUT) -> AsyncIterator[ReadyDevice]:
+    """Move *rd*'s device to the vhost-user back-end on *socket_path*: a local migration (both
+    sides map the same guest memory, as ``shadowvmm migrate --mode local``).
+
+    The source stops (its rings drained, GET_VRING_BASE), its state is exported (ring bases,
+    the standard part, DEVICE_STATE where negotiated), a destination device on *socket_path*
+    imports it and starts its rings from those bases, and the guest's driver moves to it
+    without noticing (it reads DRIVER_OK throughout). Yields the destination as a
+    :class:`ReadyDevice` with the same :attr:`~ReadyDevice.driver`; it is closed on leaving (the
+    source stays stopped, and is closed by its own owner).
+    """
+    name = rd.device.name
+    src = rd.machine.slots[name]
+    config = dict(src.config.backend_config)
+    config["socket"] = os.fspath(socket_path)
+    dst = machine_sharing(rd.machine.memory)
+    try:
+        async with asyncio.timeout(timeout):
+            await rd.device.stop()
+            state = await rd.device.export_state(src.transport)
+            device = await dst.add_device(replace(src.config, backend_config=config),
+                                          load_backend(src.config.backend)(config),
+                                          config_override=rd.device.config_override)
+            await device.import_state(state, dst.slots[name].transport)
+            move_guest(rd.guest, rd.device, device, dst.slots[name].transport)
+            await device.settle()
+        yield ReadyDevice(rd.device_type, dst, device, rd.guest, rd.driver, Path(socket_path), peer,
+                          MappingProxyType({**rd.options, "socket": os.fspath(socket_path)}))
+    finally:
+        rd.guest.close()        # it takes the destination's interrupts, whose fds close next
+        await dst.close()
