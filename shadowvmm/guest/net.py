@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import mmap
 import os
 import struct
 from collections import deque
@@ -26,6 +27,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import astuple, dataclass, field
 
 from ..errors import ArgumentError, DeviceStateError, NetCtrlError
+from ..memory import GuestMemory
 from ..virtio.constants import Feature, NetFeature
 from ..virtio.devcfg import (
     CTRL_HEADER,
@@ -98,6 +100,24 @@ class RxQueue:
     refill_scheduled: bool = False
     received: int = 0
     errors: int = 0
+    host: BufferHost | None = None     #: polling mode: where the buffers are mapped
+
+
+@dataclass(frozen=True)
+class BufferHost:
+    """The one guest memory region holding a queue's buffers (polling mode): buffer *gpa*
+    is at ``mmap[gpa - gpa_base:]``, so a batch copies frames without translating each."""
+
+    mmap: mmap.mmap
+    gpa_base: int
+
+    @classmethod
+    def of(cls, memory: GuestMemory, gpas: Sequence[int], size: int) -> BufferHost:
+        regions = {id(memory.translate(gpa, size)[0]) for gpa in gpas}
+        if len(regions) != 1:
+            raise DeviceStateError("polling mode needs a queue's buffers in one memory region")
+        region = memory.translate(gpas[0], size)[0]
+        return cls(region.mmap, region.gpa)
 
 
 @dataclass
@@ -108,6 +128,7 @@ class TxQueue:
     slots: list[int]
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     sent: int = 0
+    host: BufferHost | None = None     #: polling mode: where the slots are mapped
 
 
 class NetDriver:
@@ -180,11 +201,16 @@ class NetDriver:
         return self.buffer_size - NET_HDR_SIZE
 
     async def start(self, *, pairs: int = 1, mrg_rxbuf: bool = False, packed: bool = False,
-                    event_idx: bool = False, queue_size: int = 256, extra_features: int = 0) -> int:
+                    event_idx: bool = False, queue_size: int = 256, extra_features: int = 0,
+                    poll: bool = False) -> int:
         """Initialise the device, fill the receive queues, DRIVER_OK, then set the active pairs.
 
-        ``pairs > 1`` negotiates MQ and CTRL_VQ and sends VQ_PAIRS_SET. Returns the features.
+        ``pairs > 1`` negotiates MQ and CTRL_VQ and sends VQ_PAIRS_SET. *poll* puts the data
+        queues in polling mode (no interrupts asked for; :meth:`send_batch` / :meth:`recv_batch`
+        instead of :meth:`send` / :meth:`receive`; not with *mrg_rxbuf*). Returns the features.
         """
+        if poll and mrg_rxbuf:
+            raise ArgumentError("polling mode does not take mergeable receive buffers")
         transport = self.dev.transport
         want = WANTED | extra_features
         if mrg_rxbuf:
@@ -221,6 +247,8 @@ class NetDriver:
         if ctrl:
             self._ctrl = queues[2 * max_pairs]
             self._ctrl_buffer = alloc.alloc(CTRL_BUFFER, 64)
+        if poll:
+            self._poll_mode()
         self._running = True
         for rx in self.rx:
             self._fill(rx)
@@ -235,8 +263,27 @@ class NetDriver:
 
     # ------------------------------------------------------------------ receive
 
+    def _poll_mode(self) -> None:
+        memory = self.dev.memory
+        for rx in self.rx:
+            rx.queue.poll()
+            rx.host = BufferHost.of(memory, rx.idle, self.buffer_size)
+        for tx in self.tx:
+            tx.queue.poll()
+            tx.host = BufferHost.of(memory, tx.slots, self.buffer_size)
+
+    def _polling(self, polled: bool) -> None:
+        if (self.rx and self.rx[0].host is not None) != polled:
+            raise DeviceStateError("in polling mode use send_batch/recv_batch" if not polled
+                                   else "send_batch/recv_batch need start(poll=True)")
+
     def _fill(self, rx: RxQueue) -> int:
         """Make every idle buffer available (not yet kicked); returns how many."""
+        if rx.host is not None:
+            idle = rx.idle
+            count = rx.queue.add_many(idle, [self.buffer_size] * len(idle), idle, write=True)
+            del idle[:count]
+            return count
         count = 0
         while rx.idle and rx.queue.num_free:
             gpa = rx.idle.pop()
@@ -283,6 +330,7 @@ class NetDriver:
 
     async def receive(self, count: int, timeout: float = 1.0, pair: int = 0) -> list[bytes]:
         """Up to *count* frames from receiveq *pair*, waiting at most *timeout* seconds for them."""
+        self._polling(False)
         rx = self._rx_queue(pair)
         out: list[bytes] = []
         deadline = self.dev.loop.time() + timeout
@@ -315,6 +363,7 @@ class NetDriver:
     async def send(self, frames: Sequence[bytes], pair: int = 0) -> int:
         """Transmit *frames* on transmitq *pair*: one kick per batch of free slots, then wait for
         the device to use them. Returns the number of frames sent."""
+        self._polling(False)
         if not 0 <= pair < max(self.active_pairs, 1) or pair >= len(self.tx):
             raise DeviceStateError(f"queue pair {pair} is not active ({self.active_pairs} active)")
         for frame in frames:
@@ -342,6 +391,74 @@ class NetDriver:
                 done += len(batch)
                 tx.sent += len(batch)
         return done
+
+    # ------------------------------------------------------------------ polling mode
+
+    def send_batch(self, frames: Sequence[bytes], pair: int = 0) -> int:
+        """Polling mode: reap the transmitq's completions, then make as many of *frames* as
+        there are free slots available (one descriptor each, header + frame) with one
+        avail-index store and a kick only if the device asks for one. Returns how many were
+        queued (the rest: call again); :meth:`tx_pending` says how many are not used yet."""
+        self._polling(True)
+        if not 0 <= pair < max(self.active_pairs, 1) or pair >= len(self.tx):
+            raise DeviceStateError(f"queue pair {pair} is not active ({self.active_pairs} active)")
+        tx = self.tx[pair]
+        queue, slots, host = tx.queue, tx.slots, tx.host
+        assert host is not None
+        for gpa, _ in queue.pop_used_many(queue.size):
+            slots.append(gpa)   # type: ignore[arg-type]
+        count = min(len(frames), len(slots))
+        if count == 0:
+            return 0
+        taken = slots[-count:]
+        del slots[-count:]
+        mm, shift, limit = host.mmap, NET_HDR_SIZE - host.gpa_base, self.max_frame
+        lengths = []
+        for gpa, frame in zip(taken, frames):
+            size = len(frame)
+            if not 0 < size <= limit:
+                slots += taken
+                raise ArgumentError(f"frame of {size} bytes; 1..{limit} fit a buffer")
+            at = gpa + shift      # the header stays as the slot was allocated: all zero
+            mm[at:at + size] = frame
+            lengths.append(size + NET_HDR_SIZE)
+        queue.add_many(taken, lengths, taken)
+        queue.kick()
+        tx.sent += count
+        return count
+
+    def tx_pending(self, pair: int = 0) -> int:
+        """Polling mode: frames made available on transmitq *pair* and not used yet (reaps)."""
+        tx = self.tx[pair]
+        for gpa, _ in tx.queue.pop_used_many(tx.queue.size):
+            tx.slots.append(gpa)   # type: ignore[arg-type]
+        return tx.queue.ring.in_flight
+
+    def recv_batch(self, limit: int, pair: int = 0) -> list[bytes]:
+        """Polling mode: at most *limit* frames the device put in receiveq *pair* (used
+        buffers reaped in one pass), then every buffer back with one avail-index store and a
+        kick only if the device asks for one."""
+        self._polling(True)
+        rx = self._rx_queue(pair)
+        host = rx.host
+        assert host is not None
+        used = rx.queue.pop_used_many(limit)
+        if not used:
+            return []
+        mm, base, cap = host.mmap, host.gpa_base, self.buffer_size
+        frames = []
+        idle = rx.idle
+        for gpa, written in used:
+            idle.append(gpa)   # type: ignore[arg-type]
+            if written < NET_HDR_SIZE:
+                rx.errors += 1
+                continue
+            at = gpa - base   # type: ignore[operator]
+            frames.append(mm[at + NET_HDR_SIZE:at + min(written, cap)])
+        rx.received += len(frames)
+        if self._running and self._fill(rx):
+            rx.queue.kick()
+        return frames
 
     # ------------------------------------------------------------------ control queue
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -63,6 +63,7 @@ _INDIRECT = int(PackedDescFlags.INDIRECT)
 _AVAIL = int(PackedDescFlags.AVAIL)
 _USED = int(PackedDescFlags.USED)
 _EVENT_FLAGS_MASK = 0x3
+_MISSING = object()
 
 
 def is_avail(flags: int, wrap: bool) -> bool:
@@ -396,6 +397,8 @@ class PackedDriverQueue:
         self._interrupts = True
         self.tokens: dict[int, object] = {}
         self._slots: dict[int, int] = {}
+        region, off = memory.translate(layout.desc, DESC_SIZE * self.size)
+        self._desc_map, self._desc_off, self._desc16 = region.mmap, off, region.view16
         if event_idx:
             self._arm_used_event()
 
@@ -465,30 +468,85 @@ class PackedDriverQueue:
         return suppression_allows(self.memory, self.layout.device, self.event_idx, self.size,
                                   self.next_avail, self.avail_wrap, count)
 
+    def add_many(self, addrs: Sequence[int], lengths: Sequence[int], tokens: Sequence[object], *,
+                 write: bool = False) -> int:
+        """Make one-descriptor buffers available as a batch: every descriptor but the first is
+        written whole, the first one's flags last with one 16-bit store (v1.4 §2.8.21.1), so the
+        device sees the batch at once. Returns how many fitted the free slots."""
+        count = min(len(addrs), self.free_slots)
+        if count == 0:
+            return 0
+        free_ids = self.free_ids
+        ids = free_ids[-count:]
+        ids.reverse()
+        del free_ids[-count:]
+        pack, dmap, doff, size = PACKED_DESC.pack_into, self._desc_map, self._desc_off, self.size
+        base_flags = _WRITE if write else 0
+        slot, wrap = self.next_avail, self.avail_wrap
+        head_slot, head_flags = slot, base_flags | avail_flags(wrap)
+        _DESC_HEAD.pack_into(dmap, doff + DESC_SIZE * slot, addrs[0], lengths[0], ids[0])
+        own, slots = self.tokens, self._slots
+        own[ids[0]] = tokens[0]
+        slots[ids[0]] = 1
+        flags = head_flags
+        for buf_id, gpa, length, token in zip(ids[1:], addrs[1:count], lengths[1:count], tokens[1:count]):
+            slot += 1
+            if slot == size:
+                slot, wrap = 0, not wrap
+                flags = base_flags | avail_flags(wrap)
+            pack(dmap, doff + DESC_SIZE * slot, gpa, length, buf_id, flags)
+            own[buf_id] = token
+            slots[buf_id] = 1
+        slot += 1
+        if slot == size:
+            slot, wrap = 0, not wrap
+        self._desc16[(doff + DESC_SIZE * head_slot + FLAGS_OFFSET) >> 1] = head_flags
+        dirty = self.memory.dirty_log
+        if dirty is not None:
+            for k in range(count):
+                dirty.mark(self.layout.desc + DESC_SIZE * ((head_slot + k) % size), DESC_SIZE)
+        self.next_avail, self.avail_wrap = slot, wrap
+        self.free_slots -= count
+        self._added += count
+        return count
+
     def get_used(self) -> list[tuple[object, int]]:
         """Reap used descriptors: ``(token, bytes written)`` in completion order (v1.4 §2.8.22)."""
-        memory = self.memory
-        table = self.layout.desc
-        out = []
-        while self.tokens:
-            addr = table + DESC_SIZE * self.next_used
-            flags = memory.load_u16(addr + FLAGS_OFFSET)
-            if not is_used(flags, self.used_wrap):
+        return self.pop_used_many(self.size)
+
+    def pop_used_many(self, limit: int) -> list[tuple[object, int]]:
+        """Reap at most *limit* used descriptors in one pass (flags read with 16-bit loads);
+        re-arms the used event (EVENT_IDX) unless interrupts are off."""
+        dmap, doff, desc16, size = self._desc_map, self._desc_off, self._desc16, self.size
+        tokens, slots_of, free_ids = self.tokens, self._slots, self.free_ids
+        unpack = _USED_BODY.unpack_from
+        used, wrap = self.next_used, self.used_wrap
+        want = _AVAIL | _USED if wrap else 0
+        out: list[tuple[object, int]] = []
+        freed = 0
+        while tokens and len(out) < limit:
+            at = doff + DESC_SIZE * used
+            flags = desc16[(at + FLAGS_OFFSET) >> 1]
+            if flags & (_AVAIL | _USED) != want:
                 break
-            written, buf_id = _USED_BODY.unpack(memory.read(addr + 8, _USED_BODY.size))
-            if buf_id not in self.tokens:
+            written, buf_id = unpack(dmap, at + 8)
+            token = tokens.pop(buf_id, _MISSING)
+            if token is _MISSING:
+                self.next_used, self.used_wrap, self.free_slots = used, wrap, self.free_slots + freed
                 raise RingError(f"device used unknown buffer id {buf_id}")
-            token = self.tokens.pop(buf_id)
-            slots = self._slots.pop(buf_id)
-            self.free_ids.append(buf_id)
-            self.free_slots += slots
-            self.next_used += slots
-            if self.next_used >= self.size:
-                self.next_used -= self.size
-                self.used_wrap = not self.used_wrap
+            slots = slots_of.pop(buf_id)
+            free_ids.append(buf_id)
+            freed += slots
+            used += slots
+            if used >= size:
+                used -= size
+                wrap = not wrap
+                want = _AVAIL | _USED if wrap else 0
             out.append((token, written if flags & _WRITE else 0))
+        self.next_used, self.used_wrap = used, wrap
+        self.free_slots += freed
         if self.event_idx and self._interrupts:
-            memory.store_u16(self.layout.driver, off_wrap(self.next_used, self.used_wrap))
+            self.memory.store_u16(self.layout.driver, off_wrap(used, wrap))
         return out
 
     def _arm_used_event(self) -> None:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Iterable, Iterator
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -391,6 +392,8 @@ class SplitDriverQueue:
         self._kicked_avail = start
         self.tokens: dict[int, object] = {}
         self._chains: dict[int, list[int]] = {}
+        self._single = bytearray(self.size)     #: heads :meth:`add_many` made (freed when used)
+        self._interrupts = True
         self._avail_ring = layout.avail + 4
         self._used_event_addr = layout.avail + 4 + 2 * self.size
         self._avail_event_addr = layout.used + 4 + 8 * self.size
@@ -504,29 +507,72 @@ class SplitDriverQueue:
         """Whether the device published used elements not reaped yet (one 16-bit load)."""
         return self._used16[self._used_idx16] != self.last_used_idx
 
+    def add_many(self, addrs: Sequence[int], lengths: Sequence[int], tokens: Sequence[object], *,
+                 write: bool = False) -> int:
+        """Make one-descriptor buffers available as a batch (not yet published: :meth:`publish`
+        stores the avail index once); returns how many fitted the free descriptors."""
+        free = self.free
+        count = min(len(addrs), len(free))
+        if count == 0:
+            return 0
+        heads = free[-count:]
+        heads.reverse()
+        del free[-count:]
+        pack, dmap, doff = DESC.pack_into, self._desc_map, self._desc_off
+        flags, own, single = _WRITE if write else 0, self.tokens, self._single
+        for head, gpa, length, token in zip(heads, addrs, lengths, tokens):
+            pack(dmap, doff + DESC_SIZE * head, gpa, length, flags, 0)
+            own[head] = token
+            single[head] = 1
+        size, base, ring16 = self.size, self._avail_ring16, self._avail16
+        start = self.avail_idx % size
+        first = min(count, size - start)
+        ring16[base + start:base + start + first] = array("H", heads[:first])
+        if count > first:
+            ring16[base:base + count - first] = array("H", heads[first:])
+        dirty = self.memory.dirty_log
+        if dirty is not None:
+            for k, head in enumerate(heads):
+                dirty.mark(self.layout.desc + DESC_SIZE * head, DESC_SIZE)
+                dirty.mark(self._avail_ring + 2 * ((start + k) % size), 2)
+        self.avail_idx = (self.avail_idx + count) & 0xFFFF
+        return count
+
     def get_used(self) -> list[tuple[object, int]]:
         """Reap used elements: ``(token, bytes written)`` in completion order."""
-        used_idx = self._used16[self._used_idx16]
-        out = []
-        last = self.last_used_idx
-        size = self.size
-        unpack, umap, base = USED_ELEM.unpack_from, self._used_map, self._used_ring_off
-        tokens, chains, free = self.tokens, self._chains, self.free
-        take, missing = tokens.pop, _MISSING
-        while last != used_idx:
-            head, written = unpack(umap, base + 8 * (last % size))
+        return self.pop_used_many(self.size)
+
+    def pop_used_many(self, limit: int) -> list[tuple[object, int]]:
+        """Reap at most *limit* used elements in one pass (one used->idx load, the elements
+        unpacked as an array); re-arms used_event (EVENT_IDX) unless interrupts are off."""
+        size, last = self.size, self.last_used_idx
+        count = min((self._used16[self._used_idx16] - last) & 0xFFFF, limit)
+        if count > size:
+            raise RingError(f"used idx runs {count} ahead of {last} (size {size})")
+        out: list[tuple[object, int]] = []
+        umap, base, start = self._used_map, self._used_ring_off, last % size
+        first = min(count, size - start)
+        elements = list(USED_ELEM.iter_unpack(umap[base + 8 * start:base + 8 * (start + first)]))
+        if count > first:
+            elements += USED_ELEM.iter_unpack(umap[base:base + 8 * (count - first)])
+        take, missing, chains, free, single = self.tokens.pop, _MISSING, self._chains, self.free, self._single
+        append = out.append
+        for head, written in elements:
             token = take(head, missing)
             if token is missing:
+                self.last_used_idx = (last + len(out)) & 0xFFFF
                 raise RingError(f"device used unknown descriptor {head}")
-            out.append((token, written))
-            if chains:
+            append((token, written))
+            if single[head]:
+                single[head] = 0
+                free.append(head)
+            elif chains:
                 chain = chains.pop(head, None)
                 if chain is not None:       # None: a reserved chain, kept by its driver
                     chain.reverse()
                     free.extend(chain)
-            last = (last + 1) & 0xFFFF
-        self.last_used_idx = last
-        if self.event_idx:
+        self.last_used_idx = last = (last + count) & 0xFFFF
+        if self.event_idx and self._interrupts:
             self._avail16[self._avail_ring16 + size] = last
             dirty = self.memory.dirty_log
             if dirty is not None:
@@ -534,8 +580,13 @@ class SplitDriverQueue:
         return out
 
     def set_interrupts(self, enabled: bool) -> None:
-        """Ask the device (not) to interrupt (v1.4 §2.7.10)."""
-        if not self.event_idx:
+        """Ask the device (not) to interrupt (v1.4 §2.7.10). With EVENT_IDX, off means
+        used_event is no longer re-armed (left behind, as Linux's disable_cb does)."""
+        self._interrupts = enabled
+        if self.event_idx:
+            if enabled:
+                self._avail16[self._avail_ring16 + self.size] = self.last_used_idx
+        else:
             self.memory.store_u16(self.layout.avail, 0 if enabled else AVAIL_F_NO_INTERRUPT)
 
     @property
