@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import mmap
+import operator
 import os
 import struct
 from collections import deque
@@ -76,6 +77,8 @@ class NetHeader:
 
 NET_HDR_SIZE = NetHeader.STRUCT.size
 
+
+_TOKEN, _WRITTEN = operator.itemgetter(0), operator.itemgetter(1)
 
 #: Control buffer: header + the largest command data this model sends, then the ack byte.
 CTRL_BUFFER = 64
@@ -150,6 +153,7 @@ class NetDriver:
         self._ctrl_broken = False
         self._mrg = False
         self._running = False
+        self._poll = False
 
     # ------------------------------------------------------------------ setup
 
@@ -211,6 +215,7 @@ class NetDriver:
         """
         if poll and mrg_rxbuf:
             raise ArgumentError("polling mode does not take mergeable receive buffers")
+        self._poll = False
         transport = self.dev.transport
         want = WANTED | extra_features
         if mrg_rxbuf:
@@ -264,6 +269,7 @@ class NetDriver:
     # ------------------------------------------------------------------ receive
 
     def _poll_mode(self) -> None:
+        self._poll = True
         memory = self.dev.memory
         for rx in self.rx:
             rx.queue.poll()
@@ -273,7 +279,7 @@ class NetDriver:
             tx.host = BufferHost.of(memory, tx.slots, self.buffer_size)
 
     def _polling(self, polled: bool) -> None:
-        if (self.rx and self.rx[0].host is not None) != polled:
+        if self._poll != polled:
             raise DeviceStateError("in polling mode use send_batch/recv_batch" if not polled
                                    else "send_batch/recv_batch need start(poll=True)")
 
@@ -399,30 +405,30 @@ class NetDriver:
         there are free slots available (one descriptor each, header + frame) with one
         avail-index store and a kick only if the device asks for one. Returns how many were
         queued (the rest: call again); :meth:`tx_pending` says how many are not used yet."""
-        self._polling(True)
+        if not self._poll:
+            self._polling(True)
         if not 0 <= pair < max(self.active_pairs, 1) or pair >= len(self.tx):
             raise DeviceStateError(f"queue pair {pair} is not active ({self.active_pairs} active)")
         tx = self.tx[pair]
         queue, slots, host = tx.queue, tx.slots, tx.host
         assert host is not None
-        for gpa, _ in queue.pop_used_many(queue.size):
-            slots.append(gpa)   # type: ignore[arg-type]
+        used = queue.pop_used_many(queue.size)
+        if used:
+            slots += map(_TOKEN, used)
         count = min(len(frames), len(slots))
         if count == 0:
             return 0
+        batch = frames[:count]
+        sizes = list(map(len, batch))
+        if min(sizes) < 1 or max(sizes) > self.max_frame:
+            raise ArgumentError(f"frames of {min(sizes)}..{max(sizes)} bytes; 1..{self.max_frame} fit a buffer")
         taken = slots[-count:]
         del slots[-count:]
-        mm, shift, limit = host.mmap, NET_HDR_SIZE - host.gpa_base, self.max_frame
-        lengths = []
-        for gpa, frame in zip(taken, frames):
-            size = len(frame)
-            if not 0 < size <= limit:
-                slots += taken
-                raise ArgumentError(f"frame of {size} bytes; 1..{limit} fit a buffer")
+        mm, shift = host.mmap, NET_HDR_SIZE - host.gpa_base
+        for gpa, frame, size in zip(taken, batch, sizes):
             at = gpa + shift      # the header stays as the slot was allocated: all zero
             mm[at:at + size] = frame
-            lengths.append(size + NET_HDR_SIZE)
-        queue.add_many(taken, lengths, taken)
+        queue.add_many(taken, list(map(NET_HDR_SIZE.__add__, sizes)), taken)
         queue.kick()
         tx.sent += count
         return count
@@ -430,31 +436,30 @@ class NetDriver:
     def tx_pending(self, pair: int = 0) -> int:
         """Polling mode: frames made available on transmitq *pair* and not used yet (reaps)."""
         tx = self.tx[pair]
-        for gpa, _ in tx.queue.pop_used_many(tx.queue.size):
-            tx.slots.append(gpa)   # type: ignore[arg-type]
+        tx.slots += map(_TOKEN, tx.queue.pop_used_many(tx.queue.size))
         return tx.queue.ring.in_flight
 
     def recv_batch(self, limit: int, pair: int = 0) -> list[bytes]:
         """Polling mode: at most *limit* frames the device put in receiveq *pair* (used
         buffers reaped in one pass), then every buffer back with one avail-index store and a
         kick only if the device asks for one."""
-        self._polling(True)
-        rx = self._rx_queue(pair)
+        if not self._poll:
+            self._polling(True)
+        rx = self.rx[pair] if 0 <= pair < len(self.rx) else self._rx_queue(pair)
         host = rx.host
         assert host is not None
         used = rx.queue.pop_used_many(limit)
         if not used:
             return []
-        mm, base, cap = host.mmap, host.gpa_base, self.buffer_size
-        frames = []
-        idle = rx.idle
-        for gpa, written in used:
-            idle.append(gpa)   # type: ignore[arg-type]
-            if written < NET_HDR_SIZE:
-                rx.errors += 1
-                continue
-            at = gpa - base   # type: ignore[operator]
-            frames.append(mm[at + NET_HDR_SIZE:at + min(written, cap)])
+        mm, base, cap = host.mmap, host.gpa_base - NET_HDR_SIZE, self.buffer_size
+        rx.idle += map(_TOKEN, used)
+        written = list(map(_WRITTEN, used))
+        if min(written) >= NET_HDR_SIZE and max(written) <= cap:
+            frames = [mm[gpa - base:gpa - base + size - NET_HDR_SIZE] for gpa, size in used]   # type: ignore[operator]
+        else:
+            frames = [mm[gpa - base:gpa - base + min(size, cap) - NET_HDR_SIZE]   # type: ignore[operator]
+                      for gpa, size in used if size >= NET_HDR_SIZE]
+            rx.errors += len(used) - len(frames)
         rx.received += len(frames)
         if self._running and self._fill(rx):
             rx.queue.kick()

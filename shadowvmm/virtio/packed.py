@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import enum
 import struct
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import ClassVar
 
 from ..errors import RingError
@@ -64,6 +66,10 @@ _AVAIL = int(PackedDescFlags.AVAIL)
 _USED = int(PackedDescFlags.USED)
 _EVENT_FLAGS_MASK = 0x3
 _MISSING = object()
+#: bytes.translate tables: a byte -> 1 if its bit 7 (AVAIL in the low flags byte, USED in the
+#: high one) or bit 1 (WRITE, low byte) is set, else 0
+_BIT7 = bytes(b >> 7 for b in range(256))
+_BIT1 = bytes(b >> 1 & 1 for b in range(256))
 
 
 def is_avail(flags: int, wrap: bool) -> bool:
@@ -399,6 +405,8 @@ class PackedDriverQueue:
         self._slots: dict[int, int] = {}
         region, off = memory.translate(layout.desc, DESC_SIZE * self.size)
         self._desc_map, self._desc_off, self._desc16 = region.mmap, off, region.view16
+        self._desc8, self._desc32, self._desc64 = region.view, region.view32, region.view64
+        self._multi = 0         #: buffers in flight that take more than one ring slot
         if event_idx:
             self._arm_used_event()
 
@@ -457,6 +465,7 @@ class PackedDriverQueue:
         self._added += slots
         self.tokens[buf_id] = token
         self._slots[buf_id] = slots
+        self._multi += slots > 1
         return buf_id
 
     def publish(self) -> bool:
@@ -470,9 +479,9 @@ class PackedDriverQueue:
 
     def add_many(self, addrs: Sequence[int], lengths: Sequence[int], tokens: Sequence[object], *,
                  write: bool = False) -> int:
-        """Make one-descriptor buffers available as a batch: every descriptor but the first is
-        written whole, the first one's flags last with one 16-bit store (v1.4 §2.8.21.1), so the
-        device sees the batch at once. Returns how many fitted the free slots."""
+        """Make one-descriptor buffers available as a batch, written as strided 64-bit array
+        stores (addr; len | id << 32 | flags << 48) with the first descriptor's flags stored
+        last, alone, in one 16-bit store (v1.4 §2.8.21.1). Returns how many fitted."""
         count = min(len(addrs), self.free_slots)
         if count == 0:
             return 0
@@ -480,27 +489,28 @@ class PackedDriverQueue:
         ids = free_ids[-count:]
         ids.reverse()
         del free_ids[-count:]
-        pack, dmap, doff, size = PACKED_DESC.pack_into, self._desc_map, self._desc_off, self.size
-        base_flags = _WRITE if write else 0
-        slot, wrap = self.next_avail, self.avail_wrap
-        head_slot, head_flags = slot, base_flags | avail_flags(wrap)
-        _DESC_HEAD.pack_into(dmap, doff + DESC_SIZE * slot, addrs[0], lengths[0], ids[0])
-        own, slots = self.tokens, self._slots
-        own[ids[0]] = tokens[0]
-        slots[ids[0]] = 1
-        flags = head_flags
-        for buf_id, gpa, length, token in zip(ids[1:], addrs[1:count], lengths[1:count], tokens[1:count]):
-            slot += 1
+        size, q, base = self.size, self._desc64, self._desc_off >> 3
+        head_slot, wrap = self.next_avail, self.avail_wrap
+        head_flags = (_WRITE if write else 0) | avail_flags(wrap)
+        head_at = (self._desc_off + DESC_SIZE * head_slot + FLAGS_OFFSET) >> 1
+        done, slot = 0, head_slot
+        while done < count:
+            part = min(count - done, size - slot)
+            high = ((_WRITE if write else 0) | avail_flags(wrap)) << 48
+            words = [length | buf_id << 32 | high for length, buf_id in
+                     zip(lengths[done:done + part], ids[done:done + part])]
+            if done == 0:       # the head keeps its old flags until the whole batch is written
+                words[0] = words[0] & 0xFFFF_FFFF_FFFF | self._desc16[head_at] << 48
+            at = base + 2 * slot
+            q[at:at + 2 * part:2] = array("Q", addrs[done:done + part])
+            q[at + 1:at + 2 * part:2] = array("Q", words)
+            done += part
+            slot += part
             if slot == size:
                 slot, wrap = 0, not wrap
-                flags = base_flags | avail_flags(wrap)
-            pack(dmap, doff + DESC_SIZE * slot, gpa, length, buf_id, flags)
-            own[buf_id] = token
-            slots[buf_id] = 1
-        slot += 1
-        if slot == size:
-            slot, wrap = 0, not wrap
-        self._desc16[(doff + DESC_SIZE * head_slot + FLAGS_OFFSET) >> 1] = head_flags
+        self._desc16[head_at] = head_flags
+        self.tokens.update(zip(ids, tokens))
+        self._slots.update(dict.fromkeys(ids, 1))
         dirty = self.memory.dirty_log
         if dirty is not None:
             for k in range(count):
@@ -515,15 +525,60 @@ class PackedDriverQueue:
         return self.pop_used_many(self.size)
 
     def pop_used_many(self, limit: int) -> list[tuple[object, int]]:
-        """Reap at most *limit* used descriptors in one pass (flags read with 16-bit loads);
-        re-arms the used event (EVENT_IDX) unless interrupts are off."""
+        """Reap at most *limit* used descriptors in one pass; re-arms the used event
+        (EVENT_IDX) unless interrupts are off.
+
+        While every buffer in flight takes one ring slot, used descriptors follow each other:
+        the run of them is found from the flag bytes as strided arrays and ids and lengths
+        are read the same way; otherwise descriptor by descriptor."""
+        out = self._pop_single(limit) if not self._multi else self._pop_each(limit)
+        if self.event_idx and self._interrupts:
+            self.memory.store_u16(self.layout.driver, off_wrap(self.next_used, self.used_wrap))
+        return out
+
+    def _pop_single(self, limit: int) -> list[tuple[object, int]]:
+        size, view, tokens = self.size, self._desc8, self.tokens
+        out: list[tuple[object, int]] = []
+        remaining = min(limit, len(tokens))
+        while remaining:
+            used, wrap = self.next_used, self.used_wrap
+            part = min(remaining, size - used)
+            at = self._desc_off + DESC_SIZE * used
+            low = bytes(view[at + FLAGS_OFFSET:at + DESC_SIZE * part:DESC_SIZE])
+            high = bytes(view[at + FLAGS_OFFSET + 1:at + DESC_SIZE * part:DESC_SIZE])
+            other = b"\x00" if wrap else b"\x01"     # AVAIL (bit 7) and USED (bit 15) both == wrap
+            ends = [i for i in (low.translate(_BIT7).find(other), high.translate(_BIT7).find(other)) if i >= 0]
+            count = min(ends, default=part)
+            if count == 0:
+                break
+            ids = self._desc16[(at + 12) >> 1:(at + DESC_SIZE * count) >> 1:8].tolist()
+            lens = self._desc32[(at + 8) >> 2:(at + DESC_SIZE * count) >> 2:4].tolist()
+            got = list(map(tokens.pop, ids, repeat(_MISSING, count)))
+            if _MISSING in got:
+                raise RingError(f"device used unknown buffer id {ids[got.index(_MISSING)]}")
+            list(map(self._slots.pop, ids))
+            self.free_ids += ids
+            self.free_slots += count
+            wrote = low[:count].translate(_BIT1)
+            if wrote.count(1) != count:
+                lens = [n if w else 0 for n, w in zip(lens, wrote)]
+            out += zip(got, lens)
+            used += count
+            if used == size:
+                used, wrap = 0, not wrap
+            self.next_used, self.used_wrap = used, wrap
+            remaining -= count
+            if count < part:
+                break
+        return out
+
+    def _pop_each(self, limit: int) -> list[tuple[object, int]]:
         dmap, doff, desc16, size = self._desc_map, self._desc_off, self._desc16, self.size
         tokens, slots_of, free_ids = self.tokens, self._slots, self.free_ids
         unpack = _USED_BODY.unpack_from
         used, wrap = self.next_used, self.used_wrap
         want = _AVAIL | _USED if wrap else 0
         out: list[tuple[object, int]] = []
-        freed = 0
         while tokens and len(out) < limit:
             at = doff + DESC_SIZE * used
             flags = desc16[(at + FLAGS_OFFSET) >> 1]
@@ -532,21 +587,18 @@ class PackedDriverQueue:
             written, buf_id = unpack(dmap, at + 8)
             token = tokens.pop(buf_id, _MISSING)
             if token is _MISSING:
-                self.next_used, self.used_wrap, self.free_slots = used, wrap, self.free_slots + freed
                 raise RingError(f"device used unknown buffer id {buf_id}")
             slots = slots_of.pop(buf_id)
+            self._multi -= slots > 1
             free_ids.append(buf_id)
-            freed += slots
+            self.free_slots += slots
             used += slots
             if used >= size:
                 used -= size
                 wrap = not wrap
                 want = _AVAIL | _USED if wrap else 0
+            self.next_used, self.used_wrap = used, wrap
             out.append((token, written if flags & _WRITE else 0))
-        self.next_used, self.used_wrap = used, wrap
-        self.free_slots += freed
-        if self.event_idx and self._interrupts:
-            self.memory.store_u16(self.layout.driver, off_wrap(used, wrap))
         return out
 
     def _arm_used_event(self) -> None:
