@@ -14,8 +14,11 @@ kernel writes its RAM); what polling mode leaves out is the interrupt path (no M
 taken while the measured loop runs, as with a busy-polling NAPI or DPDK PMD guest).
 
 Reference (DPDK): ``dpdk-testpmd`` ``net_virtio_user0`` (DPDK's virtio driver, its own
-process and core) against the *same* backend process, started first; rates from testpmd's
-packet counters over a fixed window.
+process; its forwarding lcore on the CPU our process uses) against the *same* backend process.
+Per direction, DPDK's window runs first and ours right after it (the same ``--secs``), so the
+two rates are taken seconds apart under the same machine load; each window also records the
+CPU seconds of the frontend and backend and the cores everything else used (``others_cores``),
+and ``ratio_per_frontend_cpu_second`` compares frames per CPU-second of each frontend.
 
 Directions: ``tx`` = our transmitq -> testpmd ``rxonly``; ``rx`` = testpmd ``txonly`` -> our
 receiveq. Correctness: before the timed runs 256 distinct frames go through testpmd in ``io``
@@ -59,8 +62,8 @@ FRAME = 64
 GOAL_TX = 0.25
 MAC = NetConfig.parse_mac("52:54:00:12:34:56")
 SAMPLE = 256
-FRAMES = 2_000_000
-DPDK_SECS = 3.0
+FRAMES = 10_000_000
+SECS = 3.0
 WARMUP_SECS = 1.0
 RING = 256
 BATCH = 256
@@ -90,52 +93,93 @@ def negotiated(peer: DpdkTestpmd) -> int | None:
     return int(found[-1], 16) if found else None
 
 
+# ---------------------------------------------------------------------- CPU accounting
+
+def _jiffies(pid: int) -> int:
+    """User + system clock ticks of every thread of *pid*."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total
+
+
+def _busy_jiffies() -> int:
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    return sum(values) - values[3] - values[4]
+
+
+class CpuWindow:
+    """CPU seconds the *pids* (this process included if listed) and everything else used."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+
+    def __enter__(self) -> CpuWindow:
+        self._t, self._busy = time.perf_counter(), _busy_jiffies()
+        self._own = [_jiffies(pid) for pid in self.pids]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        hz = os.sysconf("SC_CLK_TCK")
+        self.wall = time.perf_counter() - self._t
+        self.cpu = [(_jiffies(pid) - j) / hz for pid, j in zip(self.pids, self._own)]
+        self.others_cores = ((_busy_jiffies() - self._busy) / hz - sum(self.cpu)) / self.wall
+
+
 # ---------------------------------------------------------------------- DPDK virtio-user
 
-def dpdk_reference(workdir: str, backend: DpdkTestpmd, packed: bool, secs: float, warmup: float,
-                   lcores: str) -> dict[str, Any]:
-    """virtio-user txonly -> vhost rxonly, then vhost txonly -> virtio-user rxonly."""
-    out: dict[str, Any] = {}
-    with DpdkVirtioUser(workdir, backend.socket_path, forward_mode="txonly", lcores=lcores,
+def dpdk_window(workdir: str, backend: DpdkTestpmd, packed: bool, direction: str, secs: float,
+                warmup: float, lcores: str | None) -> dict[str, Any]:
+    """tx: virtio-user txonly -> vhost rxonly; rx: vhost txonly -> virtio-user rxonly."""
+    fe_mode, be_mode = ("txonly", "rxonly") if direction == "tx" else ("rxonly", "txonly")
+    with DpdkVirtioUser(workdir, backend.socket_path, forward_mode=fe_mode, lcores=lcores,
                         vdev_args="packed_vq=1" if packed else "") as fe:
-        for direction, (fe_mode, be_mode) in (("tx", ("txonly", "rxonly")), ("rx", ("rxonly", "txonly"))):
-            fe.command(f"set fwd {fe_mode}")
-            backend.command(f"set fwd {be_mode}")
-            backend.start_forwarding()
-            fe.start_forwarding()
-            time.sleep(warmup)
-            peer = backend if direction == "tx" else fe     # the receiving side counts
-            before, t0 = peer.port_stats()[0]["RX-packets"], time.perf_counter()
+        backend.command(f"set fwd {be_mode}")
+        backend.start_forwarding()
+        fe.start_forwarding()
+        time.sleep(warmup)
+        counter = backend if direction == "tx" else fe      # the receiving side counts
+        before = counter.port_stats()[0]["RX-packets"]
+        with CpuWindow([fe.pid, backend.pid]) as cpu:
             time.sleep(secs)
-            after, t1 = peer.port_stats()[0]["RX-packets"], time.perf_counter()
-            fe.stop_forwarding()
-            backend.stop_forwarding()
-            out[direction] = {"packets": after - before, "seconds": round(t1 - t0, 4),
-                              "mpps": round((after - before) / (t1 - t0) / 1e6, 4)}
+            after = counter.port_stats()[0]["RX-packets"]
+        fe.stop_forwarding()
+        backend.stop_forwarding()
         features = negotiated(backend)
-    out["features"] = None if features is None else hex(features)
-    out["packed_negotiated"] = None if features is None else bool(features & Feature.RING_PACKED)
-    return out
+    packets = after - before
+    return {"packets": packets, "seconds": round(cpu.wall, 4), "mpps": round(packets / cpu.wall / 1e6, 4),
+            "cpu_frontend_seconds": round(cpu.cpu[0], 3), "cpu_backend_seconds": round(cpu.cpu[1], 3),
+            "others_cores": round(cpu.others_cores, 2),
+            "features": None if features is None else hex(features),
+            "packed_negotiated": None if features is None else bool(features & Feature.RING_PACKED)}
 
 
 # ---------------------------------------------------------------------- ours
 
-async def _send_all(driver: NetDriver, pool: list[bytes], count: int, batch: int) -> None:
+async def _send_all(driver: NetDriver, pool: list[bytes], count: int, batch: int, secs: float = 1e9) -> int:
     sent, size, turns = 0, len(pool), 0
     send = driver.send_batch
+    deadline = time.perf_counter() + secs
     while sent < count:
         start = sent % size
         sent += send(pool[start:start + min(batch, count - sent, size - start)])
         turns += 1
         if turns & 63 == 0:
             await asyncio.sleep(0)
+            if time.perf_counter() > deadline:
+                break
     while driver.tx_pending():
         await asyncio.sleep(0)
+    return sent
 
 
-async def _recv(driver: NetDriver, count: int, batch: int, keep: list[bytes]) -> int:
+async def _recv(driver: NetDriver, count: int, batch: int, keep: list[bytes], secs: float = 1e9) -> int:
     got, turns = 0, 0
     recv = driver.recv_batch
+    deadline = time.perf_counter() + secs
     while got < count:
         frames = recv(batch)
         if frames and len(keep) < SAMPLE:
@@ -144,6 +188,8 @@ async def _recv(driver: NetDriver, count: int, batch: int, keep: list[bytes]) ->
         turns += 1
         if turns & 63 == 0:
             await asyncio.sleep(0)
+            if time.perf_counter() > deadline:
+                break
     return got
 
 
@@ -159,39 +205,6 @@ async def _drain(driver: NetDriver, keep: list[bytes]) -> int:
     return got
 
 
-async def ours(peer: DpdkTestpmd, packed: bool, event_idx: bool, frames: int, batch: int,
-               profile: bool) -> dict[str, Any]:
-    machine = Machine(64 << 20)
-    cfg = {"socket": str(peer.socket_path), "device": "net", "timeout": 5.0, "queues": 2}
-    config = NetConfig(mac=MAC, status=NetStatus.LINK_UP).pack(NET_CONFIG_BASE_SIZE)
-    await machine.add_device(DeviceConfig("net0", "vhost-user", cfg,
-                                          vmm_features=int(NetFeature.MAC | NetFeature.STATUS)),
-                             backend=VhostUserBackend(cfg), config_override=config)
-    driver = NetDriver(machine.guest("net0"), tx_slots=RING)
-    out: dict[str, Any] = {}
-    try:
-        features = await driver.start(packed=packed, event_idx=event_idx, queue_size=RING, poll=True)
-        out["features"] = hex(features)
-        out["packed_negotiated"] = bool(features & Feature.RING_PACKED)
-        out["event_idx"] = bool(features & Feature.EVENT_IDX)
-        pool = frame_pool()
-        peer.command("set fwd io")
-        peer.start_forwarding()
-        await _send_all(driver, pool, SAMPLE, batch)
-        echoed: list[bytes] = []
-        await asyncio.wait_for(_recv(driver, SAMPLE, batch, echoed), 10)
-        peer.stop_forwarding()
-        if echoed != pool:
-            raise RuntimeError("io-mode echo: the frames that came back differ from those sent")
-        out["sample_echo_verified"] = SAMPLE
-        out["tx"] = await _tx(driver, peer, pool, frames, batch, profile)
-        out["rx"] = await _rx(driver, peer, frames, batch, profile)
-    finally:
-        await asyncio.wait_for(driver.close(), 10)
-        await machine.close()
-    return out
-
-
 async def _profiled(loop: Callable[[], Awaitable[Any]], frames: int) -> dict[str, Any]:
     """A cProfile pass of *loop* (not the timed one): the top functions in µs per frame."""
     with profiled(True) as prof:
@@ -201,55 +214,77 @@ async def _profiled(loop: Callable[[], Awaitable[Any]], frames: int) -> dict[str
             "every figure", "top": profile_table(prof, frames)}
 
 
-def _counters(driver: NetDriver) -> tuple[int, int]:
-    queues = driver.dev.queues
-    return queues[1].notifies, queues[0].notifies
+async def ours_window(peer: DpdkTestpmd, packed: bool, direction: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Start the guest driver in polling mode, check an io-mode echo, then time one direction."""
+    machine = Machine(64 << 20)
+    cfg = {"socket": str(peer.socket_path), "device": "net", "timeout": 5.0, "queues": 2}
+    config = NetConfig(mac=MAC, status=NetStatus.LINK_UP).pack(NET_CONFIG_BASE_SIZE)
+    await machine.add_device(DeviceConfig("net0", "vhost-user", cfg,
+                                          vmm_features=int(NetFeature.MAC | NetFeature.STATUS)),
+                             backend=VhostUserBackend(cfg), config_override=config)
+    driver = NetDriver(machine.guest("net0"), tx_slots=RING)
+    try:
+        features = await driver.start(packed=packed, event_idx=args.event_idx, queue_size=RING, poll=True)
+        pool = frame_pool()
+        peer.command("set fwd io")
+        peer.start_forwarding()
+        await _send_all(driver, pool, SAMPLE, args.batch)
+        echoed: list[bytes] = []
+        await asyncio.wait_for(_recv(driver, SAMPLE, args.batch, echoed), 10)
+        peer.stop_forwarding()
+        if echoed != pool:
+            raise RuntimeError("io-mode echo: the frames that came back differ from those sent")
+        timed = _tx if direction == "tx" else _rx
+        out = await timed(driver, peer, pool, args)
+        out.update(features=hex(features), packed_negotiated=bool(features & Feature.RING_PACKED),
+                   event_idx=bool(features & Feature.EVENT_IDX), sample_echo_verified=SAMPLE)
+        return out
+    finally:
+        await asyncio.wait_for(driver.close(), 10)
+        await machine.close()
 
 
-async def _tx(driver: NetDriver, peer: DpdkTestpmd, pool: list[bytes], frames: int, batch: int,
-              profile: bool) -> dict[str, Any]:
+def _entry(count: int, cpu: CpuWindow, kicks: int) -> dict[str, Any]:
+    return {"frames": count, "seconds": round(cpu.wall, 4), "mpps": round(count / cpu.wall / 1e6, 4),
+            "cpu_frontend_seconds": round(cpu.cpu[0], 3), "cpu_backend_seconds": round(cpu.cpu[1], 3),
+            "others_cores": round(cpu.others_cores, 2), "kicks_per_frame": round(kicks / max(count, 1), 5)}
+
+
+async def _tx(driver: NetDriver, peer: DpdkTestpmd, pool: list[bytes], args: argparse.Namespace) -> dict[str, Any]:
     peer.command("set fwd rxonly")
     peer.clear_stats()
     peer.start_forwarding()
-    kicks, _ = _counters(driver)
-    sent0 = driver.tx[0].sent
-    t0 = time.perf_counter()
-    c0 = time.process_time()
-    await _send_all(driver, pool, frames, batch)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    entry = {"frames": frames, "seconds": round(wall, 4), "mpps": round(frames / wall / 1e6, 4),
-             "cpu_seconds": round(cpu, 3), "kicks_per_frame": round((_counters(driver)[0] - kicks) / frames, 5)}
-    if profile:
-        count = max(frames // 4, 1000)
-        entry["profile"] = await _profiled(lambda: _send_all(driver, pool, count, batch), count)
+    queue = driver.dev.queues[1]
+    kicks, sent0 = queue.notifies, driver.tx[0].sent
+    with CpuWindow([os.getpid(), peer.pid]) as cpu:
+        count = await _send_all(driver, pool, args.frames, args.batch, args.secs)
+    entry = _entry(count, cpu, queue.notifies - kicks)
+    if args.profile:
+        frames = max(count // 4, 1000)
+        entry["profile"] = await _profiled(lambda: _send_all(driver, pool, frames, args.batch), frames)
     peer.stop_forwarding()
     stats = peer.port_stats()[0]
     sent = driver.tx[0].sent - sent0
-    nbytes = FRAME * sent
-    if (stats["RX-packets"], stats["RX-bytes"]) != (sent, nbytes) or stats["RX-errors"] or stats["RX-missed"]:
-        raise RuntimeError(f"tx: we sent {sent} frames ({nbytes} B), testpmd counted {stats}")
-    entry["testpmd_rx_packets"] = stats["RX-packets"]
-    entry["counters_match"] = True
+    if (stats["RX-packets"], stats["RX-bytes"]) != (sent, FRAME * sent) or stats["RX-errors"] or stats["RX-missed"]:
+        raise RuntimeError(f"tx: we sent {sent} frames ({FRAME * sent} B), testpmd counted {stats}")
+    entry.update(testpmd_rx_packets=stats["RX-packets"], counters_match=True)
     return entry
 
 
-async def _rx(driver: NetDriver, peer: DpdkTestpmd, frames: int, batch: int, profile: bool) -> dict[str, Any]:
+async def _rx(driver: NetDriver, peer: DpdkTestpmd, pool: list[bytes], args: argparse.Namespace) -> dict[str, Any]:
     peer.command("set fwd txonly")
     peer.clear_stats()
     received0 = driver.rx[0].received
+    queue = driver.dev.queues[0]
     head: list[bytes] = []
-    _, kicks = _counters(driver)
+    kicks = queue.notifies
     peer.start_forwarding()
-    t0 = time.perf_counter()
-    c0 = time.process_time()
-    got = await _recv(driver, frames, batch, head)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    entry: dict[str, Any] = {"frames": got, "seconds": round(wall, 4), "mpps": round(got / wall / 1e6, 4),
-                             "cpu_seconds": round(cpu, 3),
-                             "kicks_per_frame": round((_counters(driver)[1] - kicks) / got, 5)}
-    if profile:
-        count = max(frames // 4, 1000)
-        entry["profile"] = await _profiled(lambda: _recv(driver, count, batch, []), count)
+    with CpuWindow([os.getpid(), peer.pid]) as cpu:
+        count = await _recv(driver, args.frames, args.batch, head, args.secs)
+    entry = _entry(count, cpu, queue.notifies - kicks)
+    if args.profile:
+        frames = max(count // 4, 1000)
+        entry["profile"] = await _profiled(lambda: _recv(driver, frames, args.batch, []), frames)
     peer.stop_forwarding()
     tail: list[bytes] = []
     await _drain(driver, tail)
@@ -266,37 +301,44 @@ async def _rx(driver: NetDriver, peer: DpdkTestpmd, frames: int, batch: int, pro
 
 # ---------------------------------------------------------------------- main
 
+def _ratio(ours: float, ref: float) -> float | None:
+    return round(ours / ref, 4) if ref else None
+
+
 def measure_layout(layout: str, args: argparse.Namespace, workdir: str, cpus: list[int] | None) -> dict[str, Any]:
+    """Per direction: DPDK's window, then ours right after, against one backend process."""
     packed = layout == "packed"
     be_lcores = fe_lcores = None
     if cpus is not None:
         be_lcores = f"0@{cpus[0]},1@{cpus[1]}"     # forwarding lcore on the second CPU
         fe_lcores = f"0@{cpus[1]},1@{cpus[0]}"     # virtio-user's forwarding lcore on the first
+    entry: dict[str, Any] = {}
     with DpdkTestpmd(workdir, forward_mode="io", lcores=be_lcores, name=f"vhost-{layout}") as backend:
         if cpus is not None:
             os.sched_setaffinity(0, {cpus[0]})
-        ref = dpdk_reference(workdir, backend, packed, args.dpdk_secs, args.warmup, fe_lcores)
-        got = run_loop(lambda: ours(backend, packed, args.event_idx, args.frames, args.batch, args.profile),
-                       args.loop)
-    entry: dict[str, Any] = {"negotiated": {"shadowvmm": got.pop("features"), "dpdk": ref.pop("features"),
-                                            "packed": {"shadowvmm": got.pop("packed_negotiated"),
-                                                       "dpdk": ref.pop("packed_negotiated")}},
-                             "event_idx": got.pop("event_idx"), "sample_echo_verified": got.pop("sample_echo_verified")}
+        for direction in ("tx", "rx"):
+            ref = dpdk_window(workdir, backend, packed, direction, args.secs, args.warmup, fe_lcores)
+            got = run_loop(lambda d=direction: ours_window(backend, packed, d, args), args.loop)
+            entry["negotiated"] = {"shadowvmm": got.pop("features"), "dpdk": ref.pop("features"),
+                                   "packed": {"shadowvmm": got.pop("packed_negotiated"),
+                                              "dpdk": ref.pop("packed_negotiated")}}
+            entry["event_idx"] = got.pop("event_idx")
+            entry["sample_echo_verified"] = got.pop("sample_echo_verified")
+            per_cpu = _ratio(got["frames"] / max(got["cpu_frontend_seconds"], 1e-3),
+                             ref["packets"] / max(ref["cpu_frontend_seconds"], 1e-3))
+            entry[direction] = {"shadowvmm": got, "dpdk_virtio_user": ref, "ratio": _ratio(got["mpps"], ref["mpps"]),
+                                "ratio_per_frontend_cpu_second": per_cpu}
     if packed and not entry["negotiated"]["packed"]["shadowvmm"]:
         entry["note"] = "testpmd's vhost backend did not negotiate VIRTIO_F_RING_PACKED"
-    for direction in ("tx", "rx"):
-        ratio = got[direction]["mpps"] / ref[direction]["mpps"] if ref[direction]["mpps"] else None
-        entry[direction] = {"shadowvmm": got[direction], "dpdk_virtio_user": ref[direction],
-                            "ratio": None if ratio is None else round(ratio, 4)}
     return entry
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--frames", type=int, default=FRAMES, help=f"frames per timed run (default {FRAMES})")
+    parser.add_argument("--secs", type=float, default=SECS, help=f"measurement window, both sides (default {SECS})")
+    parser.add_argument("--frames", type=int, default=FRAMES, help="cap on our frames per window")
     parser.add_argument("--batch", type=int, default=BATCH, help=f"frames per send_batch/recv_batch (default {BATCH})")
-    parser.add_argument("--dpdk-secs", type=float, default=DPDK_SECS, help="DPDK measurement window")
-    parser.add_argument("--warmup", type=float, default=WARMUP_SECS, help="DPDK warm-up before the window")
+    parser.add_argument("--warmup", type=float, default=WARMUP_SECS, help="DPDK warm-up before its window")
     parser.add_argument("--layouts", default="split,packed", help="comma-separated: split, packed")
     parser.add_argument("--event-idx", action="store_true", help="negotiate VIRTIO_F_EVENT_IDX (ours)")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
@@ -320,7 +362,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "path": "guest NetDriver (polling mode, batch API) -> transport notify register -> VirtioDevice.notify "
                 "-> vhost-user kick eventfd -> dpdk-testpmd net_vhost0",
         "bypassed": BYPASSED,
-        "reference": "dpdk-testpmd net_virtio_user0 (DPDK's virtio PMD) against the same testpmd vhost backend",
+        "reference": "dpdk-testpmd net_virtio_user0 (DPDK's virtio PMD) against the same testpmd vhost backend, "
+                     "its window right before ours, per direction",
         "ring_size": RING,
         "batch": args.batch,
         "loop": args.loop,
