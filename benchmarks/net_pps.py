@@ -65,8 +65,8 @@ SAMPLE = 256
 FRAMES = 10_000_000
 SECS = 3.0
 WARMUP_SECS = 1.0
-RING = 256
-BATCH = 256
+RING = 1024
+BATCH = 512
 _NEGOTIATED = re.compile(r"negotiated Virtio features: (0x[0-9a-f]+)")
 #: testpmd txonly's frame (app/test-pmd/txonly.c defaults): IPv4 (0x0800), UDP, ports 9 -> 9
 _TXONLY_ETHERTYPE, _UDP, _TXONLY_PORTS = b"\x08\x00", 17, struct.pack(">HH", 9, 9)
@@ -131,20 +131,20 @@ class CpuWindow:
 
 # ---------------------------------------------------------------------- DPDK virtio-user
 
-def dpdk_window(workdir: str, backend: DpdkTestpmd, packed: bool, direction: str, secs: float,
-                warmup: float, lcores: str | None) -> dict[str, Any]:
+def dpdk_window(workdir: str, backend: DpdkTestpmd, packed: bool, direction: str, args: argparse.Namespace,
+                lcores: str | None) -> dict[str, Any]:
     """tx: virtio-user txonly -> vhost rxonly; rx: vhost txonly -> virtio-user rxonly."""
     fe_mode, be_mode = ("txonly", "rxonly") if direction == "tx" else ("rxonly", "txonly")
-    with DpdkVirtioUser(workdir, backend.socket_path, forward_mode=fe_mode, lcores=lcores,
-                        vdev_args="packed_vq=1" if packed else "") as fe:
+    devargs = f"queue_size={args.ring}" + (",packed_vq=1" if packed else "")
+    with DpdkVirtioUser(workdir, backend.socket_path, forward_mode=fe_mode, lcores=lcores, vdev_args=devargs) as fe:
         backend.command(f"set fwd {be_mode}")
         backend.start_forwarding()
         fe.start_forwarding()
-        time.sleep(warmup)
+        time.sleep(args.warmup)
         counter = backend if direction == "tx" else fe      # the receiving side counts
         before = counter.port_stats()[0]["RX-packets"]
         with CpuWindow([fe.pid, backend.pid]) as cpu:
-            time.sleep(secs)
+            time.sleep(args.secs)
             after = counter.port_stats()[0]["RX-packets"]
         fe.stop_forwarding()
         backend.stop_forwarding()
@@ -196,7 +196,7 @@ async def _recv(driver: NetDriver, count: int, batch: int, keep: list[bytes], se
 async def _drain(driver: NetDriver, keep: list[bytes]) -> int:
     got, idle = 0, 0
     while idle < 50:
-        frames = driver.recv_batch(RING)
+        frames = driver.recv_batch(BATCH)
         got += len(frames)
         if frames:
             keep[:] = (keep + frames)[-SAMPLE:]
@@ -219,12 +219,12 @@ async def ours_window(peer: DpdkTestpmd, packed: bool, direction: str, args: arg
     machine = Machine(64 << 20)
     cfg = {"socket": str(peer.socket_path), "device": "net", "timeout": 5.0, "queues": 2}
     config = NetConfig(mac=MAC, status=NetStatus.LINK_UP).pack(NET_CONFIG_BASE_SIZE)
-    await machine.add_device(DeviceConfig("net0", "vhost-user", cfg,
+    await machine.add_device(DeviceConfig("net0", "vhost-user", cfg, queue_size=args.ring,
                                           vmm_features=int(NetFeature.MAC | NetFeature.STATUS)),
                              backend=VhostUserBackend(cfg), config_override=config)
-    driver = NetDriver(machine.guest("net0"), tx_slots=RING)
+    driver = NetDriver(machine.guest("net0"), tx_slots=args.ring)
     try:
-        features = await driver.start(packed=packed, event_idx=args.event_idx, queue_size=RING, poll=True)
+        features = await driver.start(packed=packed, event_idx=args.event_idx, queue_size=args.ring, poll=True)
         pool = frame_pool()
         peer.command("set fwd io")
         peer.start_forwarding()
@@ -236,7 +236,8 @@ async def ours_window(peer: DpdkTestpmd, packed: bool, direction: str, args: arg
             raise RuntimeError("io-mode echo: the frames that came back differ from those sent")
         timed = _tx if direction == "tx" else _rx
         out = await timed(driver, peer, pool, args)
-        out.update(features=hex(features), packed_negotiated=bool(features & Feature.RING_PACKED),
+        out.update(queue_size=driver.dev.queues[1].size, features=hex(features),
+                   packed_negotiated=bool(features & Feature.RING_PACKED),
                    event_idx=bool(features & Feature.EVENT_IDX), sample_echo_verified=SAMPLE)
         return out
     finally:
@@ -317,12 +318,13 @@ def measure_layout(layout: str, args: argparse.Namespace, workdir: str, cpus: li
         if cpus is not None:
             os.sched_setaffinity(0, {cpus[0]})
         for direction in ("tx", "rx"):
-            ref = dpdk_window(workdir, backend, packed, direction, args.secs, args.warmup, fe_lcores)
+            ref = dpdk_window(workdir, backend, packed, direction, args, fe_lcores)
             got = run_loop(lambda d=direction: ours_window(backend, packed, d, args), args.loop)
             entry["negotiated"] = {"shadowvmm": got.pop("features"), "dpdk": ref.pop("features"),
                                    "packed": {"shadowvmm": got.pop("packed_negotiated"),
                                               "dpdk": ref.pop("packed_negotiated")}}
             entry["event_idx"] = got.pop("event_idx")
+            entry["queue_size"] = {"shadowvmm": got.pop("queue_size"), "dpdk": args.ring}
             entry["sample_echo_verified"] = got.pop("sample_echo_verified")
             per_cpu = _ratio(got["frames"] / max(got["cpu_frontend_seconds"], 1e-3),
                              ref["packets"] / max(ref["cpu_frontend_seconds"], 1e-3))
@@ -337,6 +339,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--secs", type=float, default=SECS, help=f"measurement window, both sides (default {SECS})")
     parser.add_argument("--frames", type=int, default=FRAMES, help="cap on our frames per window")
+    parser.add_argument("--ring", type=int, default=RING, help=f"queue size, both frontends (default {RING})")
     parser.add_argument("--batch", type=int, default=BATCH, help=f"frames per send_batch/recv_batch (default {BATCH})")
     parser.add_argument("--warmup", type=float, default=WARMUP_SECS, help="DPDK warm-up before its window")
     parser.add_argument("--layouts", default="split,packed", help="comma-separated: split, packed")
@@ -364,7 +367,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "bypassed": BYPASSED,
         "reference": "dpdk-testpmd net_virtio_user0 (DPDK's virtio PMD) against the same testpmd vhost backend, "
                      "its window right before ours, per direction",
-        "ring_size": RING,
+        "ring_size": args.ring,
         "batch": args.batch,
         "loop": args.loop,
         "cpu_pinning": None if pinning is None else {"shadowvmm_and_virtio_user": pinning[0],
