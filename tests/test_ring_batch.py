@@ -218,3 +218,16 @@ def test_packed_batch_head_flags_last(memory: GuestMemory) -> None:
     assert fresh.pop() is None
     memory.store_u16(head_flags_at, after)
     assert h.pop_all() == 5
+
+
+def test_batch_marks_dirty_pages(memory: GuestMemory, ring_layout: str) -> None:
+    """With dirty logging on (migration), a batch marks the descriptors and ring entries it wrote."""
+    h = make_harness(ring_layout, memory, 8)
+    addrs, lengths = buffers(memory, 0, 3)
+    log = memory.enable_dirty_log()
+    log.take()
+    h.drv.add_many(addrs, lengths, ["a", "b", "c"])
+    h.drv.publish()
+    pages = set(log.take())
+    assert {h.layout.desc // 4096, h.layout.driver // 4096} <= pages
+    assert not pages & {gpa // 4096 for gpa in addrs}        # the driver wrote no buffer

@@ -354,6 +354,7 @@ class NetDriver:
 
     async def frames(self, pair: int = 0) -> AsyncIterator[bytes]:
         """Every frame received on receiveq *pair*, as it arrives."""
+        self._polling(False)
         rx = self._rx_queue(pair)
         while True:
             while rx.frames:
@@ -435,6 +436,7 @@ class NetDriver:
 
     def tx_pending(self, pair: int = 0) -> int:
         """Polling mode: frames made available on transmitq *pair* and not used yet (reaps)."""
+        self._polling(True)
         tx = self.tx[pair]
         tx.slots += map(_TOKEN, tx.queue.pop_used_many(tx.queue.size))
         return tx.queue.ring.in_flight
