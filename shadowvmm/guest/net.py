@@ -13,6 +13,11 @@ for :meth:`NetDriver.receive` or :meth:`NetDriver.frames`. :meth:`NetDriver.send
 makes a batch of frames available with one kick and waits for the device
 to use them. Multiqueue needs the control queue: with ``VIRTIO_NET_F_MQ``
 only pair 0 runs until ``VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET`` (v1.4 §5.1.6.5.5).
+
+``start(poll=True)`` is the polling mode of a busy-polling guest (NAPI busy-poll, a DPDK PMD):
+no interrupts are asked for (v1.4 §2.7.10, §2.8.10), :meth:`NetDriver.send_batch` and
+:meth:`NetDriver.recv_batch` reap and post whole batches (one avail-index store each, a kick
+only when the device's event suppression asks for one), and the per-buffer API is refused.
 """
 
 from __future__ import annotations
