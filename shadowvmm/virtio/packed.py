@@ -431,9 +431,9 @@ class PackedDriverQueue:
 
     def add_many(self, addrs: Sequence[int], lengths: Sequence[int], tokens: Sequence[object], *,
                  write: bool = False) -> int:
-        """Make one-descriptor buffers available as a batch, written as strided 64-bit array
-        stores (addr; len | id << 32 | flags << 48) with the first descriptor's flags stored
-        last, alone, in one 16-bit store (v1.4 §2.8.21.1). Returns how many fitted."""
+        """Make one-descriptor buffers available as a batch, written as strided array stores
+        (64-bit addr, 32-bit len, 32-bit id | flags << 16) with the first descriptor's flags
+        stored last, alone, in one 16-bit store (v1.4 §2.8.21.1). Returns how many fitted."""
         count = min(len(addrs), self.free_slots)
         if count == 0:
             return 0
@@ -441,21 +441,21 @@ class PackedDriverQueue:
         ids = free_ids[-count:]
         ids.reverse()
         del free_ids[-count:]
-        size, q, base = self.size, self._desc64, self._desc_off >> 3
+        size, q, d32 = self.size, self._desc64, self._desc32
         head_slot, wrap = self.next_avail, self.avail_wrap
         head_flags = (_WRITE if write else 0) | avail_flags(wrap)
         head_at = (self._desc_off + DESC_SIZE * head_slot + FLAGS_OFFSET) >> 1
         done, slot = 0, head_slot
         while done < count:
             part = min(count - done, size - slot)
-            high = ((_WRITE if write else 0) | avail_flags(wrap)) << 48
-            words = [length | buf_id << 32 | high for length, buf_id in
-                     zip(lengths[done:done + part], ids[done:done + part])]
+            high = ((_WRITE if write else 0) | avail_flags(wrap)) << 16
+            tail = array("I", map(high.__or__, ids[done:done + part]))     # id | flags << 16
             if done == 0:       # the head keeps its old flags until the whole batch is written
-                words[0] = words[0] & 0xFFFF_FFFF_FFFF | self._desc16[head_at] << 48
-            at = base + 2 * slot
-            q[at:at + 2 * part:2] = array("Q", addrs[done:done + part])
-            q[at + 1:at + 2 * part:2] = array("Q", words)
+                tail[0] = ids[0] | self._desc16[head_at] << 16
+            at = (self._desc_off >> 2) + 4 * slot
+            q[at >> 1:(at >> 1) + 2 * part:2] = array("Q", addrs[done:done + part])
+            d32[at + 2:at + 4 * part:4] = array("I", lengths[done:done + part])
+            d32[at + 3:at + 4 * part:4] = tail
             done += part
             slot += part
             if slot == size:
