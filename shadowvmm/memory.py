@@ -74,11 +74,16 @@ class MemoryRegion:
     parent_gpa: int | None = None
     view: memoryview = field(init=False, repr=False)
     view16: memoryview = field(init=False, repr=False)
+    #: 32- and 64-bit views (one store per aligned element: ring batches write through them)
+    view32: memoryview = field(init=False, repr=False)
+    view64: memoryview = field(init=False, repr=False)
     host_addr: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.view = memoryview(self.mmap)
         self.view16 = self.view.cast("H")
+        self.view32 = self.view.cast("I")
+        self.view64 = self.view.cast("Q")
         self.host_addr = _host_address(self.mmap)
 
     @property
@@ -86,8 +91,8 @@ class MemoryRegion:
         return self.gpa + self.size
 
     def close(self) -> None:
-        self.view16.release()
-        self.view.release()
+        for view in (self.view64, self.view32, self.view16, self.view):
+            view.release()
         self.mmap.close()
         os.close(self.fd)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from ..device import Interrupts
 from ..errors import DeviceStateError, RingError, ShadowVmmError
@@ -80,6 +80,7 @@ class GuestQueue:
         self.on_drop: Callable[[RingError], None] | None = None
         #: Why the queue was dropped; a dropped queue takes no buffers and reaps nothing.
         self.error: RingError | None = None
+        self._stash: list[tuple[object, int]] = []
 
     @property
     def size(self) -> int:
@@ -96,6 +97,39 @@ class GuestQueue:
         future = self.device.loop.create_future()
         self.ring.add(out, inp, future)
         return future
+
+    def add_many(self, addrs: Sequence[int], lengths: Sequence[int], tokens: Sequence[object], *,
+                 write: bool = False) -> int:
+        """Make one-descriptor buffers available as a batch (not yet published; :meth:`kick`
+        publishes them with one index store). Returns how many fitted."""
+        if self.error is not None:
+            raise DeviceStateError(f"queue {self.index} is reset") from self.error
+        return self.ring.add_many(addrs, lengths, tokens, write=write)
+
+    def poll(self) -> None:
+        """Polling mode (as a NAPI busy-poll or a DPDK PMD): ask the device not to interrupt
+        (v1.4 §2.7.10, §2.8.10) and keep whatever an interrupt still reaps for
+        :meth:`pop_used_many`, whose caller owns the tokens."""
+        self.ring.set_interrupts(False)
+        self.on_used = self._stash.extend
+
+    def pop_used_many(self, limit: int) -> list[tuple[object, int]]:
+        """Reap at most *limit* used buffers in one pass: ``(token, written)`` in order."""
+        if self.error is not None:
+            return []
+        held = self._stash
+        taken: list[tuple[object, int]] = []
+        if held:                    # reaped by an interrupt that came anyway
+            taken = held[:limit]
+            del held[:limit]
+        try:
+            used = self.ring.pop_used_many(limit - len(taken))
+        except RingError as exc:
+            self.device.violations.append(f"queue {self.index}: {exc}")
+            self.drop(f"device broke the ring: {exc}")
+            return taken
+        self.completed += len(used)
+        return taken + used if taken else used
 
     def kick(self) -> None:
         """Publish avail idx; notify the device if it asked for it."""

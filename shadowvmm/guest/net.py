@@ -13,12 +13,19 @@ for :meth:`NetDriver.receive` or :meth:`NetDriver.frames`. :meth:`NetDriver.send
 makes a batch of frames available with one kick and waits for the device
 to use them. Multiqueue needs the control queue: with ``VIRTIO_NET_F_MQ``
 only pair 0 runs until ``VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET`` (v1.4 §5.1.6.5.5).
+
+``start(poll=True)`` is the polling mode of a busy-polling guest (NAPI busy-poll, a DPDK PMD):
+no interrupts are asked for (v1.4 §2.7.10, §2.8.10), :meth:`NetDriver.send_batch` and
+:meth:`NetDriver.recv_batch` reap and post whole batches (one avail-index store each, a kick
+only when the device's event suppression asks for one), and the per-buffer API is refused.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import mmap
+import operator
 import os
 import struct
 from collections import deque
@@ -26,6 +33,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import astuple, dataclass, field
 
 from ..errors import ArgumentError, DeviceStateError, NetCtrlError
+from ..memory import GuestMemory
 from ..virtio.constants import Feature, NetFeature, Status
 from ..virtio.devcfg import (
     CTRL_HEADER,
@@ -75,6 +83,8 @@ class NetHeader:
 NET_HDR_SIZE = NetHeader.STRUCT.size
 
 
+_TOKEN, _WRITTEN = operator.itemgetter(0), operator.itemgetter(1)
+
 #: Control buffer: header + the largest command data this model sends, then the ack byte.
 CTRL_BUFFER = 64
 
@@ -98,6 +108,24 @@ class RxQueue:
     refill_scheduled: bool = False
     received: int = 0
     errors: int = 0
+    host: BufferHost | None = None     #: polling mode: where the buffers are mapped
+
+
+@dataclass(frozen=True)
+class BufferHost:
+    """The one guest memory region holding a queue's buffers (polling mode): buffer *gpa*
+    is at ``mmap[gpa - gpa_base:]``, so a batch copies frames without translating each."""
+
+    mmap: mmap.mmap
+    gpa_base: int
+
+    @classmethod
+    def of(cls, memory: GuestMemory, gpas: Sequence[int], size: int) -> BufferHost:
+        regions = {id(memory.translate(gpa, size)[0]) for gpa in gpas}
+        if len(regions) != 1:
+            raise DeviceStateError("polling mode needs a queue's buffers in one memory region")
+        region = memory.translate(gpas[0], size)[0]
+        return cls(region.mmap, region.gpa)
 
 
 @dataclass
@@ -108,6 +136,7 @@ class TxQueue:
     slots: list[int]
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     sent: int = 0
+    host: BufferHost | None = None     #: polling mode: where the slots are mapped
 
 
 class NetDriver:
@@ -129,6 +158,7 @@ class NetDriver:
         self._ctrl_broken = False
         self._mrg = False
         self._running = False
+        self._poll = False
 
     # ------------------------------------------------------------------ setup
 
@@ -180,11 +210,17 @@ class NetDriver:
         return self.buffer_size - NET_HDR_SIZE
 
     async def start(self, *, pairs: int = 1, mrg_rxbuf: bool = False, packed: bool = False,
-                    event_idx: bool = False, queue_size: int = 256, extra_features: int = 0) -> int:
+                    event_idx: bool = False, queue_size: int = 256, extra_features: int = 0,
+                    poll: bool = False) -> int:
         """Initialise the device, fill the receive queues, DRIVER_OK, then set the active pairs.
 
-        ``pairs > 1`` negotiates MQ and CTRL_VQ and sends VQ_PAIRS_SET. Returns the features.
+        ``pairs > 1`` negotiates MQ and CTRL_VQ and sends VQ_PAIRS_SET. *poll* puts the data
+        queues in polling mode (no interrupts asked for; :meth:`send_batch` / :meth:`recv_batch`
+        instead of :meth:`send` / :meth:`receive`; not with *mrg_rxbuf*). Returns the features.
         """
+        if poll and mrg_rxbuf:
+            raise ArgumentError("polling mode does not take mergeable receive buffers")
+        self._poll = False
         transport = self.dev.transport
         want = WANTED | extra_features
         if mrg_rxbuf:
@@ -206,6 +242,8 @@ class NetDriver:
         features = await self.dev.initialize(want, packed=packed, queue_size=queue_size, num_queues=count,
                                              set_driver_ok=False)
         self._take_queues(features)
+        if poll:
+            self._poll_mode()
         for rx in self.rx:
             self._fill(rx)
         self.dev.driver_ok()
@@ -261,8 +299,28 @@ class NetDriver:
 
     # ------------------------------------------------------------------ receive
 
+    def _poll_mode(self) -> None:
+        self._poll = True
+        memory = self.dev.memory
+        for rx in self.rx:
+            rx.queue.poll()
+            rx.host = BufferHost.of(memory, rx.idle, self.buffer_size)
+        for tx in self.tx:
+            tx.queue.poll()
+            tx.host = BufferHost.of(memory, tx.slots, self.buffer_size)
+
+    def _polling(self, polled: bool) -> None:
+        if self._poll != polled:
+            raise DeviceStateError("in polling mode use send_batch/recv_batch" if not polled
+                                   else "send_batch/recv_batch need start(poll=True)")
+
     def _fill(self, rx: RxQueue) -> int:
         """Make every idle buffer available (not yet kicked); returns how many."""
+        if rx.host is not None:
+            idle = rx.idle
+            count = rx.queue.add_many(idle, [self.buffer_size] * len(idle), idle, write=True)
+            del idle[:count]
+            return count
         count = 0
         while rx.idle and rx.queue.num_free:
             gpa = rx.idle.pop()
@@ -309,6 +367,7 @@ class NetDriver:
 
     async def receive(self, count: int, timeout: float = 1.0, pair: int = 0) -> list[bytes]:
         """Up to *count* frames from receiveq *pair*, waiting at most *timeout* seconds for them."""
+        self._polling(False)
         rx = self._rx_queue(pair)
         out: list[bytes] = []
         deadline = self.dev.loop.time() + timeout
@@ -326,6 +385,7 @@ class NetDriver:
 
     async def frames(self, pair: int = 0) -> AsyncIterator[bytes]:
         """Every frame received on receiveq *pair*, as it arrives."""
+        self._polling(False)
         rx = self._rx_queue(pair)
         while True:
             while rx.frames:
@@ -341,6 +401,7 @@ class NetDriver:
     async def send(self, frames: Sequence[bytes], pair: int = 0) -> int:
         """Transmit *frames* on transmitq *pair*: one kick per batch of free slots, then wait for
         the device to use them. Returns the number of frames sent."""
+        self._polling(False)
         if not 0 <= pair < max(self.active_pairs, 1) or pair >= len(self.tx):
             raise DeviceStateError(f"queue pair {pair} is not active ({self.active_pairs} active)")
         for frame in frames:
@@ -368,6 +429,74 @@ class NetDriver:
                 done += len(batch)
                 tx.sent += len(batch)
         return done
+
+    # ------------------------------------------------------------------ polling mode
+
+    def send_batch(self, frames: Sequence[bytes], pair: int = 0) -> int:
+        """Polling mode: reap the transmitq's completions, then make as many of *frames* as
+        there are free slots available (one descriptor each, header + frame) with one
+        avail-index store and a kick only if the device asks for one. Returns how many were
+        queued (the rest: call again); :meth:`tx_pending` says how many are not used yet."""
+        if not self._poll:
+            self._polling(True)
+        if not 0 <= pair < max(self.active_pairs, 1) or pair >= len(self.tx):
+            raise DeviceStateError(f"queue pair {pair} is not active ({self.active_pairs} active)")
+        tx = self.tx[pair]
+        queue, slots, host = tx.queue, tx.slots, tx.host
+        assert host is not None
+        used = queue.pop_used_many(queue.size)
+        if used:
+            slots += map(_TOKEN, used)
+        count = min(len(frames), len(slots))
+        if count == 0:
+            return 0
+        batch = frames[:count]
+        sizes = list(map(len, batch))
+        if min(sizes) < 1 or max(sizes) > self.max_frame:
+            raise ArgumentError(f"frames of {min(sizes)}..{max(sizes)} bytes; 1..{self.max_frame} fit a buffer")
+        taken = slots[-count:]
+        del slots[-count:]
+        mm, shift = host.mmap, NET_HDR_SIZE - host.gpa_base
+        for gpa, frame, size in zip(taken, batch, sizes):
+            at = gpa + shift      # the header stays as the slot was allocated: all zero
+            mm[at:at + size] = frame
+        queue.add_many(taken, list(map(NET_HDR_SIZE.__add__, sizes)), taken)
+        queue.kick()
+        tx.sent += count
+        return count
+
+    def tx_pending(self, pair: int = 0) -> int:
+        """Polling mode: frames made available on transmitq *pair* and not used yet (reaps)."""
+        self._polling(True)
+        tx = self.tx[pair]
+        tx.slots += map(_TOKEN, tx.queue.pop_used_many(tx.queue.size))
+        return tx.queue.ring.in_flight
+
+    def recv_batch(self, limit: int, pair: int = 0) -> list[bytes]:
+        """Polling mode: at most *limit* frames the device put in receiveq *pair* (used
+        buffers reaped in one pass), then every buffer back with one avail-index store and a
+        kick only if the device asks for one."""
+        if not self._poll:
+            self._polling(True)
+        rx = self.rx[pair] if 0 <= pair < len(self.rx) else self._rx_queue(pair)
+        host = rx.host
+        assert host is not None
+        used = rx.queue.pop_used_many(limit)
+        if not used:
+            return []
+        mm, base, cap = host.mmap, host.gpa_base - NET_HDR_SIZE, self.buffer_size
+        rx.idle += map(_TOKEN, used)
+        written = list(map(_WRITTEN, used))
+        if min(written) >= NET_HDR_SIZE and max(written) <= cap:
+            frames = [mm[gpa - base:gpa - base + size - NET_HDR_SIZE] for gpa, size in used]   # type: ignore[operator]
+        else:
+            frames = [mm[gpa - base:gpa - base + min(size, cap) - NET_HDR_SIZE]   # type: ignore[operator]
+                      for gpa, size in used if size >= NET_HDR_SIZE]
+            rx.errors += len(used) - len(frames)
+        rx.received += len(frames)
+        if self._running and self._fill(rx):
+            rx.queue.kick()
+        return frames
 
     # ------------------------------------------------------------------ control queue
 

@@ -17,107 +17,66 @@ written with a single 16-bit store.
 
 from __future__ import annotations
 
-import enum
-import struct
-from collections.abc import Iterable
+from array import array
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import ClassVar
 
 from ..errors import RingError
 from ..memory import GuestMemory
 from .constants import MAX_QUEUE_SIZE
-from .split import INDIRECT_MAX, DescChain, RingAreas, need_event
+from .packedfmt import (
+    _AVAIL,
+    _DESC_HEAD,
+    _INDIRECT,
+    _NEXT,
+    _USED,
+    _USED_BODY,
+    _WRITE,
+    DESC_SIZE,
+    EVENT_SUPPRESS,
+    FLAGS_OFFSET,
+    PACKED_DESC,
+    WRAP_BIT,
+    EventFlags,
+    PackedDescFlags,
+    avail_flags,
+    desc_event_due,
+    is_avail,
+    is_used,
+    off_wrap,
+    suppression_allows,
+    used_flags,
+)
+from .split import INDIRECT_MAX, DescChain, RingAreas
 from .vring import RingState
 
-PACKED_DESC = struct.Struct("<QIHH")  #: pvirtq_desc: addr, len, id, flags (v1.4 §2.8.13)
-#: pvirtq_event_suppress: le16 desc {off:15, wrap:1}, le16 flags (v1.4 §2.8.14)
-EVENT_SUPPRESS = struct.Struct("<HH")
-DESC_SIZE = 16
-FLAGS_OFFSET = 14
-_DESC_HEAD = struct.Struct("<QIH")   #: a descriptor without its flags (written before them)
-_USED_BODY = struct.Struct("<IH")    #: len, id of a used descriptor (at offset 8)
-WRAP_BIT = 15
+__all__ = [
+    "DESC_SIZE",
+    "EVENT_SUPPRESS",
+    "EventFlags",
+    "FLAGS_OFFSET",
+    "PACKED_DESC",
+    "PackedDescFlags",
+    "PackedDeviceQueue",
+    "PackedDriverQueue",
+    "PackedLayout",
+    "WRAP_BIT",
+    "avail_flags",
+    "desc_event_due",
+    "is_avail",
+    "is_used",
+    "off_wrap",
+    "suppression_allows",
+    "used_flags",
+]
 
-
-class PackedDescFlags(enum.IntFlag):
-    """pvirtq_desc flags (v1.4 §2.8.1, §2.8.3, §2.8.6, §2.8.7)."""
-
-    NEXT = 1
-    WRITE = 2
-    INDIRECT = 4
-    AVAIL = 1 << 7
-    USED = 1 << 15
-
-
-class EventFlags(enum.IntEnum):
-    """Descriptor Ring Change Event Flags (v1.4 §2.8.10)."""
-
-    ENABLE = 0
-    DISABLE = 1
-    DESC = 2  #: only with VIRTIO_F_EVENT_IDX
-
-
-_NEXT = int(PackedDescFlags.NEXT)
-_WRITE = int(PackedDescFlags.WRITE)
-_INDIRECT = int(PackedDescFlags.INDIRECT)
-_AVAIL = int(PackedDescFlags.AVAIL)
-_USED = int(PackedDescFlags.USED)
-_EVENT_FLAGS_MASK = 0x3
-
-
-def is_avail(flags: int, wrap: bool) -> bool:
-    """Whether *flags* mark a descriptor available in lap *wrap* (v1.4 §2.8.1)."""
-    return bool(flags & _AVAIL) == wrap and bool(flags & _USED) != wrap
-
-
-def is_used(flags: int, wrap: bool) -> bool:
-    """Whether *flags* mark a descriptor used in lap *wrap* (v1.4 §2.8.1)."""
-    return bool(flags & _AVAIL) == wrap and bool(flags & _USED) == wrap
-
-
-def avail_flags(wrap: bool) -> int:
-    """AVAIL/USED bits a driver sets in lap *wrap* (v1.4 §2.8.1)."""
-    return _AVAIL if wrap else _USED
-
-
-def used_flags(wrap: bool) -> int:
-    """AVAIL/USED bits a device sets in lap *wrap* (v1.4 §2.8.1)."""
-    return _AVAIL | _USED if wrap else 0
-
-
-def off_wrap(off: int, wrap: bool) -> int:
-    """Encode an event-suppression ``desc`` field (v1.4 §2.8.14)."""
-    return (off & 0x7FFF) | int(wrap) << WRAP_BIT
-
-
-def desc_event_due(off_wrap_value: int, size: int, new: int, wrap: bool, count: int) -> bool:
-    """DESC-mode test (v1.4 §2.8.10): was the event descriptor crossed?
-
-    *new* / *wrap* is the position after the last *count* descriptors were
-    made available (or used); the event is due if ``off_wrap_value`` names one
-    of them. An event offset in the other lap is taken as the previous lap.
-    """
-    if count >= size:
-        return True
-    event = off_wrap_value & 0x7FFF
-    if bool(off_wrap_value >> WRAP_BIT) != wrap:
-        event -= size
-    return need_event(event & 0xFFFF, new, (new - count) & 0xFFFF)
-
-
-def suppression_allows(memory: GuestMemory, area: int, event_idx: bool, size: int, next_idx: int,
-                       wrap: bool, count: int) -> bool:
-    """Whether the other side's event suppression area asks for a notification covering
-    *count* new entries ending before (*next_idx*, *wrap*) (v1.4 §2.8.10, §2.8.21.2)."""
-    if count == 0:
-        return False
-    desc, flags = EVENT_SUPPRESS.unpack(memory.read(area, EVENT_SUPPRESS.size))
-    flags &= _EVENT_FLAGS_MASK
-    if flags == EventFlags.DISABLE:
-        return False
-    if flags == EventFlags.DESC and event_idx:
-        return desc_event_due(desc, size, next_idx, wrap, count)
-    return True
+_MISSING = object()
+#: bytes.translate tables: a byte -> 1 if its bit 7 (AVAIL in the low flags byte, USED in the
+#: high one) or bit 1 (WRITE, low byte) is set, else 0
+_BIT7 = bytes(b >> 7 for b in range(256))
+_BIT1 = bytes(b >> 1 & 1 for b in range(256))
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,6 +355,10 @@ class PackedDriverQueue:
         self._interrupts = True
         self.tokens: dict[int, object] = {}
         self._slots: dict[int, int] = {}
+        region, off = memory.translate(layout.desc, DESC_SIZE * self.size)
+        self._desc_map, self._desc_off, self._desc16 = region.mmap, off, region.view16
+        self._desc8, self._desc32, self._desc64 = region.view, region.view32, region.view64
+        self._multi = 0         #: buffers in flight that take more than one ring slot
         if event_idx:
             self._arm_used_event()
 
@@ -454,6 +417,7 @@ class PackedDriverQueue:
         self._added += slots
         self.tokens[buf_id] = token
         self._slots[buf_id] = slots
+        self._multi += slots > 1
         return buf_id
 
     def publish(self) -> bool:
@@ -465,30 +429,128 @@ class PackedDriverQueue:
         return suppression_allows(self.memory, self.layout.device, self.event_idx, self.size,
                                   self.next_avail, self.avail_wrap, count)
 
+    def add_many(self, addrs: Sequence[int], lengths: Sequence[int], tokens: Sequence[object], *,
+                 write: bool = False) -> int:
+        """Make one-descriptor buffers available as a batch, written as strided array stores
+        (64-bit addr, 32-bit len, 32-bit id | flags << 16) with the first descriptor's flags
+        stored last, alone, in one 16-bit store (v1.4 §2.8.21.1). Returns how many fitted."""
+        count = min(len(addrs), self.free_slots)
+        if count == 0:
+            return 0
+        free_ids = self.free_ids
+        ids = free_ids[-count:]
+        ids.reverse()
+        del free_ids[-count:]
+        size, q, d32 = self.size, self._desc64, self._desc32
+        head_slot, wrap = self.next_avail, self.avail_wrap
+        head_flags = (_WRITE if write else 0) | avail_flags(wrap)
+        head_at = (self._desc_off + DESC_SIZE * head_slot + FLAGS_OFFSET) >> 1
+        done, slot = 0, head_slot
+        while done < count:
+            part = min(count - done, size - slot)
+            high = ((_WRITE if write else 0) | avail_flags(wrap)) << 16
+            tail = array("I", map(high.__or__, ids[done:done + part]))     # id | flags << 16
+            if done == 0:       # the head keeps its old flags until the whole batch is written
+                tail[0] = ids[0] | self._desc16[head_at] << 16
+            at = (self._desc_off >> 2) + 4 * slot
+            q[at >> 1:(at >> 1) + 2 * part:2] = array("Q", addrs[done:done + part])
+            d32[at + 2:at + 4 * part:4] = array("I", lengths[done:done + part])
+            d32[at + 3:at + 4 * part:4] = tail
+            done += part
+            slot += part
+            if slot == size:
+                slot, wrap = 0, not wrap
+        self._desc16[head_at] = head_flags
+        self.tokens.update(zip(ids, tokens))
+        self._slots.update(dict.fromkeys(ids, 1))
+        dirty = self.memory.dirty_log
+        if dirty is not None:
+            for k in range(count):
+                dirty.mark(self.layout.desc + DESC_SIZE * ((head_slot + k) % size), DESC_SIZE)
+        self.next_avail, self.avail_wrap = slot, wrap
+        self.free_slots -= count
+        self._added += count
+        return count
+
     def get_used(self) -> list[tuple[object, int]]:
         """Reap used descriptors: ``(token, bytes written)`` in completion order (v1.4 §2.8.22)."""
-        memory = self.memory
-        table = self.layout.desc
-        out = []
-        while self.tokens:
-            addr = table + DESC_SIZE * self.next_used
-            flags = memory.load_u16(addr + FLAGS_OFFSET)
-            if not is_used(flags, self.used_wrap):
-                break
-            written, buf_id = _USED_BODY.unpack(memory.read(addr + 8, _USED_BODY.size))
-            if buf_id not in self.tokens:
-                raise RingError(f"device used unknown buffer id {buf_id}")
-            token = self.tokens.pop(buf_id)
-            slots = self._slots.pop(buf_id)
-            self.free_ids.append(buf_id)
-            self.free_slots += slots
-            self.next_used += slots
-            if self.next_used >= self.size:
-                self.next_used -= self.size
-                self.used_wrap = not self.used_wrap
-            out.append((token, written if flags & _WRITE else 0))
+        return self.pop_used_many(self.size)
+
+    def pop_used_many(self, limit: int) -> list[tuple[object, int]]:
+        """Reap at most *limit* used descriptors in one pass; re-arms the used event
+        (EVENT_IDX) unless interrupts are off.
+
+        While every buffer in flight takes one ring slot, used descriptors follow each other:
+        the run of them is found from the flag bytes as strided arrays and ids and lengths
+        are read the same way; otherwise descriptor by descriptor."""
+        out = self._pop_single(limit) if not self._multi else self._pop_each(limit)
         if self.event_idx and self._interrupts:
-            memory.store_u16(self.layout.driver, off_wrap(self.next_used, self.used_wrap))
+            self.memory.store_u16(self.layout.driver, off_wrap(self.next_used, self.used_wrap))
+        return out
+
+    def _pop_single(self, limit: int) -> list[tuple[object, int]]:
+        size, view, tokens = self.size, self._desc8, self.tokens
+        out: list[tuple[object, int]] = []
+        remaining = min(limit, len(tokens))
+        while remaining:
+            used, wrap = self.next_used, self.used_wrap
+            part = min(remaining, size - used)
+            at = self._desc_off + DESC_SIZE * used
+            low = bytes(view[at + FLAGS_OFFSET:at + DESC_SIZE * part:DESC_SIZE])
+            high = bytes(view[at + FLAGS_OFFSET + 1:at + DESC_SIZE * part:DESC_SIZE])
+            other = b"\x00" if wrap else b"\x01"     # AVAIL (bit 7) and USED (bit 15) both == wrap
+            ends = [i for i in (low.translate(_BIT7).find(other), high.translate(_BIT7).find(other)) if i >= 0]
+            count = min(ends, default=part)
+            if count == 0:
+                break
+            ids = self._desc16[(at + 12) >> 1:(at + DESC_SIZE * count) >> 1:8].tolist()
+            lens = self._desc32[(at + 8) >> 2:(at + DESC_SIZE * count) >> 2:4].tolist()
+            got = list(map(tokens.pop, ids, repeat(_MISSING, count)))
+            if _MISSING in got:
+                raise RingError(f"device used unknown buffer id {ids[got.index(_MISSING)]}")
+            list(map(self._slots.pop, ids))
+            self.free_ids += ids
+            self.free_slots += count
+            wrote = low[:count].translate(_BIT1)
+            if wrote.count(1) != count:
+                lens = [n if w else 0 for n, w in zip(lens, wrote)]
+            out += zip(got, lens)
+            used += count
+            if used == size:
+                used, wrap = 0, not wrap
+            self.next_used, self.used_wrap = used, wrap
+            remaining -= count
+            if count < part:
+                break
+        return out
+
+    def _pop_each(self, limit: int) -> list[tuple[object, int]]:
+        dmap, doff, desc16, size = self._desc_map, self._desc_off, self._desc16, self.size
+        tokens, slots_of, free_ids = self.tokens, self._slots, self.free_ids
+        unpack = _USED_BODY.unpack_from
+        used, wrap = self.next_used, self.used_wrap
+        want = _AVAIL | _USED if wrap else 0
+        out: list[tuple[object, int]] = []
+        while tokens and len(out) < limit:
+            at = doff + DESC_SIZE * used
+            flags = desc16[(at + FLAGS_OFFSET) >> 1]
+            if flags & (_AVAIL | _USED) != want:
+                break
+            written, buf_id = unpack(dmap, at + 8)
+            token = tokens.pop(buf_id, _MISSING)
+            if token is _MISSING:
+                raise RingError(f"device used unknown buffer id {buf_id}")
+            slots = slots_of.pop(buf_id)
+            self._multi -= slots > 1
+            free_ids.append(buf_id)
+            self.free_slots += slots
+            used += slots
+            if used >= size:
+                used -= size
+                wrap = not wrap
+                want = _AVAIL | _USED if wrap else 0
+            self.next_used, self.used_wrap = used, wrap
+            out.append((token, written if flags & _WRITE else 0))
         return out
 
     def _arm_used_event(self) -> None:

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Iterable, Iterator
+from array import array
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import ClassVar
 
 from ..errors import RingError
 from ..memory import GuestMemory
+from .chain import DescChain
 from .constants import MAX_QUEUE_SIZE
 from .vring import RingState
 
@@ -111,79 +114,6 @@ class SplitLayout(RingAreas):
         if not 0 < self.size <= MAX_QUEUE_SIZE or self.size & (self.size - 1):
             raise RingError(f"split queue size {self.size} is not a power of 2 <= {MAX_QUEUE_SIZE}")
         self.check_alignment()
-
-
-def _pieces(bufs: list[tuple[int, int]], skip: int, length: int | None) -> Iterator[tuple[int, int]]:
-    """``(gpa, bytes)`` of *bufs* covering *length* bytes (None: all) after the first *skip*;
-    empty pieces are left out."""
-    for gpa, size in bufs:
-        if skip >= size:
-            skip -= size
-            continue
-        gpa, size, skip = gpa + skip, size - skip, 0
-        if length is not None:
-            if length <= 0:
-                return
-            size = min(size, length)
-            length -= size
-        yield gpa, size
-
-
-@dataclass(slots=True)
-class DescChain:
-    """One available buffer as the device sees it (v1.4 §2.7.5.2).
-
-    The walk bounds how many buffers a chain has (:func:`walk_descriptors`), not how many
-    bytes they span: a guest can point every descriptor at the same large buffer. A chain
-    past 2^32 bytes (which drivers MUST NOT make, v1.4 §2.7.5.2) is not a broken ring here:
-    the sums are exact, and every device limit is far below 2^32. Device code checks
-    :attr:`readable_len` / :attr:`writable_len` against its own limits before it touches
-    the buffers, and streams them (:meth:`segments`, guest memory views) instead of
-    copying the chain whole.
-    """
-
-    head: int
-    readable: list[tuple[int, int]]
-    writable: list[tuple[int, int]]
-
-    @property
-    def readable_len(self) -> int:
-        return sum(length for _, length in self.readable)
-
-    @property
-    def writable_len(self) -> int:
-        return sum(length for _, length in self.writable)
-
-    def segments(self, writable: bool, skip: int = 0,
-                 length: int | None = None) -> list[tuple[int, int]]:
-        """``(gpa, bytes)`` of the readable (or writable) buffers covering *length* bytes
-        (None: to the end) after the first *skip*, without empty pieces."""
-        return list(_pieces(self.writable if writable else self.readable, skip, length))
-
-    def read(self, memory: GuestMemory, length: int | None = None) -> bytes:
-        """The device-readable bytes (the first *length* if given), concatenated: a copy,
-        so the caller bounds :attr:`readable_len` or *length* first."""
-        if len(self.readable) == 1 and length is None:
-            gpa, size = self.readable[0]
-            return memory.read(gpa, size)
-        return b"".join(memory.read(gpa, size) for gpa, size in _pieces(self.readable, 0, length))
-
-    def write(self, memory: GuestMemory, data: bytes | memoryview, skip: int = 0) -> int:
-        """Scatter *data* into the writable buffers after *skip* bytes; returns bytes written."""
-        view = memoryview(data)
-        done = 0
-        for gpa, length in self.writable:
-            if skip >= length:
-                skip -= length
-                continue
-            room = length - skip
-            chunk = view[done:done + room]
-            if not chunk:
-                break
-            memory.write(gpa + skip, chunk)
-            done += len(chunk)
-            skip = 0
-        return done
 
 
 def walk_descriptors(memory: GuestMemory, table: int, table_size: int, head: int,
@@ -391,15 +321,18 @@ class SplitDriverQueue:
         self._kicked_avail = start
         self.tokens: dict[int, object] = {}
         self._chains: dict[int, list[int]] = {}
+        self._reserved: set[int] = set()        #: heads of chains :meth:`reserve` keeps
+        self._interrupts = True
         self._avail_ring = layout.avail + 4
         self._used_event_addr = layout.avail + 4 + 2 * self.size
         self._avail_event_addr = layout.used + 4 + 8 * self.size
         region, off = memory.translate(layout.desc, d)
-        self._desc_map, self._desc_off = region.mmap, off
+        self._desc_map, self._desc_off, self._desc64 = region.mmap, off, region.view64
         region, off = memory.translate(layout.avail, a)
         self._avail16, self._avail_ring16 = region.view16, (off >> 1) + 2
         region, off = memory.translate(layout.used, u)
         self._used_map, self._used_ring_off = region.mmap, off + 4
+        self._used32, self._used_ring32 = region.view32, (off + 4) >> 2
         self._used16, self._used_idx16 = region.view16, (off >> 1) + 1
         self._avail_event16 = (off >> 1) + 2 + 4 * self.size
 
@@ -454,7 +387,9 @@ class SplitDriverQueue:
         most one descriptor (:meth:`rewrite`) per request. Returns the descriptor indexes,
         head first.
         """
-        return self._chain(out, inp)
+        heads = self._chain(out, inp)
+        self._reserved.add(heads[0])
+        return heads
 
     def rewrite(self, index: int, gpa: int, length: int, flags: int, next_index: int) -> None:
         """Rewrite descriptor *index* of a reserved chain (not while it is available)."""
@@ -483,6 +418,8 @@ class SplitDriverQueue:
         """Return a reserved chain's descriptors to the free list (it must not be available)."""
         if chain and chain[0] in self.tokens:
             raise RingError(f"descriptor {chain[0]} is still available to the device")
+        if chain:
+            self._reserved.discard(chain[0])
         self.free.extend(reversed(chain))
 
     def publish(self) -> bool:
@@ -504,38 +441,97 @@ class SplitDriverQueue:
         """Whether the device published used elements not reaped yet (one 16-bit load)."""
         return self._used16[self._used_idx16] != self.last_used_idx
 
+    def add_many(self, addrs: Sequence[int], lengths: Sequence[int], tokens: Sequence[object], *,
+                 write: bool = False) -> int:
+        """Make one-descriptor buffers available as a batch (not yet published: :meth:`publish`
+        stores the avail index once); returns how many fitted the free descriptors.
+
+        Descriptors are written as two 64-bit stores each (addr; len | flags << 32), a run of
+        consecutive heads as two strided array stores, the avail entries as one array store."""
+        free = self.free
+        count = min(len(addrs), len(free))
+        if count == 0:
+            return 0
+        heads = free[-count:]
+        heads.reverse()
+        del free[-count:]
+        q, base, high = self._desc64, self._desc_off >> 3, (_WRITE if write else 0) << 32
+        first_head = heads[0]
+        if heads == list(range(first_head, first_head + count)):
+            at = base + 2 * first_head
+            q[at:at + 2 * count:2] = array("Q", addrs[:count])
+            q[at + 1:at + 2 * count:2] = array("Q", map(high.__or__, lengths[:count]) if high else lengths[:count])
+        else:
+            for head, gpa, length in zip(heads, addrs, lengths):
+                q[base + 2 * head] = gpa
+                q[base + 2 * head + 1] = length | high
+        self.tokens.update(zip(heads, tokens))
+        size, ring, ring16 = self.size, self._avail_ring16, self._avail16
+        start = self.avail_idx % size
+        part = min(count, size - start)
+        ring16[ring + start:ring + start + part] = array("H", heads[:part])
+        if count > part:
+            ring16[ring:ring + count - part] = array("H", heads[part:])
+        dirty = self.memory.dirty_log
+        if dirty is not None:
+            for k, head in enumerate(heads):
+                dirty.mark(self.layout.desc + DESC_SIZE * head, DESC_SIZE)
+                dirty.mark(self._avail_ring + 2 * ((start + k) % size), 2)
+        self.avail_idx = (self.avail_idx + count) & 0xFFFF
+        return count
+
     def get_used(self) -> list[tuple[object, int]]:
         """Reap used elements: ``(token, bytes written)`` in completion order."""
-        used_idx = self._used16[self._used_idx16]
-        out = []
-        last = self.last_used_idx
-        size = self.size
-        unpack, umap, base = USED_ELEM.unpack_from, self._used_map, self._used_ring_off
-        tokens, chains, free = self.tokens, self._chains, self.free
-        take, missing = tokens.pop, _MISSING
-        while last != used_idx:
-            head, written = unpack(umap, base + 8 * (last % size))
-            token = take(head, missing)
-            if token is missing:
-                raise RingError(f"device used unknown descriptor {head}")
-            out.append((token, written))
-            if chains:
+        return self.pop_used_many(self.size)
+
+    def pop_used_many(self, limit: int) -> list[tuple[object, int]]:
+        """Reap at most *limit* used elements in one pass: one used->idx load, ids and lengths
+        read as strided arrays; re-arms used_event (EVENT_IDX) unless interrupts are off."""
+        size, last = self.size, self.last_used_idx
+        count = min((self._used16[self._used_idx16] - last) & 0xFFFF, limit)
+        if count > size:
+            raise RingError(f"used idx runs {count} ahead of {last} (size {size})")
+        if count == 0:
+            return []
+        u32, base, start = self._used32, self._used_ring32, last % size
+        part = min(count, size - start)
+        at = base + 2 * start
+        ids, written = u32[at:at + 2 * part:2].tolist(), u32[at + 1:at + 2 * part:2].tolist()
+        if count > part:
+            ids += u32[base:base + 2 * (count - part):2].tolist()
+            written += u32[base + 1:base + 2 * (count - part):2].tolist()
+        tokens = list(map(self.tokens.pop, ids, repeat(_MISSING, count)))
+        if _MISSING in tokens:
+            bad = ids[tokens.index(_MISSING)]
+            raise RingError(f"device used unknown descriptor {bad}")
+        chains, free = self._chains, self.free
+        if not chains and not self._reserved:
+            ids.reverse()           # the next batch takes them back in ring order
+            free += ids
+        else:
+            for head in ids:
                 chain = chains.pop(head, None)
-                if chain is not None:       # None: a reserved chain, kept by its driver
+                if chain is not None:
                     chain.reverse()
-                    free.extend(chain)
-            last = (last + 1) & 0xFFFF
-        self.last_used_idx = last
-        if self.event_idx:
+                    free += chain
+                elif head not in self._reserved:
+                    free.append(head)
+        self.last_used_idx = last = (last + count) & 0xFFFF
+        if self.event_idx and self._interrupts:
             self._avail16[self._avail_ring16 + size] = last
             dirty = self.memory.dirty_log
             if dirty is not None:
                 dirty.mark(self._used_event_addr, 2)
-        return out
+        return list(zip(tokens, written))
 
     def set_interrupts(self, enabled: bool) -> None:
-        """Ask the device (not) to interrupt (v1.4 §2.7.10)."""
-        if not self.event_idx:
+        """Ask the device (not) to interrupt (v1.4 §2.7.10). With EVENT_IDX, off means
+        used_event is no longer re-armed (left behind, as Linux's disable_cb does)."""
+        self._interrupts = enabled
+        if self.event_idx:
+            if enabled:
+                self._avail16[self._avail_ring16 + self.size] = self.last_used_idx
+        else:
             self.memory.store_u16(self.layout.avail, 0 if enabled else AVAIL_F_NO_INTERRUPT)
 
     @property

@@ -25,7 +25,7 @@ from .probe import StrPath, probe_features
 from .process import PEER_CANDIDATES, Peer, find_peer
 from .qsd import QsdBlk
 from .refblk import RefBlk
-from .testpmd import TESTPMD_FORWARD_MODES, DpdkTestpmd, parse_port_stats
+from .testpmd import TESTPMD_FORWARD_MODES, DpdkTestpmd, DpdkVirtioUser, parse_port_stats
 from .virtiofsd import Virtiofsd
 
 #: Former name of :class:`.process.Peer` (benchmarks type their peers with it).
@@ -37,6 +37,7 @@ __all__ = [
     "TESTPMD_FORWARD_MODES",
     "Daemon",
     "DpdkTestpmd",
+    "DpdkVirtioUser",
     "Peer",
     "PeerCommandError",
     "PeerError",

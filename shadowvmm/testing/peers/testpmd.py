@@ -198,6 +198,36 @@ class DpdkTestpmd(Peer):
         return parse_port_stats(self.command("show port stats all"))
 
 
+class DpdkVirtioUser(DpdkTestpmd):
+    """``dpdk-testpmd`` as a virtio-user net *frontend* (``net_virtio_user0``) of the vhost-user
+    socket *backend_socket*: DPDK's own virtio driver, the yardstick for the guest net model.
+    ``vdev_args`` adds devargs (``packed_vq=1`` for packed rings)."""
+
+    def __init__(self, workdir: StrPath, backend_socket: StrPath, **kwargs) -> None:
+        kwargs.setdefault("name", "virtio-user")
+        kwargs.setdefault("warmup", False)
+        super().__init__(workdir, **kwargs)
+        self.backend_socket = os.fspath(backend_socket)
+        if "," in self.backend_socket:
+            raise ArgumentError(f"DPDK devargs cannot carry a ',' in the socket path: {self.backend_socket}")
+
+    def argv(self) -> list[str]:
+        vdev = f"net_virtio_user0,path={self.backend_socket},queues={self.queues}"
+        argv = super().argv()
+        argv[argv.index("--vdev") + 1] = vdev + ("," + self.vdev_args if self.vdev_args else "")
+        return argv
+
+    def _prepare(self) -> None:
+        pass
+
+    def _launch(self, deadline: float) -> None:
+        self._spawn(self.argv(), stdin=subprocess.PIPE)
+        self._wait_until("'testpmd>' prompt", lambda: _PROMPT in self.log_path.read_bytes(), deadline)
+
+    def _cleanup(self) -> None:
+        pass
+
+
 def parse_port_stats(text: str) -> dict[int, dict[str, int]]:
     """Parse the counters of testpmd's ``show port stats all`` (throughput lines excluded)."""
     stats: dict[int, dict[str, int]] = {}
