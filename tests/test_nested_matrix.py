@@ -9,7 +9,7 @@ completed once; the data (blk blocks read back, a FUSE file read back, every fra
 and testpmd's counters both ways); the faults (scenario 1: two DIALECT_NOT_OFFERED). A refused
 cell raises exactly its typed error. One peer process per backend per module (virtiofsd serves
 one session per process: one per machine). ``SHADOWVMM_MATRIX_TABLE=FILE`` writes the results
-as the Markdown table of README.md.
+as the Markdown table of docs/reference.md.
 """
 
 from __future__ import annotations
@@ -96,9 +96,9 @@ def test_every_cell_is_expected_or_refused() -> None:
 
 
 def test_readme_shows_the_table() -> None:
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "reference.md").read_text()
     assert "## Nested scenario matrix" in readme
-    assert planned_table() in readme, "README.md: paste `python -m shadowvmm.testing.matrix`"
+    assert planned_table() in readme, "docs/reference.md: paste `python -m shadowvmm.testing.matrix`"
 
 
 def test_results_table() -> None:

@@ -2,8 +2,8 @@
 show (every status value the guest read, per level; the faults) or why it is refused.
 
 One source for the host matrix (``tests/test_nested_matrix.py``) and the vDPA VM lane
-(``plugins/vdpa/tests/vm/test_matrix_vm.py``), and for the table in README.md
-(``python -m shadowvmm.testing.matrix`` prints it; a test keeps the README in step).
+(``plugins/vdpa/tests/vm/test_matrix_vm.py``), and for the table in docs/reference.md
+(``python -m shadowvmm.testing.matrix`` prints it; a test keeps docs/reference.md in step).
 
 Extension point for the nested cells ("L1 moves L2's device", "L0 migrates L1"): add the
 scenario name to :data:`SCENARIOS`, its per-level status lists to :data:`EXPECTED` (keys

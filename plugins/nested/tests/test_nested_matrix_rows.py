@@ -1,4 +1,4 @@
-"""The nested rows of the scenario matrix (README.md, "Nested scenario matrix") on the host:
+"""The nested rows of the scenario matrix (docs/reference.md, "Nested scenario matrix") on the host:
 ``l1-moves-l2`` and ``l0-migrates-l1`` (2.1, 2.2, 2.3) x stop path x backend, expectations and
 refusals from :data:`shadowvmm.testing.matrix.NESTED` (the core cannot import this plugin, so
 its rows run here; the vdpa_sim column runs in the vDPA VM lane).
