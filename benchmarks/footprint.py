@@ -38,6 +38,8 @@ from _common import Goal, goals, machine_info, run_loop  # noqa: E402
 from shadowvmm.config import DeviceConfig  # noqa: E402
 from shadowvmm.guest.blk import BlkDriver  # noqa: E402
 from shadowvmm.machine import Machine  # noqa: E402
+from shadowvmm.testing.peers import RefBlk  # noqa: E402
+from shadowvmm_vhost_user import VhostUserBackend  # noqa: E402
 
 GOAL_MIB = 64.0
 DEVICES = 64
@@ -86,9 +88,6 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                     opts["image"] = str(tmp / f"{name}.img")
                 await machine.add_device(DeviceConfig(name, "inproc", opts, queue_size=args.queue_size))
             else:
-                from shadowvmm.testing.peers import RefBlk
-                from shadowvmm_vhost_user import VhostUserBackend
-
                 peer = RefBlk(tmp / name, size=IMAGE_BYTES, queues=args.queues)
                 peer.__enter__()
                 peers.append(peer)
