@@ -69,6 +69,9 @@ class Ring:
     queue: Any = None
     in_flight: int = 0
     drained: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The kick fd the loop watches for this ring (-1: none): a stop unwatches each ring twice
+    #: (suspend, GET_VRING_BASE) and the loop's remove_reader is not free.
+    watched_fd: int = -1
 
 
 class InProcBackend(BackendBase):
@@ -157,7 +160,8 @@ class InProcBackend(BackendBase):
     async def get_vring_base(self, index: int) -> RingState:
         """Suspended: read the state (vhost-vdpa semantics); else stop the ring (vhost-user)."""
         ring = self._ring(index)
-        self._unwatch(ring)
+        if not self.suspended:
+            self._unwatch(ring)
         while ring.in_flight:
             ring.drained.clear()
             await ring.drained.wait()
@@ -236,9 +240,10 @@ class InProcBackend(BackendBase):
         self.suspended = False
 
     async def suspend(self) -> None:
+        """Stop processing: a suspended ring's kicks are read and left for the resume, which
+        processes every ring (the loop keeps watching: a reader removed and added again costs
+        about 5 µs per ring, a tenth of a device's stop)."""
         self.suspended = True
-        for ring in self.rings.values():
-            self._unwatch(ring)
         for ring in self.rings.values():
             while ring.in_flight:
                 ring.drained.clear()
@@ -282,19 +287,24 @@ class InProcBackend(BackendBase):
     def _watch(self, ring: Ring) -> None:
         if ring.kick_fd >= 0 and not self.suspended and ring.queue is not None:
             assert self._loop is not None
-            self._loop.add_reader(ring.kick_fd, self._on_kick, ring)
+            if ring.watched_fd != ring.kick_fd:
+                self._unwatch(ring)
+                self._loop.add_reader(ring.kick_fd, self._on_kick, ring)
+                ring.watched_fd = ring.kick_fd
             self._process(ring)
 
     def _unwatch(self, ring: Ring) -> None:
-        if ring.kick_fd >= 0 and self._loop is not None:
-            self._loop.remove_reader(ring.kick_fd)
+        if ring.watched_fd >= 0 and self._loop is not None:
+            self._loop.remove_reader(ring.watched_fd)
+        ring.watched_fd = -1
 
     def _on_kick(self, ring: Ring) -> None:
         try:
             os.eventfd_read(ring.kick_fd)
         except BlockingIOError:
             pass
-        self._process(ring)
+        if not self.suspended:
+            self._process(ring)
 
     def _process(self, ring: Ring) -> None:
         queue = ring.queue
