@@ -295,6 +295,8 @@ class SequencerMixin(LinkMixin):
                 vq.start(self._kick_fds[index], self._saved_base(index))
 
     def _stop_vmm_queues(self) -> dict[int, RingState]:
+        if not self.vmm_queues:
+            return {}
         return {i: RingState(i, vq.stop()) for i, vq in self.vmm_queues.items()
                 if self.queues[i].set_up}
 
