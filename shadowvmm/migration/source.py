@@ -52,11 +52,15 @@ async def stop_all(devices: Mapping[str, VirtioDevice], bound: float,
         if not left and not all_done.done():
             all_done.set_result(None)
 
+    def bound_passed() -> None:
+        if not all_done.done():
+            all_done.set_result(None)
+
     for name, device in devices.items():
         task = loop.create_task(device.stop())
         tasks[task] = name
         task.add_done_callback(stopped)
-    timer = loop.call_later(bound, lambda: all_done.done() or all_done.set_result(None))
+    timer = loop.call_later(bound, bound_passed)
     try:
         await all_done
     finally:
