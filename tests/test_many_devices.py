@@ -31,8 +31,8 @@ async def blk_machine(count: int, latency_us: int = 0) -> tuple[Machine, list[Bl
 
 
 async def test_a_kick_while_suspended_waits_for_the_resume() -> None:
-    """The in-process backend keeps watching a suspended ring's kicks: it reads them and
-    processes nothing until the resume, which takes what the guest published meanwhile."""
+    """A suspended in-process backend processes nothing the guest publishes (its kick fds are
+    not watched) until the resume, which takes what was published meanwhile."""
     machine, (driver,) = await blk_machine(1)
     device = machine.device("blk0")
     backend = device.backend
