@@ -49,12 +49,11 @@ plugin-check:
 user-fixtures-check:
 	scripts/user-fixtures-check.sh
 
+# Every benchmarks/*.py (the convention is in benchmarks/_common.py), one JSON document with each
+# figure against its goal, and bench.png (value/goal per goal). BENCH_ARGS: e.g. --quick, --profile.
+BENCH_ARGS ?=
 bench: setup peers
-	$(PY) benchmarks/register_access.py
-	$(PY) benchmarks/vhost_user_blk.py
-	$(PY) benchmarks/migration.py
-	$(PY) benchmarks/reconnect.py --ref
-	$(PY) benchmarks/nested_overhead.py
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 # Every fuzz target (fuzz/targets.py) under atheris, about 1.1 M inputs in all (FUZZ_RUNS: per target).
 FUZZ_RUNS ?=

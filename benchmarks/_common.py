@@ -2,6 +2,12 @@
 
 Every script prints one JSON document on stdout; these helpers only measure, they never adjust
 a figure: a rate is requests divided by the wall-clock seconds the requests took.
+
+The convention ``benchmarks/run_all.py`` (``make bench``) relies on: a benchmark is a
+``benchmarks/*.py`` whose name does not start with ``_``; it accepts ``--quick`` (tiny
+iteration counts: a smoke run whose figures mean nothing) and ``--profile`` (cProfile's top
+entries of the measured operation); the JSON document it prints carries ``"goals"``: a list of
+:meth:`Goal.record` dicts, one per figure the project has a goal for (:func:`goals`).
 """
 
 from __future__ import annotations
@@ -16,9 +22,43 @@ import pstats
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Goal:
+    """One figure and the project's goal for it.
+
+    *better* says which way is good: ``"lower"`` (a time: met when value <= goal) or
+    ``"higher"`` (a rate: met when value >= goal). A figure that could not be measured is
+    ``None`` and never met.
+    """
+
+    name: str
+    value: float | None
+    goal: float
+    unit: str
+    better: Literal["lower", "higher"] = "lower"
+
+    @property
+    def met(self) -> bool:
+        if self.value is None:
+            return False
+        return self.value <= self.goal if self.better == "lower" else self.value >= self.goal
+
+    def record(self) -> dict[str, Any]:
+        """The JSON form ``run_all.py`` reads: name, value, goal, unit, better, ratio (value/goal), met."""
+        ratio = None if self.value is None or not self.goal else round(self.value / self.goal, 4)
+        return {"name": self.name, "value": self.value, "goal": self.goal, "unit": self.unit,
+                "better": self.better, "ratio": ratio, "met": self.met}
+
+
+def goals(*items: Goal) -> list[dict[str, Any]]:
+    """The ``"goals"`` list of a benchmark's JSON document."""
+    return [g.record() for g in items]
 
 
 def run_loop(coro_factory: Callable[[], Awaitable[T]], loop: str = "uvloop") -> T:

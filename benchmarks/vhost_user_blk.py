@@ -35,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Stopwatch, machine_info, pin_threads, profile_table, profiled, run_checked, run_loop  # noqa: E402
+from _common import Goal, Stopwatch, goals, machine_info, pin_threads, profile_table, profiled, run_checked, run_loop  # noqa: E402
 
 from shadowvmm.config import DeviceConfig  # noqa: E402
 from shadowvmm.guest.blk import BlkDriver, BlkOp  # noqa: E402
@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": per_depth,
         "goal": {"qd32_ratio_at_least": GOAL_QD32, "qd32_ratio": ratio32,
                  "met": None if ratio32 is None else ratio32 >= GOAL_QD32},
+        "goals": goals(Goal("vhost_user_blk.qd32_iops_vs_qemu_img", ratio32, GOAL_QD32, "ratio", "higher")),
         "machine": machine_info(),
     }
 

@@ -317,4 +317,4 @@ class StatusShadow:
 
     @property
     def driver_ok(self) -> bool:
-        return bool(self.guest_status & Status.DRIVER_OK) or self.guest_stopped
+        return bool(self.guest_status & _DRIVER_OK) or self.guest_stopped

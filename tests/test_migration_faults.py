@@ -191,9 +191,20 @@ async def test_slow_device_abandons_migration_and_everything_resumes(tmp_path: P
         async def dest():
             return await migrate_in(dst, await listener.accept(5), timeout=5)
         dest_task = asyncio.ensure_future(dest())
+        slow = src.device("blk0").backend
+        assert isinstance(slow, InProcBackend)
+
+        async def fresh_batch_in_flight() -> None:
+            # The stop starts right after blk0's backend took a batch: its requests then have
+            # ~250 ms to go, past the 0.1 s bound whatever phase of the load the precopy ended in
+            # (a stop landing less than 0.1 s before a batch completed used to finish in time).
+            taken = slow.requests
+            await wait_until(lambda: slow.requests > taken, what="blk0 taking a new batch")
+
         with pytest.raises(StopTimeoutError) as info:
             await migrate_out(src, await endpoint.connect(), MigrationOptions(mode="copy", max_rounds=1,
-                                                                                stop_timeout=0.1))
+                                                                                stop_timeout=0.1),
+                              MigrationHooks(pause_guest=fresh_batch_in_flight))
         assert list(info.value.slow) == ["blk0"] and "resumed" in str(info.value)
         with pytest.raises(MigrationError):
             await dest_task

@@ -69,6 +69,9 @@ class Ring:
     queue: Any = None
     in_flight: int = 0
     drained: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The kick fd the loop watches for this ring (-1: none): a stop unwatches each ring twice
+    #: (suspend, GET_VRING_BASE) and the loop's remove_reader is not free.
+    watched_fd: int = -1
 
 
 class InProcBackend(BackendBase):
@@ -282,12 +285,16 @@ class InProcBackend(BackendBase):
     def _watch(self, ring: Ring) -> None:
         if ring.kick_fd >= 0 and not self.suspended and ring.queue is not None:
             assert self._loop is not None
-            self._loop.add_reader(ring.kick_fd, self._on_kick, ring)
+            if ring.watched_fd != ring.kick_fd:
+                self._unwatch(ring)
+                self._loop.add_reader(ring.kick_fd, self._on_kick, ring)
+                ring.watched_fd = ring.kick_fd
             self._process(ring)
 
     def _unwatch(self, ring: Ring) -> None:
-        if ring.kick_fd >= 0 and self._loop is not None:
-            self._loop.remove_reader(ring.kick_fd)
+        if ring.watched_fd >= 0 and self._loop is not None:
+            self._loop.remove_reader(ring.watched_fd)
+        ring.watched_fd = -1
 
     def _on_kick(self, ring: Ring) -> None:
         try:

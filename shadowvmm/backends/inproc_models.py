@@ -10,6 +10,7 @@ streamed between the disk and guest memory, never copied whole.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import stat
 import struct
@@ -180,15 +181,18 @@ class BlkModel:
         self.writeback = 1
         self.seg_max = 126
         self.fd = -1
-        self.image: bytearray | None = None
+        #: An image in memory: an anonymous mapping, zero pages until written (a zero-filled
+        #: bytearray would make the whole disk resident at once); unmapped with the model, so
+        #: its bytes outlive a close as a bytearray's did.
+        self.image: mmap.mmap | None = None
         if opts["image"] is not None:
             self.fd, self.size = _open_image(opts["image"], opts["size"], self.read_only)
         else:
             self.size = opts["size"] or 64 << 20
             try:
-                self.image = bytearray(self.size)
-            except MemoryError:
-                raise ConfigError("size", f"no memory for a {self.size}-byte image") from None
+                self.image = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            except OSError as exc:
+                raise ConfigError("size", f"no memory for a {self.size}-byte image: {exc.strerror}") from None
 
     def features(self) -> int:
         bits = (BlkFeature.SEG_MAX | BlkFeature.BLK_SIZE | BlkFeature.FLUSH

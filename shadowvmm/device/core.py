@@ -261,6 +261,20 @@ class DeviceCore:
         return {}
 
     @property
+    def backend_caps(self) -> Capability:
+        """What the backend session can do (:meth:`~shadowvmm.backends.base.Backend.capabilities`)."""
+        return self._backend_caps
+
+    @backend_caps.setter
+    def backend_caps(self, caps: Capability) -> None:
+        self._backend_caps = caps
+        self._caps_bits = caps.value
+
+    def _has_cap(self, cap: Capability) -> bool:
+        """``cap in backend_caps`` on the int bits: a Flag ``&`` builds a member (about 2 µs)."""
+        return bool(self._caps_bits & cap.value)
+
+    @property
     def loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
@@ -289,12 +303,12 @@ class DeviceCore:
             raise DeviceStateError(f"{self.name}: not realized")
 
     def _set_run_state(self, state: RunState) -> None:
-        if state is not self.run_state:
+        if state is not self.run_state and log.isEnabledFor(logging.INFO):
             log.info("%s: run state %s -> %s", self.name, self.run_state.value, state.value)
         self.run_state = state
 
     def _set_link(self, state: LinkState) -> None:
-        if state is not self.link:
+        if state is not self.link and log.isEnabledFor(logging.INFO):
             log.info("%s: backend link %s -> %s", self.name, self.link.value, state.value)
         self.link = state
 

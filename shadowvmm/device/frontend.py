@@ -63,7 +63,7 @@ class VirtioDevice(PartsMixin):
         self.backend_caps = self.backend.capabilities()
         self.backend_features = int(await self.backend.get_features())
         policy = self.policy
-        if not self.backend_caps & Capability.RING_RESTART:
+        if not self._has_cap(Capability.RING_RESTART):
             policy = FeaturePolicy(policy.dialect, policy.mask, policy.transport_supported,
                                    policy.vmm_emulated & ~int(Feature.RING_RESET))
             self.policy = policy
@@ -157,7 +157,8 @@ class VirtioDevice(PartsMixin):
         not started the device). A backend being reconnected is waited for first.
         """
         self._require_realized()
-        await self._wait_link()
+        if self.link is LinkState.RECONNECTING:
+            await self._wait_link()
         if self.run_state is RunState.STOPPED:
             return list(self.ring_states.values())
         if self.run_state is not RunState.RUNNING:
@@ -187,7 +188,8 @@ class VirtioDevice(PartsMixin):
         self.stats.last_stop_seconds = self.clock() - started
         if self.timeline is not None:
             self.timeline.record(EventKind.STOP_END, by="vmm", rings=len(self.ring_states))
-        log.info("%s: VMM stop complete in %.1f ms", self.name, self.stats.last_stop_seconds * 1e3)
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s: VMM stop complete in %.1f ms", self.name, self.stats.last_stop_seconds * 1e3)
         return list(self.ring_states.values())
 
     async def resume(self) -> None:

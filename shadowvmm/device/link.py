@@ -115,7 +115,7 @@ class LinkMixin(RegistersMixin):
         """Why the rings of a lost session cannot resume transparently (None: they may)."""
         if not self.reconnect_policy.enabled:
             return "reconnect is off"
-        if not self.backend_caps & Capability.RECONNECT:
+        if not self._has_cap(Capability.RECONNECT):
             return f"backend {self.backend.implementation!r} cannot reconnect"
         if self._lost_rings and self.device_id not in RESUMABLE_TYPES:
             return f"a {self.device_id.name} backend keeps session state a new session lacks"
@@ -159,7 +159,7 @@ class LinkMixin(RegistersMixin):
             q = self.queues[index]
             if packed:
                 return f"ring {index}: packed rings resume only from the backend's own state"
-            if self.backend_caps & Capability.INFLIGHT:
+            if self._has_cap(Capability.INFLIGHT):
                 # The new session resubmits from the inflight area (used idx + in-flight ones).
                 bases[index] = RingState(index, self.memory.load_u16(q.device + 2))
                 continue
@@ -275,8 +275,8 @@ class LinkMixin(RegistersMixin):
     # ------------------------------------------------------------------ ring tracking
 
     def _tracking_wanted(self) -> bool:
-        return (self.reconnect_policy.enabled and bool(self.backend_caps & Capability.RECONNECT)
-                and not self.backend_caps & Capability.INFLIGHT and self.device_id in RESUMABLE_TYPES
+        return (self.reconnect_policy.enabled and bool(self._has_cap(Capability.RECONNECT))
+                and not self._has_cap(Capability.INFLIGHT) and self.device_id in RESUMABLE_TYPES
                 and not self.driver_features & Feature.RING_PACKED)
 
     def _track_ring(self, q: QueueRegs, base: int) -> None:

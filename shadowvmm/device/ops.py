@@ -18,7 +18,7 @@ class OpKind(enum.Enum):
     DMA_SPACE = "dma space change"
 
 
-@dataclass
+@dataclass(slots=True)
 class Op:
     kind: OpKind
     args: tuple = ()

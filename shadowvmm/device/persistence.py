@@ -73,7 +73,7 @@ class PersistenceMixin(SequencerMixin):
         standard_type = STANDARD_TYPES.get(self.device_id)
         standard = standard_type.capture(bytes(self.config), regs) if standard_type is not None else None
         opaque = None
-        if include_opaque and self.backend_caps & Capability.DEVICE_STATE:
+        if include_opaque and self._has_cap(Capability.DEVICE_STATE):
             blob = await self.backend.save_state()
             if blob is not None:
                 opaque = OpaquePart(self.backend.implementation, self.backend.implementation_version, bytes(blob))
@@ -150,7 +150,7 @@ class PersistenceMixin(SequencerMixin):
         if state.opaque is not None:
             state.opaque.check_loadable(self.backend.implementation, self.backend.implementation_version,
                                         self.name)
-            if not self.backend_caps & Capability.DEVICE_STATE:
+            if not self._has_cap(Capability.DEVICE_STATE):
                 raise IncompatibleStateError(f"{self.name}: destination backend "
                                              f"{self.backend.implementation!r} cannot load opaque state")
 
@@ -178,7 +178,7 @@ class PersistenceMixin(SequencerMixin):
                 raise IncompatibleStateError(
                     f"{self.name}: destination backend {self.backend.implementation!r} refused opaque state "
                     f"of {state.opaque.implementation!r} v{state.opaque.version}: {exc}") from exc
-        if state.standard is not None and self.backend_caps & Capability.CONFIG:
+        if state.standard is not None and self._has_cap(Capability.CONFIG):
             for offset, data in state.standard.backend_writes(backend_config):
                 await self.backend.set_config(offset, data)
         shadow = self.shadow

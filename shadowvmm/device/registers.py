@@ -357,7 +357,7 @@ class RegistersMixin(WorkerMixin):
             return
         data = (value & ((1 << (8 * width)) - 1)).to_bytes(width, "little")
         self.config[offset:offset + width] = data
-        if self.backend_caps & Capability.CONFIG:
+        if self._has_cap(Capability.CONFIG):
             self._config_writes[offset] = data
             self._submit(Op(OpKind.CONFIG_WRITE, (offset, data)))
 

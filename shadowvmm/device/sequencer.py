@@ -50,7 +50,7 @@ class SequencerMixin(LinkMixin):
             return
         if "refresh-config" in why:
             self._config_refresh_queued = False
-            if self.backend_caps & Capability.CONFIG:
+            if self._has_cap(Capability.CONFIG):
                 self.update_config(await self.backend.get_config(0, len(self.config)))
         if "active-queues" in why:
             await self._apply_active_queues()
@@ -147,7 +147,7 @@ class SequencerMixin(LinkMixin):
             self._held_kicks.add(index)
             try:
                 # A SUSPEND-capable backend's GET_VRING_BASE completes the ring's requests itself.
-                target = self._drain_target([q]) if not self.backend_caps & Capability.SUSPEND else (0.0, [])
+                target = self._drain_target([q]) if not self._has_cap(Capability.SUSPEND) else (0.0, [])
                 await self.backend.set_vring_enable(index, False)
                 await self._drain(target)
                 await self.backend.get_vring_base(index)
@@ -216,7 +216,7 @@ class SequencerMixin(LinkMixin):
             await b.set_mem_table(self.memory)
             self._same_session(session)
             self._mem_table_sent = True
-        if self.backend_caps & Capability.INFLIGHT:
+        if self._has_cap(Capability.INFLIGHT):
             await b.prepare_inflight(self.num_queues, max(q.max_size for q in self.queues))
         if fresh:
             for offset, data in sorted(self._config_writes.items()):
@@ -224,7 +224,7 @@ class SequencerMixin(LinkMixin):
         rings = [q for q in self._backend_queues() if q.set_up]
         try:
             await self._program_rings(rings, send_call=False, sizes=staged.sizes)
-            if self.backend_caps & Capability.STATUS:
+            if self._has_cap(Capability.STATUS):
                 await b.set_status(self._backend_status())
             self._same_session(session)
             self.started = True
@@ -296,6 +296,8 @@ class SequencerMixin(LinkMixin):
                 vq.start(self._kick_fds[index], self._saved_base(index))
 
     def _stop_vmm_queues(self) -> dict[int, RingState]:
+        if not self.vmm_queues:
+            return {}
         return {i: RingState(i, vq.stop()) for i, vq in self.vmm_queues.items()
                 if self.queues[i].set_up}
 
@@ -325,15 +327,16 @@ class SequencerMixin(LinkMixin):
         b = self.backend
         session = self._session
         vmm_states = self._stop_vmm_queues()
-        running = [q for q in self._backend_queues() if q.index in self._live_rings]
+        live = self._live_rings
+        running = [q for q in self._backend_queues() if q.index in live]
         held = {q.index for q in running} - self._held_kicks
         self._held_kicks.update(held)
         tap = self.timeline
+        suspends = self._has_cap(Capability.SUSPEND)
         try:
             if tap is not None:
-                tap.record(EventKind.DRAIN_START, rings=len(running),
-                           how="suspend" if self.backend_caps & Capability.SUSPEND else "disable")
-            if self.backend_caps & Capability.SUSPEND:
+                tap.record(EventKind.DRAIN_START, rings=len(running), how="suspend" if suspends else "disable")
+            if suspends:
                 await b.suspend()
             else:
                 # QEMU's order: disable, then the bases. The drain target is taken at the hold,
@@ -355,8 +358,8 @@ class SequencerMixin(LinkMixin):
                 if tap is not None:
                     tap.record(EventKind.GET_VRING_BASE, ring=q.index, base=states[q.index].base)
                 self._same_session(session)
-                if not self.backend_caps & Capability.SUSPEND:
-                    self._live_rings.discard(q.index)
+                if not suspends:
+                    live.discard(q.index)
                     self._ledgers.pop(q.index, None)
         except BaseException:
             self._held_kicks -= held
@@ -364,12 +367,13 @@ class SequencerMixin(LinkMixin):
                 self._kick_all()    # the rings may still run: deliver the kicks held meanwhile
             raise
         self._held_kicks -= held
-        if self.backend_caps & Capability.SUSPEND:
+        if suspends:
             self._ledgers.clear()
         states.update(vmm_states)
         self.ring_states = dict(sorted(states.items()))
         self.rings_running = False
-        logger.debug("%s: rings stopped: %s", self.name, sorted(self.ring_states))
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s: rings stopped: %s", self.name, sorted(self.ring_states))
 
     def _disable_order(self, running: list[QueueRegs]) -> list[QueueRegs]:
         """virtio-net: every transmitq before any receiveq. A back-end that forwards (testpmd
@@ -506,9 +510,9 @@ class SequencerMixin(LinkMixin):
         device's GuestMemory, which marks the log (:meth:`GuestMemory.write`): it needs nothing.
         """
         b = self.backend
-        if self.backend_caps & Capability.SHARED_MEMORY:
+        if self._has_cap(Capability.SHARED_MEMORY):
             return
-        if not self.backend_caps & Capability.DIRTY_LOG:
+        if not self._has_cap(Capability.DIRTY_LOG):
             raise UnsupportedError(f"{self.name}: backend {b.implementation!r} cannot log dirty pages")
         await self.settle()
         await b.set_log_base(log.fd, log.size)
@@ -522,7 +526,7 @@ class SequencerMixin(LinkMixin):
     async def stop_dirty_log(self) -> None:
         """Undo :meth:`start_dirty_log`: SET_FEATURES without LOG_ALL, ring addresses without LOG."""
         b = self.backend
-        if self.backend_caps & Capability.SHARED_MEMORY or not self.backend_caps & Capability.DIRTY_LOG:
+        if self._has_cap(Capability.SHARED_MEMORY) or not self._has_cap(Capability.DIRTY_LOG):
             return
         if self.run_state is RunState.FAILED:
             return

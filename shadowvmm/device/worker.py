@@ -44,7 +44,18 @@ class WorkerMixin(InterruptsMixin):
         """
         while True:
             try:
-                await self._carry_out(op)
+                if self._wake is None:
+                    raise DeviceStateError(f"{self.name}: not realized")
+                if not self._ops and not self._op_running:
+                    try:
+                        await self._run_op(op)
+                    except asyncio.CancelledError:
+                        self._fail(DeviceStateError(f"{self.name}: {op.kind.name} cancelled midway"))
+                        raise
+                else:
+                    op.done = self.loop.create_future()
+                    self._submit(op)
+                    await op.done
                 return
             except BackendError:
                 if op.kind is not OpKind.RECONCILE or self.link is not LinkState.RECONNECTING:
@@ -52,33 +63,23 @@ class WorkerMixin(InterruptsMixin):
             await self._wait_link()
             op = Op(op.kind, op.args)
 
-    async def _carry_out(self, op: Op) -> None:
-        if self._wake is None:
-            raise DeviceStateError(f"{self.name}: not realized")
-        if not self._ops and not self._op_running:
-            try:
-                await self._run_op(op)
-            except asyncio.CancelledError:
-                self._fail(DeviceStateError(f"{self.name}: {op.kind.name} cancelled midway"))
-                raise
-            return
-        op.done = self.loop.create_future()
-        self._submit(op)
-        await op.done
-
     async def _run_op(self, op: Op) -> None:
         """Run one operation; any error fails the device unless the backend session died
         under it (then the loss handling owns the recovery)."""
         self._op_running = True
+        debug = log.isEnabledFor(logging.DEBUG)
         try:
             if self.run_state is not RunState.FAILED or op.kind in _WHEN_FAILED:
-                log.debug("%s: op %s%s", self.name, op.kind.value, op.args or "")
+                if debug:
+                    log.debug("%s: op %s%s", self.name, op.kind.value, op.args or "")
                 await self._op_handlers[op.kind](*op.args)
-                log.debug("%s: op %s done", self.name, op.kind.value)
-            else:
+                if debug:
+                    log.debug("%s: op %s done", self.name, op.kind.value)
+            elif debug:
                 log.debug("%s: op %s skipped: the device failed", self.name, op.kind.value)
         except asyncio.CancelledError:
-            log.debug("%s: op %s cancelled", self.name, op.kind.value)
+            if debug:
+                log.debug("%s: op %s cancelled", self.name, op.kind.value)
             raise
         except Exception as exc:
             if not (isinstance(exc, BackendError) and self.link is not LinkState.UP):
@@ -86,7 +87,8 @@ class WorkerMixin(InterruptsMixin):
                                         IncompatibleStateError)):
                     log.exception("%s: %s failed unexpectedly", self.name, op.kind.value)
                 self._fail(exc)
-            log.debug("%s: op %s failed: %s", self.name, op.kind.value, exc)
+            if debug:
+                log.debug("%s: op %s failed: %s", self.name, op.kind.value, exc)
             raise
         finally:
             self._op_running = False
