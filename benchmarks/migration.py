@@ -38,7 +38,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -61,7 +63,27 @@ RATIO_GOAL = 1.2
 IDLE_ADDED_US_GOAL = 10.0
 
 
-async def one_migration(tmp: Path, sockets: list[Path] | None, image: Path, pause: bool) -> dict:
+class DowntimeProfile:
+    """cProfile switched on when the source stops (the pause hook) and off at switch-over."""
+
+    def __init__(self) -> None:
+        self.profile = cProfile.Profile()
+
+    def wrap_pause(self, hook: Callable[[], Any] | None) -> Callable[[], Any]:
+        def pause() -> Any:
+            self.profile.enable()
+            return hook() if hook is not None else None
+        return pause
+
+    def wrap_switch_over(self, hook: Callable[[], Any]) -> Callable[[], Any]:
+        def switch_over() -> Any:
+            self.profile.disable()
+            return hook()
+        return switch_over
+
+
+async def one_migration(tmp: Path, sockets: list[Path] | None, image: Path, pause: bool,
+                        profile: DowntimeProfile | None = None) -> dict:
     src = Machine(64 << 20)
     dst = machine_sharing(src.memory)
     cfg = DeviceConfig("blk0", "vhost-user" if sockets else "inproc",
@@ -85,9 +107,13 @@ async def one_migration(tmp: Path, sockets: list[Path] | None, image: Path, paus
         async def incoming():
             return await migrate_in(dst, await listener.accept(10))
         task = asyncio.ensure_future(incoming())
-        hooks = MigrationHooks(switch_over=lambda: move_guest(guest, src.device("blk0"), dst.device("blk0"),
-                                                              dst.slots["blk0"].transport),
-                               pause_guest=load.freeze if pause else None,
+        def move() -> None:
+            move_guest(guest, src.device("blk0"), dst.device("blk0"), dst.slots["blk0"].transport)
+        switch_over: Callable[[], Any] = move
+        pause_guest: Callable[[], Any] | None = load.freeze if pause else None
+        if profile is not None:
+            switch_over, pause_guest = profile.wrap_switch_over(move), profile.wrap_pause(pause_guest)
+        hooks = MigrationHooks(switch_over=switch_over, pause_guest=pause_guest,
                                resume_guest=load.resume if pause else None)
         in_flight = sum(q.ring.in_flight for q in guest.queues)
         abandoned = None
@@ -113,7 +139,8 @@ async def one_migration(tmp: Path, sockets: list[Path] | None, image: Path, paus
         await src.close()
 
 
-async def downtime(runs: int, pause: bool) -> dict:
+async def downtime(runs: int, pause: bool, profile: bool = False) -> dict:
+    prof = DowntimeProfile() if profile else None
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         try:
@@ -124,10 +151,16 @@ async def downtime(runs: int, pause: bool) -> dict:
         if qsd is not None:
             with qsd:
                 results = [await one_migration(tmp, qsd.socket_paths, tmp / "disk.img", pause) for _ in range(runs)]
+                if prof is not None:
+                    await one_migration(tmp, qsd.socket_paths, tmp / "disk.img", pause, prof)
+                    prof.profile.disable()      # an abandoned migration never reached switch-over
             backend = "qemu-storage-daemon (2 exports, 4 queues)"
         else:
             (tmp / "disk.img").write_bytes(bytes(64 << 20))
             results = [await one_migration(tmp, None, tmp / "disk.img", pause) for _ in range(runs)]
+            if prof is not None:
+                await one_migration(tmp, None, tmp / "disk.img", pause, prof)
+                prof.profile.disable()
             backend = "inproc (shared image file, 4 queues)"
     done = [r for r in results if "abandoned" not in r]
     values = [r["downtime_ms"] for r in done]
@@ -139,7 +172,11 @@ async def downtime(runs: int, pause: bool) -> dict:
             "in_flight_at_start_median": statistics.median(r["in_flight"] for r in done) if done else None,
             "all_verified": all(r["ok"] for r in results),
             "abandoned": [r["abandoned"] for r in results if "abandoned" in r],
-            "goal_ms": goal, "meets_goal": median is not None and median <= goal}
+            "goal_ms": goal, "meets_goal": median is not None and median <= goal,
+            **({} if prof is None else {"profile": {
+                "migrations": 1, "window": "source stop (pause hook) to switch-over",
+                "note": "untimed migration; profiler overhead inflates every figure",
+                "top": profile_table(prof.profile, 1)}})}
 
 
 #: The stop section's variants: requests in flight (submitted together just before the stop, or
@@ -201,23 +238,24 @@ async def stop_times(count: int, latency_us: int, mode: str, rounds: int,
         await machine.close()
 
 
-async def stop_scaling(latency_us: int, rounds: int, profile: bool = False) -> dict:
-    """Each mode's median stop of 1 and of 64 devices, wall-clock and CPU; the CPU figures hold
-    on a loaded machine, where the wall-clock ones take in whatever ran meanwhile."""
-    out: dict = {}
+async def stop_scaling(latency_us: int, rounds: int, profile: bool = False, devices: int = 64) -> dict:
+    """Each mode's median stop of 1 and of *devices* devices, wall-clock and CPU; the CPU figures
+    hold on a loaded machine, where the wall-clock ones take in whatever ran meanwhile."""
+    out: dict = {"devices": devices}
+    extra = max(devices - 1, 1)
     for mode in STOP_MODES:
         (one, one_cpu), (many, many_cpu) = [[statistics.median(v) for v in await stop_times(n, latency_us, mode,
                                                                                              rounds)]
-                                            for n in (1, 64)]
+                                            for n in (1, devices)]
         out[mode] = {"stop_1_ms": round(one, 3), "stop_64_ms": round(many, 3), "ratio": round(many / one, 2),
-                     "added_us_per_device": round((many - one) / 63 * 1e3, 1),
+                     "added_us_per_device": round((many - one) / extra * 1e3, 1),
                      "cpu_1_ms": round(one_cpu, 3), "cpu_64_ms": round(many_cpu, 3),
-                     "cpu_added_us_per_device": round((many_cpu - one_cpu) / 63 * 1e3, 1)}
+                     "cpu_added_us_per_device": round((many_cpu - one_cpu) / extra * 1e3, 1)}
         if profile:
             prof = cProfile.Profile()
-            await stop_times(64, latency_us, mode, rounds, prof)
-            out[mode]["profile"] = {"note": "cProfile of the 64-device stops (the backends' request work "
-                                    "included), per device stopped", "top": profile_table(prof, 64 * rounds, 20)}
+            await stop_times(devices, latency_us, mode, rounds, prof)
+            out[mode]["profile"] = {"note": f"cProfile of the {devices}-device stops (the backends' request work "
+                                    "included), per device stopped", "top": profile_table(prof, devices * rounds, 20)}
     out["under_io_taken"]["note"] = ("the backends took every request before the stop began: the stop "
                                      "without the in-process backends' request work (no goal of its own)")
     out["latency_us"] = latency_us
@@ -243,10 +281,10 @@ def figure_goals(result: dict) -> list[dict]:
 async def main(args: argparse.Namespace) -> dict:
     out: dict = {}
     if args.section in ("all", "downtime"):
-        out["downtime"] = {"guest_running": await downtime(args.runs, False),
-                           "guest_paused": await downtime(args.runs, True)}
+        out["downtime"] = {"guest_running": await downtime(args.runs, False, args.profile),
+                           "guest_paused": await downtime(args.runs, True, args.profile)}
     if args.section in ("all", "stop"):
-        out["stop"] = await stop_scaling(args.latency_us, args.rounds, args.profile)
+        out["stop"] = await stop_scaling(args.latency_us, args.rounds, args.profile, args.devices)
     out["goals"] = figure_goals(out)
     return out
 
@@ -259,8 +297,10 @@ if __name__ == "__main__":
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
                         help="event loop (default uvloop, as `shadowvmm run`)")
     parser.add_argument("--section", choices=("all", "downtime", "stop"), default="all")
+    parser.add_argument("--devices", type=int, default=64, help="devices stopped together (default 64)")
     parser.add_argument("--quick", action="store_true", help="2 migrations, 3 stops per figure (a smoke run)")
-    parser.add_argument("--profile", action="store_true", help="add cProfile's top entries of the 64-device stops")
+    parser.add_argument("--profile", action="store_true", help="add cProfile's top entries of the many-device "
+                        "stops and of one more (untimed) migration's downtime window per variant")
     args = parser.parse_args()
     if args.quick:
         args.runs, args.rounds = 2, 3

@@ -48,7 +48,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_info, profile_table, profiled, run_loop  # noqa: E402
+from _common import Goal, goals, machine_info, profile_table, profiled, run_loop  # noqa: E402
 
 from shadowvmm.config import DeviceConfig  # noqa: E402
 from shadowvmm.guest.net import NetDriver  # noqa: E402
@@ -348,7 +348,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     parser.add_argument("--profile", action="store_true", help="add a cProfile pass of each of our loops")
     parser.add_argument("--no-pin", action="store_true", help="leave CPU placement to the scheduler")
+    parser.add_argument("--quick", action="store_true", help="0.3 s windows, split rings only (a smoke run)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.secs, args.warmup, args.layouts = 0.3, min(args.warmup, 0.3), "split"
     cpus = sorted(os.sched_getaffinity(0))
     pinning = None if args.no_pin or len(cpus) < 2 else cpus[:2]
     results: dict[str, Any] = {}
@@ -375,6 +378,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                      "testpmd_vhost_forwarding": pinning[1]},
         "results": results,
         "goal": {"tx_ratio_at_least": GOAL_TX, "tx_ratios": tx_ratios, "met": met},
+        "goals": goals(*(Goal(f"net_pps.tx_vs_dpdk.{layout}", ratio, GOAL_TX, "ratio", "higher")
+                         for layout, ratio in tx_ratios.items())),
         "machine": machine_info(),
     }
 

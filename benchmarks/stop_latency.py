@@ -40,7 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_info, profile_table, run_checked, run_loop  # noqa: E402
+from _common import Goal, goals, machine_info, profile_table, run_checked, run_loop  # noqa: E402
 
 from shadowvmm.config import DeviceConfig  # noqa: E402
 from shadowvmm.guest.blk import BlkDriver  # noqa: E402
@@ -255,7 +255,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
                         help="event loop (default uvloop, as `shadowvmm run`)")
     parser.add_argument("--profile", action="store_true", help="add cProfile's top entries of the stop")
+    parser.add_argument("--quick", action="store_true", help="20 stops (a smoke run)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.iterations = 20
     version = run_checked([find_peer("qemu-storage-daemon"), "--version"]).splitlines()[0]
     with tempfile.TemporaryDirectory(prefix="shadowvmm-stop-") as tmp:
         with QsdBlk(tmp, size=1 << 30, num_queues=QUEUES, exports=2, name="qsd-stop") as qsd:
@@ -273,6 +276,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "goal": {"stop_median_ms_at_most": GOAL_STOP_MS, "ratio_at_most": GOAL_RATIO,
                  "stop_met": stop_ms <= GOAL_STOP_MS, "ratio_met": ratio <= GOAL_RATIO,
                  "met": stop_ms <= GOAL_STOP_MS and ratio <= GOAL_RATIO},
+        "goals": goals(Goal("stop_latency.idle_2q_qsd", stop_ms, GOAL_STOP_MS, "ms"),
+                       Goal("stop_latency.stop_vs_floor", ratio, GOAL_RATIO, "ratio")),
         "machine": machine_info(),
     }
 
