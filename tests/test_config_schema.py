@@ -367,7 +367,7 @@ def test_plugin_schemas() -> None:
     assert not RngModel.OPTIONS.options
     assert list(VhostUserBackend.OPTIONS.options) == ["socket", "device", "timeout", "queues", "config_size",
                                                       "protocol_features", "busy_poll_us",
-                                                      "ring_disable"]
+                                                      "ring_disable", "ring_restart"]
     assert list(VdpaBackend.OPTIONS.options) == ["path", "device", "backend_features", "asid"]
 
 

@@ -22,7 +22,7 @@ def test_every_plugin_is_a_distribution_with_an_entry_point() -> None:
 def test_local_test_plugins_name_sibling_plugins() -> None:
     listed = {plugin.name: (plugin / "local-test-plugins").read_text().split()
               for plugin in PLUGINS if (plugin / "local-test-plugins").exists()}
-    assert listed == {"nested": ["vhost-user"]}
+    assert listed == {"nested": ["vhost-user"], "vdpa": ["nested"]}
     for name, deps in listed.items():
         for dep in deps:
             assert dep != name and (ROOT / "plugins" / dep / "pyproject.toml").is_file(), (name, dep)
