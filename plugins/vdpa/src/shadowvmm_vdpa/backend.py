@@ -188,7 +188,10 @@ class VdpaBackend(BackendBase):
         if self._has(BackendFeature.SUSPEND):
             caps |= Capability.SUSPEND
         if self._has(BackendFeature.RESUME):
-            caps |= Capability.RESUME | Capability.RING_RESTART
+            caps |= Capability.RESUME
+        # No RING_RESTART: vhost-vdpa takes VHOST_SET_VRING_BASE after DRIVER_OK only while the
+        # whole device is suspended (EINVAL otherwise), so one ring cannot restart while the
+        # others run and VIRTIO_F_RING_RESET is not offered (as QEMU's vhost-vdpa does not).
         return caps
 
     def capability_notes(self) -> str:
@@ -203,7 +206,7 @@ class VdpaBackend(BackendBase):
         elif not self._has(BackendFeature.RESUME):
             notes.append("SUSPEND without RESUME (e.g. Linux 6.1): after suspend() and "
                          "get_vring_base the device layer must reset and replay features, "
-                         "ring num/base/addr/kick/call, enable and status (no RESUME, no RING_RESTART)")
+                         "ring num/base/addr/kick/call, enable and status (no RESUME)")
         else:
             notes.append("SUSPEND + RESUME: suspend(), get_vring_base, then resume(); "
                          "ring addr/base may be reprogrammed while suspended")

@@ -12,6 +12,7 @@ in the lane) raises the limit first.
 
 from __future__ import annotations
 
+import platform
 import resource
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -20,6 +21,7 @@ from types import TracebackType
 import pytest
 
 from shadowvmm.config import DeviceConfig, MachineConfig
+from shadowvmm.errors import DestinationRefused
 from shadowvmm.device import VirtioDevice
 from shadowvmm.machine import Machine
 from shadowvmm.scenarios import all_scenarios, run_scenario
@@ -34,6 +36,10 @@ DIALECTS = {StopPath.SUSPEND: StopDialect.SUSPEND, StopPath.STOP: StopDialect.ST
 #: default 8 MiB; the nested rows need 16 MiB (L2's RAM is L0's upper half).
 MEMORY_MIB = {**dict.fromkeys(ROWS_SCENARIOS, 2), **dict.fromkeys(NESTED, 16)}
 NESTED_MEMLOCK = 64 << 20
+#: Known gap, asserted so that it is noticed when it closes: on Linux 6.1 the destination's
+#: vdpasim_net refuses the IOTLB map of the 16 MiB L0 memory the source device already maps
+#: (EFAULT), so L0 cannot migrate L1 there; 6.12 migrates.
+L0_MIGRATION_REFUSED_ON_61 = platform.release().startswith("6.1.")
 
 
 @pytest.fixture
@@ -75,6 +81,10 @@ async def test_vdpa_sim_cell(scenario: str, path: StopPath, vdpa_device, memlock
         run = run_scenario(all_scenarios(), scenario, cfg, peers=SimPair((a, b)), admin=path is StopPath.ADMIN,
                            strict=True)
         refusal = cell.refusal
+        if refusal is None and L0_MIGRATION_REFUSED_ON_61 and scenario.startswith("l0-migrates-l1"):
+            with pytest.raises(DestinationRefused, match="IOTLB UPDATE: EFAULT"):
+                await run
+            return
         if refusal is not None:
             with pytest.raises(refusal.error, match=refusal.match):
                 await run

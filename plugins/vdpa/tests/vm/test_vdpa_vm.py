@@ -194,7 +194,8 @@ async def test_net_datapath_suspend_and_restart(vdpa_device, mode: str) -> None:
             bases = [(await backend.get_vring_base(i)).base for i in (RX, TX)]
             assert bases == [1, 1]
             if mode == "resume":
-                assert Capability.RESUME | Capability.RING_RESTART in backend.capabilities()
+                assert Capability.RESUME in backend.capabilities()
+                assert not backend.capabilities() & Capability.RING_RESTART
                 await backend.resume()
             else:
                 assert not backend.capabilities() & (Capability.RESUME | Capability.RING_RESTART)
