@@ -21,8 +21,8 @@ from types import TracebackType
 import pytest
 
 from shadowvmm.config import DeviceConfig, MachineConfig
-from shadowvmm.errors import DestinationRefused
 from shadowvmm.device import VirtioDevice
+from shadowvmm.errors import DestinationRefused
 from shadowvmm.machine import Machine
 from shadowvmm.scenarios import all_scenarios, run_scenario
 from shadowvmm.shadow import StopDialect
