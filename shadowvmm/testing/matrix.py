@@ -140,6 +140,7 @@ EXPECTED.update({
     ("l0-migrates-l1-2.3", StopPath.STOP): {"L2": _INIT, "L1": _L1_23},
     #: L0's device is member 1 of an owner (L0 adm0); the group migrates with it (the ``!admin`` record).
     ("l0-migrates-l1", StopPath.ADMIN): {"L2": _INIT, "L1": _INIT, OWNER_LEVEL: _INIT},
+    ("l0-migrates-l1-2.2", StopPath.ADMIN): {"L2": _INIT, "L1": _INIT, OWNER_LEVEL: _INIT},
     ("l0-migrates-l1-2.3", StopPath.ADMIN): {"L2": _INIT, "L1": _L1_23, OWNER_LEVEL: _INIT},
 })
 NESTED_MIGRATING = frozenset(NESTED[1:])
@@ -154,9 +155,6 @@ REFUSALS = (
     Refusal(ScenarioError, "needs the stop dialect suspend",
             "STOP is left by a reset only: L1 stops with SUSPEND", frozenset({"l0-migrates-l1-2.2"}),
             frozenset({StopPath.STOP})),
-    Refusal(ScenarioError, "stop through the owner's admin queue is not wired",
-            "L1's DEV_MODE_SET stop is not wired into the L0-migrates-L1 stack",
-            frozenset({"l0-migrates-l1-2.2"}), frozenset({StopPath.ADMIN})),
     Refusal(MigrationError, "FUSE session.*does not offer DEVICE_STATE",
             "migration blocker: virtiofsd has no DEVICE_STATE for the FUSE session",
             NESTED_MIGRATING - {"l0-migrates-l1-2.3"}, backends=frozenset({BackendKind.VIRTIOFSD})),

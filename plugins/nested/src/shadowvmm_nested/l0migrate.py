@@ -31,6 +31,7 @@ from shadowvmm.guest.driver import GuestDevice
 from shadowvmm.guest.transport import PciGuestTransport
 from shadowvmm.machine import Machine
 from shadowvmm.memory import GuestMemory
+from shadowvmm.migration.harness import move_guest
 from shadowvmm.migration.migrate import (
     DestinationReport,
     MigrationHooks,
@@ -124,13 +125,18 @@ def follow(lower: LowerDevice, dest: Machine, name: str) -> LowerDevice:
     return LowerDevice(view, interrupts, lower.device_id, lower.config_size, lower.name, lower.writes)
 
 
-def switch_over(stack: L1Stack, source: Machine, dest: Machine, name: str) -> None:
+def switch_over(stack: L1Stack, source: Machine, dest: Machine, name: str,
+                owner: tuple[str, GuestDevice] | None = None) -> None:
     """What L0's VMM does at switch-over for its guest, L1: L1's register accesses and
     interrupts go to device *name* of *dest* (:meth:`L1Backend.rebind`), and the kicks L1
-    wrote to the stopped source are replayed on the destination."""
+    wrote to the stopped source are replayed on the destination. *owner* (device name, L1's
+    driver of it): the admin owner L1 stops *name* through; its driver moves too."""
     stack.backend.rebind(follow(stack.lower, dest, name), dest.iommu(name))
     for index in source.device(name).take_pending_kicks():
         dest.device(name).notify(index)
+    if owner is not None:
+        slot, guest = owner
+        move_guest(guest, source.device(slot), dest.device(slot), dest.slots[slot].transport)
 
 
 #: The options of :func:`migrate_l0`: the local model; a stop bound that a device behind a
@@ -140,13 +146,15 @@ L0_OPTIONS = MigrationOptions(mode="local", stop_timeout=2.0)
 
 async def migrate_l0(source: Machine, dest: Machine, stack: L1Stack, name: str, workdir: Path, *,
                      timeline: Timeline | None = None,
-                     options: MigrationOptions = L0_OPTIONS) -> tuple[MigrationReport, DestinationReport]:
+                     options: MigrationOptions = L0_OPTIONS,
+                     owner: tuple[str, GuestDevice] | None = None) -> tuple[MigrationReport, DestinationReport]:
     """Live-migrate L0's *source* machine to *dest* (the local model: *dest* shares its memory)
     over a unix socket in *workdir*; L1 moves at switch-over (:func:`switch_over`). With a
-    *timeline* the phases, SWITCH_OVER and DEST_START go on row ``(L0, "migration")``."""
+    *timeline* the phases, SWITCH_OVER and DEST_START go on row ``(L0, "migration")``; *owner*:
+    see :func:`switch_over`."""
     endpoint = Endpoint.parse(f"unix:{workdir / 'l0-migrate.sock'}")
     tap = timeline.tap(L0, "migration") if timeline is not None else None
-    hooks = MigrationHooks(switch_over=lambda: switch_over(stack, source, dest, name))
+    hooks = MigrationHooks(switch_over=lambda: switch_over(stack, source, dest, name, owner))
     listener = await endpoint.listen()
     try:
         async def incoming() -> DestinationReport:

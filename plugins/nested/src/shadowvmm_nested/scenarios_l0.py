@@ -6,8 +6,9 @@ plugin for its L2 guest, whose RAM is the upper half of L0's guest memory
 switch-over (:func:`~.l0migrate.migrate_l0`):
 
 ``l0-migrates-l1``      2.1: L1's device runs, L2 does I/O throughout.
-``l0-migrates-l1-2.2``  2.2: L1 has stopped its device (SUSPEND at L0, by L1's VMM); the
-                        destination presents the stop to L1, which resumes it there.
+``l0-migrates-l1-2.2``  2.2: L1 has stopped its device (SUSPEND at L0, by L1's VMM; on the admin
+                        path DEV_MODE_SET through the owner ``adm0``, whose driver moves with
+                        L1); the destination presents the stop to L1, which resumes it there.
 ``l0-migrates-l1-2.3``  2.3: L2 has not initialised its device (L0's shows ACKNOWLEDGE|DRIVER,
                         L1's probe); L2 initialises it on the destination.
 
@@ -21,14 +22,16 @@ from __future__ import annotations
 import asyncio
 
 from shadowvmm.errors import ScenarioError
-from shadowvmm.scenarios.context import LIVE, ScenarioContext, status_text
+from shadowvmm.scenarios.context import LIVE, OWNER, ScenarioContext, status_text
 from shadowvmm.scenarios.guestio import GuestIo
 from shadowvmm.scenarios.registry import Scenario
 from shadowvmm.shadow import StopDialect
 from shadowvmm.virtio.constants import Status
 
+from .adminpath import AdminPath
 from .l0migrate import L1, L2, L1Stack, build_l1, migrate_l0
 from .ringstate import RingStatePath
+from .stoppath import StopPath
 
 _SUSPENDED = int(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.SUSPEND)
 _PROBED = int(Status.ACKNOWLEDGE | Status.DRIVER)
@@ -45,8 +48,10 @@ async def _stack(ctx: ScenarioContext) -> tuple[L1Stack, GuestIo]:
         raise ScenarioError(f"{ctx.name}: L0 needs 16 MiB of memory or more (L2's RAM is its upper half)")
     src = ctx.machines[0]
     dev = ctx.device
-    path = RingStatePath(dev.stop_feature_bit, dev.ring_state_feature_bit) \
+    path: StopPath | None = RingStatePath(dev.stop_feature_bit, dev.ring_state_feature_bit) \
         if dev.stop_dialect is StopDialect.STOP and dev.ring_state else None
+    if ctx.owner is not None:       # the admin path: L1 stops member 1 through the owner's admin queue
+        path = AdminPath(ctx.owner, {f"l0-{dev.name}": 1}, tap=ctx.timeline.tap(L1, OWNER))
     stack = await build_l1(src, dev.name, l2_base=memory // 2, l2_size=memory // 2, device=L2_DISK,
                            timeline=ctx.timeline, stop_path=path)
     ctx.guests.append((L2, stack.guest))
@@ -64,10 +69,7 @@ def _account(ctx: ScenarioContext, stack: L1Stack) -> None:
 
 
 async def _run(ctx: ScenarioContext, case: str) -> None:
-    if case == "2.2":
-        if ctx.admin:
-            raise ScenarioError(f"{ctx.name}: L1's stop through the owner's admin queue is not wired into "
-                                "this stack (L1 stops its L0 device with SUSPEND)")
+    if case == "2.2" and not ctx.admin:
         ctx.need_dialect(StopDialect.SUSPEND)
     src = await ctx.machine()
     dst = await ctx.destination(src)
@@ -77,10 +79,11 @@ async def _run(ctx: ScenarioContext, case: str) -> None:
         if case != "2.3":
             await io.start()
             await io.io()
+        stopped = LIVE if ctx.admin else _SUSPENDED     # a member stopped by its owner keeps DRIVER_OK
         if case == "2.2":
             await stack.device.stop()
-            ctx.report.check(stack.lower.status() == _SUSPENDED, f"L1 stopped its device and reads "
-                                                                 f"{status_text(stack.lower.status())}")
+            ctx.report.check(stack.lower.status() == stopped, f"L1 stopped its device and reads "
+                                                              f"{status_text(stack.lower.status())}")
         done = asyncio.Event()
 
         async def load() -> None:
@@ -90,13 +93,15 @@ async def _run(ctx: ScenarioContext, case: str) -> None:
         running = asyncio.ensure_future(load()) if case == "2.1" else None
         try:
             await asyncio.sleep(0.01)
-            report, _ = await migrate_l0(src, dst, stack, name, ctx.workdir, timeline=ctx.timeline)
+            owner = (OWNER, ctx.owner.guest) if ctx.owner is not None else None
+            report, _ = await migrate_l0(src, dst, stack, name, ctx.workdir, timeline=ctx.timeline,
+                                         owner=owner)
             ctx.report.check(report.ok, "the migration did not complete")
         finally:
             done.set()
             if running is not None:
                 await running
-        await _after(ctx, stack, io, case)
+        await _after(ctx, stack, io, case, stopped)
         ctx.report.check(ctx.dev(dst).rings_running and not ctx.dev(src).rings_running,
                          "L0's destination does not run the rings (or the source still does)")
         ctx.report.notes.append(f"L1 read {[status_text(v) for v in log.values]} from its L0 device")
@@ -105,12 +110,13 @@ async def _run(ctx: ScenarioContext, case: str) -> None:
         await stack.close()
 
 
-async def _after(ctx: ScenarioContext, stack: L1Stack, io: GuestIo, case: str) -> None:
-    """On the destination: what L1 reads, then L1 resumes (2.2) or L2 initialises (2.3), then I/O."""
+async def _after(ctx: ScenarioContext, stack: L1Stack, io: GuestIo, case: str, stopped: int) -> None:
+    """On the destination: what L1 reads, then L1 resumes (2.2: SUSPEND cleared, or DEV_MODE_SET
+    through the owner the destination's L1 driver now reaches) or L2 initialises (2.3), then I/O."""
     shown = stack.lower.status()
     if case == "2.2":
-        ctx.report.check(shown == _SUSPENDED, f"the destination presents {status_text(shown)} to L1, which "
-                                              f"had stopped at {status_text(_SUSPENDED)}")
+        ctx.report.check(shown == stopped, f"the destination presents {status_text(shown)} to L1, which "
+                                           f"had stopped at {status_text(stopped)}")
         await stack.device.resume()
     elif case == "2.3":
         ctx.report.check(shown == _PROBED, f"the destination presents {status_text(shown)} to L1, not "
