@@ -104,6 +104,19 @@ def test_unknown_required_field_refused_optional_ignored() -> None:
         DeviceState.unpack(kind)
 
 
+def test_field_read_under_either_spelling_and_bad_keys_refused() -> None:
+    """The one-lookup decode (Section.WIRE_KEYS) reads a field written with or without the
+    required prefix, and still refuses keys that are not names."""
+    blob = blk_state().pack()
+    plain = _rewrite(blob, lambda d: d["!device"]["!transport"].__setitem__(
+        "kind", d["!device"]["!transport"].pop("!kind")))
+    assert DeviceState.unpack(plain) == blk_state()
+    for key in ("!", "!!", ""):
+        bad = _rewrite(blob, lambda d, key=key: d["!device"]["!transport"].__setitem__(key, 1))
+        with pytest.raises(StateFormatError, match="bad key"):
+            DeviceState.unpack(bad)
+
+
 def test_newer_reader_accepts_older_state() -> None:
     older = _rewrite(blk_state().pack(), lambda d: d["!device"]["!transport"]["!queues"][0].pop("max_size"))
     assert DeviceState.unpack(older).transport.queues[0].max_size == 0

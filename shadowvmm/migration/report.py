@@ -14,7 +14,14 @@ from .state import DeviceState, shown
 @dataclass
 class MigrationReport:
     """What the source measured; durations in milliseconds (``_ms``), the unit and the names of
-    :meth:`as_dict` (the ``--json`` report) and of every shadowvmm report."""
+    :meth:`as_dict` (the ``--json`` report) and of every shadowvmm report.
+
+    ``downtime_ms`` runs from the guest pause (before the devices stop, so the drain of requests
+    in flight counts) to the destination's RESULT (its devices applied and started). QEMU's
+    ``downtime`` (migration/migration.c, ``migration_completion``/``migration_calculate_complete``)
+    starts the same way, before ``vm_stop_force_state`` (which drains the block layer and stops
+    vhost rings), but ends when the source has sent the last state, so ours is the stricter figure.
+    """
 
     mode: str
     ok: bool = False

@@ -151,27 +151,28 @@ class TransportState(Section):
     def _check_status(self) -> None:
         status = self.guest_status
         for bit, needs in self.STATUS_ORDER:
-            if status & bit and not status & needs:
+            if status & bit.value and not status & needs.value:    # plain ints: enum & costs µs
                 raise StateFormatError(f"transport.guest_status: {status:#x} has {bit.name} without "
                                        f"{needs.name} (v1.4 §3.1.1)")
-        if status & Status.FEATURES_OK:
+        if status & Status.FEATURES_OK.value:
             extra = self.driver_features & ~self.device_features
             if extra:
                 raise StateFormatError(f"transport.driver_features: {self.driver_features:#x} accepts bits "
                                        f"{extra:#x} the device did not offer ({self.device_features:#x})")
-            if not self.driver_features & Feature.VERSION_1:
+            if not self.driver_features & Feature.VERSION_1.value:
                 raise StateFormatError(f"transport.driver_features: {self.driver_features:#x} lacks VERSION_1 "
                                        "with FEATURES_OK set (the device refuses such a driver)")
         elif self.dialect_negotiated:
             raise StateFormatError("transport.dialect_negotiated: set without FEATURES_OK")
-        stopping = self.guest_stop_requested or self.guest_stopped or status & (Status.SUSPEND | Status.STOP)
+        stopping = (self.guest_stop_requested or self.guest_stopped
+                    or status & (Status.SUSPEND.value | Status.STOP.value))
         if stopping and not self.dialect_negotiated:
             raise StateFormatError(f"transport: a guest stop (status {status:#x}) without a negotiated "
                                    "stop dialect")
 
     @property
     def packed(self) -> bool:
-        return bool(self.driver_features & Feature.RING_PACKED)
+        return bool(self.driver_features & Feature.RING_PACKED.value)
 
 
 @dataclass(frozen=True)

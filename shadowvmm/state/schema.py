@@ -11,6 +11,7 @@ state's format with their defaults, so newer readers accept older states.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, ClassVar, Self
 
 from ..errors import StateFormatError, UnknownRequiredFieldError
@@ -41,9 +42,18 @@ class FieldSpec:
     many: bool = False
     optional: bool = False
 
-    @property
+    @cached_property
     def key(self) -> str:
         return (REQUIRED if self.required else "") + self.name
+
+    @cached_property
+    def section(self) -> bool:
+        """The field holds a nested :class:`Section` (computed once: states are encoded in the downtime)."""
+        return isinstance(self.kind, type) and issubclass(self.kind, Section)
+
+    @cached_property
+    def kinds(self) -> tuple[type, ...]:
+        return self.kind if isinstance(self.kind, tuple) else (self.kind,)
 
     def encode(self, value: Any, version: int = FORMAT_VERSION) -> Any:
         if value is None:
@@ -53,7 +63,7 @@ class FieldSpec:
         return self._encode_one(value, version)
 
     def _encode_one(self, value: Any, version: int) -> Any:
-        if isinstance(self.kind, type) and issubclass(self.kind, Section):
+        if self.section:
             return value.to_wire(version)
         if self.kind is bytes:
             return bytes(value)
@@ -72,10 +82,9 @@ class FieldSpec:
         return self._decode_one(value, version, f"{where}.{self.name}")
 
     def _decode_one(self, value: Any, version: int, where: str) -> Any:
-        kind = self.kind
-        if isinstance(kind, type) and issubclass(kind, Section):
-            return kind.from_wire(value, version, where)
-        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if self.section:
+            return self.kind.from_wire(value, version, where)
+        kinds = self.kinds
         if isinstance(value, bool) and bool not in kinds:
             raise StateFormatError(f"{where}: expected {kinds[0].__name__}, got bool")
         if not isinstance(value, kinds):
@@ -87,6 +96,16 @@ class Section:
     """A frozen dataclass whose fields are declared in ``SCHEMA``."""
 
     SCHEMA: ClassVar[tuple[FieldSpec, ...]]
+    #: ``SCHEMA`` by field name, built once per class that declares a schema.
+    FIELDS: ClassVar[dict[str, FieldSpec]] = {}
+    #: Each field under both wire spellings (``!name`` and ``name``), so decoding looks a key up once.
+    WIRE_KEYS: ClassVar[dict[str, FieldSpec]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "SCHEMA" in cls.__dict__:
+            cls.FIELDS = {spec.name: spec for spec in cls.SCHEMA}
+            cls.WIRE_KEYS = {**cls.FIELDS, **{REQUIRED + spec.name: spec for spec in cls.SCHEMA}}
 
     def validate(self) -> None:
         """Semantic checks; raise :class:`StateFormatError`."""
@@ -98,24 +117,33 @@ class Section:
                 for spec in self.SCHEMA if spec.since <= version}
 
     @classmethod
+    def _unlisted(cls, key: Any, version: int, where: str) -> FieldSpec | None:
+        """A key not spelled as in :attr:`WIRE_KEYS`: refused if malformed or an unknown required
+        field, else ``None`` (an unknown optional field, ignored)."""
+        if not isinstance(key, str) or not key.lstrip(REQUIRED):
+            raise StateFormatError(f"{where}: bad key {key!r}")
+        required = key.startswith(REQUIRED)
+        name = key[len(REQUIRED):] if required else key
+        spec = cls.FIELDS.get(name)
+        if spec is None and required:
+            raise UnknownRequiredFieldError(
+                f"{where}: required field {name!r} (state format {version}) is unknown to this "
+                f"reader (format {FORMAT_VERSION})")
+        return spec
+
+    @classmethod
     def from_wire(cls, data: Any, version: int, where: str) -> Self:
         if not isinstance(data, dict):
             raise StateFormatError(f"{where}: expected a map, got {type(data).__name__}")
-        known = {spec.name: spec for spec in cls.SCHEMA}
+        wire = cls.WIRE_KEYS
         values: dict[str, Any] = {}
         for key, value in data.items():
-            if not isinstance(key, str) or not key.lstrip(REQUIRED):
-                raise StateFormatError(f"{where}: bad key {key!r}")
-            required = key.startswith(REQUIRED)
-            name = key[len(REQUIRED):] if required else key
-            spec = known.get(name)
+            spec = wire.get(key) if isinstance(key, str) else None
             if spec is None:
-                if required:
-                    raise UnknownRequiredFieldError(
-                        f"{where}: required field {name!r} (state format {version}) is unknown to this "
-                        f"reader (format {FORMAT_VERSION})")
-                continue
-            values[name] = spec.decode(value, version, where)
+                spec = cls._unlisted(key, version, where)
+                if spec is None:
+                    continue
+            values[spec.name] = spec.decode(value, version, where)
         for spec in cls.SCHEMA:
             if spec.name in values:
                 continue
