@@ -33,6 +33,7 @@ from shadowvmm.testing.matrix import (
     expected_faults,
     planned_table,
     render_table,
+    summary_table,
 )
 from shadowvmm.testing.matrix_peers import Source, device_config, open_source
 
@@ -99,6 +100,8 @@ def test_readme_shows_the_table() -> None:
     readme = (Path(__file__).resolve().parents[1] / "docs" / "reference.md").read_text()
     assert "## Nested scenario matrix" in readme
     assert planned_table() in readme, "docs/reference.md: paste `python -m shadowvmm.testing.matrix`"
+    front = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert summary_table() in front, "README.md: paste `python -m shadowvmm.testing.matrix --summary`"
 
 
 def test_results_table() -> None:

@@ -215,6 +215,22 @@ def planned_table() -> str:
     return render_table({cell: cell.planned for cell in cells()})
 
 
+def summary_table() -> str:
+    """The README's digest: rows scenario, columns backend; each cell names the stop paths
+    that pass and those refused (the reasons are in :func:`planned_table`)."""
+    backends = list(BackendKind)
+    lines = ["| scenario | " + " | ".join(b.value for b in backends) + " |",
+             "| --- | " + " | ".join("---" for _ in backends) + " |"]
+    for scenario in ROWS:
+        row = []
+        for backend in backends:
+            refused = [p.value for p in StopPath if Cell(scenario, p, backend).refusal is not None]
+            row.append("all pass" if not refused else
+                       "refused" if len(refused) == len(StopPath) else "refused: " + ", ".join(refused))
+        lines.append(f"| {scenario} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
     check_table()
-    sys.stdout.write(planned_table())
+    sys.stdout.write(summary_table() if sys.argv[1:] == ["--summary"] else planned_table())
