@@ -29,6 +29,7 @@ from typing import Any, TextIO
 
 from ... import config as configmod
 from ...backends.base import Backend, load_backend
+from ...backends.peer import socket_listener
 from ...errors import ArgumentError, ConfigError
 from .rig import Factory
 from .runner import run_conformance
@@ -73,36 +74,11 @@ class PeerInfo:
         return {"pid": self.pid, "process": self.name, "one_shot": self.one_shot, "warning": self.warning}
 
 
-def _listening_inode(path: str) -> int | None:
-    """The inode of the listening unix socket bound to *path* (``/proc/net/unix``)."""
-    try:
-        with open("/proc/net/unix") as table:
-            next(table)
-            for line in table:
-                fields = line.split()
-                # Num RefCount Protocol Flags Type St Inode Path; Flags 0x10000 is __SO_ACCEPTCON
-                if len(fields) >= 8 and fields[7] == path and int(fields[3], 16) & 0x10000:
-                    return int(fields[6])
-    except (OSError, StopIteration, ValueError):
-        return None
-    return None
-
-
 def identify_listener(path: str) -> tuple[int, str] | None:
-    """(pid, process name) of a process holding the socket listening on *path*, without
-    connecting to it; None when it cannot be told (another user's process, no such socket)."""
-    inode = _listening_inode(os.path.abspath(path))
-    if inode is None:
-        return None
-    target = f"socket:[{inode}]"
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == target for fd in os.listdir(f"/proc/{pid}/fd")):
-                with open(f"/proc/{pid}/comm") as comm:
-                    return int(pid), comm.read().strip()
-        except OSError:
-            continue
-    return None
+    """(pid, process name as in ``/proc/PID/comm``) of the process listening on *path*, without
+    connecting to it (:func:`shadowvmm.backends.peer.socket_listener`); None when it cannot be told."""
+    found = socket_listener(path)
+    return None if found is None else (found.pid, found.comm)
 
 
 def peer_info(path: str, device: str, *, single_session: bool = False) -> PeerInfo:

@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 from typing import Any, TextIO
 
+from shadowvmm.backends.peer import socket_listener as find_listener
 from shadowvmm.errors import BackendTimeout, ProbeRefused
 from shadowvmm.virtio.constants import BlkFeature, DeviceId, FsFeature, NetFeature, feature_names
 
@@ -47,33 +48,11 @@ ONE_SHOT = ("virtiofsd serves one front-end session and exits when it ends: the 
             "virtiofsd started for the purpose")
 ONE_AT_A_TIME = ("qemu-storage-daemon serves one front-end at a time per export: while a VMM is "
                  "connected a probe waits for it, and times out")
-#: __SO_ACCEPTCON in /proc/net/unix Flags: a listening socket.
-_ACCEPTCON = 0x10000
-
-
 def socket_listener(path: str | os.PathLike[str], proc: Path = Path("/proc")) -> dict[str, Any] | None:
-    """The process listening on unix socket *path* ({"pid", "name"}), found without connecting:
-    the socket's inode from ``/proc/net/unix``, the process holding it from ``/proc/PID/fd``.
-    None when it cannot be told (not listening, another user's process, no /proc)."""
-    wanted = {os.path.abspath(path), os.path.realpath(path)}
-    try:
-        lines = (proc / "net" / "unix").read_text().splitlines()[1:]
-    except OSError:
-        return None
-    inodes = {f"socket:[{parts[6]}]" for parts in (line.split() for line in lines)
-              if len(parts) >= 8 and parts[7] in wanted and int(parts[3], 16) & _ACCEPTCON}
-    if not inodes:
-        return None
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if any(os.readlink(fd) in inodes for fd in (entry / "fd").iterdir()):
-                argv0 = (entry / "cmdline").read_bytes().split(b"\0", 1)[0].decode(errors="replace")
-                return {"pid": int(entry.name), "name": os.path.basename(argv0)}
-        except OSError:
-            continue
-    return None
+    """The process listening on unix socket *path* ({"pid", "name"}), found without connecting
+    (:func:`shadowvmm.backends.peer.socket_listener`); None when it cannot be told."""
+    found = find_listener(path, proc)
+    return None if found is None else {"pid": found.pid, "name": found.name}
 
 
 def protocol_feature_names(value: int) -> list[str]:
