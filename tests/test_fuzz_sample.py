@@ -24,14 +24,18 @@ EXAMPLES = {"vhost_user_replies": 40}
 @pytest.mark.parametrize("name", sorted(TARGETS))
 def test_target_sample(name: str) -> None:
     target = TARGETS[name]
+    calls = []
 
     @settings(max_examples=EXAMPLES.get(name, 150), deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(st.binary(max_size=2048))
     def run(data: bytes) -> None:
-        target(data)
+        calls.append(len(data))
+        target(data)      # raises ContractBroken (or an untyped error) when the contract breaks
 
     run()
+    assert len(calls) >= min(EXAMPLES.get(name, 150), 20), f"{name}: hypothesis ran only {len(calls)} inputs"
+    assert max(calls) > 0, f"{name}: never given a non-empty input"
 
 
 @pytest.mark.leaks_fds
