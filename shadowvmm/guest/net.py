@@ -211,12 +211,14 @@ class NetDriver:
 
     async def start(self, *, pairs: int = 1, mrg_rxbuf: bool = False, packed: bool = False,
                     event_idx: bool = False, queue_size: int = 256, extra_features: int = 0,
-                    poll: bool = False) -> int:
+                    poll: bool = False, in_order: bool | None = None) -> int:
         """Initialise the device, fill the receive queues, DRIVER_OK, then set the active pairs.
 
         ``pairs > 1`` negotiates MQ and CTRL_VQ and sends VQ_PAIRS_SET. *poll* puts the data
         queues in polling mode (no interrupts asked for; :meth:`send_batch` / :meth:`recv_batch`
-        instead of :meth:`send` / :meth:`receive`; not with *mrg_rxbuf*). Returns the features.
+        instead of :meth:`send` / :meth:`receive`; not with *mrg_rxbuf*). *in_order* (default:
+        *poll*) asks for VIRTIO_F_IN_ORDER (v1.4 §2.7.9, §2.8.16), taken if the device offers it:
+        completions are then reaped by count and batch. Returns the features.
         """
         if poll and mrg_rxbuf:
             raise ArgumentError("polling mode does not take mergeable receive buffers")
@@ -227,6 +229,8 @@ class NetDriver:
             want |= NetFeature.MRG_RXBUF
         if event_idx:
             want |= Feature.EVENT_IDX
+        if poll if in_order is None else in_order:
+            want |= Feature.IN_ORDER
         if pairs > 1:
             want |= NetFeature.MQ | NetFeature.CTRL_VQ
         offered = transport.device_features()
