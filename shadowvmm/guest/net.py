@@ -47,6 +47,7 @@ from ..virtio.devcfg import (
     NetStatus,
 )
 from .driver import GuestDevice, GuestQueue
+from .nettx import FixedTxSlots
 
 #: Features the model asks for by default. EVENT_IDX is optional (``start(event_idx=True)``):
 #: GuestQueue.reap does not re-read used->idx after arming used_event, so a completion published
@@ -137,6 +138,7 @@ class TxQueue:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     sent: int = 0
     host: BufferHost | None = None     #: polling mode: where the slots are mapped
+    fixed: FixedTxSlots | None = None  #: polling mode, in-order ring: a fixed slot per id
 
 
 class NetDriver:
@@ -312,6 +314,7 @@ class NetDriver:
         for tx in self.tx:
             tx.queue.poll()
             tx.host = BufferHost.of(memory, tx.slots, self.buffer_size)
+            tx.fixed = FixedTxSlots.of(memory, tx.queue, tx.slots, self.buffer_size, NET_HDR_SIZE)
 
     def _polling(self, polled: bool) -> None:
         if self._poll != polled:
@@ -446,6 +449,10 @@ class NetDriver:
         if not 0 <= pair < max(self.active_pairs, 1) or pair >= len(self.tx):
             raise DeviceStateError(f"queue pair {pair} is not active ({self.active_pairs} active)")
         tx = self.tx[pair]
+        if tx.fixed is not None:
+            count = tx.fixed.send(tx.queue, frames)
+            tx.sent += count
+            return count
         queue, slots, host = tx.queue, tx.slots, tx.host
         assert host is not None
         used = queue.pop_used_many(queue.size)
@@ -473,7 +480,10 @@ class NetDriver:
         """Polling mode: frames made available on transmitq *pair* and not used yet (reaps)."""
         self._polling(True)
         tx = self.tx[pair]
-        tx.slots += map(_TOKEN, tx.queue.pop_used_many(tx.queue.size))
+        if tx.fixed is not None:
+            tx.fixed.free += tx.queue.reap_count()
+        else:
+            tx.slots += map(_TOKEN, tx.queue.pop_used_many(tx.queue.size))
         return tx.queue.ring.in_flight
 
     def recv_batch(self, limit: int, pair: int = 0) -> list[bytes]:

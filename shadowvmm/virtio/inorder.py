@@ -15,6 +15,7 @@ descriptor goes to the back of the free list instead of being reused first.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from itertools import repeat
 
@@ -59,6 +60,11 @@ class InOrderSplitDriverQueue(SplitDriverQueue):
             self._wlen.update(zip(heads, lengths))
         return count
 
+    @property
+    def next_id(self) -> int:
+        """The descriptor the next buffer made available starts at (ring order)."""
+        return self.free[-1]
+
     def pop_used_many(self, limit: int) -> list[tuple[object, int]]:
         """Reap at most *limit* used buffers (more if the device's last batch ends past it):
         the used entries' ids are read as strided arrays; when each is the next head in avail
@@ -89,12 +95,13 @@ class InOrderSplitDriverQueue(SplitDriverQueue):
         if wlen:
             list(map(wlen.pop, heads, repeat(0, count)))
         chains = self._chains
-        back: list[int] = []
-        for head in heads:
-            chain = chains.pop(head, None) if chains else None
-            back += chain if chain is not None else (head,)
-        back.reverse()
-        self.free[:0] = back            # reused last: descriptors go round the table in order
+        back: list[int] = heads
+        if chains:
+            back = []
+            for head in heads:
+                chain = chains.pop(head, None)
+                back += chain if chain is not None else (head,)
+        self.free[:0] = back[::-1]      # reused last: descriptors go round the table in order
         self.last_used_idx = last = (last + count) & 0xFFFF
         if self.event_idx and self._interrupts:
             self._avail16[self._avail_ring16 + size] = last
@@ -102,6 +109,29 @@ class InOrderSplitDriverQueue(SplitDriverQueue):
             if dirty is not None:
                 dirty.mark(self._used_event_addr, 2)
         return list(zip(tokens, written))
+
+    def reap_count(self) -> int:
+        """Reap every used buffer by count alone (used idx; in order, v1.4 §2.7.9): the used
+        entries are not read, so neither tokens nor lengths come back. Returns how many."""
+        if self._chains:
+            return len(self.pop_used_many(self.size))
+        last = self.last_used_idx
+        ready = (self._used16[self._used_idx16] - last) & 0xFFFF
+        order = self._order
+        if ready > len(order):
+            raise RingError(f"used idx runs {ready} ahead of {last} with {len(order)} in flight")
+        if ready == 0:
+            return 0
+        heads = order[:ready]
+        del order[:ready]
+        deque(map(self.tokens.pop, heads), 0)
+        if self._wlen:
+            deque(map(self._wlen.pop, heads, repeat(0, ready)), 0)
+        self.free[:0] = heads[::-1]
+        self.last_used_idx = last = (last + ready) & 0xFFFF
+        if self.event_idx and self._interrupts:
+            self._avail16[self._avail_ring16 + self.size] = last
+        return ready
 
     def _walk(self, ids: list[int], written: list[int], ready: int, limit: int) -> tuple[list[int], list[int]]:
         """Heads and lengths of whole batches, from used entry 0 until *limit* buffers are
@@ -152,6 +182,11 @@ class InOrderPackedDriverQueue(PackedDriverQueue):
             self._wlen.update(zip(ids, lengths))
         return done
 
+    @property
+    def next_id(self) -> int:
+        """The buffer id the next buffer made available gets (ring order)."""
+        return self.free_ids[-1]
+
     def pop_used_many(self, limit: int) -> list[tuple[object, int]]:
         """Reap used buffers, a used descriptor per batch (v1.4 §2.8.16): runs of used
         descriptors whose ids follow the avail order are read as strided arrays, any other
@@ -168,6 +203,10 @@ class InOrderPackedDriverQueue(PackedDriverQueue):
         if self.event_idx and self._interrupts:
             self.memory.store_u16(self.layout.driver, off_wrap(self.next_used, self.used_wrap))
         return out
+
+    def reap_count(self) -> int:
+        """Reap every used buffer; returns how many (a packed ring is walked batch by batch)."""
+        return len(self.pop_used_many(self.size))
 
     def _used_at(self, slot: int) -> bool:
         flags = self._desc16[(self._desc_off + DESC_SIZE * slot + FLAGS_OFFSET) >> 1]
