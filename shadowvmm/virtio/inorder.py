@@ -252,16 +252,21 @@ class InOrderPackedDriverQueue(PackedDriverQueue):
         ids = order[:end + 1]
         flags = self._desc16[(at + FLAGS_OFFSET) >> 1]
         last = self._desc32[(at + 8) >> 2] if flags & _WRITE else 0
-        lens = [self._wlen.get(i, 0) for i in ids[:-1]] + [last]
-        return self._complete(ids, lens, sum(self._slots[i] for i in ids))
+        wlen = self._wlen
+        lens = [wlen.get(i, 0) for i in ids[:-1]] if wlen else [0] * end
+        lens.append(last)
+        return self._complete(ids, lens, sum(map(self._slots.__getitem__, ids)) if self._multi else len(ids))
 
     def _complete(self, ids: list[int], lens: list[int], slots: int) -> list[tuple[object, int]]:
         tokens, slots_of = self.tokens, self._slots
         got = list(map(tokens.pop, ids, repeat(_MISSING, len(ids))))
         if _MISSING in got:
             raise RingError(f"device used unknown buffer id {ids[got.index(_MISSING)]}")
-        for buf_id in ids:
-            self._multi -= slots_of.pop(buf_id) > 1
+        if self._multi:
+            for buf_id in ids:
+                self._multi -= slots_of.pop(buf_id) > 1
+        else:
+            deque(map(slots_of.pop, ids), 0)
         if self._wlen:
             list(map(self._wlen.pop, ids, repeat(0, len(ids))))
         del self._order[:len(ids)]
