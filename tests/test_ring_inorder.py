@@ -262,3 +262,29 @@ def test_fixed_tx_slots_refused_without_in_order(memory: GuestMemory) -> None:
     assert FixedTxSlots.of(memory, queue, [BUF_BASE + 256 * k for k in range(4)], 256, 12) is None
     drv, _ = make("split", memory, 8)
     assert FixedTxSlots.of(memory, StubQueue(drv), [BUF_BASE + 256 * k for k in range(3)], 256, 12) is None
+
+
+@pytest.mark.parametrize("layout", ["split", "packed"])
+def test_several_batches_reaped_in_one_pass(memory: GuestMemory, layout: str) -> None:
+    """Batches of 2 and 3 (one element each), 1 (per buffer) and 2, crossing the ring end, all
+    reaped by one call: tokens in order, each batch's last with the device's length, the
+    skipped ones with their full length."""
+    drv, dev = make(layout, memory, 8)
+    add(drv, 0, 5, write=True)
+    drv.publish()
+    dev.take()
+    dev.use(5, 3)
+    drv.pop_used_many(8)
+    add(drv, 5, 8, write=True)
+    drv.publish()
+    assert dev.take() == [5, 6, 7, 0, 1, 2, 3, 4]
+    dev.use(2, 1)
+    dev.use(3, 2)
+    dev.use(1, 4, one_entry=False)
+    dev.use(2, 5)
+    used = drv.pop_used_many(64)
+    assert [t for t, _ in used] == list(range(5, 13))
+    full = [8 + t % 50 for t in range(5, 13)]
+    assert [w for _, w in used] == [full[0], 1, full[2], full[3], 2, 4, full[6], 5]
+    assert drv.num_free == 8 and drv.in_flight == 0
+    assert layout == "split" or (drv.next_used, drv.used_wrap) == (5, False)

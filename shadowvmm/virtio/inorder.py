@@ -238,24 +238,41 @@ class InOrderPackedDriverQueue(PackedDriverQueue):
         return self._complete(ids, lens, count)
 
     def _take_batch(self) -> list[tuple[object, int]]:
-        """The used descriptor at next_used names the last buffer of a batch (v1.4 §2.8.16)."""
-        used = self.next_used
-        if not self._used_at(used):
+        """Used descriptors each naming the last buffer of a batch (v1.4 §2.8.16), walked from
+        next_used batch after batch (the next one sits where the batch ends) and completed
+        together. Ids go round in ring order, so a batch's end is found by arithmetic."""
+        order, desc16, size = self._order, self._desc16, self.size
+        wlen, multi = self._wlen, self._multi
+        used, wrap, pos, slots = self.next_used, self.used_wrap, 0, 0
+        ends: list[tuple[int, int]] = []        #: (index in order of a batch's last, its len)
+        while pos < len(order):
+            at = self._desc_off + DESC_SIZE * used
+            flags = desc16[(at + FLAGS_OFFSET) >> 1]
+            if flags & (_AVAIL | _USED) != (_AVAIL | _USED if wrap else 0):
+                break
+            buf_id = desc16[(at + 12) >> 1]
+            end = pos + (buf_id - order[pos]) % size
+            if end >= len(order) or order[end] != buf_id:
+                try:
+                    end = order.index(buf_id, pos)
+                except ValueError:
+                    raise RingError(f"device used buffer id {buf_id} out of order or unknown") from None
+            n = sum(map(self._slots.__getitem__, order[pos:end + 1])) if multi else end - pos + 1
+            if flags & _WRITE or wlen:
+                ends.append((end, self._desc32[(at + 8) >> 2] if flags & _WRITE else 0))
+            slots += n
+            used += n
+            if used >= size:
+                used -= size
+                wrap = not wrap
+            pos = end + 1
+        if pos == 0:
             return []
-        at = self._desc_off + DESC_SIZE * used
-        buf_id = self._desc16[(at + 12) >> 1]
-        order = self._order
-        try:
-            end = order.index(buf_id)
-        except ValueError:
-            raise RingError(f"device used buffer id {buf_id} out of order or unknown") from None
-        ids = order[:end + 1]
-        flags = self._desc16[(at + FLAGS_OFFSET) >> 1]
-        last = self._desc32[(at + 8) >> 2] if flags & _WRITE else 0
-        wlen = self._wlen
-        lens = [wlen.get(i, 0) for i in ids[:-1]] if wlen else [0] * end
-        lens.append(last)
-        return self._complete(ids, lens, sum(map(self._slots.__getitem__, ids)) if self._multi else len(ids))
+        ids = order[:pos]
+        lens = [wlen.get(i, 0) for i in ids] if wlen else [0] * pos
+        for end, length in ends:
+            lens[end] = length
+        return self._complete(ids, lens, slots)
 
     def _complete(self, ids: list[int], lens: list[int], slots: int) -> list[tuple[object, int]]:
         tokens, slots_of = self.tokens, self._slots
