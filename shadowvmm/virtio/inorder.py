@@ -29,6 +29,18 @@ from .vring import RingState
 _MISSING = object()
 
 
+def _store_run(table: list[int], ids: list[int], lengths: Sequence[int], write: bool) -> None:
+    """Record the device-writable length (0 unless *write*) of buffers with consecutive ids
+    (mod the table size) in two slice stores."""
+    if not ids:
+        return
+    size, first, count = len(table), ids[0], len(ids)
+    part = min(count, size - first)
+    values = list(lengths[:count]) if write else [0] * count
+    table[first:first + part] = values[:part]
+    table[:count - part] = values[part:]
+
+
 class InOrderSplitDriverQueue(SplitDriverQueue):
     """A split ring's driver side with VIRTIO_F_IN_ORDER negotiated (one-descriptor and chained
     buffers; no reserved chains)."""
@@ -37,13 +49,12 @@ class InOrderSplitDriverQueue(SplitDriverQueue):
                  state: RingState | None = None, adopt: bool = False) -> None:
         super().__init__(memory, layout, event_idx=event_idx, state=state, adopt=adopt)
         self._order: list[int] = []         #: heads made available, not used yet, in avail order
-        self._wlen: dict[int, int] = {}     #: device-writable length of each such head
+        self._wlen = [0] * self.size        #: device-writable length of the buffer at each head
 
     def add(self, out: list[tuple[int, int]], inp: list[tuple[int, int]], token: object) -> int:
         head = super().add(out, inp, token)
         self._order.append(head)
-        if inp:
-            self._wlen[head] = sum(length for _, length in inp)
+        self._wlen[head] = sum(length for _, length in inp)
         return head
 
     def reserve(self, out: list[tuple[int, int]], inp: list[tuple[int, int]]) -> list[int]:
@@ -56,8 +67,7 @@ class InOrderSplitDriverQueue(SplitDriverQueue):
         count = super().add_many(addrs, lengths, tokens, write=write)
         heads.reverse()
         self._order += heads
-        if write:
-            self._wlen.update(zip(heads, lengths))
+        _store_run(self._wlen, heads, lengths, write)
         return count
 
     @property
@@ -91,9 +101,6 @@ class InOrderSplitDriverQueue(SplitDriverQueue):
         del order[:len(heads)]
         count = len(heads)
         tokens = list(map(self.tokens.pop, heads))
-        wlen = self._wlen
-        if wlen:
-            list(map(wlen.pop, heads, repeat(0, count)))
         chains = self._chains
         back: list[int] = heads
         if chains:
@@ -125,8 +132,6 @@ class InOrderSplitDriverQueue(SplitDriverQueue):
         heads = order[:ready]
         del order[:ready]
         deque(map(self.tokens.pop, heads), 0)
-        if self._wlen:
-            deque(map(self._wlen.pop, heads, repeat(0, ready)), 0)
         self.free[:0] = heads[::-1]
         self.last_used_idx = last = (last + ready) & 0xFFFF
         if self.event_idx and self._interrupts:
@@ -147,7 +152,7 @@ class InOrderSplitDriverQueue(SplitDriverQueue):
                 raise RingError(f"device used descriptor {ids[p]} out of order (expected {order[p]}.."
                                 f"{order[ready - 1]})") from None
             heads += order[p:end + 1]
-            lengths += [wlen.get(head, 0) for head in order[p:end]]
+            lengths += map(wlen.__getitem__, order[p:end])
             lengths.append(written[p])
             p = end + 1
         return heads, lengths
@@ -160,14 +165,13 @@ class InOrderPackedDriverQueue(PackedDriverQueue):
                  state: RingState | None = None, adopt: bool = False) -> None:
         super().__init__(memory, layout, event_idx=event_idx, state=state, adopt=adopt)
         self._order: list[int] = []         #: buffer ids made available, not used yet, in order
-        self._wlen: dict[int, int] = {}
+        self._wlen = [0] * self.size        #: device-writable length of the buffer with each id
 
     def add(self, out: list[tuple[int, int]], inp: list[tuple[int, int]], token: object, *,
             indirect_table: int | None = None) -> int:
         buf_id = super().add(out, inp, token, indirect_table=indirect_table)
         self._order.append(buf_id)
-        if inp:
-            self._wlen[buf_id] = sum(length for _, length in inp)
+        self._wlen[buf_id] = sum(length for _, length in inp)
         return buf_id
 
     def add_many(self, addrs: Sequence[int], lengths: Sequence[int], tokens: Sequence[object], *,
@@ -178,8 +182,7 @@ class InOrderPackedDriverQueue(PackedDriverQueue):
         ids.reverse()
         done = super().add_many(addrs, lengths, tokens, write=write)
         self._order += ids
-        if write:
-            self._wlen.update(zip(ids, lengths))
+        _store_run(self._wlen, ids, lengths, write)
         return done
 
     @property
@@ -258,7 +261,7 @@ class InOrderPackedDriverQueue(PackedDriverQueue):
                 except ValueError:
                     raise RingError(f"device used buffer id {buf_id} out of order or unknown") from None
             n = sum(map(self._slots.__getitem__, order[pos:end + 1])) if multi else end - pos + 1
-            if flags & _WRITE or wlen:
+            if flags & _WRITE:
                 ends.append((end, self._desc32[(at + 8) >> 2] if flags & _WRITE else 0))
             slots += n
             used += n
@@ -269,7 +272,7 @@ class InOrderPackedDriverQueue(PackedDriverQueue):
         if pos == 0:
             return []
         ids = order[:pos]
-        lens = [wlen.get(i, 0) for i in ids] if wlen else [0] * pos
+        lens = list(map(wlen.__getitem__, ids)) if ends else [0] * pos
         for end, length in ends:
             lens[end] = length
         return self._complete(ids, lens, slots)
@@ -284,8 +287,6 @@ class InOrderPackedDriverQueue(PackedDriverQueue):
                 self._multi -= slots_of.pop(buf_id) > 1
         else:
             deque(map(slots_of.pop, ids), 0)
-        if self._wlen:
-            list(map(self._wlen.pop, ids, repeat(0, len(ids))))
         del self._order[:len(ids)]
         back = ids[::-1]
         self.free_ids[:0] = back       # ids go round in order, as they were made available
