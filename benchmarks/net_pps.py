@@ -225,7 +225,8 @@ async def ours_window(peer: DpdkTestpmd, packed: bool, direction: str, args: arg
                              backend=VhostUserBackend(cfg), config_override=config)
     driver = NetDriver(machine.guest("net0"), tx_slots=args.ring)
     try:
-        features = await driver.start(packed=packed, event_idx=args.event_idx, queue_size=args.ring, poll=True)
+        features = await driver.start(packed=packed, event_idx=args.event_idx, queue_size=args.ring, poll=True,
+                                       in_order=not args.no_in_order)
         pool = frame_pool()
         peer.command("set fwd io")
         peer.start_forwarding()
@@ -239,7 +240,8 @@ async def ours_window(peer: DpdkTestpmd, packed: bool, direction: str, args: arg
         out = await timed(driver, peer, pool, args)
         out.update(queue_size=driver.dev.queues[1].size, features=hex(features),
                    packed_negotiated=bool(features & Feature.RING_PACKED),
-                   event_idx=bool(features & Feature.EVENT_IDX), sample_echo_verified=SAMPLE)
+                   event_idx=bool(features & Feature.EVENT_IDX),
+                   in_order=bool(features & Feature.IN_ORDER), sample_echo_verified=SAMPLE)
         return out
     finally:
         await asyncio.wait_for(driver.close(), 10)
@@ -345,6 +347,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=float, default=WARMUP_SECS, help="DPDK warm-up before its window")
     parser.add_argument("--layouts", default="split,packed", help="comma-separated: split, packed")
     parser.add_argument("--event-idx", action="store_true", help="negotiate VIRTIO_F_EVENT_IDX (ours)")
+    parser.add_argument("--no-in-order", action="store_true", help="do not negotiate VIRTIO_F_IN_ORDER (ours)")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     parser.add_argument("--profile", action="store_true", help="add a cProfile pass of each of our loops")
     parser.add_argument("--no-pin", action="store_true", help="leave CPU placement to the scheduler")

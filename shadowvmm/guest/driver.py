@@ -16,6 +16,7 @@ from ..device import Interrupts
 from ..errors import DeviceStateError, RingError, ShadowVmmError
 from ..memory import GuestAllocator, GuestMemory
 from ..virtio.constants import NO_VECTOR, Feature, Status
+from ..virtio.inorder import InOrderPackedDriverQueue, InOrderSplitDriverQueue
 from ..virtio.packed import PackedDriverQueue, PackedLayout
 from ..virtio.split import SplitDriverQueue, SplitLayout
 from ..virtio.vring import RingState
@@ -130,6 +131,22 @@ class GuestQueue:
             return taken
         self.completed += len(used)
         return taken + used if taken else used
+
+    def reap_count(self) -> int:
+        """Reap every used buffer of an in-order ring by count (tokens are not returned):
+        those an interrupt reaped anyway plus the ring's."""
+        if self.error is not None:
+            return 0
+        held = len(self._stash)
+        self._stash.clear()
+        try:
+            count = self.ring.reap_count()
+        except RingError as exc:
+            self.device.violations.append(f"queue {self.index}: {exc}")
+            self.drop(f"device broke the ring: {exc}")
+            return held
+        self.completed += count
+        return held + count
 
     def kick(self) -> None:
         """Publish avail idx; notify the device if it asked for it."""
@@ -390,10 +407,13 @@ class GuestDevice:
         ring_state = None if state is None else RingState(index, state)
         event_idx = bool(self.features & Feature.EVENT_IDX)
         ring: PackedDriverQueue | SplitDriverQueue
+        in_order = bool(self.features & Feature.IN_ORDER)
         if isinstance(layout, PackedLayout) and packed:
-            ring = PackedDriverQueue(self.memory, layout, event_idx=event_idx, state=ring_state, adopt=kept)
+            ring = (InOrderPackedDriverQueue if in_order else PackedDriverQueue)(
+                self.memory, layout, event_idx=event_idx, state=ring_state, adopt=kept)
         elif isinstance(layout, SplitLayout) and not packed:
-            ring = SplitDriverQueue(self.memory, layout, event_idx=event_idx, state=ring_state, adopt=kept)
+            ring = (InOrderSplitDriverQueue if in_order else SplitDriverQueue)(
+                self.memory, layout, event_idx=event_idx, state=ring_state, adopt=kept)
         else:
             raise DeviceStateError(f"queue {index}: a {type(layout).__name__} for a "
                                    f"{'packed' if packed else 'split'} device")

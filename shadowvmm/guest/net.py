@@ -47,6 +47,7 @@ from ..virtio.devcfg import (
     NetStatus,
 )
 from .driver import GuestDevice, GuestQueue
+from .nettx import FixedTxSlots
 
 #: Features the model asks for by default. EVENT_IDX is optional (``start(event_idx=True)``):
 #: GuestQueue.reap does not re-read used->idx after arming used_event, so a completion published
@@ -137,6 +138,7 @@ class TxQueue:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     sent: int = 0
     host: BufferHost | None = None     #: polling mode: where the slots are mapped
+    fixed: FixedTxSlots | None = None  #: polling mode, in-order ring: a fixed slot per id
 
 
 class NetDriver:
@@ -211,12 +213,14 @@ class NetDriver:
 
     async def start(self, *, pairs: int = 1, mrg_rxbuf: bool = False, packed: bool = False,
                     event_idx: bool = False, queue_size: int = 256, extra_features: int = 0,
-                    poll: bool = False) -> int:
+                    poll: bool = False, in_order: bool | None = None) -> int:
         """Initialise the device, fill the receive queues, DRIVER_OK, then set the active pairs.
 
         ``pairs > 1`` negotiates MQ and CTRL_VQ and sends VQ_PAIRS_SET. *poll* puts the data
         queues in polling mode (no interrupts asked for; :meth:`send_batch` / :meth:`recv_batch`
-        instead of :meth:`send` / :meth:`receive`; not with *mrg_rxbuf*). Returns the features.
+        instead of :meth:`send` / :meth:`receive`; not with *mrg_rxbuf*). *in_order* (default:
+        *poll*) asks for VIRTIO_F_IN_ORDER (v1.4 §2.7.9, §2.8.16), taken if the device offers it:
+        completions are then reaped by count and batch. Returns the features.
         """
         if poll and mrg_rxbuf:
             raise ArgumentError("polling mode does not take mergeable receive buffers")
@@ -227,6 +231,8 @@ class NetDriver:
             want |= NetFeature.MRG_RXBUF
         if event_idx:
             want |= Feature.EVENT_IDX
+        if poll if in_order is None else in_order:
+            want |= Feature.IN_ORDER
         if pairs > 1:
             want |= NetFeature.MQ | NetFeature.CTRL_VQ
         offered = transport.device_features()
@@ -308,6 +314,7 @@ class NetDriver:
         for tx in self.tx:
             tx.queue.poll()
             tx.host = BufferHost.of(memory, tx.slots, self.buffer_size)
+            tx.fixed = FixedTxSlots.of(memory, tx.queue, tx.slots, self.buffer_size, NET_HDR_SIZE)
 
     def _polling(self, polled: bool) -> None:
         if self._poll != polled:
@@ -442,6 +449,10 @@ class NetDriver:
         if not 0 <= pair < max(self.active_pairs, 1) or pair >= len(self.tx):
             raise DeviceStateError(f"queue pair {pair} is not active ({self.active_pairs} active)")
         tx = self.tx[pair]
+        if tx.fixed is not None:
+            count = tx.fixed.send(tx.queue, frames)
+            tx.sent += count
+            return count
         queue, slots, host = tx.queue, tx.slots, tx.host
         assert host is not None
         used = queue.pop_used_many(queue.size)
@@ -469,7 +480,10 @@ class NetDriver:
         """Polling mode: frames made available on transmitq *pair* and not used yet (reaps)."""
         self._polling(True)
         tx = self.tx[pair]
-        tx.slots += map(_TOKEN, tx.queue.pop_used_many(tx.queue.size))
+        if tx.fixed is not None:
+            tx.fixed.free += tx.queue.reap_count()
+        else:
+            tx.slots += map(_TOKEN, tx.queue.pop_used_many(tx.queue.size))
         return tx.queue.ring.in_flight
 
     def recv_batch(self, limit: int, pair: int = 0) -> list[bytes]:

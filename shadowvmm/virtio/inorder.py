@@ -1,0 +1,299 @@
+"""Driver rings for VIRTIO_F_IN_ORDER (v1.4 §2.7.9 split, §2.8.16 packed).
+
+With IN_ORDER the device uses buffers in the order they were made available, and may tell
+the driver about a whole batch with one used element (split: one used ring entry at the
+batch's first offset, used idx advanced by the batch size; packed: one used descriptor at
+the batch's first slot) whose id is the last buffer's. Buffers skipped that way count as
+used completely (v1.4 §2.7.9: a device-writable buffer as written to its full length).
+
+These rings keep the ids made available in order and reap by walking batches: an element
+whose id is the next expected one completes one buffer, any other id completes every buffer
+up to it. Descriptors (split) and buffer ids (packed) are handed out in ring order, as the
+split driver requirement asks (descriptors used "in ring order", v1.4 §2.7.9): a reaped
+descriptor goes to the back of the free list instead of being reused first.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from itertools import repeat
+
+from ..errors import RingError
+from ..memory import GuestMemory
+from .packed import PackedDriverQueue, PackedLayout
+from .packedfmt import _AVAIL, _USED, _WRITE, DESC_SIZE, FLAGS_OFFSET, off_wrap
+from .split import SplitDriverQueue, SplitLayout
+from .vring import RingState
+
+_MISSING = object()
+
+
+def _store_run(table: list[int], ids: list[int], lengths: Sequence[int], write: bool) -> None:
+    """Record the device-writable length (0 unless *write*) of buffers with consecutive ids
+    (mod the table size) in two slice stores."""
+    if not ids:
+        return
+    size, first, count = len(table), ids[0], len(ids)
+    part = min(count, size - first)
+    values = list(lengths[:count]) if write else [0] * count
+    table[first:first + part] = values[:part]
+    table[:count - part] = values[part:]
+
+
+class InOrderSplitDriverQueue(SplitDriverQueue):
+    """A split ring's driver side with VIRTIO_F_IN_ORDER negotiated (one-descriptor and chained
+    buffers; no reserved chains)."""
+
+    def __init__(self, memory: GuestMemory, layout: SplitLayout, *, event_idx: bool = False,
+                 state: RingState | None = None, adopt: bool = False) -> None:
+        super().__init__(memory, layout, event_idx=event_idx, state=state, adopt=adopt)
+        self._order: list[int] = []         #: heads made available, not used yet, in avail order
+        self._wlen = [0] * self.size        #: device-writable length of the buffer at each head
+
+    def add(self, out: list[tuple[int, int]], inp: list[tuple[int, int]], token: object) -> int:
+        head = super().add(out, inp, token)
+        self._order.append(head)
+        self._wlen[head] = sum(length for _, length in inp)
+        return head
+
+    def reserve(self, out: list[tuple[int, int]], inp: list[tuple[int, int]]) -> list[int]:
+        raise RingError("reserved chains are not used with VIRTIO_F_IN_ORDER")
+
+    def add_many(self, addrs: Sequence[int], lengths: Sequence[int], tokens: Sequence[object], *,
+                 write: bool = False) -> int:
+        free = self.free
+        heads = free[-min(len(addrs), len(free)):] if free else []
+        count = super().add_many(addrs, lengths, tokens, write=write)
+        heads.reverse()
+        self._order += heads
+        _store_run(self._wlen, heads, lengths, write)
+        return count
+
+    @property
+    def next_id(self) -> int:
+        """The descriptor the next buffer made available starts at (ring order)."""
+        return self.free[-1]
+
+    def pop_used_many(self, limit: int) -> list[tuple[object, int]]:
+        """Reap at most *limit* used buffers (more if the device's last batch ends past it):
+        the used entries' ids are read as strided arrays; when each is the next head in avail
+        order they are taken as they are, otherwise batch by batch (v1.4 §2.7.9)."""
+        size, last = self.size, self.last_used_idx
+        ready = (self._used16[self._used_idx16] - last) & 0xFFFF
+        if ready > len(self._order):
+            raise RingError(f"used idx runs {ready} ahead of {last} with {len(self._order)} in flight")
+        count = min(ready, limit)
+        if count == 0:
+            return []
+        u32, base, start = self._used32, self._used_ring32, last % size
+        part = min(ready, size - start)
+        at = base + 2 * start
+        ids, written = u32[at:at + 2 * part:2].tolist(), u32[at + 1:at + 2 * part:2].tolist()
+        if ready > part:
+            ids += u32[base:base + 2 * (ready - part):2].tolist()
+            written += u32[base + 1:base + 2 * (ready - part):2].tolist()
+        order = self._order
+        if ids[:count] == order[:count]:
+            heads, written = order[:count], written[:count]
+        else:
+            heads, written = self._walk(ids, written, ready, count)
+        del order[:len(heads)]
+        count = len(heads)
+        tokens = list(map(self.tokens.pop, heads))
+        chains = self._chains
+        back: list[int] = heads
+        if chains:
+            back = []
+            for head in heads:
+                chain = chains.pop(head, None)
+                back += chain if chain is not None else (head,)
+        self.free[:0] = back[::-1]      # reused last: descriptors go round the table in order
+        self.last_used_idx = last = (last + count) & 0xFFFF
+        if self.event_idx and self._interrupts:
+            self._avail16[self._avail_ring16 + size] = last
+            dirty = self.memory.dirty_log
+            if dirty is not None:
+                dirty.mark(self._used_event_addr, 2)
+        return list(zip(tokens, written))
+
+    def reap_count(self) -> int:
+        """Reap every used buffer by count alone (used idx; in order, v1.4 §2.7.9): the used
+        entries are not read, so neither tokens nor lengths come back. Returns how many."""
+        if self._chains:
+            return len(self.pop_used_many(self.size))
+        last = self.last_used_idx
+        ready = (self._used16[self._used_idx16] - last) & 0xFFFF
+        order = self._order
+        if ready > len(order):
+            raise RingError(f"used idx runs {ready} ahead of {last} with {len(order)} in flight")
+        if ready == 0:
+            return 0
+        heads = order[:ready]
+        del order[:ready]
+        deque(map(self.tokens.pop, heads), 0)
+        self.free[:0] = heads[::-1]
+        self.last_used_idx = last = (last + ready) & 0xFFFF
+        if self.event_idx and self._interrupts:
+            self._avail16[self._avail_ring16 + self.size] = last
+        return ready
+
+    def _walk(self, ids: list[int], written: list[int], ready: int, limit: int) -> tuple[list[int], list[int]]:
+        """Heads and lengths of whole batches, from used entry 0 until *limit* buffers are
+        covered: the entry at a batch's first offset names its last buffer."""
+        order, wlen = self._order, self._wlen
+        heads: list[int] = []
+        lengths: list[int] = []
+        p = 0
+        while p < limit:
+            try:
+                end = order.index(ids[p], p, ready)
+            except ValueError:
+                raise RingError(f"device used descriptor {ids[p]} out of order (expected {order[p]}.."
+                                f"{order[ready - 1]})") from None
+            heads += order[p:end + 1]
+            lengths += map(wlen.__getitem__, order[p:end])
+            lengths.append(written[p])
+            p = end + 1
+        return heads, lengths
+
+
+class InOrderPackedDriverQueue(PackedDriverQueue):
+    """A packed ring's driver side with VIRTIO_F_IN_ORDER negotiated."""
+
+    def __init__(self, memory: GuestMemory, layout: PackedLayout, *, event_idx: bool = False,
+                 state: RingState | None = None, adopt: bool = False) -> None:
+        super().__init__(memory, layout, event_idx=event_idx, state=state, adopt=adopt)
+        self._order: list[int] = []         #: buffer ids made available, not used yet, in order
+        self._wlen = [0] * self.size        #: device-writable length of the buffer with each id
+
+    def add(self, out: list[tuple[int, int]], inp: list[tuple[int, int]], token: object, *,
+            indirect_table: int | None = None) -> int:
+        buf_id = super().add(out, inp, token, indirect_table=indirect_table)
+        self._order.append(buf_id)
+        self._wlen[buf_id] = sum(length for _, length in inp)
+        return buf_id
+
+    def add_many(self, addrs: Sequence[int], lengths: Sequence[int], tokens: Sequence[object], *,
+                 write: bool = False) -> int:
+        free_ids = self.free_ids
+        count = min(len(addrs), self.free_slots)
+        ids = free_ids[-count:] if count else []
+        ids.reverse()
+        done = super().add_many(addrs, lengths, tokens, write=write)
+        self._order += ids
+        _store_run(self._wlen, ids, lengths, write)
+        return done
+
+    @property
+    def next_id(self) -> int:
+        """The buffer id the next buffer made available gets (ring order)."""
+        return self.free_ids[-1]
+
+    def pop_used_many(self, limit: int) -> list[tuple[object, int]]:
+        """Reap used buffers, a used descriptor per batch (v1.4 §2.8.16): runs of used
+        descriptors whose ids follow the avail order are read as strided arrays, any other
+        descriptor completes the buffers up to the one it names. A batch is taken whole, so
+        more than *limit* may come back."""
+        out: list[tuple[object, int]] = []
+        while len(out) < limit and self._order:
+            got = self._take_run(limit - len(out))
+            if not got:
+                got = self._take_batch()
+                if not got:
+                    break
+            out += got
+        if self.event_idx and self._interrupts:
+            self.memory.store_u16(self.layout.driver, off_wrap(self.next_used, self.used_wrap))
+        return out
+
+    def reap_count(self) -> int:
+        """Reap every used buffer; returns how many (a packed ring is walked batch by batch)."""
+        return len(self.pop_used_many(self.size))
+
+    def _used_at(self, slot: int) -> bool:
+        flags = self._desc16[(self._desc_off + DESC_SIZE * slot + FLAGS_OFFSET) >> 1]
+        want = _AVAIL | _USED if self.used_wrap else 0
+        return flags & (_AVAIL | _USED) == want
+
+    def _take_run(self, limit: int) -> list[tuple[object, int]]:
+        """One-slot buffers used one descriptor each, in order, from next_used (before a wrap)."""
+        if self._multi:
+            return []
+        used, size, order = self.next_used, self.size, self._order
+        most = min(limit, len(order), size - used)
+        count = 0
+        while count < most and self._used_at(used + count):
+            count += 1
+        if count == 0:
+            return []
+        at = self._desc_off + DESC_SIZE * used
+        ids = self._desc16[(at + 12) >> 1:(at + DESC_SIZE * count) >> 1:8].tolist()
+        if ids != order[:count]:
+            # the first differing descriptor ends a batch: take the run up to it, then the batch
+            count = next(k for k, (a, b) in enumerate(zip(ids, order)) if a != b)
+            if count == 0:
+                return []
+            ids = ids[:count]
+        lens = self._desc32[(at + 8) >> 2:(at + DESC_SIZE * count) >> 2:4].tolist()
+        flags = self._desc16[(at + FLAGS_OFFSET) >> 1:(at + DESC_SIZE * count) >> 1:8].tolist()
+        lens = [n if f & _WRITE else 0 for n, f in zip(lens, flags)]
+        return self._complete(ids, lens, count)
+
+    def _take_batch(self) -> list[tuple[object, int]]:
+        """Used descriptors each naming the last buffer of a batch (v1.4 §2.8.16), walked from
+        next_used batch after batch (the next one sits where the batch ends) and completed
+        together. Ids go round in ring order, so a batch's end is found by arithmetic."""
+        order, desc16, size = self._order, self._desc16, self.size
+        wlen, multi = self._wlen, self._multi
+        used, wrap, pos, slots = self.next_used, self.used_wrap, 0, 0
+        ends: list[tuple[int, int]] = []        #: (index in order of a batch's last, its len)
+        while pos < len(order):
+            at = self._desc_off + DESC_SIZE * used
+            flags = desc16[(at + FLAGS_OFFSET) >> 1]
+            if flags & (_AVAIL | _USED) != (_AVAIL | _USED if wrap else 0):
+                break
+            buf_id = desc16[(at + 12) >> 1]
+            end = pos + (buf_id - order[pos]) % size
+            if end >= len(order) or order[end] != buf_id:
+                try:
+                    end = order.index(buf_id, pos)
+                except ValueError:
+                    raise RingError(f"device used buffer id {buf_id} out of order or unknown") from None
+            n = sum(map(self._slots.__getitem__, order[pos:end + 1])) if multi else end - pos + 1
+            if flags & _WRITE:
+                ends.append((end, self._desc32[(at + 8) >> 2] if flags & _WRITE else 0))
+            slots += n
+            used += n
+            if used >= size:
+                used -= size
+                wrap = not wrap
+            pos = end + 1
+        if pos == 0:
+            return []
+        ids = order[:pos]
+        lens = list(map(wlen.__getitem__, ids)) if ends else [0] * pos
+        for end, length in ends:
+            lens[end] = length
+        return self._complete(ids, lens, slots)
+
+    def _complete(self, ids: list[int], lens: list[int], slots: int) -> list[tuple[object, int]]:
+        tokens, slots_of = self.tokens, self._slots
+        got = list(map(tokens.pop, ids, repeat(_MISSING, len(ids))))
+        if _MISSING in got:
+            raise RingError(f"device used unknown buffer id {ids[got.index(_MISSING)]}")
+        if self._multi:
+            for buf_id in ids:
+                self._multi -= slots_of.pop(buf_id) > 1
+        else:
+            deque(map(slots_of.pop, ids), 0)
+        del self._order[:len(ids)]
+        back = ids[::-1]
+        self.free_ids[:0] = back       # ids go round in order, as they were made available
+        self.free_slots += slots
+        used = self.next_used + slots
+        if used >= self.size:
+            used -= self.size
+            self.used_wrap = not self.used_wrap
+        self.next_used = used
+        return list(zip(got, lens))

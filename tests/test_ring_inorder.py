@@ -1,0 +1,290 @@
+"""Reaping with VIRTIO_F_IN_ORDER (v1.4 §2.7.9 split, §2.8.16 packed) against a small in-test
+device that honours it: it uses buffers in the order they were made available and writes one
+used element per batch (the id of the batch's last buffer, at the batch's first offset/slot),
+or one per buffer. Batches, ring and index wrap-around, limits, and a device breaking order."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+import pytest
+from rings import BUF_BASE, make_packed_layout, make_split_layout
+
+from shadowvmm.errors import RingError
+from shadowvmm.memory import GuestMemory
+from shadowvmm.virtio.inorder import InOrderPackedDriverQueue, InOrderSplitDriverQueue
+
+STRIDE = 128
+PACKED_AVAIL, PACKED_USED, PACKED_WRITE = 1 << 7, 1 << 15, 2
+DESC = struct.Struct("<QIHH")
+
+
+@pytest.fixture
+def memory() -> Iterator[GuestMemory]:
+    mem = GuestMemory.create([(0, 1 << 20)])
+    try:
+        yield mem
+    finally:
+        mem.close()
+
+
+class SplitInOrderDevice:
+    """Device side of a split ring that uses buffers in order (one-descriptor buffers)."""
+
+    def __init__(self, memory: GuestMemory, layout) -> None:
+        self.m, self.l, self.size = memory, layout, layout.size
+        self.last_avail = 0
+        self.used_idx = 0
+        self.pending: list[tuple[int, int, int]] = []     #: (head, addr, len) taken, not used yet
+
+    def take(self) -> list[int]:
+        """Every available buffer; returns the heads, in avail order."""
+        avail = self.m.load_u16(self.l.avail + 2)
+        heads = []
+        while self.last_avail != avail:
+            head = self.m.load_u16(self.l.avail + 4 + 2 * (self.last_avail % self.size))
+            addr, length, _flags, _next = DESC.unpack(self.m.read(self.l.desc + 16 * head, 16))
+            self.pending.append((head, addr, length))
+            heads.append(head)
+            self.last_avail = (self.last_avail + 1) & 0xFFFF
+        return heads
+
+    def use(self, n: int, written: int, *, one_entry: bool = True) -> None:
+        """Use the next *n* buffers: one used entry for the batch (the last head) or one each."""
+        batch, self.pending = self.pending[:n], self.pending[n:]
+        entries = [(batch[-1][0], written)] if one_entry else [(head, written) for head, _, _ in batch]
+        for k, (head, length) in enumerate(entries):
+            at = self.l.used + 4 + 8 * ((self.used_idx + k) % self.size)
+            self.m.write(at, struct.pack("<II", head, length))
+        self.used_idx = (self.used_idx + n) & 0xFFFF
+        self.m.store_u16(self.l.used + 2, self.used_idx)
+
+
+class PackedInOrderDevice:
+    """Device side of a packed ring that uses buffers in order (one-descriptor buffers)."""
+
+    def __init__(self, memory: GuestMemory, layout) -> None:
+        self.m, self.l, self.size = memory, layout, layout.size
+        self.avail_slot, self.avail_wrap = 0, True
+        self.used_slot, self.used_wrap = 0, True
+        self.pending: list[tuple[int, int, int]] = []     #: (id, addr, len)
+
+    def take(self) -> list[int]:
+        ids = []
+        while True:
+            addr, length, buf_id, flags = DESC.unpack(self.m.read(self.l.desc + 16 * self.avail_slot, 16))
+            if bool(flags & PACKED_AVAIL) != self.avail_wrap or bool(flags & PACKED_USED) == self.avail_wrap:
+                return ids
+            self.pending.append((buf_id, addr, length))
+            ids.append(buf_id)
+            self.avail_slot += 1
+            if self.avail_slot == self.size:
+                self.avail_slot, self.avail_wrap = 0, not self.avail_wrap
+
+    def use(self, n: int, written: int, *, one_entry: bool = True, write: bool = True) -> None:
+        batch, self.pending = self.pending[:n], self.pending[n:]
+        entries = [batch[-1][0]] if one_entry else [buf_id for buf_id, _, _ in batch]
+        slot, wrap = self.used_slot, self.used_wrap
+        for buf_id in entries:
+            flags = (PACKED_AVAIL | PACKED_USED if wrap else 0) | (PACKED_WRITE if write else 0)
+            at = self.l.desc + 16 * slot
+            self.m.write(at + 8, struct.pack("<IH", written if write else 0, buf_id))
+            self.m.store_u16(at + 14, flags)
+            slot += 1
+            if slot == self.size:
+                slot, wrap = 0, not wrap
+        # a batch written as one descriptor skips the ring forward by its size
+        self.used_slot, self.used_wrap = (self.used_slot + n) % self.size, (
+            self.used_wrap if self.used_slot + n < self.size else not self.used_wrap)
+
+
+def make(layout: str, memory: GuestMemory, size: int):
+    if layout == "split":
+        sl = make_split_layout(size)
+        return InOrderSplitDriverQueue(memory, sl), SplitInOrderDevice(memory, sl)
+    pl = make_packed_layout(size)
+    return InOrderPackedDriverQueue(memory, pl), PackedInOrderDevice(memory, pl)
+
+
+def add(drv, first: int, count: int, *, write: bool) -> int:
+    addrs = [BUF_BASE + STRIDE * ((first + k) % 512) for k in range(count)]
+    lengths = [8 + (first + k) % 50 for k in range(count)]
+    return drv.add_many(addrs, lengths, list(range(first, first + count)), write=write)
+
+
+@pytest.mark.parametrize("layout", ["split", "packed"])
+@pytest.mark.parametrize("write", [False, True], ids=["out", "in"])
+@pytest.mark.parametrize("one_entry", [True, False], ids=["per-batch", "per-buffer"])
+def test_batches_wrap_around(memory: GuestMemory, layout: str, write: bool, one_entry: bool) -> None:
+    """Ring of 8, 60 rounds of 5 buffers used in device batches of 1..4 (crossing the ring end):
+    every buffer comes back once in order; a batch's last buffer has the length the device wrote,
+    the skipped ones count as used completely (their full length when device-writable, v1.4
+    §2.7.9); descriptors / buffer ids go round the ring in order."""
+    drv, dev = make(layout, memory, 8)
+    sent = reaped = 0
+    seen_ids: list[int] = []
+    sizes = [3, 1, 4, 2]
+    for rnd in range(60):
+        assert add(drv, sent, 5, write=write) == 5
+        drv.publish()
+        seen_ids += dev.take()
+        sent += 5
+        left = 5
+        while left:
+            n = min(sizes[(rnd + left) % 4], left)
+            dev.use(n, 7 if write else 0, one_entry=one_entry)
+            left -= n
+            used = drv.pop_used_many(64)
+            tokens = [t for t, _ in used]
+            assert tokens == list(range(reaped, reaped + n))
+            lengths = [w for _, w in used]
+            if not write:
+                assert lengths == [0] * n
+            elif one_entry:
+                assert lengths == [8 + t % 50 for t in tokens[:-1]] + [7]
+            else:
+                assert lengths == [7] * n
+            reaped += n
+        assert drv.num_free == 8 and drv.in_flight == 0
+    assert seen_ids == [k % 8 for k in range(300)]
+
+
+@pytest.mark.parametrize("layout", ["split", "packed"])
+def test_split_and_packed_index_wrap_in_flight(memory: GuestMemory, layout: str) -> None:
+    """Buffers stay in flight across the ring end: a batch made available at slots 6, 7, 0, 1 is
+    used as one element and reaped whole."""
+    drv, dev = make(layout, memory, 8)
+    assert add(drv, 0, 6, write=True) == 6
+    drv.publish()
+    dev.take()
+    dev.use(6, 1)
+    assert [t for t, _ in drv.pop_used_many(64)] == list(range(6))
+    assert add(drv, 6, 4, write=True) == 4
+    drv.publish()
+    assert dev.take() == [6, 7, 0, 1]
+    dev.use(4, 9)
+    used = drv.pop_used_many(64)
+    assert used == [(6, 8 + 6), (7, 8 + 7), (8, 8 + 8), (9, 9)]
+
+
+def test_split_limit_stops_at_batch_boundary(memory: GuestMemory) -> None:
+    """Split: with a limit inside a batch the whole batch comes back; per-buffer entries honour it."""
+    drv, dev = make("split", memory, 16)
+    add(drv, 0, 10, write=False)
+    drv.publish()
+    dev.take()
+    dev.use(4, 0)
+    dev.use(2, 0, one_entry=False)
+    assert [t for t, _ in drv.pop_used_many(2)] == [0, 1, 2, 3]
+    assert [t for t, _ in drv.pop_used_many(1)] == [4]
+    assert [t for t, _ in drv.pop_used_many(8)] == [5]
+    assert drv.in_flight == 4 and drv.num_free == 12
+
+
+@pytest.mark.parametrize("layout", ["split", "packed"])
+def test_id_out_of_order_is_a_ring_error(memory: GuestMemory, layout: str) -> None:
+    """A used element naming a buffer not made available (or already used) breaks the ring."""
+    drv, dev = make(layout, memory, 8)
+    add(drv, 0, 3, write=False)
+    drv.publish()
+    dev.take()
+    dev.pending[2] = (5, 0, 0)          # the device claims id 5, never made available
+    dev.use(3, 0)
+    with pytest.raises(RingError):
+        drv.pop_used_many(8)
+
+
+def test_split_used_idx_past_in_flight_is_a_ring_error(memory: GuestMemory) -> None:
+    drv, dev = make("split", memory, 8)
+    add(drv, 0, 2, write=False)
+    drv.publish()
+    dev.take()
+    memory.store_u16(dev.l.used + 2, 3)
+    with pytest.raises(RingError):
+        drv.pop_used_many(8)
+
+
+class StubQueue:
+    """The part of GuestQueue FixedTxSlots uses, over a bare in-order ring."""
+
+    def __init__(self, ring) -> None:
+        self.ring, self.size, self.kicks = ring, ring.size, 0
+
+    def reap_count(self) -> int:
+        return self.ring.reap_count()
+
+    def add_many(self, addrs, lengths, tokens, *, write: bool = False) -> int:
+        return self.ring.add_many(addrs, lengths, tokens, write=write)
+
+    def kick(self) -> None:
+        self.kicks += 1
+        self.ring.publish()
+
+
+@pytest.mark.parametrize("layout", ["split", "packed"])
+def test_fixed_tx_slots_payloads_and_wrap(memory: GuestMemory, layout: str) -> None:
+    """FixedTxSlots on a ring of 8 with 4 slots: batches of mixed frame sizes go round the ring
+    many times; every buffer the device takes is a zero header + the frame sent, inside the
+    slots of its id, and completions reaped by count free the slots."""
+    from shadowvmm.guest.nettx import FixedTxSlots
+
+    drv, dev = make(layout, memory, 8)
+    queue = StubQueue(drv)
+    slots = [BUF_BASE + 256 * k for k in range(4)]
+    fixed = FixedTxSlots.of(memory, queue, slots, 256, 12)
+    assert fixed is not None
+    sent = 0
+    for rnd in range(30):
+        frames = [bytes([(sent + k) & 0xFF]) * (1 + (sent + k) * 37 % 244) for k in range(6)]
+        count = fixed.send(queue, frames)
+        assert count == 4 if rnd == 0 else count == 3
+        assert len(dev.take()) == count
+        batch = dev.pending[-count:]
+        for k, (buf_id, addr, length) in enumerate(batch):
+            assert length == 12 + len(frames[k])
+            assert memory.read(addr, length) == bytes(12) + frames[k]
+            # inside the slots this batch owns (from its first id's slot, up to the ring end)
+            part = [b for b, _, _ in batch if b % 4 >= batch[0][0] % 4] if buf_id % 4 >= batch[0][0] % 4 \
+                else [b for b, _, _ in batch if b % 4 < batch[0][0] % 4]
+            assert slots[part[0] % 4] <= addr and addr + length <= slots[part[-1] % 4] + 256
+        dev.use(len(dev.pending) - 1, 0)        # one buffer stays in flight
+        sent += count
+    assert drv.in_flight == 4 and fixed.free == 0
+    assert queue.reap_count() == 3 and drv.in_flight == 1 and queue.reap_count() == 0
+
+
+def test_fixed_tx_slots_refused_without_in_order(memory: GuestMemory) -> None:
+    from shadowvmm.guest.nettx import FixedTxSlots
+    from shadowvmm.virtio.split import SplitDriverQueue
+
+    queue = StubQueue(SplitDriverQueue(memory, make_split_layout(8)))
+    assert FixedTxSlots.of(memory, queue, [BUF_BASE + 256 * k for k in range(4)], 256, 12) is None
+    drv, _ = make("split", memory, 8)
+    assert FixedTxSlots.of(memory, StubQueue(drv), [BUF_BASE + 256 * k for k in range(3)], 256, 12) is None
+
+
+@pytest.mark.parametrize("layout", ["split", "packed"])
+def test_several_batches_reaped_in_one_pass(memory: GuestMemory, layout: str) -> None:
+    """Batches of 2 and 3 (one element each), 1 (per buffer) and 2, crossing the ring end, all
+    reaped by one call: tokens in order, each batch's last with the device's length, the
+    skipped ones with their full length."""
+    drv, dev = make(layout, memory, 8)
+    add(drv, 0, 5, write=True)
+    drv.publish()
+    dev.take()
+    dev.use(5, 3)
+    drv.pop_used_many(8)
+    add(drv, 5, 8, write=True)
+    drv.publish()
+    assert dev.take() == [5, 6, 7, 0, 1, 2, 3, 4]
+    dev.use(2, 1)
+    dev.use(3, 2)
+    dev.use(1, 4, one_entry=False)
+    dev.use(2, 5)
+    used = drv.pop_used_many(64)
+    assert [t for t, _ in used] == list(range(5, 13))
+    full = [8 + t % 50 for t in range(5, 13)]
+    assert [w for _, w in used] == [full[0], 1, full[2], full[3], 2, 4, full[6], 5]
+    assert drv.num_free == 8 and drv.in_flight == 0
+    assert layout == "split" or (drv.next_used, drv.used_wrap) == (5, False)
