@@ -348,6 +348,18 @@ async def test_batch_is_one_kick(fs: FsRig) -> None:
 
 
 @pytest.mark.peer
+async def test_callers_beyond_the_slots_wait_for_them(fs: FsRig) -> None:
+    """More concurrent callers than a request queue has slots: each waits for a slot (it used
+    to fail with "N requests, 0 free slots", seen in the conformance stop-in-flight step)."""
+    d = fs.driver
+    callers = 3 * d.slots_per_queue
+    await asyncio.wait_for(asyncio.gather(*(d.write_file(f"c{i}.txt", bytes([i]) * 100) for i in range(callers))), 20)
+    got = await asyncio.wait_for(asyncio.gather(*(d.read_file(f"c{i}.txt") for i in range(callers))), 20)
+    assert got == [bytes([i]) * 100 for i in range(callers)]
+    assert sorted(p.name for p in fs.share.glob("c*.txt")) == sorted(f"c{i}.txt" for i in range(callers))
+
+
+@pytest.mark.peer
 async def test_destroy_and_disconnect_end_virtiofsd(fs: FsRig) -> None:
     await fs.driver.write_file("last.txt", b"bye")
     await asyncio.wait_for(fs.driver.close(), 10)

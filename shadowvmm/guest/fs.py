@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ..errors import ArgumentError, DeviceStateError, ProtocolError
@@ -121,8 +121,10 @@ class FsDriver:
         self.max_write = 0
         self._unique = 0
         self._slots: dict[int, list[Slot]] = {}
+        self._capacity: dict[int, int] = {}     #: slots allocated per queue
         self._request_queues: list[int] = []
         self._next_queue = 0
+        self._freed = asyncio.Event()   #: set whenever slots go back to a queue's pool
 
     # ------------------------------------------------------------------ setup
 
@@ -162,6 +164,7 @@ class FsDriver:
             self._slots[index] = [self._alloc_slot(REQUEST_HEADROOM + self.max_payload,
                                                    fuse.OutHeader.SIZE + max(self.max_payload, MAX_FIXED_REPLY))
                                   for _ in range(min(size, self.slots_per_queue))]
+        self._capacity = {index: len(slots) for index, slots in self._slots.items()}
         return await self._fuse_init(max_readahead, init_flags)
 
     async def remount(self, *, max_readahead: int = 128 << 10, init_flags: int = INIT_FLAGS) -> InitOut:
@@ -234,16 +237,15 @@ class FsDriver:
         """Submit a batch with one kick per queue; each result is the reply body or its FuseError.
 
         FORGET goes to the hiprio queue and yields ``b""``; the rest share one request queue
-        (queues rotate between batches). A batch must fit the free slots of its queues.
+        (queues rotate between batches). A batch waits for free slots while other callers'
+        requests hold them (a full virtqueue makes a driver wait, v1.4 §2.7.13); one larger than
+        a queue's slots is refused.
         """
         groups: dict[int, list[int]] = {}
         for i, request in enumerate(requests):
             groups.setdefault(self._pick_queue(request), []).append(i)
         self._next_queue += 1
-        for index, members in groups.items():
-            free = min(len(self._slots[index]), self.dev.queues[index].num_free // 2)
-            if len(members) > free:
-                raise DeviceStateError(f"queue {index}: {len(members)} requests, {free} free slots")
+        await self._room(groups)
         encoded = [self._encode(request) for request in requests]
         pending: list[tuple[int, GuestQueue, asyncio.Future, Slot]] = []
         try:
@@ -279,6 +281,31 @@ class FsDriver:
             for _, queue, future, slot in pending:
                 if future.done():
                     self._slots[queue.index].append(slot)
+            if pending:
+                self._freed.set()
+
+    def _fits(self, groups: Mapping[int, Sequence[int]]) -> bool:
+        return all(len(members) <= min(len(self._slots[index]), self.dev.queues[index].num_free // 2)
+                   for index, members in groups.items())
+
+    async def _room(self, groups: Mapping[int, Sequence[int]]) -> None:
+        """Wait until every queue of the batch has free slots for its share (at most
+        :attr:`request_timeout`); a share larger than the queue's slots is refused at once."""
+        for index, members in groups.items():
+            capacity = min(self._capacity.get(index, 0), self.dev.queues[index].size // 2)
+            if len(members) > capacity:
+                raise DeviceStateError(f"queue {index}: a batch of {len(members)} requests; the queue "
+                                       f"holds {capacity}")
+        if self._fits(groups):
+            return
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                while not self._fits(groups):
+                    self._freed.clear()
+                    await self._freed.wait()
+        except TimeoutError:
+            raise DeviceStateError(f"virtio-fs: no free slots within {self.request_timeout:g} s "
+                                   "(requests of other callers still unanswered)") from None
 
     async def call(self, request: FuseRequest) -> bytes:
         """One request; its reply body, or raise :class:`FuseError`."""
