@@ -86,13 +86,7 @@ class InOrderSplitDriverQueue(SplitDriverQueue):
         count = min(ready, limit)
         if count == 0:
             return []
-        u32, base, start = self._used32, self._used_ring32, last % size
-        part = min(ready, size - start)
-        at = base + 2 * start
-        ids, written = u32[at:at + 2 * part:2].tolist(), u32[at + 1:at + 2 * part:2].tolist()
-        if ready > part:
-            ids += u32[base:base + 2 * (ready - part):2].tolist()
-            written += u32[base + 1:base + 2 * (ready - part):2].tolist()
+        ids, written = self._used_run(last, ready)
         order = self._order
         if ids[:count] == order[:count]:
             heads, written = order[:count], written[:count]

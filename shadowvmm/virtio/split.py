@@ -484,6 +484,19 @@ class SplitDriverQueue:
         """Reap used elements: ``(token, bytes written)`` in completion order."""
         return self.pop_used_many(self.size)
 
+    def _used_run(self, last: int, count: int) -> tuple[list[int], list[int]]:
+        """Ids and written lengths of *count* used elements from index *last*, read as strided
+        arrays of the used ring (v1.4 §2.7.8), across its wrap."""
+        size, u32, base = self.size, self._used32, self._used_ring32
+        start = last % size
+        part = min(count, size - start)
+        at = base + 2 * start
+        ids, written = u32[at:at + 2 * part:2].tolist(), u32[at + 1:at + 2 * part:2].tolist()
+        if count > part:
+            ids += u32[base:base + 2 * (count - part):2].tolist()
+            written += u32[base + 1:base + 2 * (count - part):2].tolist()
+        return ids, written
+
     def pop_used_many(self, limit: int) -> list[tuple[object, int]]:
         """Reap at most *limit* used elements in one pass: one used->idx load, ids and lengths
         read as strided arrays; re-arms used_event (EVENT_IDX) unless interrupts are off."""
@@ -493,13 +506,7 @@ class SplitDriverQueue:
             raise RingError(f"used idx runs {count} ahead of {last} (size {size})")
         if count == 0:
             return []
-        u32, base, start = self._used32, self._used_ring32, last % size
-        part = min(count, size - start)
-        at = base + 2 * start
-        ids, written = u32[at:at + 2 * part:2].tolist(), u32[at + 1:at + 2 * part:2].tolist()
-        if count > part:
-            ids += u32[base:base + 2 * (count - part):2].tolist()
-            written += u32[base + 1:base + 2 * (count - part):2].tolist()
+        ids, written = self._used_run(last, count)
         tokens = list(map(self.tokens.pop, ids, repeat(_MISSING, count)))
         if _MISSING in tokens:
             bad = ids[tokens.index(_MISSING)]
