@@ -231,3 +231,22 @@ def test_batch_marks_dirty_pages(memory: GuestMemory, ring_layout: str) -> None:
     pages = set(log.take())
     assert {h.layout.desc // 4096, h.layout.driver // 4096} <= pages
     assert not pages & {gpa // 4096 for gpa in addrs}        # the driver wrote no buffer
+
+
+def test_split_used_run_crosses_the_ring_end(memory: GuestMemory) -> None:
+    """The reader of used elements both split driver rings share (in order or not): a run that
+    starts 3 before the ring's end comes back whole, ids and lengths in used-ring order."""
+    h = SplitHarness(memory, 8)
+    first, first_lengths = buffers(memory, 0, 5)
+    h.drv.add_many(first, first_lengths, first, write=True)
+    h.drv.publish()
+    h.dev.push_batch(serve_all(h, memory, write=True))
+    h.drv.pop_used_many(100)                        # used idx now 5: the next run wraps at 8
+    addrs, lengths = buffers(memory, 5, 6)
+    h.drv.add_many(addrs, lengths, addrs, write=True)
+    h.drv.publish()
+    entries = serve_all(h, memory, write=True)
+    h.dev.push_batch(entries)
+    ids, written = h.drv._used_run(h.drv.last_used_idx, 6)
+    assert (ids, written) == ([head for head, _ in entries], [n for _, n in entries])
+    assert written == [n // 2 for n in lengths]
