@@ -271,8 +271,9 @@ class DeviceCore:
         self._caps_bits = caps.value
 
     def _has_cap(self, cap: Capability) -> bool:
-        """``cap in backend_caps`` on the int bits: a Flag ``&`` builds a member (about 2 µs)."""
-        return bool(self._caps_bits & cap.value)
+        """``cap in backend_caps`` on the int bits: a Flag ``&`` builds a member (about 2 µs), and
+        ``.value`` is a property; ``_value_`` is the member's plain attribute."""
+        return bool(self._caps_bits & cap._value_)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:

@@ -9,6 +9,11 @@ from dataclasses import dataclass
 
 
 class OpKind(enum.Enum):
+    """What an :class:`Op` does; members hash by identity (they key the handler table, and
+    :class:`enum.Enum`'s own ``__hash__`` is a Python call per lookup)."""
+
+    __hash__ = object.__hash__
+
     RECONCILE = "reconcile"
     CONFIG_WRITE = "config write"
     VECTOR = "vector change"

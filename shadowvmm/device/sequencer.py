@@ -32,6 +32,8 @@ from .vmmqueue import VmmQueue, vmm_queue_handlers
 
 logger = logging.getLogger(__name__)
 
+_RING_PACKED = int(Feature.RING_PACKED)   # an int: ``int & IntFlag`` builds an enum member
+
 
 class SequencerMixin(LinkMixin):
     """Start, stop, drain and restart the backend's rings; the dirty log (module docstring)."""
@@ -385,7 +387,7 @@ class SequencerMixin(LinkMixin):
 
     def _drain_target(self, running: list[QueueRegs]) -> tuple[float, list[tuple[QueueRegs, int, int]]]:
         """When the hold began, and each ring's avail and used idx then (empty: no drain)."""
-        if self.device_id is DeviceId.NET or self.driver_features & Feature.RING_PACKED or not running:
+        if self.device_id is DeviceId.NET or self.driver_features & _RING_PACKED or not running:
             return 0.0, []
         load = self.memory.load_u16
         return self.loop.time(), [(q, load(q.driver + 2), load(q.device + 2)) for q in running]
@@ -413,6 +415,9 @@ class SequencerMixin(LinkMixin):
         if not rings:
             return
         memory = self.memory
+        load = memory.load_u16
+        if all(load(q.device + 2) == avail and load(q.driver + 2) == avail for q, avail, _ in rings):
+            return      # every buffer published at the hold is used and none since: none in flight
         loop = self.loop
         deadline = loop.time() + DRAIN_TIMEOUT
         target = [(q, avail) for q, avail, _ in rings]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import socket
 import struct
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -502,3 +504,126 @@ async def test_a_request_on_a_dead_connection_names_the_request_and_socket() -> 
         conn._runstate = Runstate.DISCONNECTED
         await conn.request(F.SET_VRING_KICK)
     assert "vhost-user /run/x.sock: SET_VRING_KICK" in str(info.value)
+
+
+async def test_messages_leave_in_call_order_whether_or_not_they_wait(env: Env) -> None:
+    """A message without a reply written while another waits for its reply queues behind it:
+    the back-end sees every message in the order the callers made them."""
+    fake = env.fake(queue_num=3)
+    conn = await env.connect(fake)
+    await negotiate(conn, PF.MQ)
+    calls = [(F.GET_QUEUE_NUM, None) if i % 3 == 0 else (F.SET_VRING_NUM, vu.VringState(0, i)) for i in range(30)]
+    await conn.request(F.GET_FEATURES)      # the fake has recorded the negotiation
+    before = len(fake.received)
+    await asyncio.wait_for(asyncio.gather(*(conn.request(code, payload) for code, payload in calls)), 10.0)
+    await conn.request(F.GET_FEATURES)      # a barrier: the fake has recorded everything before it
+    sent = [(m.request, m.payload) for m in fake.received[before:before + 30]]
+    assert sent == [(code, payload.pack() if payload else b"") for code, payload in calls]
+
+
+async def test_a_waiter_cancelled_after_its_wake_up_passes_the_turn_on() -> None:
+    from shadowvmm_vhost_user.connection import _Turn
+
+    loop = asyncio.get_running_loop()
+    turn = _Turn()
+    assert turn.try_take()
+    order: list[str] = []
+
+    async def waiter(name: str) -> None:
+        await turn.take(loop)
+        order.append(name)
+        turn.release()
+
+    second, third = asyncio.create_task(waiter("second")), asyncio.create_task(waiter("third"))
+    await asyncio.sleep(0)
+    assert not turn.try_take(), "taken while others wait"
+    turn.release()          # wakes "second" ...
+    second.cancel()         # ... which is cancelled before it runs: "third" must get the turn
+    await asyncio.wait_for(third, 1.0)
+    assert order == ["third"] and second.cancelled()
+    assert turn.try_take()
+
+
+async def test_a_message_the_full_socket_takes_in_parts_arrives_whole() -> None:
+    """The socket buffer fills while the back-end does not read: the rest of each message is
+    written once it reads again, every message whole and in order."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    ours.setblocking(False)
+
+    async def connector() -> socket.socket:
+        return ours
+
+    conn = Connection(connector, timeout=5.0)
+    await conn.connect()
+    count = 2000
+    got = bytearray()
+
+    def drain() -> None:
+        time.sleep(0.2)
+        while len(got) < count * 20:
+            got.extend(theirs.recv(65536))
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        for i in range(count):
+            await conn.request(F.SET_VRING_NUM, vu.VringState(i % 8, i))
+        await asyncio.to_thread(reader.join, 5.0)
+    finally:
+        await conn.disconnect()
+        theirs.close()
+    assert conn.error is None
+    header, state = struct.Struct("<III"), struct.Struct("<II")
+    messages = [(header.unpack_from(got, 20 * i), state.unpack_from(got, 20 * i + 12)) for i in range(count)]
+    assert messages == [((int(F.SET_VRING_NUM), 1, 8), (i % 8, i)) for i in range(count)]
+
+
+async def test_a_message_to_a_peer_that_hung_up_is_a_typed_loss(env: Env) -> None:
+    """Written before the reader saw the hang-up: the send fails, the session is lost."""
+    fake = env.fake()
+    conn = await env.connect(fake)
+    await negotiate(conn, 0)
+    assert conn._sock is not None
+    fake.stop()
+    conn._sock.shutdown(socket.SHUT_WR)
+    with pytest.raises(BackendDisconnected, match="SET_VRING_NUM: send failed"):
+        await conn.request(F.SET_VRING_NUM, vu.VringState(0, 1))
+    assert conn.runstate is Runstate.DISCONNECTED
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 12, 13, 1000])
+def test_the_framer_assembles_messages_from_any_split_with_their_fds(chunk: int) -> None:
+    """Messages arriving in pieces of *chunk* bytes: each is delivered whole, once, with the fds
+    that came with its first byte, and an empty payload makes a message of its own."""
+    from shadowvmm_vhost_user.framing import Framer, Message
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setblocking(False)
+    got: list[Message] = []
+    errors: list[BaseException] = []
+    framer = Framer(ours, got.append, errors.append)
+    header = struct.Struct("<III")
+    wire = [(header.pack(11, 5, 8) + struct.pack("<II", 1, 77), True),
+            (header.pack(1, 5, 0), False),
+            (header.pack(15, 5, 8) + struct.pack("<Q", 0x1234), False)]
+    r, w = os.pipe()
+    try:
+        for data, with_fd in wire:
+            for start in range(0, len(data), chunk):
+                anc = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", r))]
+                       if with_fd and start == 0 else [])
+                theirs.sendmsg([data[start:start + chunk]], anc)
+                framer.on_readable()
+        for _ in range(3):
+            framer.on_readable()    # level-triggered: one message per call
+        assert not errors
+        assert [(m.header.request, m.header.size, m.body, len(m.fds)) for m in got] == [
+            (11, 8, struct.pack("<II", 1, 77), 1), (1, 0, b"", 0), (15, 8, struct.pack("<Q", 0x1234), 0)]
+        for message in got:
+            message.close_fds()
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        ours.close()
+        theirs.close()

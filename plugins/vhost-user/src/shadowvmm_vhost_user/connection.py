@@ -18,6 +18,7 @@ and for a reply its latency in microseconds), lifecycle transitions at INFO
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import functools
@@ -69,6 +70,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 5.0
 _FLAGS = VERSION
 _FLAGS_ACKED = VERSION | int(HeaderFlags.NEED_REPLY)
+_HEADER_PACK = Header.STRUCT.pack
 
 
 class Runstate(enum.Enum):
@@ -90,6 +92,56 @@ class Reply:
     payload: Payload | None
     fds: tuple[int, ...] = ()
 
+
+
+#: Requests whose success :meth:`Connection._track` records.
+_TRACKED = frozenset({FrontendRequest.GET_FEATURES, FrontendRequest.GET_PROTOCOL_FEATURES,
+                      FrontendRequest.SET_PROTOCOL_FEATURES, FrontendRequest.SET_FEATURES})
+
+
+#: The reply of each request that has no reply body (frozen, so shared).
+_EMPTY_REPLIES: Mapping[FrontendRequest, Reply] = {request: Reply(request, None) for request in FrontendRequest}
+
+
+class _Turn:
+    """A FIFO mutex whose uncontended take is a plain call (an :class:`asyncio.Lock` costs
+    two coroutines per request): one request on the socket at a time, callers in arrival order."""
+
+    __slots__ = ("held", "_waiters")
+
+    def __init__(self) -> None:
+        self.held = False
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def try_take(self) -> bool:
+        """Take the turn if nobody holds it or waits for it."""
+        if self.held or self._waiters:
+            return False
+        self.held = True
+        return True
+
+    async def take(self, loop: asyncio.AbstractEventLoop) -> None:
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            self._waiters.remove(waiter)
+            if waiter.done() and not waiter.cancelled() and not self.held:
+                self._wake()    # woken, then cancelled: the next one gets the turn
+            raise
+        self._waiters.remove(waiter)
+        self.held = True
+
+    def release(self) -> None:
+        self.held = False
+        self._wake()
+
+    def _wake(self) -> None:
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
 
 P = ParamSpec("P")
@@ -135,7 +187,7 @@ class Connection:
         self._runstate = Runstate.IDLE
         self._sock: socket.socket | None = None
         self._framer: Framer | None = None
-        self._lock: asyncio.Lock | None = None
+        self._turn = _Turn()
         self._pending: asyncio.Future[Message] | None = None
         self._channel: BackendChannel | None = None
         self._error: BaseException | None = None
@@ -155,6 +207,8 @@ class Connection:
         self.protocol_features = ProtocolFeature(0)
         self._protocol_bits = 0
         self._reply_ack = False
+        #: Requests whose gates the negotiation so far lets through (see :meth:`_admit`).
+        self._admitted: dict[FrontendRequest, MessageSpec] = {}
 
     @property
     def runstate(self) -> Runstate:
@@ -213,7 +267,7 @@ class Connection:
         self._sock = sock
         self.peer_pid = listener_pid(sock)
         self._framer = Framer(sock, self._on_message, self._teardown)
-        self._lock = asyncio.Lock()
+        self._turn = _Turn()
         loop.add_reader(sock.fileno(), self._framer.on_readable)
         self._runstate = Runstate.RUNNING
         log.info("%s: connected (listener pid %s)", self.name, self.peer_pid if self.peer_pid is not None else "?")
@@ -286,9 +340,23 @@ class Connection:
         else:
             self._handlers[request] = handler
 
-    def _encode(self, request: FrontendRequest, spec: MessageSpec, payload: Payload | None,
-                fds: Sequence[int]) -> bytes:
-        """Check a request against its spec and the session; its payload bytes."""
+    def _admit(self, request: FrontendRequest) -> MessageSpec:
+        """*request*'s spec once its gates pass for this negotiation (cached until it changes)."""
+        spec = FRONTEND_SPECS.get(request)
+        if spec is None:
+            raise UnsupportedError(f"{self.name}: {request.name} has no specified wire format")
+        if missing := int(spec.gate) & ~self._protocol_bits:
+            raise UnsupportedError(f"{self.name}: {request.name} needs protocol feature {ProtocolFeature(missing)!r}, "
+                                   "which was not negotiated")
+        if missing_bits := spec.virtio_gate & ~self.features_offered:
+            raise UnsupportedError(f"{self.name}: {request.name} needs feature bits {missing_bits:#x}, "
+                                   "which the back-end does not offer")
+        self._admitted[request] = spec
+        return spec
+
+    @staticmethod
+    def _encode(request: FrontendRequest, spec: MessageSpec, payload: Payload | None, fds: Sequence[int]) -> bytes:
+        """Check a request against its spec; its payload bytes."""
         if spec.request is None:
             if payload is not None:
                 raise ArgumentTypeError(f"{request.name} takes no payload")
@@ -297,14 +365,8 @@ class Connection:
             raise ArgumentTypeError(f"{request.name} takes a {spec.request.__name__} payload, not {payload!r}")
         else:
             body = payload.pack()    # validates
-        if len(fds) != spec.request_fds(payload):
+        if len(fds) != (spec.fds if spec.fds is not None else spec.request_fds(payload)):
             raise ArgumentError(f"{request.name} carries {spec.request_fds(payload)} fds, not {len(fds)}")
-        if missing := int(spec.gate) & ~self._protocol_bits:
-            raise UnsupportedError(f"{self.name}: {request.name} needs protocol feature {ProtocolFeature(missing)!r}, "
-                                   "which was not negotiated")
-        if missing_bits := spec.virtio_gate & ~self.features_offered:
-            raise UnsupportedError(f"{self.name}: {request.name} needs feature bits {missing_bits:#x}, "
-                                   "which the back-end does not offer")
         return body
 
     @staticmethod
@@ -326,36 +388,61 @@ class Connection:
         """
         if self._runstate is not Runstate.RUNNING:
             self._require((Runstate.RUNNING,), request.name)
-        spec = FRONTEND_SPECS.get(request)
-        if spec is None:
-            raise UnsupportedError(f"{self.name}: {request.name} has no specified wire format")
+        spec = self._admitted.get(request) or self._admit(request)
         body = self._encode(request, spec, payload, fds)
         acked = spec.reply is None and self._reply_ack and (spec.ack if ack is None else ack)
-        header = Header(request, _FLAGS_ACKED if acked else _FLAGS, len(body))
-        limit = self.timeout if timeout is None else timeout
-        assert self._lock is not None
-        async with self._lock:
-            self._require((Runstate.RUNNING,), request.name)
-            message = await self._exchange(request, header, body, fds, spec.reply is not None or acked, limit)
-            if message is None:
+        turn = self._turn
+        if not acked and spec.reply is None and not log.isEnabledFor(logging.DEBUG) and turn.try_take():
+            # Nothing to wait for and nobody else on the socket: written at once if it fits,
+            # without a coroutine for the exchange (most ring set-up and stop messages).
+            try:
+                assert self._sock is not None
+                data = _HEADER_PACK(request, _FLAGS, len(body)) + body
+                try:
+                    sent = send_nowait(self._sock, data, fds)
+                except OSError as exc:
+                    error = BackendDisconnected(f"{self.name}: {request.name}: send failed: {exc}")
+                    self._teardown(error)
+                    raise error from exc
+                if sent < len(data):
+                    await self._send_rest(request, data, sent, fds, self.timeout if timeout is None else timeout)
+            finally:
+                turn.release()
+            if request in _TRACKED:
                 self._track(request, payload, None)
-                return Reply(request, None)
+            return _EMPTY_REPLIES[request]
+        if not turn.try_take():
+            await turn.take(self._loop or asyncio.get_running_loop())
+        try:
+            if self._runstate is not Runstate.RUNNING:
+                self._require((Runstate.RUNNING,), request.name)
+            limit = self.timeout if timeout is None else timeout
+            message = await self._exchange(request, _FLAGS_ACKED if acked else _FLAGS, body, fds,
+                                           spec.reply is not None or acked, limit)
+            if message is None:
+                if request in _TRACKED:
+                    self._track(request, payload, None)
+                return _EMPTY_REPLIES[request]
             try:
                 reply = decode_reply(request, spec, payload, message.header, message.body, len(message.fds), acked)
             except ProtocolError as exc:
                 message.close_fds()
                 self._teardown(exc)
                 raise
+        finally:
+            turn.release()
         if acked:
             assert isinstance(reply, U64)
             if reply.value:
                 raise RequestFailed(request, reply.value)
-            self._track(request, payload, None)
-            return Reply(request, None)
-        self._track(request, payload, reply)
+            if request in _TRACKED:
+                self._track(request, payload, None)
+            return _EMPTY_REPLIES[request]
+        if request in _TRACKED:
+            self._track(request, payload, reply)
         return Reply(request, reply, tuple(message.fds))
 
-    async def _exchange(self, request: FrontendRequest, header: Header, body: bytes, fds: Sequence[int],
+    async def _exchange(self, request: FrontendRequest, flags: int, body: bytes, fds: Sequence[int],
                         wants_reply: bool, limit: float) -> Message | None:
         """Send one message and wait for its reply (if *wants_reply*) within *limit* seconds;
         any failure but a typed one from the reader tears the session down. The common case,
@@ -365,8 +452,8 @@ class Connection:
         deadline = loop.time() + limit
         pending = loop.create_future() if wants_reply else None
         self._pending = pending
-        sent_at = self._trace_send(request, header, len(fds)) if log.isEnabledFor(logging.DEBUG) else 0.0
-        data = header.pack() + body
+        sent_at = self._trace_send(request, flags, len(body), len(fds)) if log.isEnabledFor(logging.DEBUG) else 0.0
+        data = _HEADER_PACK(request, flags, len(body)) + body
         timer: asyncio.TimerHandle | None = None
         try:
             sent = send_nowait(sock, data, fds)
@@ -405,24 +492,45 @@ class Connection:
                       reply.flags, reply.size, len(message.fds), (time.perf_counter() - sent_at) * 1e6)
         return message
 
+    async def _send_rest(self, request: FrontendRequest, data: bytes, sent: int, fds: Sequence[int],
+                         limit: float) -> None:
+        """Finish a write the socket took only part of (its buffer is full: rare) within *limit*
+        seconds; a timeout or send error loses the session (the stream is cut mid-message)."""
+        try:
+            async with asyncio.timeout(limit):
+                await send_rest(self._sock, data, sent, fds)   # type: ignore[arg-type]
+        except TimeoutError:
+            error: BackendError = BackendTimeout(f"{self.name}: {request.name}: not sent within {limit:g} s")
+            self._teardown(error)
+            raise error from None
+        except OSError as exc:
+            error = BackendDisconnected(f"{self.name}: {request.name}: send failed: {exc}")
+            self._teardown(error)
+            raise error from exc
+        except BaseException:
+            self._teardown(BackendDisconnected(f"{self.name}: {request.name} abandoned mid-send"))
+            raise
+
     def _expire(self, request: FrontendRequest, limit: float) -> None:
         """The reply to *request* is late: the session is lost (the waiter gets the error)."""
         self._teardown(BackendTimeout(f"{self.name}: {request.name}: no reply within {limit:g} s"))
 
-    def _trace_send(self, request: FrontendRequest, header: Header, nfds: int) -> float:
+    def _trace_send(self, request: FrontendRequest, flags: int, size: int, nfds: int) -> float:
         """Log an outgoing message (DEBUG); returns the send time for the reply's latency."""
-        log.debug("%s: send %s flags=%#x size=%d fds=%d", self.name, request.name, header.flags, header.size, nfds)
+        log.debug("%s: send %s flags=%#x size=%d fds=%d", self.name, request.name, flags, size, nfds)
         return time.perf_counter()
 
     def _track(self, request: FrontendRequest, payload: Payload | None, reply: Payload | None) -> None:
         """Record negotiation results from successful requests."""
         if request is FrontendRequest.GET_FEATURES and isinstance(reply, U64):
             self.features_offered = reply.value
+            self._admitted.clear()
         elif request is FrontendRequest.GET_PROTOCOL_FEATURES and isinstance(reply, U64):
             self.protocol_features_offered = ProtocolFeature(reply.value)
         elif request is FrontendRequest.SET_PROTOCOL_FEATURES and isinstance(payload, U64):
             self.protocol_features = ProtocolFeature(payload.value)
             self._protocol_bits = payload.value
+            self._admitted.clear()
             self._reply_ack = ProtocolFeature.REPLY_ACK in self.protocol_features
             log.info("%s: protocol features negotiated: %#x (%s)", self.name, payload.value,
                      "|".join(flag.name or "?" for flag in self.protocol_features) or "none")

@@ -27,6 +27,9 @@ __all__ = ["Framer", "Message", "close_fds", "request_name", "send_message", "se
 
 _FD_ITEM = array.array("i").itemsize
 _ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * _FD_ITEM)
+# Plain ints: ``flags & socket.MSG_CTRUNC`` (an IntFlag) costs two enum calls per receive.
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 
 
 def close_fds(fds: Sequence[int]) -> None:
@@ -98,37 +101,44 @@ class Framer:
         self._on_error(exc)
 
     def on_readable(self) -> None:
+        sock = self._sock
+        header_size = Header.STRUCT.size
         while not self._closed and not self.paused:
-            size = Header.STRUCT.size if self._header is None else self._header.size
+            size = header_size if self._header is None else self._header.size
             try:
-                data, ancdata, flags, _ = self._sock.recvmsg(size - len(self._buf), _ANC_SPACE,
-                                                             socket.MSG_CMSG_CLOEXEC)
+                data, ancdata, flags, _ = sock.recvmsg(size - len(self._buf), _ANC_SPACE, _MSG_CMSG_CLOEXEC)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 self._fail(BackendDisconnected(f"receive failed: {exc}"))
                 return
-            self._fds.extend(_fds_from(ancdata))
-            if flags & socket.MSG_CTRUNC:
+            if ancdata:
+                self._fds.extend(_fds_from(ancdata))
+            if flags & _MSG_CTRUNC:
                 self._fail(ProtocolError(f"peer sent more than {MAX_FDS} fds"))
                 return
             if not data:
                 self._fail(BackendDisconnected("peer closed the connection"))
                 return
-            self._buf += data
+            if self._buf:
+                self._buf += data
+                data = bytes(self._buf)
+            if len(data) < size:
+                if not self._buf:
+                    self._buf += data
+                continue
+            self._buf.clear()
             if self._header is None:
-                if len(self._buf) < Header.STRUCT.size:
-                    continue
                 try:
-                    self._header = Header.unpack(self._buf)
+                    self._header = Header.unpack(data)
                 except ProtocolError as exc:
                     self._fail(exc)
                     return
-                self._buf = bytearray()
-            if len(self._buf) < self._header.size:
-                continue
-            message = Message(self._header, bytes(self._buf), self._fds)
-            self._header, self._buf, self._fds = None, bytearray(), []
+                if self._header.size:
+                    continue
+                data = b""
+            message = Message(self._header, data, self._fds)
+            self._header, self._fds = None, []
             self._on_message(message)
             # One message per call: the reader is level-triggered, so a next message already
             # queued brings the next call, and a lone reply costs no extra EAGAIN receive.

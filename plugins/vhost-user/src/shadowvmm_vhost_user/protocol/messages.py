@@ -202,6 +202,9 @@ def decode_payload(kind: type[Payload] | None, buf: bytes | bytearray | memoryvi
     return kind.unpack(buf)
 
 
+_REPLY_FLAGS = VERSION | int(HeaderFlags.REPLY)
+
+
 def decode_reply(request: FrontendRequest, spec: MessageSpec, sent: Payload | None, header: Header,
                  body: bytes | bytearray | memoryview, nfds: int, acked: bool) -> Payload:
     """Check a reply against the table and decode it.
@@ -212,8 +215,8 @@ def decode_reply(request: FrontendRequest, spec: MessageSpec, sent: Payload | No
     """
     if header.request != request:
         raise ProtocolError(f"{request.name}: reply carries request code {header.request}")
-    if header.flags != VERSION | HeaderFlags.REPLY:
-        raise ProtocolError(f"{request.name}: reply flags {header.flags:#x}, expected {VERSION | HeaderFlags.REPLY:#x}")
+    if header.flags != _REPLY_FLAGS:
+        raise ProtocolError(f"{request.name}: reply flags {header.flags:#x}, expected {_REPLY_FLAGS:#x}")
     if header.size != len(body):
         raise ProtocolError(f"{request.name}: header says {header.size} bytes, got {len(body)}")
     kind = U64 if acked else spec.reply

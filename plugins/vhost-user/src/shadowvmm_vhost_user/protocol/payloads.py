@@ -43,6 +43,9 @@ def _is_member(kind: type[enum.IntEnum], value: int) -> bool:
     return True
 
 
+_PACK_PLANS: dict[type, tuple[Callable[[object], tuple[object, ...]], bool]] = {}
+
+
 @functools.cache
 def _field_getter(kind: Hashable) -> Callable[[object], tuple[object, ...]]:
     """A function returning the field values of dataclass *kind* as a tuple (field order)."""
@@ -54,6 +57,13 @@ def _field_getter(kind: Hashable) -> Callable[[object], tuple[object, ...]]:
         return lambda _obj: ()
     many = operator.attrgetter(*names)
     return lambda obj: cast(tuple[object, ...], many(obj))
+
+
+def _pack_plan(kind: type[Payload]) -> tuple[Callable[[object], tuple[object, ...]], bool]:
+    """How :meth:`Payload.pack` encodes *kind*: its field getter, and whether it adds no checks."""
+    plan = (_field_getter(cast(Hashable, kind)), kind.validate is Payload.validate)
+    _PACK_PLANS[kind] = plan
+    return plan
 
 
 class Payload:
@@ -77,21 +87,26 @@ class Payload:
 
     def pack(self) -> bytes:
         """Validate, then encode (one struct pack when the subclass adds no checks)."""
-        values = self._values()
-        if type(self).validate is Payload.validate:
+        cls = type(self)
+        plan = _PACK_PLANS.get(cls) or _pack_plan(cls)
+        values = plan[0](self)
+        if plan[1]:
             try:
                 return self.STRUCT.pack(*values)
             except struct.error as exc:
-                raise ProtocolError(f"{type(self).__name__}: {exc}") from None
+                raise ProtocolError(f"{cls.__name__}: {exc}") from None
         self.validate()
         return self.STRUCT.pack(*values)
 
     @classmethod
     def unpack(cls, buf: bytes | bytearray | memoryview) -> Self:
+        """Decode exactly one payload; values a struct produced always fit it, so only a
+        subclass's own checks run."""
         if not cls.accepts_size(len(buf)):
             raise ProtocolError(f"{cls.__name__}: payload of {len(buf)} bytes, expected {cls.STRUCT.size}")
         obj = cls(*cls.STRUCT.unpack(buf))
-        obj.validate()
+        if cls.validate is not Payload.validate:
+            obj.validate()
         return obj
 
     def validate(self) -> None:
