@@ -225,6 +225,11 @@ class GuestMemory:
                 raise GuestMemoryError(f"regions overlap at {b.gpa:#x}")
         self._starts = [r.gpa for r in self.regions]
         self.dirty_log: DirtyLog | None = None
+        #: The only region's start, end and 16-bit view (ring index loads skip translate), if one.
+        self._one16: tuple[int, int, memoryview] | None = None
+        if len(self.regions) == 1:
+            only = self.regions[0]
+            self._one16 = (only.gpa, only.end, only.view16)
 
     @classmethod
     def create(cls, layout: Iterable[tuple[int, int]], name: str = "guest") -> GuestMemory:
@@ -326,6 +331,9 @@ class GuestMemory:
 
     def load_u16(self, gpa: int) -> int:
         """Single 16-bit load (ring indexes); *gpa* must be 2-byte aligned."""
+        one = self._one16
+        if one is not None and not gpa & 1 and one[0] <= gpa < one[1]:
+            return one[2][(gpa - one[0]) >> 1]
         if gpa & 1:
             raise GuestMemoryError(f"unaligned 16-bit access at {gpa:#x}")
         region, offset = self.translate(gpa, 2)
@@ -370,6 +378,7 @@ class GuestMemory:
             region.close()
         self.regions = []
         self._starts = []
+        self._one16 = None
 
 
 class GuestAllocator:

@@ -94,3 +94,36 @@ async def test_stop_all_reports_a_device_that_fails_its_stop() -> None:
         assert devices["blk1"].failed()
     finally:
         await machine.close()
+
+
+async def test_stop_all_waits_for_a_late_device_and_names_it_over_a_failed_one() -> None:
+    """One device misses the bound and another fails: stop_all still waits for the late stop
+    to end (never cancelling it midway), then names the late device; the rest stopped."""
+    from shadowvmm.errors import StopTimeoutError
+
+    machine, _ = await blk_machine(4)
+    devices = {name: slot.device for name, slot in machine.slots.items()}
+    slow, broken = devices["blk1"].backend, devices["blk2"].backend
+    assert isinstance(slow, InProcBackend) and isinstance(broken, InProcBackend)
+    slow_suspend = slow.suspend
+    finished: list[str] = []
+
+    async def late() -> None:
+        await asyncio.sleep(0.3)
+        await slow_suspend()
+        finished.append("blk1")
+
+    async def refused() -> None:
+        raise OSError("suspend refused")
+
+    slow.suspend = late  # type: ignore[method-assign]
+    broken.suspend = refused  # type: ignore[method-assign]
+    try:
+        with pytest.raises(StopTimeoutError) as info:
+            await stop_all(devices, 0.1, time.perf_counter)
+        assert "blk1" in str(info.value) and "blk2" not in str(info.value)
+        assert finished == ["blk1"] and devices["blk1"].run_state is RunState.STOPPED
+        assert devices["blk0"].run_state is RunState.STOPPED and devices["blk3"].run_state is RunState.STOPPED
+        assert devices["blk2"].failed()
+    finally:
+        await machine.close()

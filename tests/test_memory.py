@@ -393,3 +393,22 @@ def test_alias_refuses_bad_layouts_and_leaks_nothing(mem, layout):
     with pytest.raises(GuestMemoryError):
         GuestMemory.alias(mem, layout)
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+@pytest.mark.parametrize("layout", [[(0x10000, 0x10000)], [(0, 0x10000), (0x10000, 0x10000)]])
+def test_u16_loads_are_bounded_alike_with_one_region_or_several(layout: list[tuple[int, int]]) -> None:
+    """A single-region memory loads ring indexes without a search; its bounds and alignment
+    checks are those of any layout."""
+    memory = GuestMemory.create(layout, name="u16")
+    try:
+        last = memory.span - 2
+        memory.store_u16(0x10000, 0xBEEF)
+        memory.store_u16(last, 0x1234)
+        assert memory.load_u16(0x10000) == 0xBEEF and memory.load_u16(last) == 0x1234
+        for bad in (0x10001, memory.span, memory.span + 0x1000, -2) + ((0xFFFE,) if len(layout) == 1 else ()):
+            with pytest.raises(GuestMemoryError):
+                memory.load_u16(bad)
+    finally:
+        memory.close()
+    with pytest.raises(GuestMemoryError):
+        memory.load_u16(0x10000)

@@ -32,49 +32,50 @@ async def stop_all(devices: Mapping[str, VirtioDevice], bound: float,
     """Stop every device at once; raise :class:`StopTimeoutError` if any misses *bound*.
 
     A device that is late is not cancelled (a half-done stop would leave it
-    inconsistent): the caller waits for it and resumes everything. One task per device
-    and one completion callback that counts them down (``asyncio.wait`` would add a callback
-    per task and a loop hop for each: about 1.5 µs per device of a 64-device stop).
+    inconsistent): the caller waits for it and resumes everything. One task per device,
+    which counts itself down as it ends: no completion callback, which asyncio runs as one
+    more loop callback per task (``asyncio.wait`` adds one per task and a loop hop for each).
     """
     started = clock()
     times: dict[str, float] = {}
-    tasks: dict[asyncio.Future[Any], str] = {}
+    failures: dict[str, BaseException] = {}
     if not devices:
         return times
     loop = asyncio.get_running_loop()
     all_done: asyncio.Future[None] = loop.create_future()
     left = len(devices)
 
-    def stopped(task: asyncio.Future[Any]) -> None:
+    async def one(name: str, device: VirtioDevice) -> None:
         nonlocal left
-        times[tasks[task]] = clock() - started
-        left -= 1
-        if not left and not all_done.done():
-            all_done.set_result(None)
+        try:
+            await device.stop()
+        except Exception as exc:
+            failures[name] = exc
+        finally:
+            times[name] = clock() - started
+            left -= 1
+            if not left and not all_done.done():
+                all_done.set_result(None)
 
     def bound_passed() -> None:
         if not all_done.done():
             all_done.set_result(None)
 
-    for name, device in devices.items():
-        task = loop.create_task(device.stop())
-        tasks[task] = name
-        task.add_done_callback(stopped)
+    tasks = {name: loop.create_task(one(name, device)) for name, device in devices.items()}
     timer = loop.call_later(bound, bound_passed)
     try:
         await all_done
     finally:
         timer.cancel()
-    pending = [t for t in tasks if not t.done()]
-    failed = [t for t in tasks if t.done() and t.exception() is not None]
-    if pending or failed:
+    pending = [name for name, task in tasks.items() if not task.done()]
+    if pending or failures:
         if pending:
-            await asyncio.wait(pending)
-        late = {tasks[t]: times.get(tasks[t], clock() - started) for t in pending}
-        late.update({tasks[t]: times[tasks[t]] for t in tasks if t not in pending and times[tasks[t]] > bound})
-        if failed and not late:
-            exc = failed[0].exception()
-            raise MigrationError(f"device {tasks[failed[0]]} failed to stop: {exc}") from exc
+            await asyncio.wait([tasks[name] for name in pending])
+        late = {name: times.get(name, clock() - started) for name in pending}
+        late.update({name: took for name, took in times.items() if name not in pending and took > bound})
+        if failures and not late:
+            name, exc = next(iter(failures.items()))
+            raise MigrationError(f"device {name} failed to stop: {exc}") from exc
         raise StopTimeoutError(late, bound)
     return times
 
