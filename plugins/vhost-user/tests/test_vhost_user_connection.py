@@ -627,3 +627,27 @@ def test_the_framer_assembles_messages_from_any_split_with_their_fds(chunk: int)
             os.close(fd)
         ours.close()
         theirs.close()
+
+
+async def test_each_reply_keeps_its_own_deadline_under_one_watchdog(env: Env) -> None:
+    """Replies awaited one after another with short and long limits under one watchdog: an
+    answered one never expires later, and a silent one awaited when the watchdog fires for an
+    earlier, shorter limit expires at its own limit, neither sooner nor later."""
+    fake = env.fake(queue_num=3).on(F.GET_QUEUE_NUM, SILENT)
+    conn = await env.connect(fake, timeout=30.0)
+    await negotiate(conn, PF.MQ)
+    await conn.request(F.GET_FEATURES, timeout=0.05)       # arms the watchdog for 50 ms on
+    start = time.monotonic()
+    with pytest.raises(BackendTimeout, match="GET_QUEUE_NUM: no reply within 0.3 s"):
+        await asyncio.wait_for(conn.request(F.GET_QUEUE_NUM, timeout=0.3), 5.0)   # awaited when it fires
+    assert 0.3 <= time.monotonic() - start < 1.5
+    assert conn.runstate is Runstate.DISCONNECTED
+
+
+async def test_an_answered_reply_never_expires_later(env: Env) -> None:
+    fake = env.fake()
+    conn = await env.connect(fake, timeout=30.0)
+    await conn.request(F.GET_FEATURES, timeout=0.05)
+    await asyncio.sleep(0.15)           # the watchdog fires with nothing awaited
+    assert conn.runstate is Runstate.RUNNING
+    assert (await conn.request(F.GET_FEATURES)).payload == vu.U64(0x175007E46)
