@@ -309,11 +309,11 @@ class InProcBackend(BackendBase):
         if queue is None or memory is None:
             return
         done: list[tuple[int, int]] = []
+        pop, handle, append = queue.pop, self.model.handle, done.append
         try:
-            while (chain := queue.pop()) is not None:
-                written = self.model.handle(memory, chain)
+            while (chain := pop()) is not None:
+                append((chain.head, handle(memory, chain)))
                 self.requests += 1
-                done.append((chain.head, written))
         except (RingError, GuestMemoryError) as exc:
             log.error("%s: vring %d broken, stopped: %s", self.implementation, ring.index, exc)
             self._unwatch(ring)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import mmap
+import operator
 import os
 import stat
 import struct
@@ -25,6 +26,7 @@ from ..virtio.constants import BLK_ID_BYTES, BLK_SECTOR_SIZE, BlkFeature, BlkReq
 from ..virtio.split import DescChain
 
 BLK_REQ_HEADER = struct.Struct("<IIQ")   #: virtio_blk_req header (v1.4 §5.2.6)
+_LENGTH = operator.itemgetter(1)         #: of a ``(gpa, length)`` buffer
 BLK_CONFIG = struct.Struct("<QIIHBBIBBHIBBH")  #: virtio_blk_config up to num_queues (v1.4 §5.2.4)
 BLK_CONFIG_SIZE = 60
 #: Data bytes one virtio-blk read or write may carry. With seg_max 126 and no size_max
@@ -231,11 +233,16 @@ class BlkModel:
 
     def _serve(self, memory: GuestMemory, chain: DescChain) -> tuple[int, int]:
         """``(status, data bytes written into the chain)`` of one request."""
-        if chain.readable_len < BLK_REQ_HEADER.size:
+        readable = chain.readable
+        readable_len = sum(map(_LENGTH, readable))
+        if readable_len < BLK_REQ_HEADER.size:
             return BlkStatus.IOERR, 0
-        rtype, _, sector = BLK_REQ_HEADER.unpack(chain.read(memory, BLK_REQ_HEADER.size))
+        gpa, length = readable[0]
+        raw = memory.read(gpa, BLK_REQ_HEADER.size) if length >= BLK_REQ_HEADER.size \
+            else chain.read(memory, BLK_REQ_HEADER.size)
+        rtype, _, sector = BLK_REQ_HEADER.unpack(raw)
         if rtype == BlkRequestType.IN or rtype == BlkRequestType.OUT:
-            return self._transfer(memory, chain, rtype == BlkRequestType.IN, sector * BLK_SECTOR_SIZE)
+            return self._transfer(memory, chain, rtype == BlkRequestType.IN, sector * BLK_SECTOR_SIZE, readable_len)
         if rtype == BlkRequestType.FLUSH:
             if self.fd >= 0:
                 try:
@@ -250,22 +257,23 @@ class BlkModel:
         return BlkStatus.UNSUPP, 0
 
     def _transfer(self, memory: GuestMemory, chain: DescChain, inbound: bool,
-                  offset: int) -> tuple[int, int]:
+                  offset: int, readable_len: int) -> tuple[int, int]:
         """A read (*inbound*) or write: checked against the device's limits before any data
         moves (:data:`BLK_MAX_TRANSFER`; seg_max segments, each at most size_max if set,
         v1.4 §5.2.4), then streamed segment by segment between the disk and guest memory."""
         if inbound:
             length = chain.writable_len - 1
         else:
-            length = chain.readable_len - BLK_REQ_HEADER.size
+            length = readable_len - BLK_REQ_HEADER.size
         if (self.read_only and not inbound) or length > BLK_MAX_TRANSFER or offset + length > self.size:
             return BlkStatus.IOERR, 0
         if inbound:
             segments = chain.segments(True, 0, length)
+        elif chain.readable[0][1] == BLK_REQ_HEADER.size and all(map(_LENGTH, chain.readable)):
+            segments = chain.readable[1:]     # the header alone in the first buffer (the usual layout)
         else:
             segments = chain.segments(False, BLK_REQ_HEADER.size)
-        if len(segments) > self.seg_max or (
-                self.size_max and any(size > self.size_max for _, size in segments)):
+        if len(segments) > self.seg_max or (self.size_max and max(map(_LENGTH, segments), default=0) > self.size_max):
             return BlkStatus.IOERR, 0
         try:
             if inbound:
@@ -302,10 +310,11 @@ class BlkModel:
 
     def _write(self, memory: GuestMemory, offset: int, segments: list[tuple[int, int]]) -> None:
         """The guest's *segments* to the disk from *offset* on, from guest memory views."""
+        image = self.image
         for gpa, length in segments:
             view = memory.view(gpa, length)
-            if self.image is not None:
-                self.image[offset:offset + length] = view
+            if image is not None:
+                image[offset:offset + length] = view
             else:
                 done = 0
                 while done < length:

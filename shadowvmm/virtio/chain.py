@@ -5,10 +5,13 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..memory import GuestMemory
+
+_LENGTH = operator.itemgetter(1)     #: of a ``(gpa, length)`` buffer
 
 
 def _pieces(bufs: list[tuple[int, int]], skip: int, length: int | None) -> Iterator[tuple[int, int]]:
@@ -46,11 +49,11 @@ class DescChain:
 
     @property
     def readable_len(self) -> int:
-        return sum(length for _, length in self.readable)
+        return sum(map(_LENGTH, self.readable))
 
     @property
     def writable_len(self) -> int:
-        return sum(length for _, length in self.writable)
+        return sum(map(_LENGTH, self.writable))
 
     def segments(self, writable: bool, skip: int = 0,
                  length: int | None = None) -> list[tuple[int, int]]:
@@ -61,9 +64,10 @@ class DescChain:
     def read(self, memory: GuestMemory, length: int | None = None) -> bytes:
         """The device-readable bytes (the first *length* if given), concatenated: a copy,
         so the caller bounds :attr:`readable_len` or *length* first."""
-        if len(self.readable) == 1 and length is None:
-            gpa, size = self.readable[0]
-            return memory.read(gpa, size)
+        first = self.readable[0] if self.readable else None
+        if first is not None and (length is None and len(self.readable) == 1 or
+                                  length is not None and 0 <= length <= first[1]):
+            return memory.read(first[0], first[1] if length is None else length)
         return b"".join(memory.read(gpa, size) for gpa, size in _pieces(self.readable, 0, length))
 
     def write(self, memory: GuestMemory, data: bytes | memoryview, skip: int = 0) -> int:

@@ -19,7 +19,7 @@ from itertools import repeat
 from typing import ClassVar
 
 from ..errors import RingError
-from ..memory import GuestMemory
+from ..memory import GuestMemory, MemoryRegion
 from .chain import DescChain
 from .constants import MAX_QUEUE_SIZE
 from .vring import RingState
@@ -118,18 +118,19 @@ class SplitLayout(RingAreas):
 
 def walk_descriptors(memory: GuestMemory, table: int, table_size: int, head: int,
                      indirect_ok: bool, readable: list, writable: list,
-                     limit: int | None = None) -> None:
+                     limit: int | None = None, *, located: tuple[MemoryRegion, int] | None = None) -> None:
     """Follow a descriptor chain from *head* (v1.4 §2.7.5.3 rules enforced).
 
     At most *limit* buffers (default: the queue size *table_size*, or :data:`INDIRECT_MAX`
     if larger) end up in *readable* and *writable* together, direct and indirect ones
     alike, so an indirect table claiming thousands of entries is refused once past the
-    limit, before any buffer is read.
+    limit, before any buffer is read. *located*: the table's region and offset, if the
+    caller translated it already (a queue's own table, checked when the queue was made).
     """
     if limit is None:
         limit = max(table_size, INDIRECT_MAX)
     count = len(readable) + len(writable)
-    region, base = memory.translate(table, DESC_SIZE * table_size)
+    region, base = located or memory.translate(table, DESC_SIZE * table_size)
     tmap, unpack, translate = region.mmap, DESC.unpack_from, memory.translate
     rgpa, rsize = region.gpa, region.size
     index = head
@@ -194,6 +195,7 @@ class SplitDeviceQueue:
         region, off = memory.translate(layout.used, u)
         self._used16, self._used_map, self._used_off = region.view16, region.mmap, off
         self._avail_event16 = (off >> 1) + 2 + 4 * self.size
+        self._table = memory.translate(layout.desc, DESC_SIZE * self.size)
 
     def avail_idx(self) -> int:
         return self._avail16[self._avail_idx16]
@@ -203,17 +205,17 @@ class SplitDeviceQueue:
 
     def pop(self) -> DescChain | None:
         """Next available chain, or None. Raises RingError on a malformed ring."""
-        avail = self.avail_idx()
-        if avail == self.last_avail_idx:
+        avail16, at = self._avail16, self._avail_idx16
+        avail, last = avail16[at], self.last_avail_idx
+        if avail == last:
             return None
-        if (avail - self.last_avail_idx) & 0xFFFF > self.size:
-            raise RingError(f"avail idx {avail} runs {self.size}+ ahead of {self.last_avail_idx}")
-        slot = self.last_avail_idx % self.size
-        head = self._avail16[self._avail_idx16 + 1 + slot]
+        if (avail - last) & 0xFFFF > self.size:
+            raise RingError(f"avail idx {avail} runs {self.size}+ ahead of {last}")
+        head = avail16[at + 1 + last % self.size]
         readable: list = []
         writable: list = []
         walk_descriptors(self.memory, self.layout.desc, self.size, head, self.indirect,
-                         readable, writable)
+                         readable, writable, located=self._table)
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         if self.event_idx:
             self._used16[self._avail_event16] = self.last_avail_idx
