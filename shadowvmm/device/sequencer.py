@@ -328,9 +328,9 @@ class SequencerMixin(LinkMixin):
         """Stop every started ring and capture its state (vhost order: disable, then bases)."""
         b = self.backend
         session = self._session
-        vmm_states = self._stop_vmm_queues()
-        live = self._live_rings
-        running = [q for q in self._backend_queues() if q.index in live]
+        vmm_states = self._stop_vmm_queues() if self.vmm_queues else None
+        live, vmm = self._live_rings, self.vmm_queues
+        running = [q for q in self.queues if q.index in live and q.index not in vmm]
         held = {q.index for q in running} - self._held_kicks
         self._held_kicks.update(held)
         tap = self.timeline
@@ -348,21 +348,26 @@ class SequencerMixin(LinkMixin):
                 # the last of them may still be on its way (a relaying driver: an L1's) and is
                 # dropped by the hold: kick once now (spurious kicks are allowed, v1.4 §2.7.13).
                 # A ring whose used idx already reached its avail idx has nothing to be kicked for.
-                self._kick_rings([q for q, avail, used in target[1] if avail != used] if target[1] else running)
+                kick = [q for q, avail, used in target[1] if avail != used] if target[1] else running
+                if kick:
+                    self._kick_rings(kick)
                 for q in self._disable_order(running):
                     await b.set_vring_enable(q.index, False)
-                await self._drain(target)
+                if target[1] and not self._drained(target[1]):
+                    await self._drain(target)
             if tap is not None:
                 tap.record(EventKind.DRAIN_END)
             states = {}
             for q in running:
-                states[q.index] = await b.get_vring_base(q.index)
+                index = q.index
+                states[index] = state = await b.get_vring_base(index)
                 if tap is not None:
-                    tap.record(EventKind.GET_VRING_BASE, ring=q.index, base=states[q.index].base)
-                self._same_session(session)
+                    tap.record(EventKind.GET_VRING_BASE, ring=index, base=state.base)
+                if session != self._session:
+                    self._same_session(session)
                 if not suspends:
-                    live.discard(q.index)
-                    self._ledgers.pop(q.index, None)
+                    live.discard(index)
+                    self._ledgers.pop(index, None)
         except BaseException:
             self._held_kicks -= held
             if self.link is LinkState.UP:
@@ -371,8 +376,10 @@ class SequencerMixin(LinkMixin):
         self._held_kicks -= held
         if suspends:
             self._ledgers.clear()
-        states.update(vmm_states)
-        self.ring_states = dict(sorted(states.items()))
+        if vmm_states:
+            states.update(vmm_states)
+            states = dict(sorted(states.items()))
+        self.ring_states = states       # in ring order: the queues are
         self.rings_running = False
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("%s: rings stopped: %s", self.name, sorted(self.ring_states))
@@ -391,6 +398,11 @@ class SequencerMixin(LinkMixin):
             return 0.0, []
         load = self.memory.load_u16
         return self.loop.time(), [(q, load(q.driver + 2), load(q.device + 2)) for q in running]
+
+    def _drained(self, rings: list[tuple[QueueRegs, int, int]]) -> bool:
+        """Every buffer published at the hold is used and none was since: none is in flight."""
+        load = self.memory.load_u16
+        return all(load(q.device + 2) == avail and load(q.driver + 2) == avail for q, avail, _ in rings)
 
     async def _drain(self, hold: tuple[float, list[tuple[QueueRegs, int, int]]]) -> None:
         """Let the back-end finish the requests made available before the stop.
@@ -412,12 +424,9 @@ class SequencerMixin(LinkMixin):
         buffers are used only when traffic arrives) nor packed rings (no single used idx to compare).
         """
         quiet_since, rings = hold
-        if not rings:
+        if not rings or self._drained(rings):
             return
         memory = self.memory
-        load = memory.load_u16
-        if all(load(q.device + 2) == avail and load(q.driver + 2) == avail for q, avail, _ in rings):
-            return      # every buffer published at the hold is used and none since: none in flight
         loop = self.loop
         deadline = loop.time() + DRAIN_TIMEOUT
         target = [(q, avail) for q, avail, _ in rings]
