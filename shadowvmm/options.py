@@ -15,6 +15,7 @@ takes ``size``, ``device = "rng"`` does not.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import enum
 import json
@@ -231,3 +232,14 @@ class OptionSchema:
         limits = option.constraints()
         text = f"{option.help} ({limits})" if option.help and limits else option.help or limits
         return indent + option.name, option.type_name, _shown(option.default), text
+
+
+def seconds_argument(text: str) -> float:
+    """An argparse ``type``: a positive, finite number of seconds (``--timeout`` of the commands)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value

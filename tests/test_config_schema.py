@@ -528,3 +528,17 @@ def test_loaded_config_remembers_its_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_configs_load(config: Path) -> None:
     load(config)
+
+
+@pytest.mark.parametrize("text, ok", [("2.5", 2.5), ("10", 10.0), ("0", None), ("-1", None), ("inf", None),
+                                      ("nan", None), ("soon", None)])
+def test_the_commands_take_a_positive_finite_number_of_seconds(text: str, ok: float | None) -> None:
+    import argparse
+
+    from shadowvmm.options import seconds_argument
+
+    if ok is None:
+        with pytest.raises(argparse.ArgumentTypeError):
+            seconds_argument(text)
+    else:
+        assert seconds_argument(text) == ok

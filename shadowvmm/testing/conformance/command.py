@@ -31,6 +31,7 @@ from ... import config as configmod
 from ...backends.base import Backend, load_backend
 from ...backends.peer import socket_listener
 from ...errors import ArgumentError, ConfigError
+from ...options import seconds_argument
 from .rig import Factory
 from .runner import run_conformance
 from .workloads import device_id_of
@@ -166,16 +167,6 @@ async def _config_form(args: argparse.Namespace) -> tuple[str, dict[str, Any], P
     return device, options, peer
 
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
-    return value
-
-
 EXAMPLES = """examples:
   shadowvmm check /run/qsd/blk0.sock --device blk --queues 2
   shadowvmm check /run/qsd/blk0.sock --device blk --migrate-to /run/qsd/blk1.sock --json
@@ -202,7 +193,7 @@ class CheckCommand:
         parser.add_argument("--json", action="store_true", help="print the report as JSON")
         parser.add_argument("--single-session", action="store_true",
                             help="run every step on one session (a peer that exits after its session)")
-        parser.add_argument("--timeout", type=_positive, default=10.0,
+        parser.add_argument("--timeout", type=seconds_argument, default=10.0,
                             help="seconds per request and per I/O round trip (default 10)")
 
     async def run(self, args: argparse.Namespace, out: TextIO) -> int:

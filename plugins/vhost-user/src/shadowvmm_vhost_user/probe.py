@@ -25,6 +25,7 @@ from typing import Any, TextIO
 
 from shadowvmm.backends.peer import socket_listener as find_listener
 from shadowvmm.errors import BackendTimeout, ProbeRefused
+from shadowvmm.options import seconds_argument
 from shadowvmm.virtio.constants import BlkFeature, DeviceId, FsFeature, NetFeature, feature_names
 
 from . import protocol as vu
@@ -205,17 +206,6 @@ def format_probe(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _seconds(text: str) -> float:
-    """An argparse type: a positive, finite number of seconds."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
-    return value
-
-
 class ProbeCommand:
     """``shadowvmm probe SOCKET``: the control-plane probe as a CLI command (``shadowvmm.commands``)."""
 
@@ -240,7 +230,7 @@ class ProbeCommand:
         parser.add_argument("--force", action="store_true",
                             help="probe a one-shot back-end (virtiofsd) although the probe uses up its session")
         parser.add_argument("--json", action="store_true", help="print the report as JSON")
-        parser.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT, help="seconds per request")
+        parser.add_argument("--timeout", type=seconds_argument, default=DEFAULT_TIMEOUT, help="seconds per request")
 
     async def run(self, args: argparse.Namespace, out: TextIO) -> int:
         info = await probe(args.socket, args.timeout, device=args.device, force=args.force)
