@@ -26,6 +26,8 @@ from .packedfmt import _AVAIL, _USED, _WRITE, DESC_SIZE, FLAGS_OFFSET, off_wrap
 from .split import SplitDriverQueue, SplitLayout
 from .vring import RingState
 
+_AVAIL_USED = _AVAIL | _USED
+
 _MISSING = object()
 
 
@@ -205,23 +207,26 @@ class InOrderPackedDriverQueue(PackedDriverQueue):
         """Reap every used buffer; returns how many (a packed ring is walked batch by batch)."""
         return len(self.pop_used_many(self.size))
 
-    def _used_at(self, slot: int) -> bool:
-        flags = self._desc16[(self._desc_off + DESC_SIZE * slot + FLAGS_OFFSET) >> 1]
-        want = _AVAIL | _USED if self.used_wrap else 0
-        return flags & (_AVAIL | _USED) == want
-
     def _take_run(self, limit: int) -> list[tuple[object, int]]:
-        """One-slot buffers used one descriptor each, in order, from next_used (before a wrap)."""
+        """One-slot buffers used one descriptor each, in order, from next_used (before a wrap).
+
+        The run's flags are read as one strided array (a used descriptor's AVAIL and USED
+        bits both equal the used wrap counter, v1.4 §2.8.1) and the run ends at the first
+        that is not used: no call per descriptor."""
         if self._multi:
             return []
         used, size, order = self.next_used, self.size, self._order
         most = min(limit, len(order), size - used)
-        count = 0
-        while count < most and self._used_at(used + count):
-            count += 1
-        if count == 0:
+        if most <= 0:
             return []
         at = self._desc_off + DESC_SIZE * used
+        start = (at + FLAGS_OFFSET) >> 1
+        flags = self._desc16[start:start + 8 * most:8].tolist()
+        want = _AVAIL | _USED if self.used_wrap else 0
+        hits = [f & _AVAIL_USED == want for f in flags]
+        count = hits.index(False) if False in hits else most
+        if count == 0:
+            return []
         ids = self._desc16[(at + 12) >> 1:(at + DESC_SIZE * count) >> 1:8].tolist()
         if ids != order[:count]:
             # the first differing descriptor ends a batch: take the run up to it, then the batch
@@ -230,7 +235,6 @@ class InOrderPackedDriverQueue(PackedDriverQueue):
                 return []
             ids = ids[:count]
         lens = self._desc32[(at + 8) >> 2:(at + DESC_SIZE * count) >> 2:4].tolist()
-        flags = self._desc16[(at + FLAGS_OFFSET) >> 1:(at + DESC_SIZE * count) >> 1:8].tolist()
         lens = [n if f & _WRITE else 0 for n, f in zip(lens, flags)]
         return self._complete(ids, lens, count)
 
