@@ -402,14 +402,8 @@ class Connection:
             # Nothing to wait for and nobody else on the socket: written at once if it fits,
             # without a coroutine for the exchange (most ring set-up and stop messages).
             try:
-                assert self._sock is not None
                 data = _HEADER_PACK(request, _FLAGS, len(body)) + body
-                try:
-                    sent = send_nowait(self._sock, data, fds)
-                except OSError as exc:
-                    error = BackendDisconnected(f"{self.name}: {request.name}: send failed: {exc}")
-                    self._teardown(error)
-                    raise error from exc
+                sent = self._send(request, data, fds)
                 if sent < len(data):
                     await self._send_rest(request, data, sent, fds, self.timeout if timeout is None else timeout)
             finally:
@@ -454,18 +448,17 @@ class Connection:
         any failure but a typed one from the reader tears the session down. The common case,
         a message the socket takes at once, arms no timer: the reply's deadline is checked by
         the session's watchdog (:meth:`_watch`)."""
-        sock, loop = self._sock, self._loop
-        assert sock is not None and loop is not None
+        loop = self._loop
+        assert loop is not None
         deadline = loop.time() + limit
         pending = loop.create_future() if wants_reply else None
         self._pending = pending
         sent_at = self._trace_send(request, flags, len(body), len(fds)) if log.isEnabledFor(logging.DEBUG) else 0.0
         data = _HEADER_PACK(request, flags, len(body)) + body
         try:
-            sent = send_nowait(sock, data, fds)
+            sent = self._send(request, data, fds)
             if sent < len(data):
-                async with asyncio.timeout_at(deadline):    # the socket buffer is full: rare
-                    await send_rest(sock, data, sent, fds)
+                await self._send_rest(request, data, sent, fds, limit)
             if pending is None:
                 return None
             if self.busy_poll > 0:
@@ -475,17 +468,8 @@ class Connection:
                 if self._watchdog is None or self._watchdog.when() > deadline:
                     self._arm(deadline)
             message = await pending
-        except TimeoutError:
-            self._discard(pending)
-            timeout_error = BackendTimeout(f"{self.name}: {request.name}: no reply within {limit:g} s")
-            self._teardown(timeout_error)
-            raise timeout_error from None
         except BackendError:
             raise
-        except OSError as exc:
-            error = BackendDisconnected(f"{self.name}: {request.name}: send failed: {exc}")
-            self._teardown(error)
-            raise error from exc
         except BaseException:
             self._discard(pending)
             self._teardown(BackendDisconnected(f"{self.name}: {request.name} abandoned mid-request"))
@@ -498,6 +482,16 @@ class Connection:
             log.debug("%s: recv %s reply flags=%#x size=%d fds=%d latency=%.0fus", self.name, request.name,
                       reply.flags, reply.size, len(message.fds), (time.perf_counter() - sent_at) * 1e6)
         return message
+
+    def _send(self, request: FrontendRequest, data: bytes, fds: Sequence[int]) -> int:
+        """Write what the socket takes of *data* now (the bytes sent); a send error loses the session."""
+        assert self._sock is not None
+        try:
+            return send_nowait(self._sock, data, fds)
+        except OSError as exc:
+            error = BackendDisconnected(f"{self.name}: {request.name}: send failed: {exc}")
+            self._teardown(error)
+            raise error from exc
 
     async def _send_rest(self, request: FrontendRequest, data: bytes, sent: int, fds: Sequence[int],
                          limit: float) -> None:
