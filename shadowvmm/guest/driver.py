@@ -107,6 +107,21 @@ class GuestQueue:
             raise DeviceStateError(f"queue {self.index} is reset") from self.error
         return self.ring.add_many(addrs, lengths, tokens, write=write)
 
+    def add_counted(self, addrs: Sequence[int], lengths: Sequence[int]) -> int:
+        """Make one-descriptor device-readable buffers available that keep no token, on an
+        in-order ring (reaped by :meth:`reap_count`). Returns how many fitted."""
+        if self.error is not None:
+            raise DeviceStateError(f"queue {self.index} is reset") from self.error
+        return self.ring.add_counted(addrs, lengths)
+
+    def add_strided(self, base: int, stride: int, slots: int, count: int) -> int:
+        """Make *count* one-descriptor device-readable buffers available on an in-order ring,
+        the one with id *k* the *stride* bytes at ``base + (k % slots) * stride`` (reaped by
+        :meth:`reap_count`). Returns how many fitted."""
+        if self.error is not None:
+            raise DeviceStateError(f"queue {self.index} is reset") from self.error
+        return self.ring.add_strided(base, stride, slots, count)
+
     def poll(self) -> None:
         """Polling mode (as a NAPI busy-poll or a DPDK PMD): ask the device not to interrupt
         (v1.4 §2.7.10, §2.8.10) and keep whatever an interrupt still reaps for

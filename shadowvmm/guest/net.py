@@ -471,6 +471,10 @@ class NetDriver:
         for gpa, frame, size in zip(taken, batch, sizes):
             at = gpa + shift      # the header stays as the slot was allocated: all zero
             mm[at:at + size] = frame
+        dirty = self.dev.memory.dirty_log
+        if dirty is not None:
+            for gpa, size in zip(taken, sizes):
+                dirty.mark(gpa + NET_HDR_SIZE, size)
         queue.add_many(taken, list(map(NET_HDR_SIZE.__add__, sizes)), taken)
         queue.kick()
         tx.sent += count

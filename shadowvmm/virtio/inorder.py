@@ -15,6 +15,7 @@ descriptor goes to the back of the free list instead of being reused first.
 
 from __future__ import annotations
 
+from array import array
 from collections import deque
 from collections.abc import Sequence
 from itertools import repeat
@@ -27,8 +28,6 @@ from .split import SplitDriverQueue, SplitLayout
 from .vring import RingState
 
 _AVAIL_USED = _AVAIL | _USED
-
-_MISSING = object()
 
 
 def _store_run(table: list[int], ids: list[int], lengths: Sequence[int], write: bool) -> None:
@@ -43,6 +42,26 @@ def _store_run(table: list[int], ids: list[int], lengths: Sequence[int], write: 
     table[:count - part] = values[part:]
 
 
+class _Strided:
+    """What add_strided slices per batch: ids ``0..size-1`` twice (as ints and as 16-bit
+    values) and the address of each id's buffer for the layout last asked for, twice."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.ids = list(range(size)) * 2
+        self.ids16 = array("H", self.ids)
+        self._key: tuple[int, int, int] | None = None
+        self._addrs = array("Q")
+
+    def addrs(self, base: int, stride: int, slots: int) -> array[int]:
+        """Buffer *k* at ``base + (k % slots) * stride``, for k in ``0..2*size-1``."""
+        key = (base, stride, slots)
+        if key != self._key:
+            self._key = key
+            self._addrs = array("Q", [base + k % slots * stride for k in range(self.size)]) * 2
+        return self._addrs
+
+
 class InOrderSplitDriverQueue(SplitDriverQueue):
     """A split ring's driver side with VIRTIO_F_IN_ORDER negotiated (one-descriptor and chained
     buffers; no reserved chains)."""
@@ -52,6 +71,7 @@ class InOrderSplitDriverQueue(SplitDriverQueue):
         super().__init__(memory, layout, event_idx=event_idx, state=state, adopt=adopt)
         self._order: list[int] = []         #: heads made available, not used yet, in avail order
         self._wlen = [0] * self.size        #: device-writable length of the buffer at each head
+        self._strided: _Strided | None = None
 
     def add(self, out: list[tuple[int, int]], inp: list[tuple[int, int]], token: object) -> int:
         head = super().add(out, inp, token)
@@ -64,13 +84,51 @@ class InOrderSplitDriverQueue(SplitDriverQueue):
 
     def add_many(self, addrs: Sequence[int], lengths: Sequence[int], tokens: Sequence[object], *,
                  write: bool = False) -> int:
-        free = self.free
-        heads = free[-min(len(addrs), len(free)):] if free else []
-        count = super().add_many(addrs, lengths, tokens, write=write)
-        heads.reverse()
+        heads = self._add_run(addrs, lengths, write)
+        self.tokens.update(zip(heads, tokens))
         self._order += heads
         _store_run(self._wlen, heads, lengths, write)
+        return len(heads)
+
+    def add_counted(self, addrs: Sequence[int], lengths: Sequence[int]) -> int:
+        """Make one-descriptor device-readable buffers available that keep no token: they are
+        reaped by count (:meth:`reap_count`; :meth:`pop_used_many` gives None for them).
+        Returns how many fitted."""
+        heads = self._add_run(addrs, lengths, False)
+        self._order += heads
+        _store_run(self._wlen, heads, lengths, False)
+        return len(heads)
+
+    def add_strided(self, base: int, stride: int, slots: int, count: int) -> int:
+        """Make *count* one-descriptor device-readable buffers available, the one at head *h*
+        being the *stride* bytes at ``base + (h % slots) * stride`` (filled by the caller),
+        kept without token (reaped by count). Returns how many fitted.
+
+        Heads go round the table in ring order (v1.4 §2.7.9), so a batch's descriptors are
+        at most two runs, and their addresses and avail entries slices of arrays built once
+        per layout: no work per buffer in Python."""
+        heads = self._take_heads(count)
+        if not heads:
+            return 0
+        count, first, size = len(heads), heads[0], self.size
+        strided = self._strided = self._strided or _Strided(size)
+        addrs = strided.addrs(base, stride, slots)
+        if heads != strided.ids[first:first + count]:       # not in ring order: one by one
+            self._write_heads(heads, [addrs[h] for h in heads], [stride] * count, False)
+        else:
+            words = array("Q", [stride]) * count      # len | flags (none) << 32
+            part = min(count, size - first)
+            self._store_descs(first, addrs[first:first + part], words[:part])
+            if count > part:
+                self._store_descs(0, addrs[:count - part], words[part:])
+            self._store_avail(heads, strided.ids16[first:first + count])
+        self._order += heads
+        _store_run(self._wlen, heads, (), False)
         return count
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._order)
 
     @property
     def next_id(self) -> int:
@@ -96,7 +154,7 @@ class InOrderSplitDriverQueue(SplitDriverQueue):
             heads, written = self._walk(ids, written, ready, count)
         del order[:len(heads)]
         count = len(heads)
-        tokens = list(map(self.tokens.pop, heads))
+        tokens = list(map(self.tokens.pop, heads, repeat(None)))
         chains = self._chains
         back: list[int] = heads
         if chains:
@@ -127,7 +185,8 @@ class InOrderSplitDriverQueue(SplitDriverQueue):
             return 0
         heads = order[:ready]
         del order[:ready]
-        deque(map(self.tokens.pop, heads), 0)
+        if self.tokens:
+            deque(map(self.tokens.pop, heads, repeat(None)), 0)
         self.free[:0] = heads[::-1]
         self.last_used_idx = last = (last + ready) & 0xFFFF
         if self.event_idx and self._interrupts:
@@ -162,6 +221,7 @@ class InOrderPackedDriverQueue(PackedDriverQueue):
         super().__init__(memory, layout, event_idx=event_idx, state=state, adopt=adopt)
         self._order: list[int] = []         #: buffer ids made available, not used yet, in order
         self._wlen = [0] * self.size        #: device-writable length of the buffer with each id
+        self._strided: _Strided | None = None
 
     def add(self, out: list[tuple[int, int]], inp: list[tuple[int, int]], token: object, *,
             indirect_table: int | None = None) -> int:
@@ -172,14 +232,39 @@ class InOrderPackedDriverQueue(PackedDriverQueue):
 
     def add_many(self, addrs: Sequence[int], lengths: Sequence[int], tokens: Sequence[object], *,
                  write: bool = False) -> int:
-        free_ids = self.free_ids
-        count = min(len(addrs), self.free_slots)
-        ids = free_ids[-count:] if count else []
-        ids.reverse()
-        done = super().add_many(addrs, lengths, tokens, write=write)
+        ids = self._add_run(addrs, lengths, write)
+        self.tokens.update(zip(ids, tokens))
         self._order += ids
         _store_run(self._wlen, ids, lengths, write)
-        return done
+        return len(ids)
+
+    def add_counted(self, addrs: Sequence[int], lengths: Sequence[int]) -> int:
+        """Make one-descriptor device-readable buffers available that keep no token (reaped
+        by count; :meth:`pop_used_many` gives None for them). Returns how many fitted."""
+        ids = self._add_run(addrs, lengths, False)
+        self._order += ids
+        _store_run(self._wlen, ids, lengths, False)
+        return len(ids)
+
+    def add_strided(self, base: int, stride: int, slots: int, count: int) -> int:
+        """:meth:`InOrderSplitDriverQueue.add_strided` for buffer ids: the buffer with id *k*
+        is the *stride* bytes at ``base + (k % slots) * stride``; ids go round in ring order,
+        so a batch's addresses are one slice of an array built once per layout."""
+        count = min(count, self.free_slots)
+        if count <= 0:
+            return 0
+        strided = self._strided = self._strided or _Strided(self.size)
+        addrs = strided.addrs(base, stride, slots)
+        ids = self.free_ids[-count:]
+        ids.reverse()
+        first = ids[0]
+        run = addrs[first:first + count] if ids == strided.ids[first:first + count] \
+            else array("Q", [addrs[k] for k in ids])
+        return self.add_counted(run, array("I", [stride]) * count)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._order)
 
     @property
     def next_id(self) -> int:
@@ -258,7 +343,7 @@ class InOrderPackedDriverQueue(PackedDriverQueue):
                     end = order.index(buf_id, pos)
                 except ValueError:
                     raise RingError(f"device used buffer id {buf_id} out of order or unknown") from None
-            n = sum(map(self._slots.__getitem__, order[pos:end + 1])) if multi else end - pos + 1
+            n = sum(map(self._slots.get, order[pos:end + 1], repeat(1))) if multi else end - pos + 1
             if flags & _WRITE:
                 ends.append((end, self._desc32[(at + 8) >> 2] if flags & _WRITE else 0))
             slots += n
@@ -277,14 +362,10 @@ class InOrderPackedDriverQueue(PackedDriverQueue):
 
     def _complete(self, ids: list[int], lens: list[int], slots: int) -> list[tuple[object, int]]:
         tokens, slots_of = self.tokens, self._slots
-        got = list(map(tokens.pop, ids, repeat(_MISSING, len(ids))))
-        if _MISSING in got:
-            raise RingError(f"device used unknown buffer id {ids[got.index(_MISSING)]}")
+        got = list(map(tokens.pop, ids, repeat(None))) if tokens else [None] * len(ids)
         if self._multi:
             for buf_id in ids:
-                self._multi -= slots_of.pop(buf_id) > 1
-        else:
-            deque(map(slots_of.pop, ids), 0)
+                self._multi -= slots_of.pop(buf_id, 1) > 1
         del self._order[:len(ids)]
         back = ids[::-1]
         self.free_ids[:0] = back       # ids go round in order, as they were made available

@@ -354,7 +354,7 @@ class PackedDriverQueue:
         self._added = 0
         self._interrupts = True
         self.tokens: dict[int, object] = {}
-        self._slots: dict[int, int] = {}
+        self._slots: dict[int, int] = {}       #: ring slots of each buffer that takes more than one
         region, off = memory.translate(layout.desc, DESC_SIZE * self.size)
         self._desc_map, self._desc_off, self._desc16 = region.mmap, off, region.view16
         self._desc8, self._desc32, self._desc64 = region.view, region.view32, region.view64
@@ -416,7 +416,8 @@ class PackedDriverQueue:
         self.free_slots -= slots
         self._added += slots
         self.tokens[buf_id] = token
-        self._slots[buf_id] = slots
+        if slots > 1:
+            self._slots[buf_id] = slots
         self._multi += slots > 1
         return buf_id
 
@@ -434,9 +435,15 @@ class PackedDriverQueue:
         """Make one-descriptor buffers available as a batch, written as strided array stores
         (64-bit addr, 32-bit len, 32-bit id | flags << 16) with the first descriptor's flags
         stored last, alone, in one 16-bit store (v1.4 §2.8.21.1). Returns how many fitted."""
+        ids = self._add_run(addrs, lengths, write)
+        self.tokens.update(zip(ids, tokens))
+        return len(ids)
+
+    def _add_run(self, addrs: Sequence[int], lengths: Sequence[int], write: bool) -> list[int]:
+        """Write one-descriptor buffers (see :meth:`add_many`); returns their ids."""
         count = min(len(addrs), self.free_slots)
         if count == 0:
-            return 0
+            return []
         free_ids = self.free_ids
         ids = free_ids[-count:]
         ids.reverse()
@@ -461,8 +468,6 @@ class PackedDriverQueue:
             if slot == size:
                 slot, wrap = 0, not wrap
         self._desc16[head_at] = head_flags
-        self.tokens.update(zip(ids, tokens))
-        self._slots.update(dict.fromkeys(ids, 1))
         dirty = self.memory.dirty_log
         if dirty is not None:
             for k in range(count):
@@ -470,7 +475,7 @@ class PackedDriverQueue:
         self.next_avail, self.avail_wrap = slot, wrap
         self.free_slots -= count
         self._added += count
-        return count
+        return ids
 
     def get_used(self) -> list[tuple[object, int]]:
         """Reap used descriptors: ``(token, bytes written)`` in completion order (v1.4 §2.8.22)."""
@@ -508,7 +513,6 @@ class PackedDriverQueue:
             got = list(map(tokens.pop, ids, repeat(_MISSING, count)))
             if _MISSING in got:
                 raise RingError(f"device used unknown buffer id {ids[got.index(_MISSING)]}")
-            list(map(self._slots.pop, ids))
             self.free_ids += ids
             self.free_slots += count
             wrote = low[:count].translate(_BIT1)
@@ -540,7 +544,7 @@ class PackedDriverQueue:
             token = tokens.pop(buf_id, _MISSING)
             if token is _MISSING:
                 raise RingError(f"device used unknown buffer id {buf_id}")
-            slots = slots_of.pop(buf_id)
+            slots = slots_of.pop(buf_id, 1)
             self._multi -= slots > 1
             free_ids.append(buf_id)
             self.free_slots += slots

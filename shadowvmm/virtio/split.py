@@ -446,41 +446,72 @@ class SplitDriverQueue:
     def add_many(self, addrs: Sequence[int], lengths: Sequence[int], tokens: Sequence[object], *,
                  write: bool = False) -> int:
         """Make one-descriptor buffers available as a batch (not yet published: :meth:`publish`
-        stores the avail index once); returns how many fitted the free descriptors.
+        stores the avail index once); returns how many fitted the free descriptors."""
+        heads = self._add_run(addrs, lengths, write)
+        self.tokens.update(zip(heads, tokens))
+        return len(heads)
 
-        Descriptors are written as two 64-bit stores each (addr; len | flags << 32), a run of
-        consecutive heads as two strided array stores, the avail entries as one array store."""
-        free = self.free
-        count = min(len(addrs), len(free))
-        if count == 0:
-            return 0
-        heads = free[-count:]
-        heads.reverse()
-        del free[-count:]
-        q, base, high = self._desc64, self._desc_off >> 3, (_WRITE if write else 0) << 32
-        first_head = heads[0]
-        if heads == list(range(first_head, first_head + count)):
-            at = base + 2 * first_head
-            q[at:at + 2 * count:2] = array("Q", addrs[:count])
-            q[at + 1:at + 2 * count:2] = array("Q", map(high.__or__, lengths[:count]) if high else lengths[:count])
+    def _add_run(self, addrs: Sequence[int], lengths: Sequence[int], write: bool) -> list[int]:
+        """Write one-descriptor buffers and their avail entries; returns their heads.
+
+        Descriptors are written as two 64-bit stores each (addr; len | flags << 32), each run
+        of consecutive heads (two at most when the free list goes round the table in order)
+        as two strided array stores, the avail entries as one array store per ring part."""
+        heads = self._take_heads(len(addrs))
+        if heads:
+            self._write_heads(heads, addrs, lengths, write)
+        return heads
+
+    def _write_heads(self, heads: list[int], addrs: Sequence[int], lengths: Sequence[int], write: bool) -> None:
+        count, first, size = len(heads), heads[0], self.size
+        high = (_WRITE if write else 0) << 32
+        split = min(count, size - first)
+        if heads == [*range(first, first + split), *range(count - split)]:
+            for done, head, part in ((0, first, split), (split, 0, count - split)):
+                if part:
+                    self._store_descs(head, array("Q", addrs[done:done + part]), array(
+                        "Q", map(high.__or__, lengths[done:done + part]) if high else lengths[done:done + part]))
         else:
+            q, base = self._desc64, self._desc_off >> 3
             for head, gpa, length in zip(heads, addrs, lengths):
                 q[base + 2 * head] = gpa
                 q[base + 2 * head + 1] = length | high
-        self.tokens.update(zip(heads, tokens))
-        size, ring, ring16 = self.size, self._avail_ring16, self._avail16
+        self._store_avail(heads, array("H", heads))
+
+    def _take_heads(self, count: int) -> list[int]:
+        """Up to *count* free descriptors, in the order they are handed out."""
+        free = self.free
+        count = min(count, len(free))
+        if count <= 0:
+            return []
+        heads = free[-count:]
+        heads.reverse()
+        del free[-count:]
+        return heads
+
+    def _store_descs(self, head: int, addrs: array[int], words: array[int]) -> None:
+        """Descriptors ``head..head+len(addrs)-1`` (no wrap): addr and ``len | flags << 32``."""
+        q, count = self._desc64, len(addrs)
+        at = (self._desc_off >> 3) + 2 * head
+        q[at:at + 2 * count:2] = addrs
+        q[at + 1:at + 2 * count:2] = words
+
+    def _store_avail(self, heads: list[int], entries: array[int]) -> None:
+        """The avail ring entries of *heads* (*entries*: the same as 16-bit values) from avail
+        idx on, the descriptors' dirty marks, and avail idx advanced (not published)."""
+        count, size = len(heads), self.size
+        ring, ring16 = self._avail_ring16, self._avail16
         start = self.avail_idx % size
         part = min(count, size - start)
-        ring16[ring + start:ring + start + part] = array("H", heads[:part])
+        ring16[ring + start:ring + start + part] = entries[:part]
         if count > part:
-            ring16[ring:ring + count - part] = array("H", heads[part:])
+            ring16[ring:ring + count - part] = entries[part:]
         dirty = self.memory.dirty_log
         if dirty is not None:
             for k, head in enumerate(heads):
                 dirty.mark(self.layout.desc + DESC_SIZE * head, DESC_SIZE)
                 dirty.mark(self._avail_ring + 2 * ((start + k) % size), 2)
         self.avail_idx = (self.avail_idx + count) & 0xFFFF
-        return count
 
     def get_used(self) -> list[tuple[object, int]]:
         """Reap used elements: ``(token, bytes written)`` in completion order."""
