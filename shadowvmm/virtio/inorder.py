@@ -18,16 +18,15 @@ from __future__ import annotations
 from array import array
 from collections import deque
 from collections.abc import Sequence
+from functools import cached_property
 from itertools import repeat
 
 from ..errors import RingError
 from ..memory import GuestMemory
-from .packed import PackedDriverQueue, PackedLayout
-from .packedfmt import _AVAIL, _USED, _WRITE, DESC_SIZE, FLAGS_OFFSET, off_wrap
+from .packed import _BIT1, _BIT7, PackedDriverQueue, PackedLayout
+from .packedfmt import _AVAIL, _USED, _WRITE, DESC_SIZE, FLAGS_OFFSET, avail_flags, off_wrap
 from .split import SplitDriverQueue, SplitLayout
 from .vring import RingState
-
-_AVAIL_USED = _AVAIL | _USED
 
 
 def _store_run(table: list[int], ids: list[int], lengths: Sequence[int], write: bool) -> None:
@@ -42,6 +41,9 @@ def _store_run(table: list[int], ids: list[int], lengths: Sequence[int], write: 
     table[:count - part] = values[part:]
 
 
+_Taken = tuple[list[object], list[int]]     #: tokens and written lengths of reaped buffers
+
+
 class _Strided:
     """What add_strided slices per batch: ids ``0..size-1`` twice (as ints and as 16-bit
     values) and the address of each id's buffer for the layout last asked for, twice."""
@@ -52,6 +54,12 @@ class _Strided:
         self.ids16 = array("H", self.ids)
         self._key: tuple[int, int, int] | None = None
         self._addrs = array("Q")
+
+    @cached_property
+    def words(self) -> tuple[array[int], array[int]]:
+        """A device-readable packed descriptor's ``id | flags << 16`` by driver wrap counter."""
+        return (array("I", [k | avail_flags(False) << 16 for k in self.ids]),
+                array("I", [k | avail_flags(True) << 16 for k in self.ids]))
 
     def addrs(self, base: int, stride: int, slots: int) -> array[int]:
         """Buffer *k* at ``base + (k % slots) * stride``, for k in ``0..2*size-1``."""
@@ -258,9 +266,13 @@ class InOrderPackedDriverQueue(PackedDriverQueue):
         ids = self.free_ids[-count:]
         ids.reverse()
         first = ids[0]
-        run = addrs[first:first + count] if ids == strided.ids[first:first + count] \
-            else array("Q", [addrs[k] for k in ids])
-        return self.add_counted(run, array("I", [stride]) * count)
+        lengths = array("I", [stride]) * count
+        if ids != strided.ids[first:first + count]:         # not in ring order: one by one
+            return self.add_counted(array("Q", [addrs[k] for k in ids]), lengths)
+        ids = self._add_run(addrs[first:first + count], lengths, False, strided.words)
+        self._order += ids
+        _store_run(self._wlen, ids, lengths, False)
+        return len(ids)
 
     @property
     def in_flight(self) -> int:
@@ -277,53 +289,70 @@ class InOrderPackedDriverQueue(PackedDriverQueue):
         descriptor completes the buffers up to the one it names. A batch is taken whole, so
         more than *limit* may come back."""
         out: list[tuple[object, int]] = []
-        while len(out) < limit and self._order:
-            got = self._take_run(limit - len(out))
-            if not got:
-                got = self._take_batch()
-                if not got:
-                    break
-            out += got
-        if self.event_idx and self._interrupts:
-            self.memory.store_u16(self.layout.driver, off_wrap(self.next_used, self.used_wrap))
+        self._reap(limit, out)
         return out
 
     def reap_count(self) -> int:
         """Reap every used buffer; returns how many (a packed ring is walked batch by batch)."""
-        return len(self.pop_used_many(self.size))
+        return self._reap(self.size, None)
 
-    def _take_run(self, limit: int) -> list[tuple[object, int]]:
+    def _reap(self, limit: int, out: list[tuple[object, int]] | None) -> int:
+        """Reap at least *limit* used buffers if there are, ``(token, written)`` each into *out*
+        (unless None); re-arms the used event (EVENT_IDX). Returns how many."""
+        count = 0
+        while count < limit and self._order:
+            got = self._take_run(limit - count) or self._take_batch()
+            if got is None:
+                break
+            tokens, lens = got
+            if out is not None:
+                out += zip(tokens, lens)
+            count += len(lens)
+        if self.event_idx and self._interrupts:
+            self.memory.store_u16(self.layout.driver, off_wrap(self.next_used, self.used_wrap))
+        return count
+
+    def _take_run(self, limit: int) -> _Taken | None:
         """One-slot buffers used one descriptor each, in order, from next_used (before a wrap).
 
         The run's flags are read as one strided array (a used descriptor's AVAIL and USED
         bits both equal the used wrap counter, v1.4 §2.8.1) and the run ends at the first
         that is not used: no call per descriptor."""
         if self._multi:
-            return []
+            return None
         used, size, order = self.next_used, self.size, self._order
         most = min(limit, len(order), size - used)
         if most <= 0:
-            return []
+            return None
         at = self._desc_off + DESC_SIZE * used
-        start = (at + FLAGS_OFFSET) >> 1
-        flags = self._desc16[start:start + 8 * most:8].tolist()
-        want = _AVAIL | _USED if self.used_wrap else 0
-        hits = [f & _AVAIL_USED == want for f in flags]
-        count = hits.index(False) if False in hits else most
+        if self._desc16[(at + 12) >> 1] != order[0]:
+            return None       # a batch's used descriptor (it names the batch's last buffer)
+        view = self._desc8
+        low = bytes(view[at + FLAGS_OFFSET:at + DESC_SIZE * most:DESC_SIZE])
+        high = bytes(view[at + FLAGS_OFFSET + 1:at + DESC_SIZE * most:DESC_SIZE])
+        other = b"\x00" if self.used_wrap else b"\x01"  # AVAIL (bit 7), USED (bit 15) == wrap
+        ends = [i for i in (low.translate(_BIT7).find(other), high.translate(_BIT7).find(other)) if i >= 0]
+        count = min(ends, default=most)
         if count == 0:
-            return []
+            return None
         ids = self._desc16[(at + 12) >> 1:(at + DESC_SIZE * count) >> 1:8].tolist()
         if ids != order[:count]:
             # the first differing descriptor ends a batch: take the run up to it, then the batch
             count = next(k for k, (a, b) in enumerate(zip(ids, order)) if a != b)
             if count == 0:
-                return []
+                return None
             ids = ids[:count]
-        lens = self._desc32[(at + 8) >> 2:(at + DESC_SIZE * count) >> 2:4].tolist()
-        lens = [n if f & _WRITE else 0 for n, f in zip(lens, flags)]
+        wrote = low[:count].translate(_BIT1)       # WRITE (bit 1): the device wrote len bytes
+        written = wrote.count(1)
+        if written == 0:
+            lens = [0] * count
+        else:
+            lens = self._desc32[(at + 8) >> 2:(at + DESC_SIZE * count) >> 2:4].tolist()
+            if written < count:
+                lens = [n if w else 0 for n, w in zip(lens, wrote)]
         return self._complete(ids, lens, count)
 
-    def _take_batch(self) -> list[tuple[object, int]]:
+    def _take_batch(self) -> _Taken | None:
         """Used descriptors each naming the last buffer of a batch (v1.4 §2.8.16), walked from
         next_used batch after batch (the next one sits where the batch ends) and completed
         together. Ids go round in ring order, so a batch's end is found by arithmetic."""
@@ -353,16 +382,18 @@ class InOrderPackedDriverQueue(PackedDriverQueue):
                 wrap = not wrap
             pos = end + 1
         if pos == 0:
-            return []
+            return None
         ids = order[:pos]
         lens = list(map(wlen.__getitem__, ids)) if ends else [0] * pos
         for end, length in ends:
             lens[end] = length
         return self._complete(ids, lens, slots)
 
-    def _complete(self, ids: list[int], lens: list[int], slots: int) -> list[tuple[object, int]]:
+    def _complete(self, ids: list[int], lens: list[int], slots: int) -> _Taken:
+        """Free the buffers *ids* (taking *slots* ring slots) used with *lens*; their tokens
+        (None for those kept without) and *lens*."""
         tokens, slots_of = self.tokens, self._slots
-        got = list(map(tokens.pop, ids, repeat(None))) if tokens else [None] * len(ids)
+        got: list[object] = list(map(tokens.pop, ids, repeat(None))) if tokens else [None] * len(ids)
         if self._multi:
             for buf_id in ids:
                 self._multi -= slots_of.pop(buf_id, 1) > 1
@@ -375,4 +406,4 @@ class InOrderPackedDriverQueue(PackedDriverQueue):
             used -= self.size
             self.used_wrap = not self.used_wrap
         self.next_used = used
-        return list(zip(got, lens))
+        return got, lens

@@ -439,8 +439,11 @@ class PackedDriverQueue:
         self.tokens.update(zip(ids, tokens))
         return len(ids)
 
-    def _add_run(self, addrs: Sequence[int], lengths: Sequence[int], write: bool) -> list[int]:
-        """Write one-descriptor buffers (see :meth:`add_many`); returns their ids."""
+    def _add_run(self, addrs: Sequence[int], lengths: Sequence[int], write: bool,
+                 words: tuple[array[int], array[int]] | None = None) -> list[int]:
+        """Write one-descriptor buffers (see :meth:`add_many`); returns their ids. *words*:
+        given when the ids are consecutive (mod size), each id's ``id | flags << 16`` for a
+        driver wrap counter of 0 and of 1, indexed by id over two laps."""
         count = min(len(addrs), self.free_slots)
         if count == 0:
             return []
@@ -456,7 +459,10 @@ class PackedDriverQueue:
         while done < count:
             part = min(count - done, size - slot)
             high = ((_WRITE if write else 0) | avail_flags(wrap)) << 16
-            tail = array("I", map(high.__or__, ids[done:done + part]))     # id | flags << 16
+            if words is None:
+                tail = array("I", map(high.__or__, ids[done:done + part]))     # id | flags << 16
+            else:
+                tail = words[wrap][ids[done]:ids[done] + part]
             if done == 0:       # the head keeps its old flags until the whole batch is written
                 tail[0] = ids[0] | self._desc16[head_at] << 16
             at = (self._desc_off >> 2) + 4 * slot
