@@ -228,18 +228,25 @@ class StubQueue:
         self.ring.publish()
 
 
+def fixed_slots(memory: GuestMemory, layout: str, ring: int, slots: int, slot_size: int):
+    """An in-order ring of *ring*, its in-test device, the stub queue and FixedTxSlots over
+    *slots* slots of *slot_size* bytes from BUF_BASE (a 12-byte header)."""
+    from shadowvmm.guest.nettx import FixedTxSlots
+
+    drv, dev = make(layout, memory, ring)
+    queue = StubQueue(drv)
+    addrs = [BUF_BASE + slot_size * k for k in range(slots)]
+    fixed = FixedTxSlots.of(memory, queue, addrs, slot_size, 12)
+    assert fixed is not None
+    return drv, dev, queue, addrs, fixed
+
+
 @pytest.mark.parametrize("layout", ["split", "packed"])
 def test_fixed_tx_slots_payloads_and_wrap(memory: GuestMemory, layout: str) -> None:
     """FixedTxSlots on a ring of 8 with 4 slots: batches of mixed frame sizes go round the ring
     many times; every buffer the device takes is a zero header + the frame sent, inside the
     slots of its id, and completions reaped by count free the slots."""
-    from shadowvmm.guest.nettx import FixedTxSlots
-
-    drv, dev = make(layout, memory, 8)
-    queue = StubQueue(drv)
-    slots = [BUF_BASE + 256 * k for k in range(4)]
-    fixed = FixedTxSlots.of(memory, queue, slots, 256, 12)
-    assert fixed is not None
+    drv, dev, queue, slots, fixed = fixed_slots(memory, layout, 8, 4, 256)
     sent = 0
     for rnd in range(30):
         frames = [bytes([(sent + k) & 0xFF]) * (1 + (sent + k) * 37 % 244) for k in range(6)]
@@ -282,13 +289,7 @@ def test_fixed_tx_slots_strided_batches(memory: GuestMemory, layout: str) -> Non
     """Batches of one frame size go round a ring of 8 with 8 slots many times: buffer *k*
     is header + frame at ``slots[0] + (k % 8) * (12 + size)``, the descriptor says so, and
     the ring keeps no token for it."""
-    from shadowvmm.guest.nettx import FixedTxSlots
-
-    drv, dev = make(layout, memory, 8)
-    queue = StubQueue(drv)
-    slots = [BUF_BASE + 256 * k for k in range(8)]
-    fixed = FixedTxSlots.of(memory, queue, slots, 256, 12)
-    assert fixed is not None
+    drv, dev, queue, slots, fixed = fixed_slots(memory, layout, 8, 8, 256)
     sent = 0
     for _ in range(25):
         frames = _frames(sent, 5, 60)
@@ -308,13 +309,7 @@ def test_fixed_tx_slots_stride_change_waits_for_the_ring_to_drain(memory: GuestM
     """A batch that needs another stride (another frame size, or mixed sizes after one size)
     is not queued while buffers laid out by the old one are in flight: their bytes stay as
     sent. Under the slot stride (mixed sizes) a batch of one size goes out in the slots."""
-    from shadowvmm.guest.nettx import FixedTxSlots
-
-    drv, dev = make(layout, memory, 8)
-    queue = StubQueue(drv)
-    slots = [BUF_BASE + 256 * k for k in range(8)]
-    fixed = FixedTxSlots.of(memory, queue, slots, 256, 12)
-    assert fixed is not None
+    drv, dev, queue, slots, fixed = fixed_slots(memory, layout, 8, 8, 256)
     assert fixed.send(queue, _frames(0, 3, 40)) == 3 and fixed.layout == 52
     dev.take()
     held = [memory.read(addr, length) for _, addr, length in dev.pending]
@@ -354,13 +349,9 @@ def test_counted_buffers_beside_tokened_ones(memory: GuestMemory, layout: str) -
 @pytest.mark.parametrize("size", [60, None], ids=["strided", "slots"])
 def test_fixed_tx_slots_writes_are_dirty_logged(memory: GuestMemory, size: int | None) -> None:
     """The frames written into the slots dirty their pages, as GuestMemory.write does."""
-    from shadowvmm.guest.nettx import FixedTxSlots
     from shadowvmm.memory import PAGE_SHIFT
 
-    drv, dev = make("split", memory, 64)
-    queue = StubQueue(drv)
-    fixed = FixedTxSlots.of(memory, queue, [BUF_BASE + 2048 * k for k in range(64)], 2048, 12)
-    assert fixed is not None
+    drv, dev, queue, _, fixed = fixed_slots(memory, "split", 64, 64, 2048)
     dirty = memory.enable_dirty_log()
     dirty.take()
     assert fixed.send(queue, _frames(0, 40, size)) == 40
@@ -379,13 +370,8 @@ def test_fixed_tx_slots_random_orders(memory: GuestMemory, layout: str, seed: in
     exactly once, in order."""
     import random
 
-    from shadowvmm.guest.nettx import FixedTxSlots
-
     rng = random.Random(seed)
-    drv, dev = make(layout, memory, 16)
-    queue = StubQueue(drv)
-    fixed = FixedTxSlots.of(memory, queue, [BUF_BASE + 512 * k for k in range(8)], 512, 12)
-    assert fixed is not None
+    drv, dev, queue, _, fixed = fixed_slots(memory, layout, 16, 8, 512)
     waiting: list[bytes] = []       #: frames not queued yet, in order
     flight: list[bytes] = []        #: frames made available, not used yet, in order
     used: list[bytes] = []
