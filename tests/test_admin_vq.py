@@ -260,9 +260,15 @@ async def stop_cycles_under_io(machine: Machine, client: AdminClient, member: Vi
     finished = asyncio.Event()
 
     async def stopper() -> None:
+        loop = asyncio.get_running_loop()
         while len(done) < cycles and not finished.is_set():
             await asyncio.sleep(0.004)
-            in_flight = sum(q.ring.in_flight for q in guest.queues)
+            # stop while the guest has requests out: a fast back-end (qsd) may have completed
+            # every one by the time this task runs, the guest not having posted the next yet
+            deadline = loop.time() + 1.0
+            while not (in_flight := sum(q.ring.in_flight for q in guest.queues)) and loop.time() < deadline \
+                    and not finished.is_set():
+                await asyncio.sleep(0)
             await client.dev_mode_set(1, True)
             assert member.admin_stopped and not member.rings_running
             # every observed buffer was used: the used idx caught up with what the backend took

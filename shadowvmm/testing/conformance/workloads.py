@@ -119,6 +119,11 @@ class Workload:
         """Buffers made available on *queue* since the last start (what a quiet stop's base is)."""
         return self.made_available[queue]
 
+    def most_taken(self, queue: int) -> int:
+        """The most buffers the device can have taken from *queue* since the last start (a
+        stop's base with requests in flight is at most this)."""
+        return self.available(queue)
+
     async def cleanup(self) -> None:
         """Remove what the round trips left on the device's medium, when that is not a scratch disk."""
 
@@ -274,6 +279,11 @@ class NetWorkload(Workload):
     def available(self, queue: int) -> int:
         """A receive buffer is taken only when a frame arrives (a lost frame leaves one waiting)."""
         return self.rx_used if queue == self.RX else self.made_available[queue]
+
+    def most_taken(self, queue: int) -> int:
+        """Every receive buffer made available: with frames in flight the device may have filled
+        buffers whose completions the guest has not reaped yet (``rx_used`` lags the used idx)."""
+        return self.made_available[queue]
 
     @staticmethod
     def frame(tag: int, index: int) -> bytes:
