@@ -67,6 +67,8 @@ class RegistersMixin(WorkerMixin):
         return self.shadow._status
 
     def write_status(self, value: int) -> None:
+        if value and value == self.shadow._status:
+            return      # the status rewritten as read: no transition (what shadow.write returns)
         action = self.shadow.write(value)
         if action is GuestStatusAction.NONE:
             return

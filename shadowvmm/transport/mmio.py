@@ -13,7 +13,7 @@ from ..device import VirtioDevice
 from ..errors import ArgumentError
 from ..shadow import GuestFault
 from ..state import TransportImage
-from .registers import Access, Register, RegisterFile
+from .registers import WIDTH_MASK, Access, Register, RegisterFile
 
 MAGIC = 0x74726976          #: "virt"
 VERSION = 2
@@ -111,8 +111,9 @@ class MmioTransport:
 
     def write(self, offset: int, width: int, value: int) -> None:
         """Every guest write enters here; the value is truncated to the access *width*."""
-        if width in (1, 2, 4, 8):
-            value = int(value) & ((1 << (8 * width)) - 1)
+        mask = WIDTH_MASK.get(width)
+        if mask is not None:
+            value = int(value) & mask
         if offset >= CONFIG_OFF:
             if width not in (1, 2, 4):
                 self.faults(GuestFault.BAD_WIDTH, f"config write width {width}")

@@ -29,7 +29,7 @@ from ..errors import ArgumentError
 from ..shadow import GuestFault
 from ..state import TransportImage
 from ..virtio.constants import DeviceId
-from .registers import Access, Register, RegisterFile
+from .registers import WIDTH_MASK, Access, Register, RegisterFile
 
 VENDOR_ID = 0x1AF4
 DEVICE_ID_BASE = 0x1040            #: v1.4 §4.1.2: 0x1040 + virtio device ID
@@ -38,6 +38,7 @@ BAR_SIZE = 0x8000
 COMMON_OFF, ISR_OFF, DEVICE_OFF, NOTIFY_OFF, MSIX_TABLE_OFF, MSIX_PBA_OFF = (
     0x0000, 0x1000, 0x2000, 0x3000, 0x4000, 0x5000)
 REGION_SIZE = 0x1000
+_REGION_MASK, _OFFSET_MASK = ~(REGION_SIZE - 1), REGION_SIZE - 1      #: a BAR offset's region, offset in it
 NOTIFY_MULTIPLIER = 4
 #: v1.3+ structure (ends after admin_queue_num at 0x3E) plus shadowvmm's le32 queue_ring_state at
 #: 0x40 (VIRTIO_F_RING_STATE, docs/nested.md), always covered: without the feature it reads 0.
@@ -214,21 +215,27 @@ class PciTransport:
     def read(self, space: Space, offset: int, width: int) -> int:
         """Every guest read enters here."""
         if space is Space.BAR:
+            if offset & _REGION_MASK == COMMON_OFF:        # the common case, one call shorter
+                return self.common.read(offset & _OFFSET_MASK, width)
             return self.bar_read(offset, width)
         return self.config_read(offset, width)
 
     def write(self, space: Space, offset: int, width: int, value: int) -> None:
         """Every guest write enters here; a write carries *width* bytes, so the value is
         truncated to them (a bus cannot deliver more)."""
-        if width in (1, 2, 4, 8):
-            value = int(value) & ((1 << (8 * width)) - 1)
+        mask = WIDTH_MASK.get(width)
+        if mask is not None:
+            value = int(value) & mask
         if space is Space.BAR:
-            self.bar_write(offset, width, value)
+            if offset & _REGION_MASK == COMMON_OFF:        # the common case, one call shorter
+                self.common.write(offset & _OFFSET_MASK, width, value)
+            else:
+                self.bar_write(offset, width, value)
         else:
             self.config_write(offset, width, value)
 
     def bar_read(self, offset: int, width: int) -> int:
-        region, off = offset & ~(REGION_SIZE - 1), offset & (REGION_SIZE - 1)
+        region, off = offset & _REGION_MASK, offset & _OFFSET_MASK
         if region == COMMON_OFF:
             return self.common.read(off, width)
         if region == DEVICE_OFF:
@@ -246,7 +253,7 @@ class PciTransport:
         return 0
 
     def bar_write(self, offset: int, width: int, value: int) -> None:
-        region, off = offset & ~(REGION_SIZE - 1), offset & (REGION_SIZE - 1)
+        region, off = offset & _REGION_MASK, offset & _OFFSET_MASK
         if region == NOTIFY_OFF:
             if width != 2 or off % NOTIFY_MULTIPLIER:
                 self.faults(GuestFault.BAD_WIDTH, f"notify write {off:#x}/{width}")

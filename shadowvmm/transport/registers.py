@@ -19,6 +19,9 @@ from ..shadow import FaultCounter, GuestFault
 Reader = Callable[[], int]
 Writer = Callable[[int], None]
 
+#: The value mask of a bus access of each width a transport accepts.
+WIDTH_MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: 0xFFFF_FFFF_FFFF_FFFF}
+
 
 class Access(enum.Flag):
     R = enum.auto()
@@ -50,29 +53,33 @@ class RegisterFile:
             if reg.access & Access.R and reg.read is None or reg.access & Access.W and reg.write is None:
                 raise ArgumentError(f"{name}.{reg.name}: handler missing for its access")
             self.by_offset[reg.offset] = reg
+        #: the accepted accesses by offset: (width, handler), and for writes the value mask
+        self._readers = {r.offset: (r.width, r.read) for r in table if r.read is not None}
+        self._writers = {r.offset: (r.width, r.write, (1 << 8 * r.width) - 1) for r in table if r.write is not None}
 
     def read(self, offset: int, width: int) -> int:
+        entry = self._readers.get(offset)
+        if entry is not None and entry[0] == width:
+            return entry[1]()
         reg = self.by_offset.get(offset)
         if reg is None:
             self.faults(GuestFault.UNKNOWN_OFFSET, f"{self.name} read {offset:#x}")
-            return 0
-        if width != reg.width:
+        elif width != reg.width:
             self.faults(GuestFault.BAD_WIDTH, f"{self.name}.{reg.name} read width {width}")
-            return 0
-        if reg.read is None:
+        else:
             self.faults(GuestFault.WRITE_ONLY, f"{self.name}.{reg.name}")
-            return 0
-        return reg.read()
+        return 0
 
     def write(self, offset: int, width: int, value: int) -> None:
+        """*value* is an int (the transports make it one); it is truncated to the register."""
+        entry = self._writers.get(offset)
+        if entry is not None and entry[0] == width:
+            entry[1](value & entry[2])
+            return
         reg = self.by_offset.get(offset)
         if reg is None:
             self.faults(GuestFault.UNKNOWN_OFFSET, f"{self.name} write {offset:#x}")
-            return
-        if width != reg.width:
+        elif width != reg.width:
             self.faults(GuestFault.BAD_WIDTH, f"{self.name}.{reg.name} write width {width}")
-            return
-        if reg.write is None:
+        else:
             self.faults(GuestFault.READ_ONLY, f"{self.name}.{reg.name}")
-            return
-        reg.write(int(value) & ((1 << (8 * width)) - 1))
