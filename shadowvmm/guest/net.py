@@ -443,7 +443,10 @@ class NetDriver:
         """Polling mode: reap the transmitq's completions, then make as many of *frames* as
         there are free slots available (one descriptor each, header + frame) with one
         avail-index store and a kick only if the device asks for one. Returns how many were
-        queued (the rest: call again); :meth:`tx_pending` says how many are not used yet."""
+        queued (the rest: call again); :meth:`tx_pending` says how many are not used yet. On
+        an in-order ring a batch whose frame sizes need another layout of the transmit slots
+        waits until the device has used every frame in flight (0 meanwhile; see
+        :mod:`~shadowvmm.guest.nettx`)."""
         if not self._poll:
             self._polling(True)
         if not 0 <= pair < max(self.active_pairs, 1) or pair >= len(self.tx):
