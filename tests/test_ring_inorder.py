@@ -195,6 +195,46 @@ def test_id_out_of_order_is_a_ring_error(memory: GuestMemory, layout: str) -> No
         drv.pop_used_many(8)
 
 
+@pytest.mark.parametrize("layout", ["split", "packed"])
+def test_batches_of_readable_buffers_reaped_at_once(memory: GuestMemory, layout: str) -> None:
+    """Device-readable buffers used in batches of 2, 3, 1 (one element per buffer) and 2,
+    crossing the ring end, then one more batch ending past it: each pass takes every used
+    batch, tokens in order, nothing written."""
+    drv, dev = make(layout, memory, 8)
+    add(drv, 0, 6, write=False)
+    drv.publish()
+    dev.take()
+    dev.use(6, 0)
+    assert [t for t, _ in drv.pop_used_many(8)] == list(range(6))
+    add(drv, 6, 8, write=False)
+    drv.publish()
+    assert len(dev.take()) == 8
+    dev.use(2, 0)
+    dev.use(3, 0)
+    dev.use(1, 0, one_entry=False)
+    assert drv.reap_count() == 6 and drv.in_flight == 2
+    dev.use(2, 0)
+    assert drv.pop_used_many(8) == [(12, 0), (13, 0)]
+    assert drv.num_free == 8 and drv.in_flight == 0
+
+
+@pytest.mark.parametrize("layout", ["split", "packed"])
+@pytest.mark.parametrize("claim", [7, 1, 3], ids=["unknown", "behind", "before-its-own"])
+def test_a_later_batch_naming_a_wrong_id_is_a_ring_error(memory: GuestMemory, layout: str, claim: int) -> None:
+    """Two batches used at once (4 buffers, then 2), the second naming an id not in flight,
+    one of the first batch, or one before its own first buffer: the ring is broken,
+    whichever pass reads it."""
+    drv, dev = make(layout, memory, 8)
+    add(drv, 0, 6, write=False)
+    drv.publish()
+    dev.take()
+    dev.use(4, 0)
+    dev.pending[1] = (claim, 0, 0)
+    dev.use(2, 0)
+    with pytest.raises(RingError):
+        drv.pop_used_many(8)
+
+
 def test_split_used_idx_past_in_flight_is_a_ring_error(memory: GuestMemory) -> None:
     drv, dev = make("split", memory, 8)
     add(drv, 0, 2, write=False)
