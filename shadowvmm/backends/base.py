@@ -61,6 +61,9 @@ class Capability(enum.Flag):
     SHARED_MEMORY = enum.auto() #: the backend reads and writes guest memory through the VMM's own
                                 #: GuestMemory (in-process), so its writes are logged by the VMM and
                                 #: a dirty log needs nothing from the backend
+    EAGER_OPS = enum.auto()     #: no operation enters asyncio.timeout or reads current_task() before its
+                                #: first suspension, so a VMM stop may start in the caller's task
+                                #: (:mod:`shadowvmm.device.eager`; Python 3.12 starts every one eagerly)
 
 
 class BackendEventKind(enum.Enum):

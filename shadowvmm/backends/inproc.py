@@ -110,7 +110,7 @@ class InProcBackend(BackendBase):
     def capabilities(self) -> Capability:
         return (Capability.CONFIG | Capability.STATUS | Capability.SUSPEND | Capability.RESUME
                 | Capability.RING_RESTART | Capability.RESET_DEVICE | Capability.DEVICE_STATE
-                | Capability.MQ | Capability.EVENTS | Capability.SHARED_MEMORY)
+                | Capability.MQ | Capability.EVENTS | Capability.SHARED_MEMORY | Capability.EAGER_OPS)
 
     async def connect(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -160,7 +160,6 @@ class InProcBackend(BackendBase):
     async def get_vring_base(self, index: int) -> RingState:
         """Suspended: read the state (vhost-vdpa semantics); else stop the ring (vhost-user)."""
         ring = self._ring(index)
-        self._unwatch(ring)
         while ring.in_flight:
             ring.drained.clear()
             await ring.drained.wait()
@@ -193,7 +192,6 @@ class InProcBackend(BackendBase):
     async def set_vring_enable(self, index: int, enable: bool) -> None:
         ring = self._ring(index)
         if not enable:
-            self._unwatch(ring)
             ring.enabled = False
             return
         if ring.addr is None or ring.num == 0 or self.memory is None:
@@ -240,8 +238,6 @@ class InProcBackend(BackendBase):
 
     async def suspend(self) -> None:
         self.suspended = True
-        for ring in self.rings.values():
-            self._unwatch(ring)
         for ring in self.rings.values():
             while ring.in_flight:
                 ring.drained.clear()
@@ -297,6 +293,9 @@ class InProcBackend(BackendBase):
         ring.watched_fd = -1
 
     def _on_kick(self, ring: Ring) -> None:
+        if self.suspended or not ring.enabled or ring.queue is None:
+            self._unwatch(ring)     # left watched by the stop (no syscall then); the kick stays pending
+            return
         try:
             os.eventfd_read(ring.kick_fd)
         except BlockingIOError:

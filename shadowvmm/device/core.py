@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_EAGER_OPS = Capability.EAGER_OPS.value
+
 #: Queues a device may have (the virtio-pci common cfg addresses 16 bits of them; a VMM gives far
 #: fewer: QEMU's VIRTIO_QUEUE_MAX is 1024).
 MAX_QUEUES = 1024
@@ -269,6 +271,11 @@ class DeviceCore:
     def backend_caps(self, caps: Capability) -> None:
         self._backend_caps = caps
         self._caps_bits = caps.value
+
+    @property
+    def ops_start_eagerly(self) -> bool:
+        """The backend's operations may start in the caller's task (``Capability.EAGER_OPS``)."""
+        return bool(self._caps_bits & _EAGER_OPS)
 
     def _has_cap(self, cap: Capability) -> bool:
         """``cap in backend_caps`` on the int bits: a Flag ``&`` builds a member (about 2 µs), and

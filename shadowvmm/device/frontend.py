@@ -22,7 +22,7 @@ from ..virtio.vring import RingState
 from .adminq import AdminServer, Member
 from .core import MAX_QUEUES, QueueRegs
 from .interrupts import Interrupts
-from .ops import Op, OpKind
+from .ops import RECONCILE, Op, OpKind
 from .parts import PartsMixin
 
 log = logging.getLogger(__name__)
@@ -156,22 +156,25 @@ class VirtioDevice(PartsMixin):
         Returns the ring states of the started rings (empty if the guest had
         not started the device). A backend being reconnected is waited for first.
         """
-        self._require_realized()
+        if not self._realized:
+            self._require_realized()
         if self.link is LinkState.RECONNECTING:
             await self._wait_link()
-        if self.run_state is RunState.STOPPED:
-            return list(self.ring_states.values())
-        if self.run_state is not RunState.RUNNING:
-            raise DeviceStateError(f"{self.name}: cannot stop while {self.run_state.value}")
+        run_state = self.run_state
+        if run_state is not RunState.RUNNING:
+            if run_state is RunState.STOPPED:
+                return list(self.ring_states.values())
+            raise DeviceStateError(f"{self.name}: cannot stop while {run_state.value}")
         started = self.clock()
-        if self.timeline is not None:
-            self.timeline.record(EventKind.STOP_START, by="vmm")
+        tap, admin = self.timeline, self.admin
+        if tap is not None:
+            tap.record(EventKind.STOP_START, by="vmm")
         self._set_run_state(RunState.STOPPING)
         self._vmm_stop = True
         try:
-            if self.admin is not None:      # the VMM-served admin queue stops with its owner
-                await self.admin.hold()
-            await self._submit_wait(Op(OpKind.RECONCILE))
+            if admin is not None:      # the VMM-served admin queue stops with its owner
+                await admin.hold()
+            await self._submit_wait(RECONCILE)
             if self.link is not LinkState.UP:
                 raise BackendDisconnected(f"{self.name}: backend lost during the stop") from self._lost_error
         except BaseException:
@@ -184,12 +187,13 @@ class VirtioDevice(PartsMixin):
                 self._set_run_state(RunState.RUNNING)
             raise
         self._set_run_state(RunState.STOPPED)
-        self.stats.stops += 1
-        self.stats.last_stop_seconds = self.clock() - started
-        if self.timeline is not None:
-            self.timeline.record(EventKind.STOP_END, by="vmm", rings=len(self.ring_states))
+        stats = self.stats
+        stats.stops += 1
+        stats.last_stop_seconds = took = self.clock() - started
+        if tap is not None:
+            tap.record(EventKind.STOP_END, by="vmm", rings=len(self.ring_states))
         if log.isEnabledFor(logging.INFO):
-            log.info("%s: VMM stop complete in %.1f ms", self.name, self.stats.last_stop_seconds * 1e3)
+            log.info("%s: VMM stop complete in %.1f ms", self.name, took * 1e3)
         return list(self.ring_states.values())
 
     async def resume(self) -> None:
@@ -201,7 +205,7 @@ class VirtioDevice(PartsMixin):
             raise DeviceStateError(f"{self.name}: cannot resume while {self.run_state.value}")
         self._vmm_stop = False
         self._set_run_state(RunState.RUNNING)
-        await self._submit_wait(Op(OpKind.RECONCILE))
+        await self._submit_wait(RECONCILE)
         if self.admin is not None:
             self.admin.release()
         if self.timeline is not None:

@@ -30,5 +30,9 @@ class Op:
     done: asyncio.Future | None = None
 
 
+#: A reconcile without reasons (:meth:`~.worker.WorkerMixin._submit_wait` never queues the op it
+#: is given, so one instance serves every caller).
+RECONCILE = Op(OpKind.RECONCILE)
+
 #: What carries out one kind of operation (its arguments are the op's ``args``).
 OpHandler = Callable[..., Awaitable[None]]

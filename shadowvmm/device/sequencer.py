@@ -33,6 +33,7 @@ from .vmmqueue import VmmQueue, vmm_queue_handlers
 logger = logging.getLogger(__name__)
 
 _RING_PACKED = int(Feature.RING_PACKED)   # an int: ``int & IntFlag`` builds an enum member
+_SUSPEND = Capability.SUSPEND.value
 
 
 class SequencerMixin(LinkMixin):
@@ -328,33 +329,23 @@ class SequencerMixin(LinkMixin):
         """Stop every started ring and capture its state (vhost order: disable, then bases)."""
         b = self.backend
         session = self._session
-        vmm_states = self._stop_vmm_queues() if self.vmm_queues else None
-        live, vmm = self._live_rings, self.vmm_queues
+        vmm = self.vmm_queues
+        vmm_states = self._stop_vmm_queues() if vmm else None
+        live = self._live_rings
         running = [q for q in self.queues if q.index in live and q.index not in vmm]
-        held = {q.index for q in running} - self._held_kicks
-        self._held_kicks.update(held)
+        held_kicks = self._held_kicks
+        held = {q.index for q in running}
+        held.difference_update(held_kicks)
+        held_kicks |= held
         tap = self.timeline
-        suspends = self._has_cap(Capability.SUSPEND)
+        suspends = self._caps_bits & _SUSPEND
         try:
             if tap is not None:
                 tap.record(EventKind.DRAIN_START, rings=len(running), how="suspend" if suspends else "disable")
             if suspends:
                 await b.suspend()
             else:
-                # QEMU's order: disable, then the bases. The drain target is taken at the hold,
-                # so the disables overlap the drain's quiet period instead of following it.
-                target = self._drain_target(running)
-                # The target counts every buffer published so far, but a kick the guest sent for
-                # the last of them may still be on its way (a relaying driver: an L1's) and is
-                # dropped by the hold: kick once now (spurious kicks are allowed, v1.4 §2.7.13).
-                # A ring whose used idx already reached its avail idx has nothing to be kicked for.
-                kick = [q for q, avail, used in target[1] if avail != used] if target[1] else running
-                if kick:
-                    self._kick_rings(kick)
-                for q in self._disable_order(running):
-                    await b.set_vring_enable(q.index, False)
-                if target[1] and not self._drained(target[1]):
-                    await self._drain(target)
+                await self._disable_and_drain(running)
             if tap is not None:
                 tap.record(EventKind.DRAIN_END)
             states = {}
@@ -369,11 +360,11 @@ class SequencerMixin(LinkMixin):
                     live.discard(index)
                     self._ledgers.pop(index, None)
         except BaseException:
-            self._held_kicks -= held
+            held_kicks -= held
             if self.link is LinkState.UP:
                 self._kick_all()    # the rings may still run: deliver the kicks held meanwhile
             raise
-        self._held_kicks -= held
+        held_kicks -= held
         if suspends:
             self._ledgers.clear()
         if vmm_states:
@@ -383,6 +374,23 @@ class SequencerMixin(LinkMixin):
         self.rings_running = False
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("%s: rings stopped: %s", self.name, sorted(self.ring_states))
+
+    async def _disable_and_drain(self, running: list[QueueRegs]) -> None:
+        """QEMU's order: disable, then the bases. The drain target is taken at the hold,
+        so the disables overlap the drain's quiet period instead of following it."""
+        target = self._drain_target(running)
+        # The target counts every buffer published so far, but a kick the guest sent for
+        # the last of them may still be on its way (a relaying driver: an L1's) and is
+        # dropped by the hold: kick once now (spurious kicks are allowed, v1.4 §2.7.13).
+        # A ring whose used idx already reached its avail idx has nothing to be kicked for.
+        kick = [q for q, avail, used in target[1] if avail != used] if target[1] else running
+        if kick:
+            self._kick_rings(kick)
+        b = self.backend
+        for q in self._disable_order(running):
+            await b.set_vring_enable(q.index, False)
+        if target[1] and not self._drained(target[1]):
+            await self._drain(target)
 
     def _disable_order(self, running: list[QueueRegs]) -> list[QueueRegs]:
         """virtio-net: every transmitq before any receiveq. A back-end that forwards (testpmd

@@ -17,7 +17,7 @@ from ..lifecycle import DeviceEventKind, LinkState
 from ..shadow import RunState
 from ..virtio.constants import Status
 from .interrupts import InterruptsMixin
-from .ops import Op, OpKind
+from .ops import RECONCILE, Op, OpKind
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ class WorkerMixin(InterruptsMixin):
         that otherwise each wait behind every other ready callback. Cancelling the caller
         then cancels the operation midway, which fails the device (DEVICE_NEEDS_RESET).
         A reconcile cut short by a backend being reconnected runs again once it is back.
+        *op* itself is never queued (a copy with its own ``done`` is): a constant op such as
+        :data:`~.ops.RECONCILE` can be passed.
         """
         while True:
             try:
@@ -53,9 +55,9 @@ class WorkerMixin(InterruptsMixin):
                         self._fail(DeviceStateError(f"{self.name}: {op.kind.name} cancelled midway"))
                         raise
                 else:
-                    op.done = self.loop.create_future()
-                    self._submit(op)
-                    await op.done
+                    queued = Op(op.kind, op.args, self.loop.create_future())
+                    self._submit(queued)
+                    await queued.done
                 return
             except BackendError:
                 if op.kind is not OpKind.RECONCILE or self.link is not LinkState.RECONNECTING:
@@ -136,7 +138,7 @@ class WorkerMixin(InterruptsMixin):
         that failed shows DEVICE_NEEDS_RESET (:attr:`failure` says why).
         """
         while True:
-            await self._submit_wait(Op(OpKind.RECONCILE))
+            await self._submit_wait(RECONCILE)
             if self.link is not LinkState.RECONNECTING:
                 return
             await self._wait_link()

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from ..device import VirtioDevice
+from ..device.eager import start_eager
 from ..errors import DestinationRefused, MigrationError, ShadowVmmError, StopTimeoutError, StreamError
 from ..memory import DirtyLog, GuestMemory
 from ..shadow import RunState
@@ -32,9 +33,11 @@ async def stop_all(devices: Mapping[str, VirtioDevice], bound: float,
     """Stop every device at once; raise :class:`StopTimeoutError` if any misses *bound*.
 
     A device that is late is not cancelled (a half-done stop would leave it
-    inconsistent): the caller waits for it and resumes everything. One task per device,
-    which counts itself down as it ends: no completion callback, which asyncio runs as one
-    more loop callback per task (``asyncio.wait`` adds one per task and a loop hop for each).
+    inconsistent): the caller waits for it and resumes everything. Each device's stop starts
+    at once in this task where its backend allows (:func:`~shadowvmm.device.eager.start_eager`),
+    and one that must wait gets a task; each counts itself down as it ends: no completion
+    callback, which asyncio runs as one more loop callback per task (``asyncio.wait`` adds one
+    per task and a loop hop for each).
     """
     started = clock()
     times: dict[str, float] = {}
@@ -61,12 +64,17 @@ async def stop_all(devices: Mapping[str, VirtioDevice], bound: float,
         if not all_done.done():
             all_done.set_result(None)
 
-    tasks = {name: loop.create_task(one(name, device)) for name, device in devices.items()}
-    timer = loop.call_later(bound, bound_passed)
-    try:
-        await all_done
-    finally:
-        timer.cancel()
+    tasks = {}
+    for name, device in devices.items():
+        task = start_eager(loop, one(name, device), device.ops_start_eagerly)
+        if task is not None:
+            tasks[name] = task
+    if left:
+        timer = loop.call_later(bound, bound_passed)
+        try:
+            await all_done
+        finally:
+            timer.cancel()
     pending = [name for name, task in tasks.items() if not task.done()]
     if pending or failures:
         if pending:
