@@ -23,7 +23,7 @@ from typing import Any
 NATIVE_EAGER = sys.version_info >= (3, 12)
 
 
-class _Resumed(collections.abc.Coroutine):  # type: ignore[type-arg]
+class _Resumed(collections.abc.Coroutine):
     """A coroutine that already ran up to yielding *first*, as a task's coroutine: the task's
     first step gets *first* back, every later one (and a cancellation, even before that step)
     goes to the coroutine."""

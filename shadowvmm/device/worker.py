@@ -55,9 +55,9 @@ class WorkerMixin(InterruptsMixin):
                         self._fail(DeviceStateError(f"{self.name}: {op.kind.name} cancelled midway"))
                         raise
                 else:
-                    queued = Op(op.kind, op.args, self.loop.create_future())
-                    self._submit(queued)
-                    await queued.done
+                    done = self.loop.create_future()
+                    self._submit(Op(op.kind, op.args, done))
+                    await done
                 return
             except BackendError:
                 if op.kind is not OpKind.RECONCILE or self.link is not LinkState.RECONNECTING:
