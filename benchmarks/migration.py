@@ -13,7 +13,9 @@
   in-process blk backends with requests in flight (completion latency
   ``latency_us``, every device's requests submitted at the same moment, so
   each stop waits for the same in-flight drain; the in-process backends
-  take the requests during the stop, on this thread; the guests' interrupts
+  take the requests in the timed window, on this thread, before the stop
+  begins: a device stopped before it took what was kicked would not wait for
+  it, and a back-end of its own takes requests at once; the guests' interrupts
   are held during the timed stop, as with paused vCPUs, since their completion
   handling is guest work that runs on vCPU threads in a VMM) and idle; goals
   (issue 14): stop(64)/stop(1) <= 1.2 under I/O, and <= 10 µs added per device
@@ -184,17 +186,22 @@ async def downtime(runs: int, pause: bool, profile: bool = False) -> dict:
 STOP_MODES = ("under_io", "under_io_taken", "idle")
 
 
-async def _submit_all(drivers: list[BlkDriver], devices: dict, taken: bool) -> list[asyncio.Future]:
-    """4 writes per device, one kick each; *taken*: return once every backend has taken them."""
+async def _submit_all(drivers: list[BlkDriver], devices: dict) -> tuple[list[asyncio.Future], dict[str, int]]:
+    """4 writes per device, one kick each; the batches, and each backend's request count before."""
     before = {n: d.backend.requests for n, d in devices.items()}
     batches = [asyncio.ensure_future(d.submit([BlkOp(BlkRequestType.OUT, 8 * k, data=bytes(4096))
                                                for k in range(4)])) for d in drivers]
     await asyncio.sleep(0)
-    for _ in range(10_000 if taken else 0):
+    return batches, before
+
+
+async def _until_taken(devices: dict, before: dict[str, int]) -> None:
+    """Return once every backend took the 4 requests kicked to it (its kick handler ran)."""
+    for _ in range(10_000):
         if all(d.backend.requests - before[n] >= 4 for n, d in devices.items()):
-            break
+            return
         await asyncio.sleep(0)
-    return batches
+    raise RuntimeError("the in-process backends did not take the requests kicked to them")
 
 
 async def stop_times(count: int, latency_us: int, mode: str, rounds: int,
@@ -216,12 +223,16 @@ async def stop_times(count: int, latency_us: int, mode: str, rounds: int,
         wall, cpu = [], []
         for _ in range(rounds):
             await asyncio.sleep(0.01)
-            batches = [] if mode == "idle" else await _submit_all(drivers, devices, mode == "under_io_taken")
+            batches, before = ([], {}) if mode == "idle" else await _submit_all(drivers, devices)
+            if mode == "under_io_taken":
+                await _until_taken(devices, before)
             for guest in guests:
                 guest.hold_interrupts()
             if prof is not None:
                 prof.enable()
             t0, c0 = time.perf_counter(), time.thread_time()
+            if mode == "under_io":
+                await _until_taken(devices, before)
             await _stop_all(devices, 10.0, time.perf_counter)
             wall.append((time.perf_counter() - t0) * 1e3)
             cpu.append((time.thread_time() - c0) * 1e3)

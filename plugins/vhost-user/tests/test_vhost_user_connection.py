@@ -629,6 +629,64 @@ def test_the_framer_assembles_messages_from_any_split_with_their_fds(chunk: int)
         theirs.close()
 
 
+@pytest.mark.parametrize("chunk", [1, 5, 12, 20, 64])
+@pytest.mark.parametrize("expect", [0, 8, 64])
+def test_a_reply_is_read_with_its_expected_body_from_any_split(chunk: int, expect: int) -> None:
+    """A front-end awaiting a reply reads header and expected body at once (``expect_body``):
+    a reply of that size, a shorter one and a longer one each arrive whole with their fd,
+    whatever the pieces they come in."""
+    from shadowvmm_vhost_user.framing import Framer, Message
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setblocking(False)
+    got: list[Message] = []
+    errors: list[BaseException] = []
+    framer = Framer(ours, got.append, errors.append)
+    framer.expect_body = expect
+    header = struct.Struct("<III")
+    replies = [header.pack(11, 5, 8) + struct.pack("<II", 1, 77), header.pack(3, 5, 0),
+               header.pack(15, 5, 24) + bytes(range(24))]
+    r, w = os.pipe()
+    try:
+        for data in replies:
+            for start in range(0, len(data), chunk):
+                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", r))] if start == 0 else []
+                theirs.sendmsg([data[start:start + chunk]], anc)
+                framer.on_readable()
+        assert not errors
+        assert [(m.header.request, m.body, len(m.fds)) for m in got] == [
+            (11, struct.pack("<II", 1, 77), 1), (3, b"", 1), (15, bytes(range(24)), 1)]
+        for message in got:
+            message.close_fds()
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        ours.close()
+        theirs.close()
+
+
+def test_bytes_right_after_an_expected_reply_are_refused_as_unsolicited() -> None:
+    """Only the awaited reply may be in the socket: a message sent right behind it, read in the
+    same receive because the reply was shorter than expected, fails the session (typed)."""
+    from shadowvmm_vhost_user.framing import Framer, Message
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setblocking(False)
+    got: list[Message] = []
+    errors: list[BaseException] = []
+    framer = Framer(ours, got.append, errors.append)
+    framer.expect_body = 8
+    header = struct.Struct("<III")
+    try:
+        theirs.sendall(header.pack(3, 5, 0) + header.pack(1, 5, 8))
+        framer.on_readable()
+        assert got == [] and len(errors) == 1
+        assert isinstance(errors[0], ProtocolError) and "unsolicited" in str(errors[0])
+    finally:
+        ours.close()
+        theirs.close()
+
+
 async def test_each_reply_keeps_its_own_deadline_under_one_watchdog(env: Env) -> None:
     """Replies awaited one after another with short and long limits under one watchdog: an
     answered one never expires later, and a silent one awaited when the watchdog fires for an

@@ -165,6 +165,15 @@ def require(*states: Runstate) -> Callable[[Method[P, R]], Method[P, R]]:
     return decorate
 
 
+_ACK_SIZE = U64.STRUCT.size
+
+
+@functools.cache
+def _reply_size(spec: MessageSpec) -> int:
+    """The reply body *spec* promises at most (read with the reply's header at once)."""
+    return spec.reply.max_size() if spec.reply is not None else 0
+
+
 class Connection:
     """Front-end end of one vhost-user session.
 
@@ -418,7 +427,8 @@ class Connection:
                 self._require((Runstate.RUNNING,), request.name)
             limit = self.timeout if timeout is None else timeout
             message = await self._exchange(request, _FLAGS_ACKED if acked else _FLAGS, body, fds,
-                                           spec.reply is not None or acked, limit)
+                                           spec.reply is not None or acked, limit,
+                                           _ACK_SIZE if acked else _reply_size(spec))
             if message is None:
                 if request in _TRACKED:
                     self._track(request, payload, None)
@@ -443,16 +453,20 @@ class Connection:
         return Reply(request, reply, tuple(message.fds))
 
     async def _exchange(self, request: FrontendRequest, flags: int, body: bytes, fds: Sequence[int],
-                        wants_reply: bool, limit: float) -> Message | None:
+                        wants_reply: bool, limit: float, reply_size: int = 0) -> Message | None:
         """Send one message and wait for its reply (if *wants_reply*) within *limit* seconds;
         any failure but a typed one from the reader tears the session down. The common case,
         a message the socket takes at once, arms no timer: the reply's deadline is checked by
-        the session's watchdog (:meth:`_watch`)."""
+        the session's watchdog (:meth:`_watch`). *reply_size*: the reply body expected (read
+        with its header in one receive, :attr:`Framer.expect_body`)."""
         loop = self._loop
         assert loop is not None
         deadline = loop.time() + limit
         pending = loop.create_future() if wants_reply else None
         self._pending = pending
+        framer = self._framer
+        if pending is not None and framer is not None:
+            framer.expect_body = reply_size
         sent_at = self._trace_send(request, flags, len(body), len(fds)) if log.isEnabledFor(logging.DEBUG) else 0.0
         data = _HEADER_PACK(request, flags, len(body)) + body
         try:
@@ -477,6 +491,8 @@ class Connection:
         finally:
             self._pending = None
             self._awaited = None
+            if framer is not None:
+                framer.expect_body = 0
         if sent_at:
             reply = message.header
             log.debug("%s: recv %s reply flags=%#x size=%d fds=%d latency=%.0fus", self.name, request.name,

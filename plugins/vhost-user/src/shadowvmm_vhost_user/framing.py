@@ -5,7 +5,9 @@ asyncio streams cannot pass file descriptors, so messages are read with
 ``socket.sendmsg`` (``SCM_RIGHTS``). A message is read as exactly 12 header
 bytes and then exactly ``size`` payload bytes, so fds are always attributed
 to the message they came with ("Communication": fds ride with the first byte
-of the header) and never to the next one.
+of the header) and never to the next one. A front-end awaiting its one reply
+reads the header and the body it expects in one receive (:attr:`Framer.expect_body`):
+nothing else may follow that reply.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ _ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * _FD_ITEM)
 # Plain ints: ``flags & socket.MSG_CTRUNC`` (an IntFlag) costs two enum calls per receive.
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 _MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+_HEADER_SIZE = Header.STRUCT.size
 
 
 def close_fds(fds: Sequence[int]) -> None:
@@ -82,6 +85,10 @@ class Framer:
 
     def __init__(self, sock: socket.socket, on_message: Callable[[Message], None],
                  on_error: Callable[[BackendError], None]) -> None:
+        #: Body bytes read together with the next header (one receive instead of two): set by a
+        #: front-end awaiting a reply of known size. Only its own reply may be in the socket then,
+        #: so bytes past that reply's end are an unsolicited message, refused as one.
+        self.expect_body = 0
         self._sock = sock
         self._on_message = on_message
         self._on_error = on_error
@@ -102,9 +109,10 @@ class Framer:
 
     def on_readable(self) -> None:
         sock = self._sock
-        header_size = Header.STRUCT.size
+        header_size = _HEADER_SIZE
         while not self._closed and not self.paused:
-            size = header_size if self._header is None else self._header.size
+            header = self._header
+            size = header_size + self.expect_body if header is None else header.size
             try:
                 data, ancdata, flags, _ = sock.recvmsg(size - len(self._buf), _ANC_SPACE, _MSG_CMSG_CLOEXEC)
             except (BlockingIOError, InterruptedError):
@@ -123,21 +131,32 @@ class Framer:
             if self._buf:
                 self._buf += data
                 data = bytes(self._buf)
-            if len(data) < size:
+            if header is None:
+                if len(data) < header_size:
+                    if not self._buf:
+                        self._buf += data
+                    continue
+                try:
+                    header = Header.unpack(data[:header_size])
+                except ProtocolError as exc:
+                    self._fail(exc)
+                    return
+                data = data[header_size:]
+                if len(data) > header.size:
+                    self._fail(ProtocolError(f"{len(data) - header.size} bytes of another message came "
+                                             "right after a reply: an unsolicited message"))
+                    return
+                self._buf.clear()
+                if len(data) < header.size:
+                    self._header = header
+                    self._buf += data
+                    continue
+            elif len(data) < size:
                 if not self._buf:
                     self._buf += data
                 continue
             self._buf.clear()
-            if self._header is None:
-                try:
-                    self._header = Header.unpack(data)
-                except ProtocolError as exc:
-                    self._fail(exc)
-                    return
-                if self._header.size:
-                    continue
-                data = b""
-            message = Message(self._header, data, self._fds)
+            message = Message(header, data, self._fds)
             self._header, self._fds = None, []
             self._on_message(message)
             # One message per call: the reader is level-triggered, so a next message already
