@@ -272,6 +272,52 @@ def test_fuzzed_ring_raises_only_ring_errors(mem: GuestMemory, size_log: int, de
     dev.should_notify()
 
 
+@HYPO
+@given(size_log=st.integers(0, 3), descs=st.lists(descriptor, min_size=8, max_size=8),
+       table=st.lists(descriptor, min_size=4, max_size=4),
+       heads=st.lists(st.integers(0, 9), min_size=8, max_size=8),
+       last_avail=st.integers(0, 0xFFFF), ahead=st.integers(0, 12), event_idx=st.booleans())
+def test_pop_many_takes_what_pop_one_by_one_takes(mem: GuestMemory, size_log: int, descs: list,
+                                                  table: list, heads: list, last_avail: int,
+                                                  ahead: int, event_idx: bool) -> None:
+    """On any ring, well-formed or not: the same chains in the same order, the same error at
+    the same chain, the same avail position and avail event afterwards."""
+    size = 1 << size_log
+    layout = make_layout(size)
+    SplitDriverQueue(mem, layout)
+    mem.write(0x9000, b"".join(DESC.pack(*d) for d in table))
+    for index in range(size):
+        put_desc(mem, layout, index, *descs[index])
+    make_avail(mem, layout, heads[:size] * 2, start=last_avail)
+    mem.store_u16(layout.avail + 2, (last_avail + ahead) & 0xFFFF)
+    event = layout.used + 4 + 8 * size
+
+    def one_by_one() -> tuple[list, type | None, int, int]:
+        dev = SplitDeviceQueue(mem, layout, last_avail_idx=last_avail, event_idx=event_idx)
+        got: list = []
+        try:
+            while (chain := dev.pop()) is not None:
+                got.append((chain.head, chain.readable, chain.writable))
+        except (RingError, GuestMemoryError) as exc:
+            return got, type(exc), dev.last_avail_idx, mem.load_u16(event)
+        return got, None, dev.last_avail_idx, mem.load_u16(event)
+
+    def batched() -> tuple[list, type | None, int, int]:
+        dev = SplitDeviceQueue(mem, layout, last_avail_idx=last_avail, event_idx=event_idx)
+        out: list[DescChain] = []
+        error: type | None = None
+        try:
+            dev.pop_many(out)
+        except (RingError, GuestMemoryError) as exc:
+            error = type(exc)
+        return [(c.head, c.readable, c.writable) for c in out], error, dev.last_avail_idx, mem.load_u16(event)
+
+    mem.store_u16(event, 0xBEEF)
+    expected = one_by_one()
+    mem.store_u16(event, 0xBEEF)
+    assert batched() == expected
+
+
 # -- event suppression ------------------------------------------------------------------------
 
 @settings(max_examples=500, deadline=None)

@@ -30,6 +30,7 @@ import msgpack
 from ..errors import BackendError, GuestMemoryError, IncompatibleStateError, RingError
 from ..memory import GuestMemory
 from ..options import Option, OptionSchema
+from ..virtio.chain import DescChain
 from ..virtio.constants import Feature
 from ..virtio.packed import PackedDeviceQueue, PackedLayout
 from ..virtio.split import SplitDeviceQueue, SplitLayout
@@ -308,11 +309,15 @@ class InProcBackend(BackendBase):
         if queue is None or memory is None:
             return
         done: list[tuple[int, int]] = []
-        pop, handle, append = queue.pop, self.model.handle, done.append
+        chains: list[DescChain] = []
+        handle, append = self.model.handle, done.append
         try:
-            while (chain := pop()) is not None:
-                append((chain.head, handle(memory, chain)))
-                self.requests += 1
+            try:
+                queue.pop_many(chains)
+            finally:
+                for chain in chains:
+                    append((chain.head, handle(memory, chain)))
+                self.requests += len(done)
         except (RingError, GuestMemoryError) as exc:
             log.error("%s: vring %d broken, stopped: %s", self.implementation, ring.index, exc)
             self._unwatch(ring)

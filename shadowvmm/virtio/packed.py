@@ -231,6 +231,13 @@ class PackedDeviceQueue:
             self._arm_avail_event()
         return DescChain(buf_id, readable, writable)
 
+    def pop_many(self, out: list[DescChain]) -> None:
+        """Append every available chain to *out* (:meth:`pop` until None; a malformed chain
+        raises RingError once the ones before it are in *out*)."""
+        pop, append = self.pop, out.append
+        while (chain := pop()) is not None:
+            append(chain)
+
     def _walk_indirect(self, addr: int, length: int, readable: list[tuple[int, int]],
                        writable: list[tuple[int, int]]) -> None:
         """Indirect table (v1.4 §2.8.7): entries are sequential, only WRITE is meaningful.

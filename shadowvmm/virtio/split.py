@@ -222,6 +222,35 @@ class SplitDeviceQueue:
             self._mark(self._avail_event_addr, 2)
         return DescChain(head, readable, writable)
 
+    def pop_many(self, out: list[DescChain]) -> None:
+        """Append every available chain to *out*, as :meth:`pop` one at a time would (one
+        call for a whole batch). A malformed chain raises RingError once the ones before it
+        are in *out* and consumed."""
+        avail16, at, size = self._avail16, self._avail_idx16, self.size
+        last = self.last_avail_idx
+        count = (avail16[at] - last) & 0xFFFF
+        if not count:
+            return
+        if count > size:
+            raise RingError(f"avail idx {avail16[at]} runs {size}+ ahead of {last}")
+        memory, desc, indirect, table = self.memory, self.layout.desc, self.indirect, self._table
+        append, ring = out.append, at + 1
+        taken = 0
+        try:
+            for k in range(last, last + count):
+                head = avail16[ring + k % size]
+                readable: list = []
+                writable: list = []
+                walk_descriptors(memory, desc, size, head, indirect, readable, writable, located=table)
+                append(DescChain(head, readable, writable))
+                taken += 1
+        finally:
+            if taken:
+                self.last_avail_idx = last = (last + taken) & 0xFFFF
+                if self.event_idx:
+                    self._used16[self._avail_event16] = last
+                    self._mark(self._avail_event_addr, 2)
+
     def chain_at(self, head: int) -> DescChain:
         """The chain starting at descriptor *head*, consuming no avail entry.
 
