@@ -22,7 +22,7 @@ from ..errors import RingError
 from ..memory import GuestMemory, MemoryRegion
 from .chain import DescChain
 from .constants import MAX_QUEUE_SIZE
-from .vring import RingState
+from .vring import RingAreas, RingState
 
 DESC = struct.Struct("<QIHH")        #: virtq_desc: addr, len, flags, next (v1.4 §2.7.5)
 USED_ELEM = struct.Struct("<II")     #: virtq_used_elem: id, len (v1.4 §2.7.8)
@@ -51,37 +51,6 @@ USED_F_NO_NOTIFY = 1      #: v1.4 §2.7.8
 def need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
     """The event-index test (v1.4 §2.7.7.2, ``vring_need_event``)."""
     return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
-
-
-class RingAreas:
-    """Checks shared by split and packed layouts: the three areas' alignment and bounds."""
-
-    __slots__ = ()
-    #: Alignment of the Descriptor, Driver and Device areas.
-    ALIGN: ClassVar[tuple[int, int, int]]
-
-    def areas(self) -> tuple[tuple[str, int, int, int], ...]:
-        """``(name, gpa, bytes, alignment)`` of each area."""
-        sizes = self.area_sizes(self.size)  # type: ignore[attr-defined]
-        addrs = (self.desc, self.driver, self.device)  # type: ignore[attr-defined]
-        return tuple(zip(("desc", "driver", "device"), addrs, sizes, self.ALIGN))
-
-    def check_alignment(self) -> None:
-        for name, addr, _, align in self.areas():
-            if addr % align:
-                raise RingError(f"{name} area {addr:#x} is not {align}-byte aligned")
-
-    def check_memory(self, memory: GuestMemory) -> None:
-        """Every area must lie inside guest memory."""
-        for _, addr, length, _ in self.areas():
-            memory.translate(addr, length)
-
-    def initialize(self, memory: GuestMemory) -> None:
-        """A driver's fresh ring: validate the layout, check it lies in memory, zero every area."""
-        self.validate()  # type: ignore[attr-defined]
-        self.check_memory(memory)
-        for _, addr, length, _ in self.areas():
-            memory.view(addr, length)[:] = bytes(length)
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,22 +192,17 @@ class SplitDeviceQueue:
         return DescChain(head, readable, writable)
 
     def pop_many(self, out: list[DescChain]) -> None:
-        """Append every available chain to *out*, as :meth:`pop` one at a time would (one
-        call for a whole batch). A malformed chain raises RingError once the ones before it
-        are in *out* and consumed."""
-        avail16, at, size = self._avail16, self._avail_idx16, self.size
-        last = self.last_avail_idx
+        """Append every available chain to *out*, as :meth:`pop` until None would; a malformed
+        chain raises once the ones before it are in *out* and consumed."""
+        avail16, at, size, last = self._avail16, self._avail_idx16, self.size, self.last_avail_idx
         count = (avail16[at] - last) & 0xFFFF
-        if not count:
-            return
         if count > size:
             raise RingError(f"avail idx {avail16[at]} runs {size}+ ahead of {last}")
-        memory, desc, indirect, table = self.memory, self.layout.desc, self.indirect, self._table
-        append, ring = out.append, at + 1
+        memory, desc, indirect, table, append = self.memory, self.layout.desc, self.indirect, self._table, out.append
         taken = 0
         try:
             for k in range(last, last + count):
-                head = avail16[ring + k % size]
+                head = avail16[at + 1 + k % size]
                 readable: list = []
                 writable: list = []
                 walk_descriptors(memory, desc, size, head, indirect, readable, writable, located=table)
@@ -246,9 +210,9 @@ class SplitDeviceQueue:
                 taken += 1
         finally:
             if taken:
-                self.last_avail_idx = last = (last + taken) & 0xFFFF
+                self.last_avail_idx = (last + taken) & 0xFFFF
                 if self.event_idx:
-                    self._used16[self._avail_event16] = last
+                    self._used16[self._avail_event16] = self.last_avail_idx
                     self._mark(self._avail_event_addr, 2)
 
     def chain_at(self, head: int) -> DescChain:
