@@ -98,6 +98,12 @@ class RngModel:
 
 
 _STATUS: dict[int, bytes] = {status: bytes([status]) for status in BlkStatus}
+_OK = _STATUS[BlkStatus.OK]
+_IN, _OUT = int(BlkRequestType.IN), int(BlkRequestType.OUT)
+_HEADER = BLK_REQ_HEADER.size
+#: (readable, writable) buffer counts of a write (header, data | status) and of a read
+#: (header | data, status): the shapes :meth:`BlkModel._data_fast` serves.
+_DATA_SHAPES = frozenset({(2, 1), (1, 2)})
 
 #: Largest blk image: its capacity in sectors must fit virtio_blk_config.capacity (le64).
 MAX_IMAGE_BYTES = 1 << 60
@@ -226,10 +232,44 @@ class BlkModel:
         if not writable or writable[-1][1] == 0:
             log.debug("virtio-blk request %d has no status byte: used unprocessed", chain.head)
             return 0
+        readable = chain.readable
+        if self.image is not None and (len(readable), len(writable)) in _DATA_SHAPES \
+                and readable[0][1] == _HEADER and writable[-1][1] == 1:
+            done = self._data_fast(memory, readable, writable)
+            if done >= 0:
+                return done
         status, written = self._serve(memory, chain)
         gpa, length = writable[-1]
         memory.write(gpa + length - 1, _STATUS[status])
         return written + 1
+
+    def _data_fast(self, memory: GuestMemory, readable: list[tuple[int, int]],
+                   writable: list[tuple[int, int]]) -> int:
+        """The usual shape on an image in memory: a header buffer, one data buffer (read or
+        written) and a one-byte status buffer; a read or write that succeeds is carried out
+        here with the checks of :meth:`_transfer` (bytes written into the chain), anything
+        else is left to the general path (-1)."""
+        image = self.image
+        assert image is not None
+        region, at = memory.translate(readable[0][0], _HEADER)
+        rtype, _, sector = BLK_REQ_HEADER.unpack_from(region.mmap, at)
+        inbound = rtype == _IN
+        if inbound != (len(writable) == 2) or (not inbound and rtype != _OUT):
+            return -1
+        data, length = writable[0] if inbound else readable[1]
+        offset = sector * BLK_SECTOR_SIZE
+        if length == 0 or (self.read_only and not inbound) or length > BLK_MAX_TRANSFER \
+                or offset + length > self.size or (self.size_max and length > self.size_max):
+            return -1
+        region, at = memory.translate(data, length)
+        if inbound:
+            region.mmap[at:at + length] = image[offset:offset + length]
+            if memory.dirty_log is not None:
+                memory.dirty_log.mark(data, length)
+        else:
+            image[offset:offset + length] = region.view[at:at + length]
+        memory.write(writable[-1][0], _OK)
+        return length + 1 if inbound else 1
 
     def _serve(self, memory: GuestMemory, chain: DescChain) -> tuple[int, int]:
         """``(status, data bytes written into the chain)`` of one request."""
