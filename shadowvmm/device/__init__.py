@@ -22,6 +22,7 @@ top of the one below it (a seam calls its own methods and those below):
 :mod:`.frontend`   :class:`VirtioDevice`: realize, close, VMM stop and resume
 :mod:`.vmmqueue`   queues the VMM serves itself (net control queue)
 :mod:`.dma`        the IOMMU translation of the device's DMA (IOVA -> guest-physical)
+:mod:`.eager`      start a coroutine in the caller until it waits (many-device stops)
 =================  ==============================================================
 
 Guest register accesses are synchronous and never raise: a bad access is
