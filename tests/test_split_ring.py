@@ -243,6 +243,20 @@ descriptor = st.tuples(
 )
 
 
+def fuzzed_ring(mem: GuestMemory, size: int, descs: list, table: list, heads: list, last_avail: int,
+                ahead: int) -> SplitLayout:
+    """A ring of *size* with arbitrary descriptors, an indirect *table* at 0x9000 and *ahead*
+    avail entries published from *last_avail* on."""
+    layout = make_layout(size)
+    SplitDriverQueue(mem, layout)
+    mem.write(0x9000, b"".join(DESC.pack(*d) for d in table))
+    for index in range(size):
+        put_desc(mem, layout, index, *descs[index])
+    make_avail(mem, layout, heads[:size] * 2, start=last_avail)
+    mem.store_u16(layout.avail + 2, (last_avail + ahead) & 0xFFFF)
+    return layout
+
+
 @HYPO
 @given(size_log=st.integers(0, 3), descs=st.lists(descriptor, min_size=8, max_size=8),
        table=st.lists(descriptor, min_size=4, max_size=4),
@@ -252,13 +266,7 @@ def test_fuzzed_ring_raises_only_ring_errors(mem: GuestMemory, size_log: int, de
                                              table: list, heads: list, last_avail: int,
                                              ahead: int) -> None:
     size = 1 << size_log
-    layout = make_layout(size)
-    SplitDriverQueue(mem, layout)
-    mem.write(0x9000, b"".join(DESC.pack(*d) for d in table))
-    for index in range(size):
-        put_desc(mem, layout, index, *descs[index])
-    make_avail(mem, layout, heads[:size] * 2, start=last_avail)
-    mem.store_u16(layout.avail + 2, (last_avail + ahead) & 0xFFFF)
+    layout = fuzzed_ring(mem, size, descs, table, heads, last_avail, ahead)
     dev = SplitDeviceQueue(mem, layout, last_avail_idx=last_avail)
     for _ in range(size + 2):
         try:
@@ -283,13 +291,7 @@ def test_pop_many_takes_what_pop_one_by_one_takes(mem: GuestMemory, size_log: in
     """On any ring, well-formed or not: the same chains in the same order, the same error at
     the same chain, the same avail position and avail event afterwards."""
     size = 1 << size_log
-    layout = make_layout(size)
-    SplitDriverQueue(mem, layout)
-    mem.write(0x9000, b"".join(DESC.pack(*d) for d in table))
-    for index in range(size):
-        put_desc(mem, layout, index, *descs[index])
-    make_avail(mem, layout, heads[:size] * 2, start=last_avail)
-    mem.store_u16(layout.avail + 2, (last_avail + ahead) & 0xFFFF)
+    layout = fuzzed_ring(mem, size, descs, table, heads, last_avail, ahead)
     event = layout.used + 4 + 8 * size
 
     def one_by_one() -> tuple[list, type | None, int, int]:

@@ -9,7 +9,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
@@ -24,6 +24,7 @@ from shadowvmm.errors import (
 from shadowvmm_vhost_user import protocol as vu
 from shadowvmm_vhost_user.connection import BackendMessage, Connection, RequestFailed, Runstate, unix_connector
 from shadowvmm_vhost_user.fake import CLOSE, SILENT, U64, Action, FakeBackend, Received, Send
+from shadowvmm_vhost_user.framing import Framer, Message
 
 F = vu.FrontendRequest
 B = vu.BackendRequest
@@ -592,99 +593,81 @@ async def test_a_message_to_a_peer_that_hung_up_is_a_typed_loss(env: Env) -> Non
     assert conn.runstate is Runstate.DISCONNECTED
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 12, 13, 1000])
-def test_the_framer_assembles_messages_from_any_split_with_their_fds(chunk: int) -> None:
-    """Messages arriving in pieces of *chunk* bytes: each is delivered whole, once, with the fds
-    that came with its first byte, and an empty payload makes a message of its own."""
-    from shadowvmm_vhost_user.framing import Framer, Message
+class FramerRig:
+    """A Framer on our non-blocking end of a socket pair: what it delivered, its errors, and the
+    peer's end sending messages in pieces, an fd (a pipe's) with a message's first byte."""
 
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    ours.setblocking(False)
-    got: list[Message] = []
-    errors: list[BaseException] = []
-    framer = Framer(ours, got.append, errors.append)
-    header = struct.Struct("<III")
-    wire = [(header.pack(11, 5, 8) + struct.pack("<II", 1, 77), True),
-            (header.pack(1, 5, 0), False),
-            (header.pack(15, 5, 8) + struct.pack("<Q", 0x1234), False)]
-    r, w = os.pipe()
-    try:
+    def __init__(self) -> None:
+        self.ours, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.ours.setblocking(False)
+        self.got: list[Message] = []
+        self.errors: list[BaseException] = []
+        self.framer = Framer(self.ours, self.got.append, self.errors.append)
+        self.r, self.w = os.pipe()
+
+    def send(self, wire: list[tuple[bytes, bool]], chunk: int) -> None:
+        """Each ``(message, with_fd)`` of *wire* in pieces of *chunk* bytes, read after each."""
         for data, with_fd in wire:
             for start in range(0, len(data), chunk):
-                anc = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", r))]
+                anc = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", self.r))]
                        if with_fd and start == 0 else [])
-                theirs.sendmsg([data[start:start + chunk]], anc)
-                framer.on_readable()
-        for _ in range(3):
-            framer.on_readable()    # level-triggered: one message per call
-        assert not errors
-        assert [(m.header.request, m.header.size, m.body, len(m.fds)) for m in got] == [
-            (11, 8, struct.pack("<II", 1, 77), 1), (1, 0, b"", 0), (15, 8, struct.pack("<Q", 0x1234), 0)]
-        for message in got:
+                self.theirs.sendmsg([data[start:start + chunk]], anc)
+                self.framer.on_readable()
+
+    def close(self) -> None:
+        for message in self.got:
             message.close_fds()
-    finally:
-        for fd in (r, w):
+        for fd in (self.r, self.w):
             os.close(fd)
-        ours.close()
-        theirs.close()
+        self.ours.close()
+        self.theirs.close()
+
+
+@pytest.fixture
+def rig() -> Iterator[FramerRig]:
+    made = FramerRig()
+    yield made
+    made.close()
+
+
+_HEADER = struct.Struct("<III")
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 12, 13, 1000])
+def test_the_framer_assembles_messages_from_any_split_with_their_fds(rig: FramerRig, chunk: int) -> None:
+    """Messages arriving in pieces of *chunk* bytes: each is delivered whole, once, with the fds
+    that came with its first byte, and an empty payload makes a message of its own."""
+    rig.send([(_HEADER.pack(11, 5, 8) + struct.pack("<II", 1, 77), True), (_HEADER.pack(1, 5, 0), False),
+              (_HEADER.pack(15, 5, 8) + struct.pack("<Q", 0x1234), False)], chunk)
+    for _ in range(3):
+        rig.framer.on_readable()    # level-triggered: one message per call
+    assert not rig.errors
+    assert [(m.header.request, m.header.size, m.body, len(m.fds)) for m in rig.got] == [
+        (11, 8, struct.pack("<II", 1, 77), 1), (1, 0, b"", 0), (15, 8, struct.pack("<Q", 0x1234), 0)]
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 12, 20, 64])
 @pytest.mark.parametrize("expect", [0, 8, 64])
-def test_a_reply_is_read_with_its_expected_body_from_any_split(chunk: int, expect: int) -> None:
+def test_a_reply_is_read_with_its_expected_body_from_any_split(rig: FramerRig, chunk: int, expect: int) -> None:
     """A front-end awaiting a reply reads header and expected body at once (``expect_body``):
     a reply of that size, a shorter one and a longer one each arrive whole with their fd,
     whatever the pieces they come in."""
-    from shadowvmm_vhost_user.framing import Framer, Message
-
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    ours.setblocking(False)
-    got: list[Message] = []
-    errors: list[BaseException] = []
-    framer = Framer(ours, got.append, errors.append)
-    framer.expect_body = expect
-    header = struct.Struct("<III")
-    replies = [header.pack(11, 5, 8) + struct.pack("<II", 1, 77), header.pack(3, 5, 0),
-               header.pack(15, 5, 24) + bytes(range(24))]
-    r, w = os.pipe()
-    try:
-        for data in replies:
-            for start in range(0, len(data), chunk):
-                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", r))] if start == 0 else []
-                theirs.sendmsg([data[start:start + chunk]], anc)
-                framer.on_readable()
-        assert not errors
-        assert [(m.header.request, m.body, len(m.fds)) for m in got] == [
-            (11, struct.pack("<II", 1, 77), 1), (3, b"", 1), (15, bytes(range(24)), 1)]
-        for message in got:
-            message.close_fds()
-    finally:
-        for fd in (r, w):
-            os.close(fd)
-        ours.close()
-        theirs.close()
+    rig.framer.expect_body = expect
+    rig.send([(_HEADER.pack(11, 5, 8) + struct.pack("<II", 1, 77), True), (_HEADER.pack(3, 5, 0), True),
+              (_HEADER.pack(15, 5, 24) + bytes(range(24)), True)], chunk)
+    assert not rig.errors
+    assert [(m.header.request, m.body, len(m.fds)) for m in rig.got] == [
+        (11, struct.pack("<II", 1, 77), 1), (3, b"", 1), (15, bytes(range(24)), 1)]
 
 
-def test_bytes_right_after_an_expected_reply_are_refused_as_unsolicited() -> None:
+def test_bytes_right_after_an_expected_reply_are_refused_as_unsolicited(rig: FramerRig) -> None:
     """Only the awaited reply may be in the socket: a message sent right behind it, read in the
     same receive because the reply was shorter than expected, fails the session (typed)."""
-    from shadowvmm_vhost_user.framing import Framer, Message
-
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    ours.setblocking(False)
-    got: list[Message] = []
-    errors: list[BaseException] = []
-    framer = Framer(ours, got.append, errors.append)
-    framer.expect_body = 8
-    header = struct.Struct("<III")
-    try:
-        theirs.sendall(header.pack(3, 5, 0) + header.pack(1, 5, 8))
-        framer.on_readable()
-        assert got == [] and len(errors) == 1
-        assert isinstance(errors[0], ProtocolError) and "unsolicited" in str(errors[0])
-    finally:
-        ours.close()
-        theirs.close()
+    rig.framer.expect_body = 8
+    rig.theirs.sendall(_HEADER.pack(3, 5, 0) + _HEADER.pack(1, 5, 8))
+    rig.framer.on_readable()
+    assert rig.got == [] and len(rig.errors) == 1
+    assert isinstance(rig.errors[0], ProtocolError) and "unsolicited" in str(rig.errors[0])
 
 
 async def test_each_reply_keeps_its_own_deadline_under_one_watchdog(env: Env) -> None:
