@@ -165,3 +165,30 @@ async def test_a_kick_while_suspended_unwatches_its_fd_once(monkeypatch: pytest.
         assert await driver.read(0, 4096) == b"\x33" * 4096
     finally:
         await machine.close()
+
+
+async def test_stop_all_right_after_a_guest_reset_and_then_a_reinit() -> None:
+    """A guest reset written just before the many-device stop (its operation still queued on
+    the device's worker, so that stop waits and gets a task): every device stops, the reset one
+    with no ring to capture; after the resume the reset device is initialized again and its
+    I/O, and the others', completes with the data on the disk."""
+    machine, drivers = await blk_machine(3)
+    devices = {name: slot.device for name, slot in machine.slots.items()}
+    reset = drivers[1]
+    try:
+        for k, driver in enumerate(drivers):
+            await driver.write(0, bytes([k + 1]) * 4096)
+        reset.dev.transport.set_status(0)
+        times = await stop_all(devices, 5.0, time.perf_counter)
+        assert set(times) == set(devices)
+        assert all(d.run_state is RunState.STOPPED for d in devices.values())
+        assert devices["blk1"].ring_states == {} and len(devices["blk0"].ring_states) == 1
+        await asyncio.gather(*(d.resume() for d in devices.values()))
+        await reset.dev.reset()
+        await reset.start(queue_size=16)
+        for k, driver in enumerate(drivers):
+            await asyncio.wait_for(driver.write(8, bytes([k + 10]) * 4096), 2)
+            assert await driver.read(0, 4096) == bytes([k + 1]) * 4096
+            assert await driver.read(8, 4096) == bytes([k + 10]) * 4096
+    finally:
+        await machine.close()
