@@ -21,7 +21,8 @@ CPU seconds of the frontend and backend and the cores everything else used (``ot
 and ``ratio_per_frontend_cpu_second`` compares frames per CPU-second of each frontend.
 
 Directions: ``tx`` = our transmitq -> testpmd ``rxonly``; ``rx`` = testpmd ``txonly`` -> our
-receiveq. Correctness: before the timed runs 256 distinct frames go through testpmd in ``io``
+receiveq. Our tx hands ``send_batch`` ``--batch`` frames a call, slices of a pool of that many
+distinct frames (the pool once held 256, which silently capped every call at 256). Correctness: before the timed runs 256 distinct frames go through testpmd in ``io``
 mode and must come back byte for byte; after each timed run testpmd's port counters must equal
 ours (tx: its RX-packets/RX-bytes = frames we sent; rx: its TX-packets = frames we received,
 after draining), and a sample of the received frames must be testpmd's txonly UDP frames.
@@ -227,14 +228,14 @@ async def ours_window(peer: DpdkTestpmd, packed: bool, direction: str, args: arg
     try:
         features = await driver.start(packed=packed, event_idx=args.event_idx, queue_size=args.ring, poll=True,
                                        in_order=not args.no_in_order)
-        pool = frame_pool()
+        pool = frame_pool(max(SAMPLE, args.batch))      # a batch is one slice of the pool
         peer.command("set fwd io")
         peer.start_forwarding()
-        await _send_all(driver, pool, SAMPLE, args.batch)
+        await _send_all(driver, pool[:SAMPLE], SAMPLE, args.batch)
         echoed: list[bytes] = []
         await asyncio.wait_for(_recv(driver, SAMPLE, args.batch, echoed), 10)
         peer.stop_forwarding()
-        if echoed != pool:
+        if echoed != pool[:SAMPLE]:
             raise RuntimeError("io-mode echo: the frames that came back differ from those sent")
         timed = _tx if direction == "tx" else _rx
         out = await timed(driver, peer, pool, args)

@@ -10,7 +10,8 @@ ids mod n) is laid out by a *stride*: buffer *k* lies at ``slots[0] + (k % n) * 
 
 - a batch of frames of one size uses ``stride = header + size``: the batch is one
   contiguous run (two at the wrap) written with one copy (the headers as the separator of
-  one join), and the ring writes its descriptors from arrays built once per stride;
+  one join), and the ring writes its descriptors from arrays built once per stride (a
+  packed ring whose ids sit in their own slots copies them from a table image);
 - frames of mixed sizes use the slot size as the stride: each buffer in its own slot, one
   copy per frame.
 
@@ -74,7 +75,9 @@ class FixedTxSlots:
             return 0
         batch = frames[:count]
         sizes = list(map(len, batch))
-        lo, hi = min(sizes), max(sizes)
+        lo = hi = sizes[0]
+        if sizes.count(lo) != count:       # one size (the common case) needs no min and max
+            lo, hi = min(sizes), max(sizes)
         if lo < 1 or hi > self.max_frame:
             raise ArgumentError(f"frames of {lo}..{hi} bytes; 1..{self.max_frame} fit a buffer")
         header, slot = self.header, self.stride
@@ -105,9 +108,11 @@ class FixedTxSlots:
         """Header + frame for each of *batch*, end to end from *offset* bytes into the slots."""
         header = self._zero
         at = self.slots[0] - self.gpa_base + offset
-        data = header + header.join(batch)
-        self.view8[at:at + len(data)] = data
-        self._dirty(at, len(data))
+        body = header.join(batch)
+        end = at + len(header) + len(body)
+        self.view8[at:at + len(header)] = header
+        self.view8[at + len(header):end] = body
+        self._dirty(at, end - at)
 
     def _put_each(self, batch: Sequence[bytes], first: int) -> None:
         """Header + frame for each of *batch* at the start of its own slot, from *first*."""

@@ -54,6 +54,7 @@ class _Strided:
         self.ids16 = array("H", self.ids)
         self._key: tuple[int, int, int] | None = None
         self._addrs = array("Q")
+        self._images: dict[bool, bytes] = {}
 
     @cached_property
     def words(self) -> tuple[array[int], array[int]]:
@@ -67,7 +68,21 @@ class _Strided:
         if key != self._key:
             self._key = key
             self._addrs = array("Q", [base + k % slots * stride for k in range(self.size)]) * 2
+            self._images = {}
         return self._addrs
+
+    def image(self, base: int, stride: int, slots: int, wrap: bool) -> bytes:
+        """The packed descriptor table as the driver leaves it when the buffer with id *k*
+        sits in slot *k* (v1.4 §2.8.13): addr of id *k*, len *stride*, id *k*, flags
+        AVAIL/USED for the driver wrap counter *wrap*; one per layout and counter."""
+        addrs = self.addrs(base, stride, slots)
+        image = self._images.get(wrap)
+        if image is None:
+            words = array("Q", bytes(16 * self.size))
+            words[0::2] = addrs[:self.size]
+            words[1::2] = array("Q", [stride | word << 32 for word in self.words[wrap][:self.size]])
+            image = self._images[wrap] = words.tobytes()
+        return image
 
 
 class InOrderSplitDriverQueue(SplitDriverQueue):
@@ -266,13 +281,43 @@ class InOrderPackedDriverQueue(PackedDriverQueue):
         ids = self.free_ids[-count:]
         ids.reverse()
         first = ids[0]
-        lengths = array("I", [stride]) * count
         if ids != strided.ids[first:first + count]:         # not in ring order: one by one
-            return self.add_counted(array("Q", [addrs[k] for k in ids]), lengths)
-        ids = self._add_run(addrs[first:first + count], lengths, False, strided.words)
+            return self.add_counted(array("Q", [addrs[k] for k in ids]), array("I", [stride]) * count)
+        if first == self.next_avail:                        # id k in slot k: copy the table image
+            self._add_image(strided, base, stride, slots, ids)
+        else:
+            ids = self._add_run(addrs[first:first + count], array("I", [stride]) * count, False, strided.words)
         self._order += ids
-        _store_run(self._wlen, ids, lengths, False)
-        return len(ids)
+        _store_run(self._wlen, ids, (), False)
+        return count
+
+    def _add_image(self, strided: _Strided, base: int, stride: int, slots: int, ids: list[int]) -> None:
+        """Make the buffers *ids* (consecutive, the first in its own slot) available by copying
+        their descriptors from the table image, the head's flags stored last and alone
+        (v1.4 §2.8.21.1): one copy per lap instead of a store per field."""
+        size, count, first, wrap = self.size, len(ids), ids[0], self.avail_wrap
+        image = strided.image(base, stride, slots, wrap)
+        view, off = self._desc8, self._desc_off
+        part = min(count, size - first)
+        head = DESC_SIZE * first
+        view[off + head:off + head + FLAGS_OFFSET] = image[head:head + FLAGS_OFFSET]
+        view[off + head + DESC_SIZE:off + head + DESC_SIZE * part] = image[head + DESC_SIZE:head + DESC_SIZE * part]
+        slot = first + part
+        if slot == size:
+            slot, wrap = 0, not wrap
+            if count > part:
+                rest = DESC_SIZE * (count - part)
+                view[off:off + rest] = strided.image(base, stride, slots, wrap)[:rest]
+                slot = count - part
+        self._desc16[(off + head + FLAGS_OFFSET) >> 1] = avail_flags(self.avail_wrap)
+        del self.free_ids[-count:]
+        dirty = self.memory.dirty_log
+        if dirty is not None:
+            for k in range(count):
+                dirty.mark(self.layout.desc + DESC_SIZE * ((first + k) % size), DESC_SIZE)
+        self.next_avail, self.avail_wrap = slot, wrap
+        self.free_slots -= count
+        self._added += count
 
     @property
     def in_flight(self) -> int:
@@ -355,9 +400,11 @@ class InOrderPackedDriverQueue(PackedDriverQueue):
     def _take_batch(self) -> _Taken | None:
         """Used descriptors each naming the last buffer of a batch (v1.4 §2.8.16), walked from
         next_used batch after batch (the next one sits where the batch ends) and completed
-        together. Ids go round in ring order, so a batch's end is found by arithmetic."""
-        order, desc16, size = self._order, self._desc16, self.size
-        wlen, multi = self._wlen, self._multi
+        together. Ids go round in ring order, so a batch's end is found by arithmetic; this walk
+        counts the slots of buffers that take several."""
+        if not self._multi:
+            return self._take_batch_single()
+        order, desc16, size, wlen = self._order, self._desc16, self.size, self._wlen
         used, wrap, pos, slots = self.next_used, self.used_wrap, 0, 0
         ends: list[tuple[int, int]] = []        #: (index in order of a batch's last, its len)
         while pos < len(order):
@@ -368,13 +415,10 @@ class InOrderPackedDriverQueue(PackedDriverQueue):
             buf_id = desc16[(at + 12) >> 1]
             end = pos + (buf_id - order[pos]) % size
             if end >= len(order) or order[end] != buf_id:
-                try:
-                    end = order.index(buf_id, pos)
-                except ValueError:
-                    raise RingError(f"device used buffer id {buf_id} out of order or unknown") from None
-            n = sum(map(self._slots.get, order[pos:end + 1], repeat(1))) if multi else end - pos + 1
+                end = self._batch_end(buf_id, pos)
+            n = sum(map(self._slots.get, order[pos:end + 1], repeat(1)))
             if flags & _WRITE:
-                ends.append((end, self._desc32[(at + 8) >> 2] if flags & _WRITE else 0))
+                ends.append((end, self._desc32[(at + 8) >> 2]))
             slots += n
             used += n
             if used >= size:
@@ -388,6 +432,48 @@ class InOrderPackedDriverQueue(PackedDriverQueue):
         for end, length in ends:
             lens[end] = length
         return self._complete(ids, lens, slots)
+
+    def _take_batch_single(self) -> _Taken | None:
+        """:meth:`_take_batch` while every buffer takes one slot: a batch of *n* buffers
+        takes *n* slots, so the walk needs only each used descriptor's flags and id."""
+        order, desc16, size = self._order, self._desc16, self.size
+        n = len(order)
+        flags_at = (self._desc_off + FLAGS_OFFSET) >> 1     # slot 0's flags; its id is the u16 before
+        used, wrap, pos = self.next_used, self.used_wrap, 0
+        want = _AVAIL | _USED if wrap else 0
+        ends: list[tuple[int, int]] = []        #: (index in order of a batch's last, its len)
+        while pos < n:
+            at = flags_at + 8 * used
+            flags = desc16[at]
+            if flags & (_AVAIL | _USED) != want:
+                break
+            buf_id = desc16[at - 1]
+            end = pos + (buf_id - order[pos]) % size
+            if end >= n or order[end] != buf_id:
+                end = self._batch_end(buf_id, pos)
+            if flags & _WRITE:
+                ends.append((end, self._desc32[(2 * at - FLAGS_OFFSET + 8) >> 2]))
+            used += end + 1 - pos
+            pos = end + 1
+            if used >= size:
+                used -= size
+                wrap = not wrap
+                want ^= _AVAIL | _USED
+        if pos == 0:
+            return None
+        ids = order[:pos]
+        lens = [0] * pos
+        if ends:
+            lens = list(map(self._wlen.__getitem__, ids))
+            for end, length in ends:
+                lens[end] = length
+        return self._complete(ids, lens, pos)
+
+    def _batch_end(self, buf_id: int, pos: int) -> int:
+        try:
+            return self._order.index(buf_id, pos)
+        except ValueError:
+            raise RingError(f"device used buffer id {buf_id} out of order or unknown") from None
 
     def _complete(self, ids: list[int], lens: list[int], slots: int) -> _Taken:
         """Free the buffers *ids* (taking *slots* ring slots) used with *lens*; their tokens
