@@ -22,8 +22,9 @@ and ``ratio_per_frontend_cpu_second`` compares frames per CPU-second of each fro
 
 Directions: ``tx`` = our transmitq -> testpmd ``rxonly``; ``rx`` = testpmd ``txonly`` -> our
 receiveq. Our tx hands ``send_batch`` ``--batch`` frames a call, slices of a pool of that many
-distinct frames (the pool once held 256, which silently capped every call at 256). Correctness: before the timed runs 256 distinct frames go through testpmd in ``io``
-mode and must come back byte for byte; after each timed run testpmd's port counters must equal
+distinct frames (the pool once held 256, which silently capped every call at 256).
+Correctness: before the timed runs 256 distinct frames go through testpmd in ``io`` mode and
+must come back byte for byte; after each timed run testpmd's port counters must equal
 ours (tx: its RX-packets/RX-bytes = frames we sent; rx: its TX-packets = frames we received,
 after draining), and a sample of the received frames must be testpmd's txonly UDP frames.
 
