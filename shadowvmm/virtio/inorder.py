@@ -311,13 +311,7 @@ class InOrderPackedDriverQueue(PackedDriverQueue):
                 slot = count - part
         self._desc16[(off + head + FLAGS_OFFSET) >> 1] = avail_flags(self.avail_wrap)
         del self.free_ids[-count:]
-        dirty = self.memory.dirty_log
-        if dirty is not None:
-            for k in range(count):
-                dirty.mark(self.layout.desc + DESC_SIZE * ((first + k) % size), DESC_SIZE)
-        self.next_avail, self.avail_wrap = slot, wrap
-        self.free_slots -= count
-        self._added += count
+        self._advance(first, count, slot, wrap)
 
     @property
     def in_flight(self) -> int:

@@ -481,14 +481,20 @@ class PackedDriverQueue:
             if slot == size:
                 slot, wrap = 0, not wrap
         self._desc16[head_at] = head_flags
+        self._advance(head_slot, count, slot, wrap)
+        return ids
+
+    def _advance(self, first: int, count: int, slot: int, wrap: bool) -> None:
+        """Account for *count* descriptors written from slot *first* (dirty-logged): the next
+        free slot is *slot* with wrap counter *wrap*."""
         dirty = self.memory.dirty_log
         if dirty is not None:
+            size, desc = self.size, self.layout.desc
             for k in range(count):
-                dirty.mark(self.layout.desc + DESC_SIZE * ((head_slot + k) % size), DESC_SIZE)
+                dirty.mark(desc + DESC_SIZE * ((first + k) % size), DESC_SIZE)
         self.next_avail, self.avail_wrap = slot, wrap
         self.free_slots -= count
         self._added += count
-        return ids
 
     def get_used(self) -> list[tuple[object, int]]:
         """Reap used descriptors: ``(token, bytes written)`` in completion order (v1.4 §2.8.22)."""
