@@ -140,11 +140,16 @@ def _device(mem: GuestMemory, size: int = 4) -> tuple[SplitLayout, SplitDeviceQu
 
 
 def _assert_stuck(dev: SplitDeviceQueue, exc: type[Exception]) -> None:
-    """The error repeats and the queue does not move past the bad chain."""
+    """The error repeats, from pop and from pop_many (whose walk of a plain chain is its own),
+    and the queue does not move past the bad chain."""
     position = dev.last_avail_idx
     for _ in range(2):
         with pytest.raises(exc):
             dev.pop()
+        out: list[DescChain] = []
+        with pytest.raises(exc):
+            dev.pop_many(out)
+        assert out == []
     assert dev.last_avail_idx == position
 
 

@@ -99,6 +99,7 @@ class RngModel:
 
 _STATUS: dict[int, bytes] = {status: bytes([status]) for status in BlkStatus}
 _OK = _STATUS[BlkStatus.OK]
+_OK_BYTE = int(BlkStatus.OK)
 _IN, _OUT = int(BlkRequestType.IN), int(BlkRequestType.OUT)
 _HEADER = BLK_REQ_HEADER.size
 #: (readable, writable) buffer counts of a write (header, data | status) and of a read
@@ -261,14 +262,21 @@ class BlkModel:
         if length == 0 or (self.read_only and not inbound) or length > BLK_MAX_TRANSFER \
                 or offset + length > self.size or (self.size_max and length > self.size_max):
             return -1
-        region, at = memory.translate(data, length)
+        at = data - region.gpa
+        if at < 0 or at + length > region.size:     # not in the header's region
+            region, at = memory.translate(data, length)
         if inbound:
             region.mmap[at:at + length] = image[offset:offset + length]
             if memory.dirty_log is not None:
                 memory.dirty_log.mark(data, length)
         else:
             image[offset:offset + length] = region.view[at:at + length]
-        memory.write(writable[-1][0], _OK)
+        status = writable[-1][0]
+        at = status - region.gpa
+        if memory.dirty_log is None and 0 <= at < region.size:
+            region.mmap[at] = _OK_BYTE
+        else:
+            memory.write(status, _OK)
         return length + 1 if inbound else 1
 
     def _serve(self, memory: GuestMemory, chain: DescChain) -> tuple[int, int]:

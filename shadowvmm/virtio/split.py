@@ -199,13 +199,35 @@ class SplitDeviceQueue:
         if count > size:
             raise RingError(f"avail idx {avail16[at]} runs {size}+ ahead of {last}")
         memory, desc, indirect, table, append = self.memory, self.layout.desc, self.indirect, self._table, out.append
+        region, base = table
+        tmap, unpack, rgpa, rsize = region.mmap, DESC.unpack_from, region.gpa, region.size
         taken = 0
         try:
             for k in range(last, last + count):
                 head = avail16[at + 1 + k % size]
                 readable: list = []
                 writable: list = []
-                walk_descriptors(memory, desc, size, head, indirect, readable, writable, located=table)
+                # The usual chain (direct descriptors in the table's region, readable ones first)
+                # is walked here; anything else is left to walk_descriptors from the head.
+                index, seen, plain = head, 0, False
+                while index < size and seen < size:
+                    seen += 1
+                    addr, length, flags, index = unpack(tmap, base + DESC_SIZE * index)
+                    off = addr - rgpa
+                    if flags & _INDIRECT or off < 0 or off + length > rsize:
+                        break
+                    if flags & _WRITE:
+                        writable.append((addr, length))
+                    elif writable:
+                        break
+                    else:
+                        readable.append((addr, length))
+                    if not flags & _NEXT:
+                        plain = True
+                        break
+                if not plain:
+                    readable, writable = [], []
+                    walk_descriptors(memory, desc, size, head, indirect, readable, writable, located=table)
                 append(DescChain(head, readable, writable))
                 taken += 1
         finally:
