@@ -7,9 +7,11 @@ transport) and hands out the guest-side view of each one.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from .backends.base import Backend, load_backend
+from .backends.deadlines import DeadlineTimer
 from .config import DeviceConfig
 from .device import DmaMap, VirtioDevice
 from .errors import ArgumentError
@@ -52,6 +54,8 @@ class Machine:
         self.slots: dict[str, Slot] = {}
         #: Guest driver cores handed out by :meth:`guest`; :meth:`close` closes them.
         self.guests: list[GuestDevice] = []
+        #: One microsecond timer for every backend's own delays, made with the first device.
+        self._timer: DeadlineTimer | None = None
 
     async def add_device(self, config: DeviceConfig, backend: Backend | None = None, *,
                          config_override: bytes | None = None) -> VirtioDevice:
@@ -66,6 +70,9 @@ class Machine:
             raise ArgumentError(f"{config.name}: a device cannot be its own admin member")
         if backend is None:
             backend = load_backend(config.backend)(config.backend_config)
+        if self._timer is None:
+            self._timer = DeadlineTimer(asyncio.get_running_loop())
+        backend.set_timer(self._timer)
         base = FeaturePolicy()
         owner = bool(config.admin_members)
         # VIRTIO_F_ADMIN_VQ is the VMM's: the admin queue never reaches the owner's backend.
@@ -141,6 +148,9 @@ class Machine:
             await slot.device.close()
             slot.iommu.close()
         self.slots.clear()
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
         if self.owns_memory:
             self.memory.close()
 

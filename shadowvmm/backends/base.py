@@ -28,6 +28,7 @@ from ..errors import PluginError, UnsupportedError
 from ..memory import GuestMemory
 from ..virtio.constants import DeviceId
 from ..virtio.vring import RingState, VringAddr
+from .deadlines import DeadlineTimer
 
 __all__ = [
     "ENTRY_POINT_GROUP", "Backend", "BackendBase", "BackendEvent", "BackendEventHandler",
@@ -212,6 +213,10 @@ class Backend(Protocol):
         """Why this backend's device cannot migrate now, beyond what its capabilities say
         (empty: nothing)."""
 
+    def set_timer(self, timer: DeadlineTimer) -> None:
+        """The machine's shared microsecond timer (:mod:`.deadlines`), for delays a device model
+        keeps itself (the in-process backend's ``latency_us``); given before :meth:`connect`."""
+
 
 class BackendBase:
     """Defaults for every optional part of :class:`Backend`: subclass it and implement the
@@ -305,6 +310,9 @@ class BackendBase:
     def migration_blockers(self) -> list[str]:
         return []
 
+    def set_timer(self, timer: DeadlineTimer) -> None:
+        return None
+
 
 #: Operations with no default: every backend implements them.
 MANDATORY: tuple[str, ...] = (
@@ -318,7 +326,7 @@ OPTIONAL: tuple[str, ...] = (
     "resume", "save_state", "load_state", "prepare_inflight", "in_flight", "disable_stops_fetch",
     "wait_for_endpoint",
     "lost_peer_alive", "set_event_handler", "set_log_base", "set_dirty_logging", "set_busy_poll",
-    "peer_identity", "migration_blockers",
+    "peer_identity", "migration_blockers", "set_timer",
 )
 _ATTRIBUTES = ("implementation", "implementation_version")
 

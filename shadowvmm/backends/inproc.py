@@ -35,6 +35,7 @@ from ..virtio.constants import Feature
 from ..virtio.packed import PackedDeviceQueue, PackedLayout
 from ..virtio.split import SplitDeviceQueue, SplitLayout
 from .base import BackendBase, BackendEvent, BackendEventKind, Capability, RingState, VringAddr
+from .deadlines import DeadlineTimer
 from .inproc_models import (
     BLK_CONFIG,
     BLK_CONFIG_SIZE,
@@ -73,6 +74,8 @@ class Ring:
     #: The kick fd the loop watches for this ring (-1: none): a stop unwatches each ring twice
     #: (suspend, GET_VRING_BASE) and the loop's remove_reader is not free.
     watched_fd: int = -1
+    #: The backend closed: a completion still pending touches nothing.
+    closed: bool = False
 
 
 class InProcBackend(BackendBase):
@@ -103,6 +106,9 @@ class InProcBackend(BackendBase):
         self.suspended = False
         self.rings: dict[int, Ring] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: Completions after ``latency_us``: the loop's own timers are a millisecond off (:mod:`.deadlines`).
+        self._deadlines: DeadlineTimer | None = None
+        self._own_deadlines = False
         self.requests = 0
         self.broken_rings: set[int] = set()
 
@@ -113,12 +119,26 @@ class InProcBackend(BackendBase):
                 | Capability.RING_RESTART | Capability.RESET_DEVICE | Capability.DEVICE_STATE
                 | Capability.MQ | Capability.EVENTS | Capability.SHARED_MEMORY | Capability.EAGER_OPS)
 
+    def set_timer(self, timer: DeadlineTimer) -> None:
+        if self._deadlines is None:
+            self._deadlines = timer
+
     async def connect(self) -> None:
         self._loop = asyncio.get_running_loop()
+        if self.latency and self._deadlines is None:     # used without a machine
+            self._deadlines = DeadlineTimer(self._loop)
+            self._own_deadlines = True
 
     async def close(self) -> None:
+        """What is still in flight never completes; waiters for the drain return."""
+        if self._own_deadlines and self._deadlines is not None:
+            self._deadlines.close()
+            self._deadlines, self._own_deadlines = None, False
         for ring in self.rings.values():
             self._unwatch(ring)
+            ring.closed = True
+            ring.in_flight = 0
+            ring.drained.set()
         self.rings.clear()
         self.model.close()
 
@@ -327,14 +347,16 @@ class InProcBackend(BackendBase):
         finally:
             if done:
                 if self.latency:
+                    assert self._deadlines is not None
                     ring.in_flight += len(done)
-                    assert self._loop is not None
-                    self._loop.call_later(self.latency, self._complete, ring, queue, done)
+                    self._deadlines.call_later(self.latency, self._complete, ring, queue, done)
                 else:
                     self._complete(ring, queue, done, False)
 
     def _complete(self, ring: Ring, queue: Any, done: list[tuple[int, int]],
                   deferred: bool = True) -> None:
+        if ring.closed:
+            return
         queue.push_batch(done)
         if deferred:
             ring.in_flight -= len(done)

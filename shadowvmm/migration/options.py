@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -141,3 +142,21 @@ def busy_polling(devices: Iterable[VirtioDevice], seconds: float) -> Iterator[No
     finally:
         for device, before in previous:
             device.set_busy_poll(before)
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while the block runs (a stop, the stop-and-copy window).
+
+    With 64 devices a young-generation pass costs about 0.1 ms, a middle one about 0.8 ms and
+    a full one over 10 ms: one landing in a stop takes a good part of a 2-3 ms downtime
+    budget. The window is bounded (the stop timeout, the stream's timeouts), so the garbage
+    it leaves is too; collection runs again after it. A collector already off stays off.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

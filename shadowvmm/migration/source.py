@@ -18,7 +18,7 @@ from ..shadow import RunState
 from ..timeline import EventKind, Tap
 from .blockers import refuse_if_blocked
 from .iommu import IommuTables
-from .options import DEFAULT_OPTIONS, MachineLike, MigrationHooks, MigrationOptions, busy_polling, call_hook
+from .options import DEFAULT_OPTIONS, MachineLike, MigrationHooks, MigrationOptions, busy_polling, call_hook, gc_paused
 from .pages import Outcome, final_pages, memory_digest, memory_identity, memory_layout, precopy, send_pages
 from .report import MigrationReport, check_confirmation
 from .stream import Channel, RecordType, StreamReader, StreamWriter
@@ -33,17 +33,24 @@ async def stop_all(devices: Mapping[str, VirtioDevice], bound: float,
     """Stop every device at once; raise :class:`StopTimeoutError` if any misses *bound*.
 
     A device that is late is not cancelled (a half-done stop would leave it
-    inconsistent): the caller waits for it and resumes everything. Each device's stop starts
+    inconsistent): the caller waits for it and resumes everything. No garbage collection
+    runs meanwhile (:func:`~.options.gc_paused`). Each device's stop starts
     at once in this task where its backend allows (:func:`~shadowvmm.device.eager.start_eager`),
     and one that must wait gets a task; each counts itself down as it ends: no completion
     callback, which asyncio runs as one more loop callback per task (``asyncio.wait`` adds one
     per task and a loop hop for each).
     """
+    if not devices:
+        return {}
+    with gc_paused():
+        return await _stop_all(devices, bound, clock)
+
+
+async def _stop_all(devices: Mapping[str, VirtioDevice], bound: float,
+                    clock: Callable[[], float]) -> dict[str, float]:
     started = clock()
     times: dict[str, float] = {}
     failures: dict[str, BaseException] = {}
-    if not devices:
-        return times
     loop = asyncio.get_running_loop()
     all_done: asyncio.Future[None] = loop.create_future()
     left = len(devices)
@@ -208,6 +215,7 @@ class Outgoing:
         self.paused = True
         self.t_stop = self.clock()
         self.stopped = True
+        self.polling.enter_context(gc_paused())     # until the switch-over, or the source resumed
         self.polling.enter_context(busy_polling(self.devices.values(),
                                                 self.options.busy_poll_seconds(len(self.devices))))
         stopped = await stop_all(self.devices, self.options.stop_timeout, self.clock)
