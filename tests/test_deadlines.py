@@ -52,6 +52,31 @@ async def test_callbacks_run_in_deadline_order_and_a_failing_one_does_not_stop_t
         loop.set_exception_handler(None)
 
 
+async def test_what_comes_due_during_a_pass_waits_for_what_the_pass_made_ready() -> None:
+    """A completion that wakes a task does not starve it: a deadline passing while callbacks run
+    is served after the loop ran what they scheduled (the stop of the device just completed)."""
+    loop = asyncio.get_running_loop()
+    timer = DeadlineTimer(loop)
+    order: list[str] = []
+    done = loop.create_future()
+
+    def first() -> None:
+        order.append("first")
+        loop.call_soon(order.append, "woken")
+        _busy(0.002)                    # the second deadline passes meanwhile
+
+    def second() -> None:
+        order.append("second")
+        done.set_result(None)
+    try:
+        timer.call_later(0.001, first)
+        timer.call_later(0.0015, second)
+        await asyncio.wait_for(done, 2)
+        assert order == ["first", "woken", "second"]
+    finally:
+        timer.close()
+
+
 async def test_close_drops_what_is_pending_and_refuses_more() -> None:
     loop = asyncio.get_running_loop()
     timer = DeadlineTimer(loop)
@@ -180,3 +205,62 @@ async def test_the_collector_is_off_through_a_stop_and_back_on_after() -> None:
         assert not gc.isenabled()       # it was off before: it stays off
     finally:
         gc.enable()
+
+
+async def _latency_blk(latency_us: int) -> tuple[Machine, InProcBackend, BlkDriver]:
+    machine = Machine(16 << 20)
+    await machine.add_device(DeviceConfig("blk0", "inproc", {"device": "blk", "size": 1 << 20,
+                                                              "latency_us": latency_us}, queue_size=16))
+    backend = machine.device("blk0").backend
+    assert isinstance(backend, InProcBackend)
+    driver = BlkDriver(machine.guest("blk0"), max_request=4096, slots_per_queue=4)
+    await driver.start(queue_size=16)
+    return machine, backend, driver
+
+
+async def test_a_delayed_write_reaches_the_image_when_its_latency_has_passed() -> None:
+    """With latency_us the request is checked when taken and its data moves at completion
+    (as a device's DMA ends with the request): the image holds the old bytes meanwhile."""
+    machine, backend, driver = await _latency_blk(20_000)
+    image = backend.model.image
+    assert image is not None
+    try:
+        write = asyncio.ensure_future(driver.write(8, b"\xa5" * 4096))
+        while not backend.requests:
+            await asyncio.sleep(0.001)
+        assert image[4096:8192] == bytes(4096) and backend.rings[0].in_flight == 1
+        await asyncio.wait_for(write, 2)
+        assert image[4096:8192] == b"\xa5" * 4096
+        assert await asyncio.wait_for(driver.read(8, 4096), 2) == b"\xa5" * 4096
+    finally:
+        await machine.close()
+
+
+async def test_a_delayed_read_marks_its_buffer_dirty_when_it_lands() -> None:
+    """Dirty logging turned on while a read is in flight: the guest pages the read fills at
+    completion are in the log (a pre-copy round would otherwise miss them)."""
+    machine, backend, driver = await _latency_blk(20_000)
+    image = backend.model.image
+    assert image is not None
+    image[0:4096] = b"\x3c" * 4096
+    moved: list[tuple] = []
+    finish = backend.model.finish
+
+    def recording(memory, later) -> None:
+        moved.extend(later)
+        finish(memory, later)
+    backend.model.finish = recording        # type: ignore[method-assign]
+    try:
+        read = asyncio.ensure_future(driver.read(0, 4096))
+        while not backend.requests:
+            await asyncio.sleep(0.001)
+        log = machine.memory.enable_dirty_log()
+        log.take()
+        assert await asyncio.wait_for(read, 2) == b"\x3c" * 4096
+        (inbound, _region, _at, data, _offset, length, status), = moved
+        assert inbound and length == 4096
+        dirty = set(log.take())
+        assert {data // 4096, (data + length - 1) // 4096, status // 4096} <= dirty, dirty
+    finally:
+        machine.memory.disable_dirty_log()
+        await machine.close()

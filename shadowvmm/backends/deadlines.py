@@ -78,6 +78,7 @@ class DeadlineTimer:
         self._heap: list[tuple[int, int, Callable[..., Any], tuple[Any, ...]]] = []
         self._order = itertools.count()
         self._armed = 0         # the deadline the timerfd is set to; 0: none
+        self._soon = False      # a pass over what is due is queued on the loop
         loop.add_reader(self._timerfd.fd, self._fire)
 
     def __len__(self) -> int:
@@ -99,22 +100,32 @@ class DeadlineTimer:
         except BlockingIOError:
             pass
         self._armed = 0
+        self._run_due()
+
+    def _run_due(self, soon: bool = False) -> None:
+        """Run what is due; what came due meanwhile runs in a later pass, after the callbacks
+        the loop got ready meanwhile (the tasks they woke), not after a timer wake-up."""
         heap = self._heap
+        if self._timerfd.fd < 0 or self._soon and not soon:
+            return      # closed; or a pass is already on its way
         now = time.monotonic_ns()
-        while heap:
-            if heap[0][0] > now:    # the clock again: what came due meanwhile runs now, not after a wake-up
-                now = time.monotonic_ns()
-                if heap[0][0] > now:
-                    break
+        while heap and heap[0][0] <= now:
             _, _, callback, args = heapq.heappop(heap)
             try:
                 callback(*args)
             except Exception as exc:
                 self._loop.call_exception_handler({"message": f"deadline callback {callback!r} failed",
                                                    "exception": exc})
-        if heap and self._timerfd.fd >= 0:
-            self._timerfd.arm(heap[0][0])
-            self._armed = heap[0][0]
+        self._soon = False
+        if not heap:
+            return
+        first = heap[0][0]
+        if first <= time.monotonic_ns():
+            self._soon = True
+            self._loop.call_soon(self._run_due, True)
+        elif not self._armed or first < self._armed:
+            self._timerfd.arm(first)
+            self._armed = first
 
     def close(self) -> None:
         if self._timerfd.fd < 0:

@@ -19,9 +19,10 @@ is what makes "stop in the middle of I/O" observable in tests.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,12 +71,26 @@ class Ring:
     enabled: bool = False
     queue: Any = None
     in_flight: int = 0
-    drained: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Futures resolved when in_flight reaches 0 (a bare future: an Event costs ~1.5 µs more
+    #: per waiter, on every device of a many-device stop under I/O).
+    drain_waiters: list[asyncio.Future[None]] = field(default_factory=list)
     #: The kick fd the loop watches for this ring (-1: none): a stop unwatches each ring twice
     #: (suspend, GET_VRING_BASE) and the loop's remove_reader is not free.
     watched_fd: int = -1
     #: The backend closed: a completion still pending touches nothing.
     closed: bool = False
+
+    def drain_waiter(self) -> asyncio.Future[None]:
+        """A future resolved when nothing is in flight any more (await it while in_flight)."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.drain_waiters.append(waiter)
+        return waiter
+
+    def wake_drained(self) -> None:
+        waiters, self.drain_waiters = self.drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 class InProcBackend(BackendBase):
@@ -109,6 +124,7 @@ class InProcBackend(BackendBase):
         #: Completions after ``latency_us``: the loop's own timers are a millisecond off (:mod:`.deadlines`).
         self._deadlines: DeadlineTimer | None = None
         self._own_deadlines = False
+        self._defers = False
         self.requests = 0
         self.broken_rings: set[int] = set()
 
@@ -125,6 +141,8 @@ class InProcBackend(BackendBase):
 
     async def connect(self) -> None:
         self._loop = asyncio.get_running_loop()
+        #: With a latency, the model moves the data at completion if it can (:class:`DeviceModel`).
+        self._defers = bool(self.latency) and "later" in inspect.signature(self.model.handle).parameters
         if self.latency and self._deadlines is None:     # used without a machine
             self._deadlines = DeadlineTimer(self._loop)
             self._own_deadlines = True
@@ -138,7 +156,7 @@ class InProcBackend(BackendBase):
             self._unwatch(ring)
             ring.closed = True
             ring.in_flight = 0
-            ring.drained.set()
+            ring.wake_drained()
         self.rings.clear()
         self.model.close()
 
@@ -182,8 +200,7 @@ class InProcBackend(BackendBase):
         """Suspended: read the state (vhost-vdpa semantics); else stop the ring (vhost-user)."""
         ring = self._ring(index)
         while ring.in_flight:
-            ring.drained.clear()
-            await ring.drained.wait()
+            await ring.drain_waiter()
         state = self._ring_state(ring)
         if self.suspended:
             return state
@@ -250,8 +267,7 @@ class InProcBackend(BackendBase):
         for ring in list(self.rings.values()):
             self._unwatch(ring)
             while ring.in_flight:
-                ring.drained.clear()
-                await ring.drained.wait()
+                await ring.drain_waiter()
         self.rings.clear()
         self.features = 0
         self.status = 0
@@ -261,8 +277,7 @@ class InProcBackend(BackendBase):
         self.suspended = True
         for ring in self.rings.values():
             while ring.in_flight:
-                ring.drained.clear()
-                await ring.drained.wait()
+                await ring.drain_waiter()
 
     async def resume(self) -> None:
         self.suspended = False
@@ -324,43 +339,65 @@ class InProcBackend(BackendBase):
         self._process(ring)
 
     def _process(self, ring: Ring) -> None:
+        """Take every available request. With a latency, each request is checked now and its
+        data moved when the latency has passed (:class:`DeviceModel`'s ``later``), as a
+        device whose DMA ends with the request; without, it is carried out and used now."""
         queue = ring.queue
         memory = self.memory
         if queue is None or memory is None:
             return
         done: list[tuple[int, int]] = []
         chains: list[DescChain] = []
+        later: list | None = [] if self._defers else None
         handle, append = self.model.handle, done.append
         try:
             try:
                 queue.pop_many(chains)
             finally:
-                for chain in chains:
-                    append((chain.head, handle(memory, chain)))
+                if later is None:
+                    for chain in chains:
+                        append((chain.head, handle(memory, chain)))
+                else:
+                    deferring: Callable[..., int] = handle     # takes ``later`` (checked at connect)
+                    for chain in chains:
+                        append((chain.head, deferring(memory, chain, later=later)))
                 self.requests += len(done)
         except (RingError, GuestMemoryError) as exc:
-            log.error("%s: vring %d broken, stopped: %s", self.implementation, ring.index, exc)
-            self._unwatch(ring)
-            ring.enabled = False
-            self.broken_rings.add(ring.index)
-            self.emit(BackendEvent(BackendEventKind.ERROR, exc))
+            self._broken(ring, exc)
         finally:
             if done:
                 if self.latency:
                     assert self._deadlines is not None
                     ring.in_flight += len(done)
-                    self._deadlines.call_later(self.latency, self._complete, ring, queue, done)
+                    self._deadlines.call_later(self.latency, self._complete, ring, queue, done, later)
                 else:
-                    self._complete(ring, queue, done, False)
+                    self._use(ring, queue, done)
 
-    def _complete(self, ring: Ring, queue: Any, done: list[tuple[int, int]],
-                  deferred: bool = True) -> None:
+    def _broken(self, ring: Ring, exc: Exception) -> None:
+        log.error("%s: vring %d broken, stopped: %s", self.implementation, ring.index, exc)
+        self._unwatch(ring)
+        ring.enabled = False
+        self.broken_rings.add(ring.index)
+        self.emit(BackendEvent(BackendEventKind.ERROR, exc))
+
+    def _complete(self, ring: Ring, queue: Any, done: list[tuple[int, int]], later: list | None) -> None:
+        """The latency passed: move the requests' data, then use them all."""
         if ring.closed:
             return
-        queue.push_batch(done)
-        if deferred:
+        try:
+            if later:
+                assert self.memory is not None
+                self.model.finish(self.memory, later)     # type: ignore[attr-defined]
+        except (RingError, GuestMemoryError) as exc:
+            self._broken(ring, exc)     # nothing of the batch is used: the ring is dead
+        else:
+            self._use(ring, queue, done)
+        finally:
             ring.in_flight -= len(done)
             if not ring.in_flight:
-                ring.drained.set()
+                ring.wake_drained()
+
+    def _use(self, ring: Ring, queue: Any, done: list[tuple[int, int]]) -> None:
+        queue.push_batch(done)
         if queue.should_notify() and ring.call_fd >= 0:
             os.eventfd_write(ring.call_fd, 1)

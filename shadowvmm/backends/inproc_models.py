@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import ConfigError
-from ..memory import GuestMemory
+from ..memory import GuestMemory, MemoryRegion
 from ..options import MAX_QUEUES, Option, OptionSchema
 from ..virtio.constants import BLK_ID_BYTES, BLK_SECTOR_SIZE, BlkFeature, BlkRequestType, BlkStatus, DeviceId
 from ..virtio.split import DescChain
@@ -54,7 +54,14 @@ class DeviceModel(Protocol):
     def set_config(self, offset: int, data: bytes) -> None: ...
 
     def handle(self, memory: GuestMemory, chain: DescChain) -> int:
-        """Carry out one request; returns bytes written into the chain."""
+        """Carry out one request; returns bytes written into the chain.
+
+        A model may defer its data transfers to the completion of a delayed request: its
+        ``handle`` then takes a keyword ``later`` (a list; the backend passes it only with
+        ``latency_us``), appends what each transfer needs instead of moving the data, and its
+        ``finish(memory, later)`` carries them out in order when the latency has passed. The
+        request is checked, and its outcome and byte count fixed, at ``handle``; the guest
+        sees nothing before the buffer is used either way (:class:`BlkModel` does this)."""
 
     def state(self) -> dict: ...
 
@@ -221,8 +228,9 @@ class BlkModel:
         if offset <= 32 < offset + len(data):
             self.writeback = data[32 - offset] & 1
 
-    def handle(self, memory: GuestMemory, chain: DescChain) -> int:
-        """Carry out one request (v1.4 §5.2.6); returns bytes written into the chain.
+    def handle(self, memory: GuestMemory, chain: DescChain, *, later: list | None = None) -> int:
+        """Carry out one request (v1.4 §5.2.6); returns bytes written into the chain (with
+        *later*, a read or write of the usual shape moves its data in :meth:`finish`).
 
         The status is the last byte of the last device-writable buffer. A chain whose last
         writable buffer is empty (or that has none) leaves no room for it: the request is
@@ -236,7 +244,7 @@ class BlkModel:
         readable = chain.readable
         if self.image is not None and (len(readable), len(writable)) in _DATA_SHAPES \
                 and readable[0][1] == _HEADER and writable[-1][1] == 1:
-            done = self._data_fast(memory, readable, writable)
+            done = self._data_fast(memory, readable, writable, later)
             if done >= 0:
                 return done
         status, written = self._serve(memory, chain)
@@ -245,13 +253,12 @@ class BlkModel:
         return written + 1
 
     def _data_fast(self, memory: GuestMemory, readable: list[tuple[int, int]],
-                   writable: list[tuple[int, int]]) -> int:
+                   writable: list[tuple[int, int]], later: list | None) -> int:
         """The usual shape on an image in memory: a header buffer, one data buffer (read or
         written) and a one-byte status buffer; a read or write that succeeds is carried out
-        here with the checks of :meth:`_transfer` (bytes written into the chain), anything
-        else is left to the general path (-1)."""
-        image = self.image
-        assert image is not None
+        here with the checks of :meth:`_transfer` (bytes written into the chain), or left to
+        :meth:`finish` through *later*; anything else is left to the general path (-1)."""
+        assert self.image is not None
         region, at = memory.translate(readable[0][0], _HEADER)
         rtype, _, sector = BLK_REQ_HEADER.unpack_from(region.mmap, at)
         inbound = rtype == _IN
@@ -265,19 +272,37 @@ class BlkModel:
         at = data - region.gpa
         if at < 0 or at + length > region.size:     # not in the header's region
             region, at = memory.translate(data, length)
+        status = writable[-1][0]
+        if not 0 <= status - region.gpa < region.size:
+            memory.translate(status, 1)         # a status outside guest memory breaks the ring now
+        if later is None:
+            self._move(memory, inbound, region, at, data, offset, length, status)
+        else:
+            later.append((inbound, region, at, data, offset, length, status))
+        return length + 1 if inbound else 1
+
+    def finish(self, memory: GuestMemory, later: list) -> None:
+        """Carry out the transfers :meth:`handle` left in *later*, in order."""
+        move = self._move
+        for inbound, region, at, data, offset, length, status in later:
+            move(memory, inbound, region, at, data, offset, length, status)
+
+    def _move(self, memory: GuestMemory, inbound: bool, region: MemoryRegion, at: int, data: int,
+              offset: int, length: int, status: int) -> None:
+        """A checked read or write of the fast path: the data, then the status byte."""
+        image = self.image
+        assert image is not None
         if inbound:
             region.mmap[at:at + length] = image[offset:offset + length]
             if memory.dirty_log is not None:
                 memory.dirty_log.mark(data, length)
         else:
             image[offset:offset + length] = region.view[at:at + length]
-        status = writable[-1][0]
         at = status - region.gpa
         if memory.dirty_log is None and 0 <= at < region.size:
             region.mmap[at] = _OK_BYTE
         else:
             memory.write(status, _OK)
-        return length + 1 if inbound else 1
 
     def _serve(self, memory: GuestMemory, chain: DescChain) -> tuple[int, int]:
         """``(status, data bytes written into the chain)`` of one request."""
