@@ -272,24 +272,28 @@ class BlkModel:
         at = data - region.gpa
         if at < 0 or at + length > region.size:     # not in the header's region
             region, at = memory.translate(data, length)
-        status = writable[-1][0]
-        if not 0 <= status - region.gpa < region.size:
-            memory.translate(status, 1)         # a status outside guest memory breaks the ring now
         if later is None:
-            self._move(memory, inbound, region, at, data, offset, length, status)
+            self._move(memory, inbound, region, at, data, offset, length)
         else:
-            later.append((inbound, region, at, data, offset, length, status))
+            later.append((inbound, region, at, data, offset, length))
+        # The status is the guest's only once the buffer is used: it can be written now.
+        status = writable[-1][0]
+        at = status - region.gpa
+        if memory.dirty_log is None and 0 <= at < region.size:
+            region.mmap[at] = _OK_BYTE
+        else:
+            memory.write(status, _OK)
         return length + 1 if inbound else 1
 
     def finish(self, memory: GuestMemory, later: list) -> None:
         """Carry out the transfers :meth:`handle` left in *later*, in order."""
         move = self._move
-        for inbound, region, at, data, offset, length, status in later:
-            move(memory, inbound, region, at, data, offset, length, status)
+        for inbound, region, at, data, offset, length in later:
+            move(memory, inbound, region, at, data, offset, length)
 
     def _move(self, memory: GuestMemory, inbound: bool, region: MemoryRegion, at: int, data: int,
-              offset: int, length: int, status: int) -> None:
-        """A checked read or write of the fast path: the data, then the status byte."""
+              offset: int, length: int) -> None:
+        """The data of a checked read or write of the fast path."""
         image = self.image
         assert image is not None
         if inbound:
@@ -298,11 +302,6 @@ class BlkModel:
                 memory.dirty_log.mark(data, length)
         else:
             image[offset:offset + length] = region.view[at:at + length]
-        at = status - region.gpa
-        if memory.dirty_log is None and 0 <= at < region.size:
-            region.mmap[at] = _OK_BYTE
-        else:
-            memory.write(status, _OK)
 
     def _serve(self, memory: GuestMemory, chain: DescChain) -> tuple[int, int]:
         """``(status, data bytes written into the chain)`` of one request."""
