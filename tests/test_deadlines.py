@@ -130,17 +130,24 @@ def test_an_in_process_request_completes_no_sooner_than_latency_us_on_uvloop() -
         driver = BlkDriver(machine.guest("blk0"), max_request=4096, slots_per_queue=4)
         await driver.start(queue_size=16)
         short = []
+        takes: list[float] = []
+        process = backend._process
+
+        def timed(ring) -> None:
+            before, start = backend.requests, time.perf_counter()      # before the latency starts
+            process(ring)
+            if backend.requests > before:
+                takes.append(start)
+        backend._process = timed            # type: ignore[method-assign]
         try:
             for i in range(20):
                 _busy(0.0001 * (i % 10))
-                before = backend.requests
                 read = asyncio.ensure_future(driver.read(0, 512))
-                while backend.requests == before:
+                while len(takes) <= i:
                     await asyncio.sleep(0)
-                taken = time.perf_counter()
                 _busy(0.0007)
                 await asyncio.wait_for(read, 2)
-                took = time.perf_counter() - taken
+                took = time.perf_counter() - takes[i]
                 if took < 0.003:
                     short.append(took)
         finally:
