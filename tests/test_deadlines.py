@@ -20,6 +20,17 @@ from shadowvmm.migration.options import gc_paused
 from shadowvmm.migration.source import stop_all
 
 
+async def _latency_blk(latency_us: int) -> tuple[Machine, InProcBackend, BlkDriver]:
+    machine = Machine(16 << 20)
+    await machine.add_device(DeviceConfig("blk0", "inproc", {"device": "blk", "size": 1 << 20,
+                                                              "latency_us": latency_us}, queue_size=16))
+    backend = machine.device("blk0").backend
+    assert isinstance(backend, InProcBackend)
+    driver = BlkDriver(machine.guest("blk0"), max_request=4096, slots_per_queue=4)
+    await driver.start(queue_size=16)
+    return machine, backend, driver
+
+
 def _busy(seconds: float) -> None:
     """Hold the event loop, as a VMM busy with other devices does."""
     end = time.perf_counter() + seconds
@@ -122,13 +133,7 @@ def test_an_in_process_request_completes_no_sooner_than_latency_us_on_uvloop() -
     0.9 ms early (loop timers in whole milliseconds), which made many-device stop timings
     depend on where the takes fell within a millisecond."""
     async def main() -> list[float]:
-        machine = Machine(16 << 20)
-        await machine.add_device(DeviceConfig("blk0", "inproc", {"device": "blk", "size": 1 << 20,
-                                                                  "latency_us": 3000}, queue_size=16))
-        backend = machine.device("blk0").backend
-        assert isinstance(backend, InProcBackend)
-        driver = BlkDriver(machine.guest("blk0"), max_request=4096, slots_per_queue=4)
-        await driver.start(queue_size=16)
+        machine, backend, driver = await _latency_blk(3000)
         short = []
         takes: list[float] = []
         process = backend._process
@@ -163,14 +168,8 @@ async def test_closing_a_machine_with_a_request_in_flight_leaves_nothing_to_run_
     loop = asyncio.get_running_loop()
     errors: list[dict] = []
     loop.set_exception_handler(lambda _loop, context: errors.append(context))
-    machine = Machine(16 << 20)
     try:
-        await machine.add_device(DeviceConfig("blk0", "inproc", {"device": "blk", "size": 1 << 20,
-                                                                  "latency_us": 20_000}, queue_size=16))
-        backend = machine.device("blk0").backend
-        assert isinstance(backend, InProcBackend)
-        driver = BlkDriver(machine.guest("blk0"), max_request=4096, slots_per_queue=4)
-        await driver.start(queue_size=16)
+        machine, backend, driver = await _latency_blk(20_000)
         read = asyncio.ensure_future(driver.read(0, 512))
         while not backend.requests:
             await asyncio.sleep(0.001)
@@ -212,17 +211,6 @@ async def test_the_collector_is_off_through_a_stop_and_back_on_after() -> None:
         assert not gc.isenabled()       # it was off before: it stays off
     finally:
         gc.enable()
-
-
-async def _latency_blk(latency_us: int) -> tuple[Machine, InProcBackend, BlkDriver]:
-    machine = Machine(16 << 20)
-    await machine.add_device(DeviceConfig("blk0", "inproc", {"device": "blk", "size": 1 << 20,
-                                                              "latency_us": latency_us}, queue_size=16))
-    backend = machine.device("blk0").backend
-    assert isinstance(backend, InProcBackend)
-    driver = BlkDriver(machine.guest("blk0"), max_request=4096, slots_per_queue=4)
-    await driver.start(queue_size=16)
-    return machine, backend, driver
 
 
 async def test_a_delayed_write_reaches_the_image_when_its_latency_has_passed() -> None:
